@@ -1,0 +1,126 @@
+//! Client configuration files, as written by `archived issue` and read by `pushclient`
+//! and `pullclient`.
+//!
+//! A client config is self-contained TOML: where the server is, which cluster and role
+//! the embedded certificate carries, the CA that signs the server, and the client's own
+//! certificate and key (so the file is written with mode 0600):
+//!
+//! ```toml
+//! server = "127.0.0.1:7433"      # UDP address of archived
+//! server_name = "archived"       # name verified in the server certificate
+//! cluster = "main"
+//! role = "push"
+//! ca_cert = "-----BEGIN CERTIFICATE-----..."
+//! client_cert = "-----BEGIN CERTIFICATE-----..."
+//! client_key = "-----BEGIN PRIVATE KEY-----..."
+//! zstd_level = 3                 # pushclient: compression level (1..=19)
+//! timeout_secs = 60              # connect and per-request idle timeout
+//! ```
+//!
+//! Which file: `--config FILE`, else `$WALVAULT_CONFIG`, else `/etc/walvault/<binary>.toml`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pki::Role;
+
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "WALVAULT_CONFIG";
+
+/// A client's configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// `host:port` of archived (UDP).
+    pub server: String,
+    /// Name to verify in the server certificate.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// Cluster the certificate is for.
+    pub cluster: String,
+    /// Role the certificate carries (informational; the server reads the certificate).
+    pub role: Role,
+    /// CA certificate, PEM.
+    pub ca_cert: String,
+    /// Client certificate, PEM.
+    pub client_cert: String,
+    /// Client private key, PEM.
+    pub client_key: String,
+    /// zstd level for pushes.
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+    /// Connect and idle timeout in seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_server_name() -> String {
+    crate::pki::SERVER_NAME.to_string()
+}
+fn default_zstd_level() -> i32 {
+    3
+}
+fn default_timeout() -> u64 {
+    60
+}
+
+/// Where a binary's config comes from.
+pub fn config_path(explicit: Option<&Path>, binary: &str) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(CONFIG_ENV) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(format!("/etc/walvault/{binary}.toml")),
+    }
+}
+
+/// Why a config cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}: {source} (pass --config FILE or set {CONFIG_ENV})")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not a valid config.
+    #[error("invalid config {path}: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ClientConfig {
+    /// Loads and checks a config file.
+    pub fn load(path: &Path) -> Result<ClientConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
+        let cfg: ClientConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        crate::wire::validate_cluster_name(&cfg.cluster).map_err(invalid)?;
+        if !(1..=22).contains(&cfg.zstd_level) {
+            return Err(invalid(format!("zstd_level {} is outside 1..=22", cfg.zstd_level)));
+        }
+        Ok(cfg)
+    }
+
+    /// Serializes the config as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Writes `contents` to `path` with mode 0600, refusing to replace an existing file.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}

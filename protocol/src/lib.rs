@@ -1,0 +1,30 @@
+//! walvault's shared library: everything the binaries speak.
+//!
+//! The pure core has no sockets and no files and never panics on input:
+//! - [`wal`]: WAL file names, LSNs, timelines, the long page header and the check that a
+//!   file is what its name says;
+//! - [`wire`]: the archive protocol's messages and framing;
+//! - [`codec`]: streaming zstd + blake3 with verification.
+//!
+//! Beside it, the I/O every binary shares: [`transport`] (QUIC + mutual TLS endpoints,
+//! frames on streams), [`pki`] (the archive CA and client certificates), [`config`]
+//! (client config files), [`fsutil`] (durable writes) and [`logging`].
+//!
+//! ```
+//! use walvault_protocol::wal::{WalFileName, Lsn};
+//! let name: WalFileName = "000000010000000A000000FE".parse().unwrap();
+//! assert_eq!(name.segment().unwrap().start_lsn(16 << 20), "A/FE000000".parse::<Lsn>().unwrap());
+//! ```
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod codec;
+pub mod config;
+pub mod fsutil;
+pub mod logging;
+pub mod pki;
+pub mod transport;
+pub mod wal;
+pub mod wire;
+
+/// Version of walvault, reported by every binary and by the server.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,169 @@
+//! The archive's certificates: a private CA, the server certificate, and client
+//! certificates that name a cluster and a role.
+//!
+//! A client certificate's subject is `O=walvault, OU=<role>, CN=<cluster>`; the server
+//! reads both back from the certificate the TLS handshake verified ([`ClientIdentity`]),
+//! never from anything the client says in a request. The server certificate always
+//! carries the DNS name [`SERVER_NAME`], which clients verify, so client configs do not
+//! depend on how the server's address is spelled.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use serde::{Deserialize, Serialize};
+
+/// DNS name every server certificate carries and every client verifies.
+pub const SERVER_NAME: &str = "archived";
+
+/// What a client certificate allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Write WAL, backups and snapshots of its cluster (and read them back).
+    Push,
+    /// Read its cluster; write activity snapshots.
+    Pull,
+    /// Everything, on every cluster.
+    Admin,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Push => "push",
+            Role::Pull => "pull",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "push" => Ok(Role::Push),
+            "pull" => Ok(Role::Pull),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role '{other}': expected push, pull or admin")),
+        }
+    }
+}
+
+/// Who a verified client certificate says the peer is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// Cluster name (`*` for admin certificates that span clusters).
+    pub cluster: String,
+    /// Role.
+    pub role: Role,
+}
+
+impl ClientIdentity {
+    /// Whether this identity may touch `cluster` at all.
+    pub fn may_access(&self, cluster: &str) -> bool {
+        self.role == Role::Admin || self.cluster == cluster
+    }
+}
+
+/// A certificate and its private key, PEM.
+#[derive(Clone, Debug)]
+pub struct PemPair {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// PKCS#8 private key, PEM.
+    pub key_pem: String,
+}
+
+fn dn(org_unit: &str, common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "walvault");
+    dn.push(DnType::OrganizationalUnitName, org_unit);
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// Creates a new CA.
+pub fn generate_ca() -> Result<PemPair, rcgen::Error> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = dn("ca", "walvault archive CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let cert = params.self_signed(&key)?;
+    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+fn issue(ca: &PemPair, mut params: CertificateParams) -> Result<PemPair, rcgen::Error> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    let ca_params = CertificateParams::from_ca_cert_pem(&ca.cert_pem)?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// Issues the server certificate for `names` (DNS names or IP addresses) plus [`SERVER_NAME`].
+pub fn issue_server_cert(ca: &PemPair, names: &[String]) -> Result<PemPair, rcgen::Error> {
+    let mut all = vec![SERVER_NAME.to_string(), "localhost".to_string()];
+    all.extend(names.iter().cloned());
+    all.dedup();
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    for n in &all {
+        let san = match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(n.clone().try_into()?),
+        };
+        params.subject_alt_names.push(san);
+    }
+    params.distinguished_name = dn("server", SERVER_NAME);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    issue(ca, params)
+}
+
+/// Issues a client certificate for `cluster` and `role`.
+pub fn issue_client_cert(ca: &PemPair, cluster: &str, role: Role) -> Result<PemPair, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = dn(&role.to_string(), cluster);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    issue(ca, params)
+}
+
+/// Reads cluster and role from a verified client certificate (DER).
+pub fn client_identity(cert_der: &[u8]) -> Result<ClientIdentity, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let subject = cert.subject();
+    let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
+        it.next().and_then(|a| a.as_str().ok()).map(str::to_string)
+    };
+    let cluster = first(&mut subject.iter_common_name()).ok_or("client certificate has no CN (cluster)")?;
+    let role = first(&mut subject.iter_organizational_unit()).ok_or("client certificate has no OU (role)")?;
+    let role: Role = role.parse()?;
+    Ok(ClientIdentity { cluster, role })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_certificates_carry_cluster_and_role() {
+        let ca = generate_ca().unwrap();
+        let client = issue_client_cert(&ca, "main", Role::Pull).unwrap();
+        let der = rustls_pemfile::certs(&mut client.cert_pem.as_bytes()).next().unwrap().unwrap();
+        let id = client_identity(&der).unwrap();
+        assert_eq!(id, ClientIdentity { cluster: "main".into(), role: Role::Pull });
+        assert!(id.may_access("main"));
+        assert!(!id.may_access("other"));
+    }
+
+    #[test]
+    fn roles_parse() {
+        assert_eq!("admin".parse::<Role>().unwrap(), Role::Admin);
+        assert!("root".parse::<Role>().is_err());
+    }
+}

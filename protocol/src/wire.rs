@@ -1,0 +1,288 @@
+//! The archive wire protocol: messages and their framing (pure code, no I/O).
+//!
+//! Every request uses one bidirectional QUIC stream:
+//!
+//! ```text
+//! client -> server   frame(Request)  [body bytes ...]  FIN
+//! server -> client   frame(Response) [body bytes ...]  FIN
+//! ```
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of JSON. The length
+//! is checked against [`MAX_FRAME_LEN`] before anything is allocated, so a hostile peer
+//! cannot make either side buffer more than that. Bodies are never framed: they are the
+//! rest of the stream, and their length is announced in the frame (`compressed_size` /
+//! `raw_size`) and checked as the bytes arrive, bounded by [`MAX_OBJECT_SIZE`].
+//!
+//! Bodies of WAL objects are one zstd frame of the raw file; the frame carries the raw
+//! file's blake3 so the receiver can verify what it decompressed before it uses it.
+//!
+//! The protocol version is negotiated by ALPN ([`ALPN`]); an incompatible change gets a
+//! new ALPN string, so an old peer is refused at the handshake, not mid-stream.
+
+use serde::{Deserialize, Serialize};
+
+use crate::wal::TimelineId;
+
+/// ALPN protocol name for this version of the wire protocol.
+pub const ALPN: &[u8] = b"walvault/1";
+/// Largest frame (request or response header) either side accepts: 1 MiB, enough for a
+/// WAL listing of ~10 000 segments; larger listings are paged.
+pub const MAX_FRAME_LEN: u32 = 1 << 20;
+/// Largest object body accepted: a 1 GiB segment plus zstd's worst-case expansion.
+pub const MAX_OBJECT_SIZE: u64 = (1 << 30) + (1 << 24);
+
+/// A request from a client to `archived`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Store a WAL file. Body: one zstd frame of the raw file.
+    PutWal {
+        /// Cluster name.
+        cluster: String,
+        /// WAL file name as PostgreSQL names it.
+        name: String,
+        /// Size of the raw file.
+        raw_size: u64,
+        /// blake3 of the raw file, hex.
+        blake3: String,
+    },
+    /// Fetch a WAL file. Response body: one zstd frame.
+    GetWal {
+        /// Cluster name.
+        cluster: String,
+        /// WAL file name.
+        name: String,
+    },
+    /// List the WAL of a cluster.
+    ListWal {
+        /// Cluster name.
+        cluster: String,
+    },
+    /// Who am I, and is the server alive.
+    Ping,
+}
+
+impl Request {
+    /// The cluster a request touches, if any (authorization is per cluster).
+    pub fn cluster(&self) -> Option<&str> {
+        match self {
+            Request::PutWal { cluster, .. } | Request::GetWal { cluster, .. } | Request::ListWal { cluster } => {
+                Some(cluster)
+            }
+            Request::Ping => None,
+        }
+    }
+
+    /// Short operation name for logs and metrics.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::PutWal { .. } => "put_wal",
+            Request::GetWal { .. } => "get_wal",
+            Request::ListWal { .. } => "list_wal",
+            Request::Ping => "ping",
+        }
+    }
+}
+
+/// The server's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// The object is durably stored (or was already, with the same content).
+    Stored {
+        /// True when an identical object was already archived.
+        already_present: bool,
+    },
+    /// An object follows as the body.
+    Object {
+        /// Size of the raw file.
+        raw_size: u64,
+        /// blake3 of the raw file, hex.
+        blake3: String,
+        /// Size of the body that follows.
+        compressed_size: u64,
+    },
+    /// WAL listing of a cluster.
+    WalList(WalListing),
+    /// Answer to [`Request::Ping`].
+    Pong {
+        /// Cluster named in the client certificate.
+        cluster: String,
+        /// Role named in the client certificate.
+        role: String,
+        /// Server version.
+        version: String,
+    },
+    /// The request failed; nothing was changed.
+    Error {
+        /// Machine-readable class.
+        code: ErrorCode,
+        /// What happened and what to do, for a human.
+        message: String,
+    },
+}
+
+/// Classes of failure the client acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The object is not in the archive.
+    NotFound,
+    /// A different object is already archived under this name.
+    Conflict,
+    /// The request or its body is malformed or fails validation.
+    Invalid,
+    /// The certificate's cluster or role does not allow this.
+    Unauthorized,
+    /// The WAL belongs to another cluster than the one bound to this name.
+    WrongCluster,
+    /// A frame or body exceeds a protocol limit.
+    TooLarge,
+    /// The server is shutting down; retry later.
+    Unavailable,
+    /// A server-side failure (storage, catalog).
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether retrying the same request later may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(self, ErrorCode::Unavailable | ErrorCode::Internal)
+    }
+}
+
+/// WAL held for a cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalListing {
+    /// Cluster name.
+    pub cluster: String,
+    /// System identifier bound to the cluster, once a segment was pushed.
+    pub system_identifier: Option<u64>,
+    /// Segment size bound to the cluster.
+    pub segment_size: Option<u32>,
+    /// Per timeline, ascending.
+    pub timelines: Vec<TimelineListing>,
+    /// History files present.
+    pub history_files: Vec<String>,
+    /// Backup history files present.
+    pub backup_history_files: Vec<String>,
+}
+
+/// WAL of one timeline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineListing {
+    /// Timeline.
+    pub timeline: TimelineId,
+    /// Number of complete segments.
+    pub segments: u64,
+    /// First segment name.
+    pub first: Option<String>,
+    /// Last segment name.
+    pub last: Option<String>,
+    /// Missing ranges between first and last, inclusive, as (first missing, last missing).
+    pub gaps: Vec<(String, String)>,
+    /// Partial segments of the timeline.
+    pub partials: Vec<String>,
+    /// Raw bytes held.
+    pub raw_bytes: u64,
+    /// Stored (compressed) bytes.
+    pub stored_bytes: u64,
+}
+
+/// Encodes a message as one frame.
+pub fn encode_frame<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serializing our own plain data types cannot fail.
+    let json = serde_json::to_vec(message).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + json.len());
+    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+/// Reads the frame length from its 4-byte prefix, refusing anything over the limit.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix);
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len as usize)
+}
+
+/// Decodes a frame payload (without its length prefix).
+pub fn decode_frame<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(payload).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Why a frame was refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length prefix exceeds [`MAX_FRAME_LEN`].
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN} bytes")]
+    TooLarge(u32),
+    /// The payload is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+/// Cluster names become the first component of every storage key, so they are kept to
+/// a conservative alphabet: 1-63 of `[A-Za-z0-9_-]`, not starting with `-`.
+pub fn validate_cluster_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid cluster name {:?}: use 1-63 letters, digits, '_' or '-' (not starting with '-')",
+            name.escape_debug().to_string()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let req = Request::PutWal {
+            cluster: "main".into(),
+            name: "000000010000000000000001".into(),
+            raw_size: 16 << 20,
+            blake3: "00".repeat(32),
+        };
+        let frame = encode_frame(&req);
+        let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        assert_eq!(decode_frame::<Request>(&frame[4..]).unwrap(), req);
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_refused() {
+        assert!(matches!(frame_len((MAX_FRAME_LEN + 1).to_be_bytes()), Err(FrameError::TooLarge(_))));
+        assert!(matches!(decode_frame::<Request>(b"{\"op\":\"nope\"}"), Err(FrameError::Malformed(_))));
+        assert!(matches!(decode_frame::<Request>(b"\xff\xfe"), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn cluster_names() {
+        assert!(validate_cluster_name("main-db_1").is_ok());
+        for bad in ["", "../x", "a/b", "-x", "a\0b", ".", "..", &"x".repeat(64)] {
+            assert!(validate_cluster_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_frame::<Request>(&bytes);
+            let _ = decode_frame::<Response>(&bytes);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! End-to-end archive and replay with real PostgreSQL 15.

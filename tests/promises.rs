@@ -1,0 +1,1 @@
+//! Promises of DESIGN.md tried against a real archived, without PostgreSQL.

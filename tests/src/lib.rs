@@ -1,0 +1,1 @@
+//! Test harness: temp dirs, the binaries under test, archived, PostgreSQL clusters.
