@@ -6,7 +6,9 @@
 //! the first bytes (for WAL header validation), so the receiver can refuse anything
 //! whose size or blake3 differs from what the sender announced.
 
-use zstd::stream::raw::{Decoder as RawDecoder, Encoder as RawEncoder, InBuffer, Operation, OutBuffer};
+use zstd::stream::raw::{
+    Decoder as RawDecoder, Encoder as RawEncoder, InBuffer, Operation, OutBuffer,
+};
 
 /// Size of the pieces files are read and sent in. Resident buffers per transfer stay at
 /// a small multiple of this, whatever the file size.
@@ -31,7 +33,10 @@ impl Encoder {
         let mut inner = RawEncoder::new(level)?;
         // Segments are large and compress well with long matches off; checksums are ours.
         inner.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false))?;
-        Ok(Encoder { inner, out: vec![0u8; zstd::zstd_safe::CCtx::out_size().max(CHUNK_SIZE)] })
+        Ok(Encoder {
+            inner,
+            out: vec![0u8; zstd::zstd_safe::CCtx::out_size().max(CHUNK_SIZE)],
+        })
     }
 
     /// Compresses `input`, appending output to `sink`.
@@ -144,7 +149,10 @@ impl VerifyingDecoder {
                 return Ok(());
             }
             let mut outb = OutBuffer::around(&mut self.out[..]);
-            let hint = self.inner.run(&mut inb, &mut outb).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+            let hint = self
+                .inner
+                .run(&mut inb, &mut outb)
+                .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
             let n = outb.pos();
             if n > 0 {
                 let chunk = &self.out[..n];
@@ -184,7 +192,11 @@ impl VerifyingDecoder {
         if !self.frame_done {
             return Err(DecodeError::Truncated);
         }
-        Ok(DecodedSummary { raw_len: self.raw_len, blake3: self.hasher.finalize().to_hex().to_string(), head: self.head })
+        Ok(DecodedSummary {
+            raw_len: self.raw_len,
+            blake3: self.hasher.finalize().to_hex().to_string(),
+            head: self.head,
+        })
     }
 }
 
@@ -192,10 +204,16 @@ impl DecodedSummary {
     /// Checks size and hash against what the sender announced.
     pub fn check(&self, raw_size: u64, blake3: &str) -> Result<(), DecodeError> {
         if self.raw_len != raw_size {
-            return Err(DecodeError::SizeMismatch { got: self.raw_len, expected: raw_size });
+            return Err(DecodeError::SizeMismatch {
+                got: self.raw_len,
+                expected: raw_size,
+            });
         }
         if !self.blake3.eq_ignore_ascii_case(blake3) {
-            return Err(DecodeError::HashMismatch { got: self.blake3.clone(), expected: blake3.to_string() });
+            return Err(DecodeError::HashMismatch {
+                got: self.blake3.clone(),
+                expected: blake3.to_string(),
+            });
         }
         Ok(())
     }
@@ -245,7 +263,9 @@ mod tests {
 
     #[test]
     fn round_trip_large() {
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8 ^ (i >> 13) as u8).collect();
+        let data: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
+            .collect();
         let z = compress(&data);
         let (raw, sum) = decode(&z, 7777, u64::MAX).unwrap();
         assert_eq!(raw, data);
@@ -257,14 +277,29 @@ mod tests {
     fn bad_input_is_typed() {
         let data = vec![7u8; 100_000];
         let z = compress(&data);
-        assert!(matches!(decode(&z[..z.len() - 3], 100, u64::MAX), Err(DecodeError::Truncated)));
-        assert!(matches!(decode(&z, 100, 1000), Err(DecodeError::TooLong(1000))));
+        assert!(matches!(
+            decode(&z[..z.len() - 3], 100, u64::MAX),
+            Err(DecodeError::Truncated)
+        ));
+        assert!(matches!(
+            decode(&z, 100, 1000),
+            Err(DecodeError::TooLong(1000))
+        ));
         let mut trailing = z.clone();
         trailing.extend_from_slice(b"xx");
-        assert!(matches!(decode(&trailing, 100_000, u64::MAX), Err(DecodeError::TrailingData)));
+        assert!(matches!(
+            decode(&trailing, 100_000, u64::MAX),
+            Err(DecodeError::TrailingData)
+        ));
         let (_, sum) = decode(&z, 100, u64::MAX).unwrap();
-        assert!(matches!(sum.check(1, &sum.blake3), Err(DecodeError::SizeMismatch { .. })));
-        assert!(matches!(sum.check(100_000, &"0".repeat(64)), Err(DecodeError::HashMismatch { .. })));
+        assert!(matches!(
+            sum.check(1, &sum.blake3),
+            Err(DecodeError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            sum.check(100_000, &"0".repeat(64)),
+            Err(DecodeError::HashMismatch { .. })
+        ));
     }
 
     proptest! {

@@ -100,12 +100,21 @@ pub enum ConfigError {
 impl ClientConfig {
     /// Loads and checks a config file.
     pub fn load(path: &Path) -> Result<ClientConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        };
         let cfg: ClientConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         crate::wire::validate_cluster_name(&cfg.cluster).map_err(invalid)?;
         if !(1..=22).contains(&cfg.zstd_level) {
-            return Err(invalid(format!("zstd_level {} is outside 1..=22", cfg.zstd_level)));
+            return Err(invalid(format!(
+                "zstd_level {} is outside 1..=22",
+                cfg.zstd_level
+            )));
         }
         Ok(cfg)
     }
@@ -120,7 +129,11 @@ impl ClientConfig {
 pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(contents)?;
     f.sync_all()
 }

@@ -11,8 +11,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -48,7 +48,9 @@ impl FromStr for Role {
             "push" => Ok(Role::Push),
             "pull" => Ok(Role::Pull),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role '{other}': expected push, pull or admin")),
+            other => Err(format!(
+                "unknown role '{other}': expected push, pull or admin"
+            )),
         }
     }
 }
@@ -92,9 +94,16 @@ pub fn generate_ca() -> Result<PemPair, rcgen::Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = dn("ca", "walvault archive CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let cert = params.self_signed(&key)?;
-    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    Ok(PemPair {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 fn issue(ca: &PemPair, mut params: CertificateParams) -> Result<PemPair, rcgen::Error> {
@@ -104,7 +113,10 @@ fn issue(ca: &PemPair, mut params: CertificateParams) -> Result<PemPair, rcgen::
     let key = KeyPair::generate()?;
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
-    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    Ok(PemPair {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 /// Issues the server certificate for `names` (DNS names or IP addresses) plus [`SERVER_NAME`].
@@ -135,13 +147,16 @@ pub fn issue_client_cert(ca: &PemPair, cluster: &str, role: Role) -> Result<PemP
 
 /// Reads cluster and role from a verified client certificate (DER).
 pub fn client_identity(cert_der: &[u8]) -> Result<ClientIdentity, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
     let subject = cert.subject();
     let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
         it.next().and_then(|a| a.as_str().ok()).map(str::to_string)
     };
-    let cluster = first(&mut subject.iter_common_name()).ok_or("client certificate has no CN (cluster)")?;
-    let role = first(&mut subject.iter_organizational_unit()).ok_or("client certificate has no OU (role)")?;
+    let cluster =
+        first(&mut subject.iter_common_name()).ok_or("client certificate has no CN (cluster)")?;
+    let role = first(&mut subject.iter_organizational_unit())
+        .ok_or("client certificate has no OU (role)")?;
     let role: Role = role.parse()?;
     Ok(ClientIdentity { cluster, role })
 }
@@ -154,9 +169,18 @@ mod tests {
     fn client_certificates_carry_cluster_and_role() {
         let ca = generate_ca().unwrap();
         let client = issue_client_cert(&ca, "main", Role::Pull).unwrap();
-        let der = rustls_pemfile::certs(&mut client.cert_pem.as_bytes()).next().unwrap().unwrap();
+        let der = rustls_pemfile::certs(&mut client.cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
         let id = client_identity(&der).unwrap();
-        assert_eq!(id, ClientIdentity { cluster: "main".into(), role: Role::Pull });
+        assert_eq!(
+            id,
+            ClientIdentity {
+                cluster: "main".into(),
+                role: Role::Pull
+            }
+        );
         assert!(id.may_access("main"));
         assert!(!id.may_access("other"));
     }

@@ -75,11 +75,19 @@ fn transport_config(idle: Duration) -> Result<quinn::TransportConfig> {
 }
 
 /// Builds the server endpoint: QUIC on `listen`, client certificates required.
-pub fn server_endpoint(listen: SocketAddr, cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<quinn::Endpoint> {
+pub fn server_endpoint(
+    listen: SocketAddr,
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> Result<quinn::Endpoint> {
     let provider = crypto_provider();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider.clone())
-        .build()
-        .context("building client certificate verifier")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem)?),
+        provider.clone(),
+    )
+    .build()
+    .context("building client certificate verifier")?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -90,11 +98,16 @@ pub fn server_endpoint(listen: SocketAddr, cert_pem: &str, key_pem: &str, ca_pem
     let crypto = QuicServerConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport_config(Duration::from_secs(60))?));
-    quinn::Endpoint::server(server, listen).with_context(|| format!("cannot listen on UDP {listen}"))
+    quinn::Endpoint::server(server, listen)
+        .with_context(|| format!("cannot listen on UDP {listen}"))
 }
 
 /// Builds a client endpoint for the config's certificate, with the given ALPN list.
-pub fn client_endpoint_with_alpn(cfg: &ClientConfig, server: SocketAddr, alpn: Vec<Vec<u8>>) -> Result<quinn::Endpoint> {
+pub fn client_endpoint_with_alpn(
+    cfg: &ClientConfig,
+    server: SocketAddr,
+    alpn: Vec<Vec<u8>>,
+) -> Result<quinn::Endpoint> {
     let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(&cfg.ca_cert)?)
@@ -103,8 +116,15 @@ pub fn client_endpoint_with_alpn(cfg: &ClientConfig, server: SocketAddr, alpn: V
     tls.alpn_protocols = alpn;
     let crypto = QuicClientConfig::try_from(tls).context("TLS config unusable for QUIC")?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config(Duration::from_secs(cfg.timeout_secs.max(1)))?));
-    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    client.transport_config(Arc::new(transport_config(Duration::from_secs(
+        cfg.timeout_secs.max(1),
+    ))?));
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()?;
     let mut endpoint = quinn::Endpoint::client(bind).context("cannot open a UDP socket")?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
@@ -134,22 +154,41 @@ impl ArchiveConnection {
         let connecting = endpoint
             .connect(addr, &cfg.server_name)
             .with_context(|| format!("cannot connect to archive at {addr}"))?;
-        let connection = tokio::time::timeout(Duration::from_secs(cfg.timeout_secs.max(1)), connecting)
-            .await
-            .map_err(|_| anyhow!("archive at {addr} did not answer within {} s", cfg.timeout_secs))?
-            .with_context(|| format!("TLS/QUIC handshake with archive at {addr} failed"))?;
-        Ok(ArchiveConnection { connection, endpoint })
+        let connection =
+            tokio::time::timeout(Duration::from_secs(cfg.timeout_secs.max(1)), connecting)
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "archive at {addr} did not answer within {} s",
+                        cfg.timeout_secs
+                    )
+                })?
+                .with_context(|| format!("TLS/QUIC handshake with archive at {addr} failed"))?;
+        Ok(ArchiveConnection {
+            connection,
+            endpoint,
+        })
     }
 
     /// Opens a stream and sends the request frame.
-    pub async fn open(&self, request: &wire::Request) -> Result<(quinn::SendStream, quinn::RecvStream)> {
-        let (mut send, recv) = self.connection.open_bi().await.context("cannot open a stream to the archive")?;
+    pub async fn open(
+        &self,
+        request: &wire::Request,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        let (mut send, recv) = self
+            .connection
+            .open_bi()
+            .await
+            .context("cannot open a stream to the archive")?;
         write_frame(&mut send, request).await?;
         Ok((send, recv))
     }
 
     /// Sends a request with no body and reads the response frame.
-    pub async fn call(&self, request: &wire::Request) -> Result<(wire::Response, quinn::RecvStream)> {
+    pub async fn call(
+        &self,
+        request: &wire::Request,
+    ) -> Result<(wire::Response, quinn::RecvStream)> {
         let (mut send, mut recv) = self.open(request).await?;
         send.finish().context("closing request stream")?;
         let response = read_frame(&mut recv).await?;
@@ -165,7 +204,9 @@ impl ArchiveConnection {
 
 /// Writes one frame.
 pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, message: &T) -> Result<()> {
-    send.write_all(&wire::encode_frame(message)).await.context("sending frame")?;
+    send.write_all(&wire::encode_frame(message))
+        .await
+        .context("sending frame")?;
     Ok(())
 }
 
@@ -181,7 +222,9 @@ pub enum ReadFrameError {
 }
 
 /// Reads one frame, refusing oversized ones before allocating.
-pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<T, ReadFrameError> {
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, ReadFrameError> {
     let mut prefix = [0u8; 4];
     recv.read_exact(&mut prefix).await.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(_) => ReadFrameError::Frame(FrameError::Truncated),

@@ -154,7 +154,10 @@ pub enum WalFileName {
 }
 
 fn parse_hex8(s: &str) -> Option<u32> {
-    if s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()) {
+    if s.len() == 8
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase())
+    {
         u32::from_str_radix(s, 16).ok()
     } else {
         None
@@ -189,7 +192,9 @@ impl FromStr for WalFileName {
             return Ok(WalFileName::Segment(seg));
         }
         if let Some(base) = s.strip_suffix(".partial") {
-            return parse_segment(base).map(WalFileName::Partial).ok_or_else(bad);
+            return parse_segment(base)
+                .map(WalFileName::Partial)
+                .ok_or_else(bad);
         }
         if let Some(base) = s.strip_suffix(".history") {
             return match parse_hex8(base) {
@@ -222,9 +227,9 @@ impl WalFileName {
     /// Timeline the file belongs to.
     pub fn timeline(&self) -> TimelineId {
         match self {
-            WalFileName::Segment(s) | WalFileName::Partial(s) | WalFileName::BackupHistory(s, _) => {
-                s.timeline
-            }
+            WalFileName::Segment(s)
+            | WalFileName::Partial(s)
+            | WalFileName::BackupHistory(s, _) => s.timeline,
             WalFileName::History(t) => *t,
         }
     }
@@ -281,7 +286,10 @@ impl LongPageHeader {
     pub fn parse(bytes: &[u8]) -> Result<LongPageHeader, WalError> {
         let b = bytes
             .get(..LONG_PAGE_HEADER_LEN)
-            .ok_or(WalError::Truncated { len: bytes.len() as u64, expected: LONG_PAGE_HEADER_LEN as u64 })?;
+            .ok_or(WalError::Truncated {
+                len: bytes.len() as u64,
+                expected: LONG_PAGE_HEADER_LEN as u64,
+            })?;
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| (u32_at(o) as u64) | ((u32_at(o + 4) as u64) << 32);
@@ -302,15 +310,21 @@ impl LongPageHeader {
             )));
         }
         if header.info & XLP_LONG_HEADER == 0 {
-            return Err(WalError::BadHeader("first page has no long header (XLP_LONG_HEADER not set)".into()));
+            return Err(WalError::BadHeader(
+                "first page has no long header (XLP_LONG_HEADER not set)".into(),
+            ));
         }
         let seg = header.segment_size;
         if !seg.is_power_of_two() || !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&seg) {
-            return Err(WalError::BadHeader(format!("implausible segment size {seg} in header")));
+            return Err(WalError::BadHeader(format!(
+                "implausible segment size {seg} in header"
+            )));
         }
         let blk = header.block_size;
         if !blk.is_power_of_two() || !(1024..=65536).contains(&blk) {
-            return Err(WalError::BadHeader(format!("implausible WAL block size {blk} in header")));
+            return Err(WalError::BadHeader(format!(
+                "implausible WAL block size {blk} in header"
+            )));
         }
         Ok(header)
     }
@@ -342,7 +356,10 @@ pub fn validate_wal_file(name: &str, head: &[u8], len: u64) -> Result<WalFileFac
         Some(seg) => {
             let header = LongPageHeader::parse(head)?;
             if len != header.segment_size as u64 {
-                return Err(WalError::Truncated { len, expected: header.segment_size as u64 });
+                return Err(WalError::Truncated {
+                    len,
+                    expected: header.segment_size as u64,
+                });
             }
             if header.timeline != seg.timeline {
                 return Err(WalError::HeaderContradictsName(format!(
@@ -363,11 +380,16 @@ pub fn validate_wal_file(name: &str, head: &[u8], len: u64) -> Result<WalFileFac
                     header.page_address, expected
                 )));
             }
-            Ok(WalFileFacts { name, header: Some(header) })
+            Ok(WalFileFacts {
+                name,
+                header: Some(header),
+            })
         }
         None => {
             if len > MAX_TEXT_FILE_SIZE {
-                return Err(WalError::BadHeader(format!("{name}: {len} bytes is too large for a history file")));
+                return Err(WalError::BadHeader(format!(
+                    "{name}: {len} bytes is too large for a history file"
+                )));
             }
             if (head.len() as u64) == len && std::str::from_utf8(head).is_err() {
                 return Err(WalError::BadHeader(format!("{name}: not a text file")));
@@ -467,8 +489,14 @@ mod tests {
         let s = s.segment().unwrap();
         let size = 16 << 20;
         assert_eq!(s.start_lsn(size), Lsn(0x0A_FE00_0000));
-        assert_eq!(s.next(size).next(size).to_string(), "000000010000000B00000000");
-        assert_eq!(SegmentName::containing(TimelineId(1), Lsn(0x0A_FE12_3456), size), s);
+        assert_eq!(
+            s.next(size).next(size).to_string(),
+            "000000010000000B00000000"
+        );
+        assert_eq!(
+            SegmentName::containing(TimelineId(1), Lsn(0x0A_FE12_3456), size),
+            s
+        );
     }
 
     #[test]
@@ -499,7 +527,10 @@ mod tests {
             validate_wal_file("000000010000000A000000FE", &[0u8; 100], seg_size as u64),
             Err(WalError::BadHeader(_))
         ));
-        assert!(matches!(validate_wal_file("not-wal", &head, 1), Err(WalError::BadName(_))));
+        assert!(matches!(
+            validate_wal_file("not-wal", &head, 1),
+            Err(WalError::BadName(_))
+        ));
     }
 
     proptest! {

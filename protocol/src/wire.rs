@@ -66,9 +66,9 @@ impl Request {
     /// The cluster a request touches, if any (authorization is per cluster).
     pub fn cluster(&self) -> Option<&str> {
         match self {
-            Request::PutWal { cluster, .. } | Request::GetWal { cluster, .. } | Request::ListWal { cluster } => {
-                Some(cluster)
-            }
+            Request::PutWal { cluster, .. }
+            | Request::GetWal { cluster, .. }
+            | Request::ListWal { cluster } => Some(cluster),
             Request::Ping => None,
         }
     }
@@ -233,7 +233,9 @@ pub fn validate_cluster_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -265,9 +267,18 @@ mod tests {
 
     #[test]
     fn oversized_and_malformed_frames_are_refused() {
-        assert!(matches!(frame_len((MAX_FRAME_LEN + 1).to_be_bytes()), Err(FrameError::TooLarge(_))));
-        assert!(matches!(decode_frame::<Request>(b"{\"op\":\"nope\"}"), Err(FrameError::Malformed(_))));
-        assert!(matches!(decode_frame::<Request>(b"\xff\xfe"), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            frame_len((MAX_FRAME_LEN + 1).to_be_bytes()),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(
+            decode_frame::<Request>(b"{\"op\":\"nope\"}"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_frame::<Request>(b"\xff\xfe"),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -1,1 +1,84 @@
-fn main(){}
+//! `pushclient`: the primary's side of walvault.
+//!
+//! `archive-push` is PostgreSQL's `archive_command`. It returns 0 only once archived has
+//! answered that the file is durably stored; every other outcome is a non-zero exit, so
+//! PostgreSQL keeps the file and retries.
+
+mod push;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use walvault_protocol::config::{config_path, ClientConfig};
+use walvault_protocol::logging::{self, LogFormat};
+
+/// walvault primary-side client: archives WAL into archived.
+///
+/// Configuration: --config FILE, else $WALVAULT_CONFIG, else /etc/walvault/pushclient.toml
+/// (a client config written by `archived issue --role push`).
+#[derive(Parser)]
+#[command(name = "pushclient", version, about, long_about = None)]
+struct Cli {
+    /// Client config file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format: text (default) or json.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Archive one WAL file; use as archive_command = 'pushclient archive-push %p'.
+    ///
+    /// Accepts segments, .partial segments, .history and .backup files. The file is
+    /// checked before sending (name, size = segment size from its header, header timeline
+    /// and address match the name); archived checks it again and refuses WAL of another
+    /// system than the one this cluster name is bound to. Exit 0 = durably archived
+    /// (or already archived with identical content); anything else = PostgreSQL retries.
+    ArchivePush {
+        /// Path of the file (%p), relative to the data directory or absolute.
+        path: PathBuf,
+    },
+    /// Check the configuration: connect to archived and show what the certificate allows.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, "info");
+    let path = config_path(cli.config.as_deref(), "pushclient");
+    let cfg = match ClientConfig::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    walvault_protocol::transport::install_crypto_provider();
+    let result = match cli.command {
+        Command::ArchivePush { path } => runtime.block_on(push::archive_push(&cfg, &path)),
+        Command::Check => runtime.block_on(push::check(&cfg)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

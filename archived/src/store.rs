@@ -1,0 +1,606 @@
+//! The object store: the archive's source of truth.
+//!
+//! # Layout
+//!
+//! ```text
+//! <cluster>/cluster.toml                      binding: system identifier, segment size, PG major
+//! <cluster>/wal/<TLI>/<SEGMENT>.zst           a segment
+//! <cluster>/wal/<TLI>/<SEGMENT>.partial.zst   a partial segment (end of a timeline)
+//! <cluster>/wal/<TLI>/<SEG>.<OFF>.backup.zst  a backup history file
+//! <cluster>/history/<TLI>.history.zst         a timeline history file
+//! ```
+//!
+//! Keys hold the WAL file name and nothing else, so a create-only write makes "one
+//! content per name" a property of the store itself. A name's key is derived from the
+//! parsed [`WalFileName`], never from client text, so no key can escape its cluster.
+//!
+//! # Object format
+//!
+//! Every WAL object is a 64-byte header followed by one zstd frame of the raw file:
+//!
+//! ```text
+//! off size
+//!   0    8  magic "WVOBJ\0\0\x01" (last byte: format version 1)
+//!   8    8  raw size, u64 little-endian
+//!  16   32  blake3 of the raw bytes
+//!  48    8  compressed size (length of the zstd frame), u64 little-endian
+//!  56    8  reserved, zero
+//!  64    .  zstd frame
+//! ```
+//!
+//! The header makes objects self-describing: a catalog rebuild needs a listing and one
+//! 64-byte ranged read per object, and every reader can verify what it decompresses.
+//!
+//! # Durability
+//!
+//! Local backend (the default): the object is written to a `.tmp.*` file beside its
+//! final name, fsynced, hard-linked to the final name (which fails if the name exists:
+//! create-only), and the directory is fsynced. Remote backends (`s3://`, `gs://`,
+//! `az://`): the body is spooled to a local temporary file while it is received and
+//! verified, then PUT with `PutMode::Create`; success is the backend's acknowledgement.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::{path::Path as ObjPath, ObjectStore, PutMode, PutOptions, PutPayload};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use walvault_protocol::fsutil;
+use walvault_protocol::wal::WalFileName;
+
+/// Object header length.
+pub const HEADER_LEN: usize = 64;
+const MAGIC: &[u8; 8] = b"WVOBJ\0\0\x01";
+
+/// The header of a stored WAL object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectHeader {
+    /// Raw file size.
+    pub raw_size: u64,
+    /// blake3 of the raw file.
+    pub blake3: [u8; 32],
+    /// Length of the zstd frame after the header.
+    pub compressed_size: u64,
+}
+
+impl ObjectHeader {
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(MAGIC);
+        b[8..16].copy_from_slice(&self.raw_size.to_le_bytes());
+        b[16..48].copy_from_slice(&self.blake3);
+        b[48..56].copy_from_slice(&self.compressed_size.to_le_bytes());
+        b
+    }
+
+    /// Decodes a header, refusing anything that is not one.
+    pub fn decode(b: &[u8]) -> Result<ObjectHeader> {
+        if b.len() < HEADER_LEN || &b[0..8] != MAGIC {
+            bail!("not a walvault object (bad magic or short header)");
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+        let mut blake3 = [0u8; 32];
+        blake3.copy_from_slice(&b[16..48]);
+        Ok(ObjectHeader {
+            raw_size: u64_at(8),
+            blake3,
+            compressed_size: u64_at(48),
+        })
+    }
+
+    /// blake3 as hex.
+    pub fn blake3_hex(&self) -> String {
+        hex::encode(self.blake3)
+    }
+}
+
+/// Storage key of a WAL file of a cluster.
+pub fn wal_key(cluster: &str, name: &WalFileName) -> String {
+    match name {
+        WalFileName::History(_) => format!("{cluster}/history/{name}.zst"),
+        other => format!("{cluster}/wal/{}/{other}.zst", other.timeline()),
+    }
+}
+
+/// Key of a cluster's binding file.
+pub fn cluster_key(cluster: &str) -> String {
+    format!("{cluster}/cluster.toml")
+}
+
+/// Parses a storage key back into cluster and WAL file name (for catalog rebuilds).
+pub fn parse_wal_key(key: &str) -> Option<(String, WalFileName)> {
+    let mut parts = key.split('/');
+    let cluster = parts.next()?;
+    let kind = parts.next()?;
+    let rest: Vec<&str> = parts.collect();
+    let file = match (kind, rest.as_slice()) {
+        ("wal", [_, file]) | ("history", [file]) => *file,
+        _ => return None,
+    };
+    let name: WalFileName = file.strip_suffix(".zst")?.parse().ok()?;
+    if wal_key(cluster, &name) != key {
+        return None;
+    }
+    Some((cluster.to_string(), name))
+}
+
+/// Result of a create-only write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// The object was created.
+    Created,
+    /// An object already existed under the key; nothing changed.
+    Exists,
+}
+
+/// Where objects live.
+#[derive(Clone)]
+pub enum Store {
+    /// A directory on local disk, with our own fsyncing write path.
+    Local {
+        /// Root directory.
+        root: PathBuf,
+    },
+    /// Any object_store backend.
+    Remote {
+        /// The backend.
+        store: Arc<dyn ObjectStore>,
+        /// Description for logs.
+        url: String,
+        /// Local directory for spooling uploads.
+        spool: PathBuf,
+    },
+}
+
+/// An object being written: a temporary file that becomes the object on commit.
+pub struct PendingObject {
+    key: String,
+    tmp: PathBuf,
+    file: tokio::fs::File,
+    written: u64,
+}
+
+impl PendingObject {
+    /// Appends body bytes.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all(bytes)
+            .await
+            .context("writing object body")?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Body bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+}
+
+impl Drop for PendingObject {
+    fn drop(&mut self) {
+        // Committed objects were linked/uploaded already; the temp file is never an object.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+impl Store {
+    /// Opens the store named by `url` (empty: local directory `default_root`).
+    pub fn open(
+        url: &str,
+        options: &[(String, String)],
+        default_root: &Path,
+        spool: &Path,
+    ) -> Result<Store> {
+        if url.is_empty() || url.starts_with("file://") || url.starts_with('/') {
+            let root = if url.is_empty() {
+                default_root.to_path_buf()
+            } else {
+                PathBuf::from(url.trim_start_matches("file://"))
+            };
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("cannot create store directory {}", root.display()))?;
+            return Ok(Store::Local { root });
+        }
+        let parsed =
+            url::Url::parse(url).with_context(|| format!("invalid storage URL '{url}'"))?;
+        let (store, prefix) = object_store::parse_url_opts(&parsed, options.iter().cloned())
+            .with_context(|| format!("unsupported or misconfigured storage URL '{url}'"))?;
+        let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
+            Arc::from(store)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+        };
+        std::fs::create_dir_all(spool)
+            .with_context(|| format!("cannot create spool directory {}", spool.display()))?;
+        Ok(Store::Remote {
+            store,
+            url: url.to_string(),
+            spool: spool.to_path_buf(),
+        })
+    }
+
+    /// Human description.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Local { root } => format!("local directory {}", root.display()),
+            Store::Remote { url, .. } => url.clone(),
+        }
+    }
+
+    fn local_path(root: &Path, key: &str) -> PathBuf {
+        root.join(key)
+    }
+
+    /// Starts writing an object; the body is appended after a header-sized gap.
+    pub async fn begin(&self, key: &str) -> Result<PendingObject> {
+        let tmp = match self {
+            Store::Local { root } => {
+                let target = Self::local_path(root, key);
+                let dir = target.parent().ok_or_else(|| anyhow!("bad key {key}"))?;
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                fsutil::temp_path_beside(&target)
+            }
+            Store::Remote { spool, .. } => {
+                fsutil::temp_path_beside(&spool.join(key.replace('/', "_")))
+            }
+        };
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .await
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        file.write_all(&[0u8; HEADER_LEN]).await?;
+        Ok(PendingObject {
+            key: key.to_string(),
+            tmp,
+            file,
+            written: 0,
+        })
+    }
+
+    /// Makes a pending object durable under its key, create-only.
+    pub async fn commit(
+        &self,
+        mut pending: PendingObject,
+        header: &ObjectHeader,
+    ) -> Result<CreateOutcome> {
+        pending.file.seek(std::io::SeekFrom::Start(0)).await?;
+        pending.file.write_all(&header.encode()).await?;
+        pending.file.flush().await?;
+        match self {
+            Store::Local { root } => {
+                pending
+                    .file
+                    .sync_all()
+                    .await
+                    .context("fsync of object failed")?;
+                let target = Self::local_path(root, &pending.key);
+                let tmp = pending.tmp.clone();
+                let created =
+                    tokio::task::spawn_blocking(move || fsutil::durable_link_new(&tmp, &target))
+                        .await?
+                        .with_context(|| format!("cannot store {}", pending.key))?;
+                Ok(if created {
+                    CreateOutcome::Created
+                } else {
+                    CreateOutcome::Exists
+                })
+            }
+            Store::Remote { .. } => {
+                // Remote PUT takes the body in memory: compressed size, bounded by
+                // MAX_OBJECT_SIZE. Multipart create-only uploads are a later step.
+                let bytes = tokio::fs::read(&pending.tmp).await?;
+                self.put_new(&pending.key, bytes.into()).await
+            }
+        }
+    }
+
+    /// Writes a small object create-only.
+    pub async fn put_new(&self, key: &str, bytes: Bytes) -> Result<CreateOutcome> {
+        match self {
+            Store::Local { root } => {
+                let target = Self::local_path(root, key);
+                let result = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+                    if let Some(dir) = target.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    let tmp = fsutil::temp_path_beside(&target);
+                    let write = (|| {
+                        std::fs::write(&tmp, &bytes)?;
+                        std::fs::File::open(&tmp)?.sync_all()
+                    })();
+                    if let Err(e) = write {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                    fsutil::durable_link_new(&tmp, &target)
+                })
+                .await?
+                .with_context(|| format!("cannot store {key}"))?;
+                Ok(if result {
+                    CreateOutcome::Created
+                } else {
+                    CreateOutcome::Exists
+                })
+            }
+            Store::Remote { store, .. } => {
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                };
+                match store
+                    .put_opts(&ObjPath::from(key), PutPayload::from(bytes), opts)
+                    .await
+                {
+                    Ok(_) => Ok(CreateOutcome::Created),
+                    Err(object_store::Error::AlreadyExists { .. }) => Ok(CreateOutcome::Exists),
+                    Err(e) => Err(anyhow!(e).context(format!("cannot store {key}"))),
+                }
+            }
+        }
+    }
+
+    /// Reads a whole small object; `None` if absent.
+    pub async fn get_small(&self, key: &str) -> Result<Option<Bytes>> {
+        match self {
+            Store::Local { root } => match tokio::fs::read(Self::local_path(root, key)).await {
+                Ok(b) => Ok(Some(b.into())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(anyhow!(e).context(format!("cannot read {key}"))),
+            },
+            Store::Remote { store, .. } => match store.get(&ObjPath::from(key)).await {
+                Ok(r) => Ok(Some(r.bytes().await?)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(anyhow!(e).context(format!("cannot read {key}"))),
+            },
+        }
+    }
+
+    /// Reads an object's header; `None` if absent.
+    pub async fn read_header(&self, key: &str) -> Result<Option<ObjectHeader>> {
+        let bytes = match self {
+            Store::Local { root } => {
+                let mut f = match tokio::fs::File::open(Self::local_path(root, key)).await {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(anyhow!(e).context(format!("cannot open {key}"))),
+                };
+                let mut b = vec![0u8; HEADER_LEN];
+                f.read_exact(&mut b)
+                    .await
+                    .with_context(|| format!("{key}: object shorter than its header"))?;
+                b
+            }
+            Store::Remote { store, .. } => match store
+                .get_range(&ObjPath::from(key), 0..HEADER_LEN as u64)
+                .await
+            {
+                Ok(b) => b.to_vec(),
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(anyhow!(e).context(format!("cannot read {key}"))),
+            },
+        };
+        ObjectHeader::decode(&bytes)
+            .map(Some)
+            .with_context(|| format!("{key}: damaged object header"))
+    }
+
+    /// The object's body (the zstd frame) as a stream of chunks.
+    pub async fn body_stream(
+        &self,
+        key: &str,
+        header: &ObjectHeader,
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let end = HEADER_LEN as u64 + header.compressed_size;
+        match self {
+            Store::Local { root } => {
+                let mut f = tokio::fs::File::open(Self::local_path(root, key)).await?;
+                f.seek(std::io::SeekFrom::Start(HEADER_LEN as u64)).await?;
+                let key = key.to_string();
+                let state = (f, header.compressed_size, key);
+                Ok(
+                    futures::stream::try_unfold(state, |(mut f, left, key)| async move {
+                        if left == 0 {
+                            return Ok(None);
+                        }
+                        let mut buf = vec![
+                            0u8;
+                            (walvault_protocol::codec::CHUNK_SIZE as u64).min(left)
+                                as usize
+                        ];
+                        let n = f.read(&mut buf).await?;
+                        if n == 0 {
+                            bail!("{key}: object is shorter than its header says");
+                        }
+                        buf.truncate(n);
+                        Ok(Some((Bytes::from(buf), (f, left - n as u64, key))))
+                    })
+                    .boxed(),
+                )
+            }
+            Store::Remote { store, .. } => {
+                let opts = object_store::GetOptions {
+                    range: Some((HEADER_LEN as u64..end).into()),
+                    ..Default::default()
+                };
+                let stream = store
+                    .get_opts(&ObjPath::from(key), opts)
+                    .await?
+                    .into_stream();
+                Ok(stream.map(|r| r.map_err(anyhow::Error::from)).boxed())
+            }
+        }
+    }
+
+    /// Removes `.tmp.*` files left by uploads that never completed (a crash mid-write).
+    pub async fn remove_stale_temp_files(&self) -> Result<u64> {
+        let dir = match self {
+            Store::Local { root } => root.clone(),
+            Store::Remote { spool, .. } => spool.clone(),
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut removed = 0;
+            remove_temp(&dir, &mut removed)?;
+            Ok(removed)
+        })
+        .await?
+    }
+
+    /// Lists every key in the store with a prefix (`""` for all).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        match self {
+            Store::Local { root } => {
+                let root = root.clone();
+                let prefix = prefix.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::new();
+                    list_local(&root, &root, &mut out)?;
+                    out.retain(|k| k.starts_with(&prefix));
+                    out.sort();
+                    Ok(out)
+                })
+                .await?
+            }
+            Store::Remote { store, .. } => {
+                let p = if prefix.is_empty() {
+                    None
+                } else {
+                    Some(ObjPath::from(prefix))
+                };
+                let mut stream = store.list(p.as_ref());
+                let mut out = Vec::new();
+                while let Some(meta) = stream.next().await {
+                    out.push(meta?.location.to_string());
+                }
+                out.sort();
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn remove_temp(dir: &Path, removed: &mut u64) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow!(e).context(format!("cannot list {}", dir.display()))),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_temp(&entry.path(), removed)?;
+        } else if entry.file_name().to_string_lossy().starts_with(".tmp.") {
+            std::fs::remove_file(entry.path())?;
+            *removed += 1;
+        }
+    }
+    Ok(())
+}
+
+fn list_local(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow!(e).context(format!("cannot list {}", dir.display()))),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with(".tmp.") {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            list_local(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_refusal() {
+        let h = ObjectHeader {
+            raw_size: 16 << 20,
+            blake3: [7; 32],
+            compressed_size: 1234,
+        };
+        assert_eq!(ObjectHeader::decode(&h.encode()).unwrap(), h);
+        assert!(ObjectHeader::decode(&[0u8; 64]).is_err());
+        assert!(ObjectHeader::decode(&h.encode()[..10]).is_err());
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        for n in [
+            "000000010000000A000000FE",
+            "000000010000000A000000FE.partial",
+            "00000002.history",
+            "000000010000000000000002.00000028.backup",
+        ] {
+            let name: WalFileName = n.parse().unwrap();
+            let key = wal_key("main", &name);
+            assert_eq!(parse_wal_key(&key), Some(("main".to_string(), name)));
+        }
+        assert_eq!(parse_wal_key("main/cluster.toml"), None);
+        assert_eq!(
+            parse_wal_key("main/wal/00000002/000000010000000000000001.zst"),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn local_store_is_create_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            "",
+            &[],
+            &dir.path().join("store"),
+            &dir.path().join("spool"),
+        )
+        .unwrap();
+        let h = ObjectHeader {
+            raw_size: 1,
+            blake3: [1; 32],
+            compressed_size: 3,
+        };
+        let mut p = store.begin("c/wal/00000001/x.zst").await.unwrap();
+        p.write(b"abc").await.unwrap();
+        assert_eq!(store.commit(p, &h).await.unwrap(), CreateOutcome::Created);
+        let mut p = store.begin("c/wal/00000001/x.zst").await.unwrap();
+        p.write(b"xyz").await.unwrap();
+        let h2 = ObjectHeader {
+            blake3: [2; 32],
+            ..h.clone()
+        };
+        assert_eq!(store.commit(p, &h2).await.unwrap(), CreateOutcome::Exists);
+        assert_eq!(
+            store.read_header("c/wal/00000001/x.zst").await.unwrap(),
+            Some(h.clone())
+        );
+        let chunks: Vec<Bytes> = store
+            .body_stream("c/wal/00000001/x.zst", &h)
+            .await
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        assert_eq!(chunks.concat(), b"abc");
+        assert_eq!(
+            store.list("").await.unwrap(),
+            vec!["c/wal/00000001/x.zst".to_string()]
+        );
+    }
+}
