@@ -3,5 +3,5 @@
 //! The binaries under test are found in the cargo target directory (build them first:
 //! `cargo build --workspace --bins`); PostgreSQL 15 under /usr/lib/postgresql/15/bin.
 
-mod promises;
 mod pg_archive;
+mod promises;

@@ -7,7 +7,7 @@
 //! name and with the cluster's binding); anything else gets an `Error` and leaves
 //! neither an object nor a catalog entry behind.
 //!
-//! Bounds: at most `max_connections` connections, [`MAX_STREAMS_PER_CONNECTION`]
+//! Bounds: at most `max_connections` connections, `MAX_STREAMS_PER_CONNECTION`
 //! requests each; a request buffers at most [`CHUNK_SIZE`] of body (plus QUIC's
 //! per-stream window) however large the object. SIGTERM/SIGINT: new connections and
 //! requests are refused, in-flight requests get `shutdown_grace_secs` to finish, and
@@ -24,9 +24,7 @@ use futures::StreamExt;
 use tokio::sync::{Mutex, Notify, Semaphore};
 use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
 use walvault_protocol::pki::{client_identity, ClientIdentity, Role};
-use walvault_protocol::transport::{
-    read_frame, write_frame, ReadFrameError, MAX_STREAMS_PER_CONNECTION,
-};
+use walvault_protocol::transport::{read_frame, write_frame, ReadFrameError};
 use walvault_protocol::wal::{validate_wal_file, LongPageHeader, WalFileName};
 use walvault_protocol::wire::{self, ErrorCode, FrameError, Request, Response, MAX_OBJECT_SIZE};
 
@@ -190,17 +188,12 @@ async fn handle_connection(state: Arc<ArchiveState>, incoming: quinn::Incoming) 
     };
     tracing::debug!(%peer, cluster = %identity.cluster, role = %identity.role, "client connected");
     let mut streams = tokio::task::JoinSet::new();
-    loop {
-        match connection.accept_bi().await {
-            Ok((send, recv)) => {
-                let state = state.clone();
-                let identity = identity.clone();
-                streams.spawn(async move { handle_stream(&state, &identity, send, recv).await });
-                while streams.try_join_next().is_some() {}
-                debug_assert!(streams.len() <= MAX_STREAMS_PER_CONNECTION as usize + 1);
-            }
-            Err(_) => break,
-        }
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        let state = state.clone();
+        let identity = identity.clone();
+        streams.spawn(async move { handle_stream(&state, &identity, send, recv).await });
+        // Reap finished requests; quinn caps open streams at MAX_STREAMS_PER_CONNECTION.
+        while streams.try_join_next().is_some() {}
     }
     while streams.join_next().await.is_some() {}
 }
