@@ -20,6 +20,8 @@ use crate::wire::{self, FrameError};
 /// Concurrent requests (bidirectional streams) one connection may have open. With the
 /// per-stream window below this bounds what one client can make the server buffer.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// How long a closing client lets the endpoint flush its CONNECTION_CLOSE.
+const CLOSE_LINGER: Duration = Duration::from_millis(10);
 /// Flow-control window per stream.
 const STREAM_WINDOW: u32 = 8 << 20;
 /// Flow-control window per connection.
@@ -195,10 +197,12 @@ impl ArchiveConnection {
         Ok((response, recv))
     }
 
-    /// Closes the connection cleanly and waits for the peer to see it.
+    /// Closes the connection, giving the endpoint a moment to send the close frame so the
+    /// server frees the connection at once instead of after its idle timeout. Waiting for
+    /// the full draining period (3 PTO) would add ~100 ms to every archive_command call.
     pub async fn close(self) {
         self.connection.close(0u32.into(), b"done");
-        self.endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(CLOSE_LINGER, self.endpoint.wait_idle()).await;
     }
 }
 
