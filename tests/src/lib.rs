@@ -542,6 +542,22 @@ impl Binaries {
     }
 }
 
+/// Pids of the running processes whose `argv[0]` is `program` (e.g. a pushclient run by
+/// PostgreSQL's archiver from this test's bin dir).
+pub fn processes_running(program: &Path) -> Vec<u32> {
+    let want = program.as_os_str().as_encoded_bytes();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).next() == Some(want))
+        })
+        .collect()
+}
+
 /// A UDP port free right now on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket on 127.0.0.1:0");
@@ -820,6 +836,12 @@ impl Archive {
                 .arg(push_conf)
                 .current_dir("/tmp"),
         )
+    }
+
+    /// How many `pushclient` processes from this archive's bin dir are running (pushes
+    /// in flight, when PostgreSQL runs them as archive_command).
+    pub fn pushes_in_flight(&self) -> usize {
+        processes_running(&self.bins.pushclient()).len()
     }
 
     /// The tail of archived's stderr (all runs).
