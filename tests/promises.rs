@@ -521,3 +521,110 @@ fn archive_get_exit_codes_follow_postgresqls_contract() {
     );
     assert!(out.stderr.contains("unreachable"), "{}", out.describe());
 }
+
+/// Runs a client as the postgres user and returns its exit status and peak RSS in bytes.
+fn run_measured(program: &Path, args: &[&std::ffi::OsStr]) -> (i32, u64) {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).current_dir("/tmp");
+    let child = walvault_tests::as_pg_user(&mut cmd)
+        .spawn()
+        .expect("spawn client");
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4 failed");
+    (libc::WEXITSTATUS(status), usage.ru_maxrss as u64 * 1024)
+}
+
+/// A 1 GiB segment (the largest PostgreSQL allows) streams through client and server:
+/// no process holds it whole.
+#[test]
+fn a_one_gib_segment_streams_with_bounded_memory() {
+    const GIB: usize = 1 << 30;
+    let archive = Archive::start("big");
+    let push = archive.issue("big", "push");
+    let pull = archive.issue("big", "pull");
+    let dir = TestDir::new("bigseg");
+    // Segment 1 of timeline 1 with 1 GiB segments: name ...00000001, start LSN 0/40000000.
+    let mut seg = vec![0u8; GIB];
+    let block: Vec<u8> = (0..(1 << 20))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for (i, chunk) in seg.chunks_mut(1 << 20).enumerate() {
+        chunk.copy_from_slice(&block);
+        chunk[64..72].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    seg[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    seg[2..4].copy_from_slice(&2u16.to_le_bytes());
+    seg[4..8].copy_from_slice(&1u32.to_le_bytes());
+    seg[8..16].copy_from_slice(&(GIB as u64).to_le_bytes());
+    seg[16..24].fill(0);
+    seg[24..32].copy_from_slice(&4242u64.to_le_bytes());
+    seg[32..36].copy_from_slice(&(GIB as u32).to_le_bytes());
+    seg[36..40].copy_from_slice(&8192u32.to_le_bytes());
+    let name = "000000010000000000000001";
+    let path = put_file(&dir.join("src"), name, &seg);
+    let expected = blake3::hash(&seg);
+    drop(seg);
+
+    let (code, push_rss) = run_measured(
+        &archive.bins().pushclient(),
+        &[
+            "archive-push".as_ref(),
+            path.as_os_str(),
+            "--config".as_ref(),
+            push.as_os_str(),
+        ],
+    );
+    assert_eq!(
+        code,
+        0,
+        "push of a 1 GiB segment failed\n{}",
+        archive.diag()
+    );
+    let out_dir = dir.join("out");
+    fs::create_dir_all(&out_dir).unwrap();
+    chown_pg(&out_dir);
+    let dest = out_dir.join(name);
+    let (code, get_rss) = run_measured(
+        &archive.bins().pullclient(),
+        &[
+            "archive-get".as_ref(),
+            name.as_ref(),
+            dest.as_os_str(),
+            "--config".as_ref(),
+            pull.as_os_str(),
+        ],
+    );
+    assert_eq!(code, 0, "get of a 1 GiB segment failed\n{}", archive.diag());
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(fs::File::open(&dest).unwrap())
+        .unwrap();
+    assert_eq!(
+        hasher.finalize(),
+        expected,
+        "restored 1 GiB segment differs"
+    );
+
+    let server_rss = archive.peak_rss();
+    eprintln!(
+        "peak RSS: pushclient {} MiB, pullclient {} MiB, archived {} MiB",
+        push_rss >> 20,
+        get_rss >> 20,
+        server_rss >> 20
+    );
+    const BOUND: u64 = 256 << 20;
+    for (who, rss) in [
+        ("pushclient", push_rss),
+        ("pullclient", get_rss),
+        ("archived", server_rss),
+    ] {
+        assert!(
+            rss < BOUND,
+            "{who} peaked at {} MiB for a 1 GiB segment: it must stream",
+            rss >> 20
+        );
+    }
+}

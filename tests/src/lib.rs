@@ -692,6 +692,23 @@ impl Archive {
         self.serve();
     }
 
+    /// Process id of the running `archived serve`.
+    pub fn pid(&self) -> u32 {
+        self.server.as_ref().expect("archived is not running").id()
+    }
+
+    /// Peak resident memory (VmHWM) of the running `archived serve`, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kib * 1024
+    }
+
     /// Whether `serve` is running (was started and has not exited).
     pub fn is_running(&mut self) -> bool {
         match self.server.as_mut() {
