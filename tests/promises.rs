@@ -13,7 +13,7 @@ use walvault_tests::{chown_pg, Archive, TestDir};
 const SEG: usize = 16 << 20;
 
 /// A 16 MiB segment with a valid PostgreSQL 15 long page header and varied content.
-fn fake_segment(tli: u32, segno: u64, sysid: u64) -> Vec<u8> {
+pub(crate) fn fake_segment(tli: u32, segno: u64, sysid: u64) -> Vec<u8> {
     let mut b = vec![0u8; SEG];
     let mut x = segno.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sysid;
     for chunk in b.chunks_mut(8).skip(8) {
@@ -34,12 +34,12 @@ fn fake_segment(tli: u32, segno: u64, sysid: u64) -> Vec<u8> {
     b
 }
 
-fn seg_name(tli: u32, segno: u64) -> String {
+pub(crate) fn seg_name(tli: u32, segno: u64) -> String {
     format!("{tli:08X}{:08X}{:08X}", segno >> 8, segno & 0xFF)
 }
 
 /// Writes `bytes` as `dir/name`, readable by the postgres user that runs the clients.
-fn put_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+pub(crate) fn put_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     fs::create_dir_all(dir).unwrap();
     chown_pg(dir);
     let p = dir.join(name);
@@ -523,6 +523,8 @@ fn archive_get_exit_codes_follow_postgresqls_contract() {
 }
 
 /// Runs a client as the postgres user and returns its exit status and peak RSS in bytes.
+// wait4 below reaps the child (std's wait cannot report rusage).
+#[allow(clippy::zombie_processes)]
 fn run_measured(program: &Path, args: &[&std::ffi::OsStr]) -> (i32, u64) {
     let mut cmd = std::process::Command::new(program);
     cmd.args(args).current_dir("/tmp");

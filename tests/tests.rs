@@ -4,4 +4,5 @@
 //! `cargo build --workspace --bins`); PostgreSQL 15 under /usr/lib/postgresql/15/bin.
 
 mod pg_archive;
+mod prefetch;
 mod promises;

@@ -222,6 +222,7 @@ fn client_config(
         client_key: cert.key_pem,
         zstd_level: 3,
         timeout_secs: 60,
+        prefetch: Default::default(),
     })
 }
 

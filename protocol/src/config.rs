@@ -15,6 +15,18 @@
 //! client_key = "-----BEGIN PRIVATE KEY-----..."
 //! zstd_level = 3                 # pushclient: compression level (1..=19)
 //! timeout_secs = 60              # connect and per-request idle timeout
+//!
+//! [prefetch]                     # pullclient archive-get / prefetch daemon
+//! enabled = true                 # archive-get starts a prefetch daemon per data directory
+//! spool_dir = "/var/lib/postgresql/15/walvault-spool"   # default: beside PGDATA
+//! spool_max_bytes = 268435456    # segments kept ahead of replay, in bytes
+//! fetch_concurrency = 4          # segments downloaded at once
+//! idle_exit_secs = 600           # a daemon started by archive-get exits after this long
+//!                                # without requests while PostgreSQL is down
+//! prefault = true                # warm heap blocks replay is about to read
+//! prefault_method = "fadvise"    # fadvise (posix_fadvise WILLNEED) or pread
+//! prefault_ahead_bytes = 67108864 # how far past the replay position to warm, in WAL bytes
+//! prefault_concurrency = 16      # blocks warmed at once
 //! ```
 //!
 //! Which file: `--config FILE`, else `$WALVAULT_CONFIG`, else `/etc/walvault/<binary>.toml`.
@@ -53,6 +65,59 @@ pub struct ClientConfig {
     /// Connect and idle timeout in seconds.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// Prefetch daemon and prefaulter settings (pullclient).
+    #[serde(default)]
+    pub prefetch: PrefetchConfig,
+}
+
+/// How pullclient prefetches and prefaults.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefetchConfig {
+    /// Whether archive-get starts and uses a prefetch daemon.
+    pub enabled: bool,
+    /// Spool directory; default `<PGDATA>.walvault-spool` beside the data directory.
+    pub spool_dir: Option<PathBuf>,
+    /// Bytes of segments kept in the spool.
+    pub spool_max_bytes: u64,
+    /// Segments downloaded at once.
+    pub fetch_concurrency: usize,
+    /// Seconds without requests (PostgreSQL down) before a daemon started by archive-get exits.
+    pub idle_exit_secs: u64,
+    /// Whether to warm the blocks replay will read.
+    pub prefault: bool,
+    /// `fadvise` or `pread`.
+    pub prefault_method: PrefaultMethod,
+    /// WAL bytes past the replay position whose blocks are warmed.
+    pub prefault_ahead_bytes: u64,
+    /// Blocks warmed at once.
+    pub prefault_concurrency: usize,
+}
+
+/// How a block is brought into the page cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefaultMethod {
+    /// `posix_fadvise(POSIX_FADV_WILLNEED)`: asynchronous readahead by the kernel.
+    Fadvise,
+    /// `pread` of the block: synchronous, works where fadvise is a no-op.
+    Pread,
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            enabled: true,
+            spool_dir: None,
+            spool_max_bytes: 256 << 20,
+            fetch_concurrency: 4,
+            idle_exit_secs: 600,
+            prefault: true,
+            prefault_method: PrefaultMethod::Fadvise,
+            prefault_ahead_bytes: 64 << 20,
+            prefault_concurrency: 16,
+        }
+    }
 }
 
 fn default_server_name() -> String {
@@ -110,6 +175,11 @@ impl ClientConfig {
         };
         let cfg: ClientConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         crate::wire::validate_cluster_name(&cfg.cluster).map_err(invalid)?;
+        if cfg.prefetch.fetch_concurrency == 0 || cfg.prefetch.prefault_concurrency == 0 {
+            return Err(invalid(
+                "prefetch concurrency settings must be at least 1".into(),
+            ));
+        }
         if !(1..=22).contains(&cfg.zstd_level) {
             return Err(invalid(format!(
                 "zstd_level {} is outside 1..=22",

@@ -1,11 +1,14 @@
-//! archive-get: fetch one WAL file, verify it, write it atomically.
+//! archive-get: serve a WAL file from the prefetch spool or fetch it now, verified.
 //!
-//! The bytes go to a temporary file beside the destination while they are decompressed
-//! and hashed; only when size and blake3 match what the archive recorded at push time is
-//! the file fsynced and renamed into place. PostgreSQL never sees a partial or corrupt file.
+//! Contract: a file appears at the destination only complete and verified. Fetched
+//! bytes go to a temporary file beside the destination while they are decompressed and
+//! hashed; only when size and blake3 match what the archive recorded at push time is the
+//! file fsynced and renamed into place. A spool hit is hashed again against the
+//! archive's blake3 before it is moved into place (see [`crate::spool`]). PostgreSQL
+//! never sees a partial or corrupt file.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder};
@@ -15,24 +18,90 @@ use walvault_protocol::transport::ArchiveConnection;
 use walvault_protocol::wal::WalFileName;
 use walvault_protocol::wire::{ErrorCode, Request, Response, MAX_OBJECT_SIZE};
 
+use crate::spool::Spool;
+
 /// Outcome of a fetch that did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Fetched {
-    /// The file is at the destination.
-    Written,
+    /// The file is at the destination; its size and blake3 as the archive recorded them.
+    Written {
+        /// Raw size.
+        raw_size: u64,
+        /// blake3, hex.
+        blake3: String,
+    },
     /// The archive does not have it.
     NotFound,
 }
 
-pub(crate) async fn archive_get(cfg: &ClientConfig, name: &str, dest: &Path) -> Result<Fetched> {
-    if name.parse::<WalFileName>().is_err() {
+/// The restore_command: spool first, then the archive.
+pub(crate) async fn archive_get(
+    cfg: &ClientConfig,
+    config_path: &Path,
+    name: &str,
+    dest: &Path,
+) -> Result<Fetched> {
+    let Ok(wal_name) = name.parse::<WalFileName>() else {
         tracing::info!(file = %name, "not a WAL file name; nothing to restore");
         return Ok(Fetched::NotFound);
+    };
+    // PostgreSQL runs restore_command in the data directory.
+    let spool = if cfg.prefetch.enabled && wal_name.is_segment_file() {
+        match std::env::current_dir()
+            .context("no current directory")
+            .and_then(|pgdata| Spool::for_pgdata(cfg, &pgdata))
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "prefetch spool unusable; fetching directly");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if let Some(spool) = &spool {
+        spool.notify_or_start(cfg, config_path, name);
+        match spool.take(name, dest) {
+            Ok(Some(outcome)) => {
+                spool.record_served(name, true);
+                tracing::info!(file = %name, "restored from the prefetch spool");
+                return Ok(outcome);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(file = %name, error = %format!("{e:#}"), "spool copy unusable; fetching directly")
+            }
+        }
     }
     let conn = ArchiveConnection::connect(cfg)
         .await
         .context("archive unreachable; PostgreSQL will retry")?;
+    let outcome = fetch_to(&conn, &cfg.cluster, name, dest).await;
+    conn.close().await;
+    let outcome = outcome?;
+    if let (Some(spool), Fetched::Written { .. }) = (&spool, &outcome) {
+        spool.record_served(name, false);
+    }
+    match &outcome {
+        Fetched::Written { raw_size, .. } => {
+            tracing::info!(file = %name, bytes = raw_size, "restored")
+        }
+        Fetched::NotFound => tracing::info!(file = %name, "not in the archive"),
+    }
+    Ok(outcome)
+}
+
+/// Fetches `name` over an open connection into `dest` (temporary file, verify, fsync,
+/// rename). On any error nothing is left at `dest` or beside it.
+pub(crate) async fn fetch_to(
+    conn: &ArchiveConnection,
+    cluster: &str,
+    name: &str,
+    dest: &Path,
+) -> Result<Fetched> {
     let request = Request::GetWal {
-        cluster: cfg.cluster.clone(),
+        cluster: cluster.to_string(),
         name: name.to_string(),
     };
     let (response, mut recv) = conn.call(&request).await?;
@@ -45,18 +114,13 @@ pub(crate) async fn archive_get(cfg: &ClientConfig, name: &str, dest: &Path) -> 
         Response::Error {
             code: ErrorCode::NotFound,
             ..
-        } => {
-            tracing::info!(file = %name, "not in the archive");
-            conn.close().await;
-            return Ok(Fetched::NotFound);
-        }
+        } => return Ok(Fetched::NotFound),
         Response::Error { code, message } => bail!("archive refused {name} ({code:?}): {message}"),
         other => bail!("unexpected answer for {name}: {other:?}"),
     };
     if raw_size > MAX_OBJECT_SIZE || compressed_size > MAX_OBJECT_SIZE {
         bail!("{name}: archive announced an impossible size ({raw_size} bytes)");
     }
-
     let tmp = fsutil::temp_path_beside(dest);
     let result = async {
         let mut file = std::fs::OpenOptions::new()
@@ -102,8 +166,11 @@ pub(crate) async fn archive_get(cfg: &ClientConfig, name: &str, dest: &Path) -> 
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    conn.close().await;
     result?;
-    tracing::info!(file = %name, bytes = raw_size, "restored");
-    Ok(Fetched::Written)
+    Ok(Fetched::Written { raw_size, blake3 })
+}
+
+/// The data directory a restore_command runs in, made absolute.
+pub(crate) fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }

@@ -12,6 +12,10 @@
 //! Nothing else above 125 is ever returned: PostgreSQL treats such codes as fatal.
 
 mod get;
+mod pgcontrol;
+mod prefault;
+mod prefetch;
+mod spool;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,17 +58,44 @@ enum Command {
         /// Destination path (%p), usually relative to the data directory.
         path: PathBuf,
     },
+    /// Run the prefetch daemon for a data directory in the foreground (as a service).
+    ///
+    /// archive-get starts one by itself (detached, one per spool); run it as a service
+    /// instead to start it before PostgreSQL. It keeps the segments after the one
+    /// PostgreSQL last asked for fetched and verified in the spool, and warms the relation
+    /// blocks their records touch ahead of replay. SIGTERM stops it within a second.
+    Prefetch {
+        /// The data directory of the PostgreSQL being restored.
+        #[arg(long)]
+        pgdata: PathBuf,
+        /// Start prefetching after this segment (archive-get passes what PostgreSQL asked for).
+        #[arg(long)]
+        start_at: Option<String>,
+        /// Exit after [prefetch] idle_exit_secs without requests while PostgreSQL is down.
+        #[arg(long)]
+        exit_when_idle: bool,
+    },
+    /// Show the prefetch daemon's counters: spool hits and misses, segments fetched,
+    /// bytes ahead of replay, blocks warmed and skipped (by reason).
+    PrefetchStatus {
+        /// The data directory the daemon serves.
+        #[arg(long)]
+        pgdata: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format, "info");
-    let path = config_path(cli.config.as_deref(), "pullclient");
-    let cfg = match ClientConfig::load(&path) {
-        Ok(c) => c,
+    let config_path = config_path(cli.config.as_deref(), "pullclient");
+    let load = || match ClientConfig::load(&config_path) {
+        Ok(c) => Ok(c),
         Err(e) => {
             tracing::error!("{e}; this is fatal for recovery (exit {EXIT_FATAL_CONFIG})");
-            return ExitCode::from(EXIT_FATAL_CONFIG);
+            Err(ExitCode::from(EXIT_FATAL_CONFIG))
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -79,10 +110,14 @@ fn main() -> ExitCode {
         }
     };
     walvault_protocol::transport::install_crypto_provider();
-    match cli.command {
+    let code = match cli.command {
         Command::ArchiveGet { name, path } => {
-            match runtime.block_on(get::archive_get(&cfg, &name, &path)) {
-                Ok(get::Fetched::Written) => ExitCode::SUCCESS,
+            let cfg = match load() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match runtime.block_on(get::archive_get(&cfg, &config_path, &name, &path)) {
+                Ok(get::Fetched::Written { .. }) => ExitCode::SUCCESS,
                 Ok(get::Fetched::NotFound) => ExitCode::from(1),
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -90,5 +125,68 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Prefetch {
+            pgdata,
+            start_at,
+            exit_when_idle,
+        } => {
+            let cfg = match load() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            report(runtime.block_on(prefetch::run(cfg, &pgdata, start_at, exit_when_idle)))
+        }
+        Command::PrefetchStatus { pgdata, json } => {
+            let cfg = match load() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            report(prefetch_status(&cfg, &pgdata, json))
+        }
+    };
+    // In-flight downloads and prefault batches are abandoned, not awaited: SIGTERM must
+    // end the daemon within a second.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn prefetch_status(cfg: &ClientConfig, pgdata: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let spool = spool::Spool::for_pgdata(cfg, pgdata)?;
+    let answer = spool
+        .send(&spool::ControlRequest::Status)
+        .with_context(|| format!("no prefetch daemon answers at {}", spool.socket().display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(answer.trim()).context("unreadable answer from the daemon")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "prefetch daemon for {} (spool {})",
+        spool.pgdata.display(),
+        spool.dir.display()
+    );
+    let flat = |v: &serde_json::Value, prefix: &str| {
+        if let Some(map) = v.as_object() {
+            for (k, v) in map {
+                if !v.is_object() {
+                    println!("  {prefix}{k}: {v}");
+                }
+            }
+        }
+    };
+    flat(&value, "");
+    flat(&value["prefault"], "prefault.");
+    Ok(())
 }

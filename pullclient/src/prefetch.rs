@@ -1,0 +1,466 @@
+//! The prefetch daemon: keeps the segments PostgreSQL will ask for next fetched and
+//! verified in the spool, and warms the heap blocks their records touch.
+//!
+//! Contract: the daemon is an optimization. Nothing it does can make a restore return
+//! wrong bytes (archive-get re-verifies every spool hit against the archive's blake3) or
+//! fail (archive-get falls back to fetching directly). It never runs inside PGDATA (its
+//! working directory is the spool), runs no child processes, closes every file under
+//! PGDATA as soon as PostgreSQL is not running, and exits within a second of SIGTERM.
+//!
+//! What it knows of replay: the last segment archive-get was asked for (PostgreSQL asks
+//! for segment N once it has replayed N-1), and, when it can connect through the
+//! socket named in `postmaster.pid`, `pg_last_wal_replay_lsn()`.
+//!
+//! Bounds: at most `spool_max_bytes` of segments ahead of the requested one and
+//! `fetch_concurrency` downloads at once. When the archive does not have the next
+//! segment yet, it asks again after 1, 2, 4 ... 30 seconds, or at once when PostgreSQL
+//! asks for something new: never a busy loop.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::{Notify, Semaphore};
+use walvault_protocol::config::ClientConfig;
+use walvault_protocol::transport::ArchiveConnection;
+use walvault_protocol::wal::{SegmentName, WalFileName};
+use walvault_protocol::wire::{Request, Response};
+
+use crate::get::{fetch_to, Fetched};
+use crate::prefault::{PgState, Prefaulter};
+use crate::spool::{ControlRequest, Spool};
+
+/// Longest wait before asking the archive again for a segment it did not have.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often the daemon looks at PostgreSQL (running? replay position?).
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Counters, as `pullclient prefetch-status` prints them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct Counters {
+    /// archive-get requests seen.
+    pub(crate) requests: u64,
+    /// Requests served from the spool.
+    pub(crate) spool_hits: u64,
+    /// Requests fetched directly.
+    pub(crate) spool_misses: u64,
+    /// Segments downloaded into the spool.
+    pub(crate) segments_fetched: u64,
+    /// Raw bytes downloaded into the spool.
+    pub(crate) bytes_fetched: u64,
+    /// Downloads that failed.
+    pub(crate) fetch_errors: u64,
+    /// Times the next segment was not archived yet.
+    pub(crate) archive_end_reached: u64,
+    /// Segments in the spool now.
+    pub(crate) spooled_segments: u64,
+    /// WAL bytes in the spool ahead of the requested segment.
+    pub(crate) bytes_ahead: u64,
+    /// Last segment PostgreSQL asked for.
+    pub(crate) last_requested: Option<String>,
+    /// Replay position from PostgreSQL, when connected.
+    pub(crate) replay_lsn: Option<String>,
+    /// Whether PostgreSQL is running.
+    pub(crate) postgres_running: bool,
+    /// Prefault counters.
+    pub(crate) prefault: crate::prefault::PrefaultCounters,
+}
+
+struct State {
+    requested: Option<SegmentName>,
+    segment_size: Option<u32>,
+    inflight: BTreeSet<SegmentName>,
+    /// First segment the archive did not have, and when to ask again.
+    archive_end: Option<(SegmentName, Instant, Duration)>,
+    last_activity: Instant,
+    counters: Counters,
+}
+
+struct Daemon {
+    cfg: ClientConfig,
+    spool: Spool,
+    state: Mutex<State>,
+    wake: Notify,
+    connection: tokio::sync::Mutex<Option<Arc<ArchiveConnection>>>,
+    downloads: Arc<Semaphore>,
+    prefaulter: Prefaulter,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or idleness, with `exit_when_idle`).
+pub(crate) async fn run(
+    cfg: ClientConfig,
+    pgdata: &Path,
+    start_at: Option<String>,
+    exit_when_idle: bool,
+) -> Result<()> {
+    let spool = Spool::for_pgdata(&cfg, pgdata)?;
+    std::env::set_current_dir(&spool.dir)
+        .with_context(|| format!("cannot enter {}", spool.dir.display()))?;
+    let _lock = match lock(&spool.lock_file())? {
+        Some(l) => l,
+        None => {
+            tracing::info!(spool = %spool.dir.display(), "another prefetch daemon serves this spool; exiting");
+            return Ok(());
+        }
+    };
+    clean_partial_downloads(&spool.ready_dir());
+    let _ = std::fs::remove_file(spool.socket());
+    let listener = UnixListener::bind(spool.socket())
+        .with_context(|| format!("cannot bind {}", spool.socket().display()))?;
+    tracing::info!(spool = %spool.dir.display(), pgdata = %spool.pgdata.display(), "prefetch daemon running");
+
+    let prefaulter = Prefaulter::new(&spool.pgdata, &cfg.prefetch);
+    let daemon = Arc::new(Daemon {
+        downloads: Arc::new(Semaphore::new(cfg.prefetch.fetch_concurrency)),
+        cfg,
+        spool,
+        state: Mutex::new(State {
+            requested: None,
+            segment_size: None,
+            inflight: BTreeSet::new(),
+            archive_end: None,
+            last_activity: Instant::now(),
+            counters: Counters::default(),
+        }),
+        wake: Notify::new(),
+        connection: tokio::sync::Mutex::new(None),
+        prefaulter,
+    });
+    if let Some(name) = start_at {
+        daemon.requested(&name);
+    }
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let control = tokio::spawn(control_loop(daemon.clone(), listener));
+    let fetcher = tokio::spawn(fetch_loop(daemon.clone()));
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
+    let mut pg = PgState::default();
+    let reason = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = watch.tick() => {
+                pg = daemon.prefaulter.watch_postgres(pg).await;
+                let idle_for = {
+                    let mut st = lock_state(&daemon.state);
+                    st.counters.postgres_running = pg.running;
+                    st.counters.replay_lsn = pg.replay_lsn.map(|l| l.to_string());
+                    st.last_activity.elapsed()
+                };
+                if exit_when_idle && !pg.running && idle_for > Duration::from_secs(daemon.cfg.prefetch.idle_exit_secs) {
+                    break "idle with PostgreSQL stopped";
+                }
+                daemon.prefault_step(&pg);
+            }
+        }
+    };
+    tracing::info!(reason, "prefetch daemon exiting");
+    control.abort();
+    fetcher.abort();
+    daemon.prefaulter.close_all();
+    let _ = std::fs::remove_file(daemon.spool.socket());
+    Ok(())
+}
+
+fn lock_state(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Takes the spool's lock; `None` if another daemon holds it.
+fn lock(path: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Ok(None);
+    }
+    // The lock file names the daemon's pid, for operators (and tests).
+    use std::io::Write;
+    f.set_len(0)?;
+    (&f).write_all(format!("{}\n", std::process::id()).as_bytes())?;
+    Ok(Some(f))
+}
+
+fn clean_partial_downloads(ready: &Path) {
+    for e in std::fs::read_dir(ready).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.ends_with(".fetching") || n.starts_with(".tmp.") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+impl Daemon {
+    fn requested(&self, name: &str) {
+        let mut st = lock_state(&self.state);
+        st.counters.requests += 1;
+        st.counters.last_requested = Some(name.to_string());
+        st.last_activity = Instant::now();
+        if let Ok(WalFileName::Segment(seg)) = name.parse::<WalFileName>() {
+            st.requested = Some(seg);
+            // PostgreSQL moved on: anything it may ask for next is worth asking for now.
+            if let Some((end, _, _)) = st.archive_end {
+                if seg >= end || seg.timeline != end.timeline {
+                    st.archive_end = None;
+                }
+            }
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    async fn connection(&self) -> Result<Arc<ArchiveConnection>> {
+        let mut guard = self.connection.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.connection.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let c = Arc::new(ArchiveConnection::connect(&self.cfg).await?);
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn segment_size(&self) -> Result<u32> {
+        if let Some(s) = lock_state(&self.state).segment_size {
+            return Ok(s);
+        }
+        let conn = self.connection().await?;
+        let (response, _) = conn
+            .call(&Request::ListWal {
+                cluster: self.cfg.cluster.clone(),
+            })
+            .await?;
+        let size = match response {
+            Response::WalList(l) => l.segment_size.unwrap_or(16 << 20),
+            Response::Error { code, message } => {
+                anyhow::bail!("archive refused to list WAL ({code:?}): {message}")
+            }
+            other => anyhow::bail!("unexpected answer: {other:?}"),
+        };
+        lock_state(&self.state).segment_size = Some(size);
+        Ok(size)
+    }
+
+    /// Segments to have in the spool now, in replay order, and removes what is stale.
+    fn plan(&self, seg_size: u32) -> Vec<SegmentName> {
+        let mut st = lock_state(&self.state);
+        let Some(requested) = st.requested else {
+            return Vec::new();
+        };
+        let budget = (self.cfg.prefetch.spool_max_bytes / seg_size as u64).max(1);
+        let mut wanted = Vec::new();
+        let mut next = requested.next(seg_size);
+        for _ in 0..budget {
+            if let Some((end, retry_at, _)) = st.archive_end {
+                if next >= end && next.timeline == end.timeline {
+                    // At the end of the archive: probe only the first missing segment,
+                    // and only when its back-off has passed.
+                    if next == end && Instant::now() >= retry_at {
+                        wanted.push(next);
+                    }
+                    break;
+                }
+            }
+            wanted.push(next);
+            next = next.next(seg_size);
+        }
+        // Evict what replay has passed (or another timeline's segments) and count the rest.
+        let mut spooled = 0;
+        for e in std::fs::read_dir(self.spool.ready_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Ok(WalFileName::Segment(seg)) = file.parse::<WalFileName>() else {
+                continue;
+            };
+            if seg.timeline != requested.timeline || seg < requested {
+                let _ = std::fs::remove_file(self.spool.segment(&file));
+                let _ = std::fs::remove_file(self.spool.hash_file(&file));
+                self.prefaulter.forget(&file);
+            } else {
+                spooled += 1;
+            }
+        }
+        st.counters.spooled_segments = spooled;
+        st.counters.bytes_ahead = spooled * seg_size as u64;
+        wanted
+            .retain(|s| !st.inflight.contains(s) && !self.spool.hash_file(&s.to_string()).exists());
+        wanted
+    }
+
+    fn prefault_step(&self, pg: &PgState) {
+        if !self.cfg.prefetch.prefault {
+            return;
+        }
+        let (requested, seg_size) = {
+            let st = lock_state(&self.state);
+            (st.requested, st.segment_size)
+        };
+        let (Some(requested), Some(seg_size)) = (requested, seg_size) else {
+            return;
+        };
+        self.prefaulter.step(&self.spool, requested, seg_size, pg);
+        let counters = self.prefaulter.counters();
+        lock_state(&self.state).counters.prefault = counters;
+    }
+}
+
+async fn fetch_loop(daemon: Arc<Daemon>) {
+    loop {
+        let seg_size = match daemon.segment_size().await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "cannot learn the segment size yet");
+                None
+            }
+        };
+        let mut started = false;
+        if let Some(seg_size) = seg_size {
+            for seg in daemon.plan(seg_size) {
+                let Ok(permit) = daemon.downloads.clone().try_acquire_owned() else {
+                    break;
+                };
+                lock_state(&daemon.state).inflight.insert(seg);
+                started = true;
+                let d = daemon.clone();
+                tokio::spawn(async move {
+                    d.download(seg).await;
+                    lock_state(&d.state).inflight.remove(&seg);
+                    drop(permit);
+                    d.wake.notify_one();
+                });
+            }
+        }
+        let _ = started;
+        let sleep = {
+            let st = lock_state(&daemon.state);
+            match st.archive_end {
+                Some((_, at, _)) => at
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100)),
+                None => Duration::from_secs(1),
+            }
+        };
+        tokio::select! {
+            _ = daemon.wake.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+impl Daemon {
+    async fn download(&self, seg: SegmentName) {
+        let name = seg.to_string();
+        let tmp_dest: PathBuf = self.spool.ready_dir().join(format!("{name}.fetching"));
+        let result = async {
+            let conn = self.connection().await?;
+            let outcome = fetch_to(&conn, &self.cfg.cluster, &name, &tmp_dest).await;
+            if outcome.is_err() {
+                // A broken connection is replaced on the next attempt.
+                if conn.connection.close_reason().is_some() {
+                    *self.connection.lock().await = None;
+                }
+            }
+            outcome
+        }
+        .await;
+        match result {
+            Ok(Fetched::Written { raw_size, blake3 }) => {
+                let done = (|| -> std::io::Result<()> {
+                    let hash_path = self.spool.hash_file(&name);
+                    std::fs::write(&hash_path, format!("{blake3}\n"))?;
+                    std::fs::rename(&tmp_dest, self.spool.segment(&name))
+                })();
+                let mut st = lock_state(&self.state);
+                match done {
+                    Ok(()) => {
+                        st.counters.segments_fetched += 1;
+                        st.counters.bytes_fetched += raw_size;
+                        tracing::debug!(segment = %name, "spooled");
+                    }
+                    Err(e) => {
+                        st.counters.fetch_errors += 1;
+                        tracing::warn!(segment = %name, error = %e, "cannot place a spooled segment");
+                    }
+                }
+            }
+            Ok(Fetched::NotFound) => {
+                let mut st = lock_state(&self.state);
+                let backoff = match st.archive_end {
+                    // Segments fetched in parallel past an end already known say nothing new.
+                    Some((end, _, _)) if end < seg && end.timeline == seg.timeline => return,
+                    Some((end, _, b)) if end == seg => (b * 2).min(MAX_RETRY),
+                    _ => Duration::from_secs(1),
+                };
+                st.archive_end = Some((seg, Instant::now() + backoff, backoff));
+                st.counters.archive_end_reached += 1;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp_dest);
+                let mut st = lock_state(&self.state);
+                st.counters.fetch_errors += 1;
+                // Treat like the end of the archive for pacing: no hot retry loop.
+                st.archive_end = Some((
+                    seg,
+                    Instant::now() + Duration::from_secs(2),
+                    Duration::from_secs(2),
+                ));
+                tracing::warn!(segment = %name, error = %format!("{e:#}"), "prefetch failed");
+            }
+        }
+    }
+}
+
+async fn control_loop(daemon: Arc<Daemon>, listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(read).take(64 * 1024);
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let answer = match serde_json::from_str::<ControlRequest>(line.trim()) {
+                Ok(ControlRequest::Requested { name }) => {
+                    daemon.requested(&name);
+                    "{\"ok\":true}".to_string()
+                }
+                Ok(ControlRequest::Served { from_spool, .. }) => {
+                    let mut st = lock_state(&daemon.state);
+                    if from_spool {
+                        st.counters.spool_hits += 1;
+                    } else {
+                        st.counters.spool_misses += 1;
+                    }
+                    "{\"ok\":true}".to_string()
+                }
+                Ok(ControlRequest::Status) => {
+                    serde_json::to_string(&lock_state(&daemon.state).counters).unwrap_or_default()
+                }
+                Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
+            };
+            let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+        });
+    }
+}
+
+use tokio::io::AsyncReadExt as _;

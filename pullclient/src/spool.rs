@@ -1,0 +1,291 @@
+//! The prefetch spool: verified segments waiting for PostgreSQL to ask for them.
+//!
+//! # Layout
+//!
+//! ```text
+//! <spool>/daemon.lock          flock'ed by the one prefetch daemon serving this spool
+//! <spool>/daemon.sock          the daemon's control socket (one JSON line each way)
+//! <spool>/daemon.log           log of a daemon started by archive-get
+//! <spool>/ready/<NAME>.b3      blake3 (hex) of NAME as the archive recorded it at push time
+//! <spool>/ready/<NAME>         the segment, written and fsynced before it got this name
+//! <spool>/ready/<NAME>.fetching  a download in progress (removed at daemon start)
+//! ```
+//!
+//! The spool is never inside PGDATA: by default it is `<PGDATA>.walvault-spool` beside
+//! the data directory (same file system, so a hit is a rename), else
+//! `/var/tmp/walvault-spool-<uid>-<hash of PGDATA>` (a hit is then a copy), or whatever
+//! `[prefetch] spool_dir` says.
+//!
+//! # Serving
+//!
+//! A segment counts as spooled only when both `<NAME>.b3` and `<NAME>` exist; the daemon
+//! writes the hash first and renames the verified data into place last. archive-get
+//! hashes the file again and compares it with `<NAME>.b3` before moving it to `%p`, so a
+//! spool file damaged after it was fetched is never served: it is deleted and the
+//! segment is fetched from the archive instead.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use walvault_protocol::config::ClientConfig;
+use walvault_protocol::fsutil;
+
+use crate::get::Fetched;
+
+/// How long archive-get waits for the daemon to take a notification.
+const NOTIFY_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// A message to the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum ControlRequest {
+    /// PostgreSQL asked for this file (so replay has reached it).
+    Requested {
+        /// WAL file name.
+        name: String,
+    },
+    /// archive-get handed the file over.
+    Served {
+        /// WAL file name.
+        name: String,
+        /// From the spool (a hit) or fetched directly (a miss).
+        from_spool: bool,
+    },
+    /// Report counters.
+    Status,
+}
+
+/// A spool directory for one data directory.
+#[derive(Clone, Debug)]
+pub(crate) struct Spool {
+    /// The spool directory.
+    pub(crate) dir: PathBuf,
+    /// The data directory it serves.
+    pub(crate) pgdata: PathBuf,
+}
+
+impl Spool {
+    /// The spool for `pgdata`, created if needed.
+    pub(crate) fn for_pgdata(cfg: &ClientConfig, pgdata: &Path) -> Result<Spool> {
+        let pgdata = crate::get::absolute(pgdata);
+        let candidates: Vec<PathBuf> = match &cfg.prefetch.spool_dir {
+            Some(dir) => vec![dir.clone()],
+            None => {
+                let mut c = Vec::new();
+                if let (Some(parent), Some(base)) = (pgdata.parent(), pgdata.file_name()) {
+                    c.push(parent.join(format!("{}.walvault-spool", base.to_string_lossy())));
+                }
+                let hash = blake3::hash(pgdata.as_os_str().as_encoded_bytes()).to_hex();
+                // SAFETY: getuid has no preconditions.
+                let uid = unsafe { libc::getuid() };
+                c.push(PathBuf::from(format!(
+                    "/var/tmp/walvault-spool-{uid}-{}",
+                    &hash[..16]
+                )));
+                c
+            }
+        };
+        let mut last_err = None;
+        for dir in candidates {
+            if dir.starts_with(&pgdata) {
+                last_err = Some(anyhow::anyhow!(
+                    "spool {} is inside PGDATA; refusing it",
+                    dir.display()
+                ));
+                continue;
+            }
+            match create_private_dir(&dir.join("ready")) {
+                Ok(()) => return Ok(Spool { dir, pgdata }),
+                Err(e) => {
+                    last_err = Some(
+                        anyhow::Error::from(e)
+                            .context(format!("cannot use spool {}", dir.display())),
+                    )
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no spool directory candidate")))
+    }
+
+    /// Directory of verified segments.
+    pub(crate) fn ready_dir(&self) -> PathBuf {
+        self.dir.join("ready")
+    }
+    /// Control socket.
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.dir.join("daemon.sock")
+    }
+    /// Lock file.
+    pub(crate) fn lock_file(&self) -> PathBuf {
+        self.dir.join("daemon.lock")
+    }
+    /// Log of a detached daemon.
+    pub(crate) fn log_file(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+    /// Path of a spooled segment.
+    pub(crate) fn segment(&self, name: &str) -> PathBuf {
+        self.ready_dir().join(name)
+    }
+    /// Path of a spooled segment's hash.
+    pub(crate) fn hash_file(&self, name: &str) -> PathBuf {
+        self.ready_dir().join(format!("{name}.b3"))
+    }
+
+    /// Sends one request to the daemon and returns its answer line.
+    pub(crate) fn send(&self, request: &ControlRequest) -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(self.socket())?;
+        stream.set_read_timeout(Some(NOTIFY_TIMEOUT))?;
+        stream.set_write_timeout(Some(NOTIFY_TIMEOUT))?;
+        let mut line = serde_json::to_string(request).unwrap_or_default();
+        line.push('\n');
+        stream.write_all(line.as_bytes())?;
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer)?;
+        Ok(answer)
+    }
+
+    /// Tells the daemon PostgreSQL asked for `name`; starts a daemon if none answers.
+    /// Never fails: prefetching is an optimization, never a reason to fail a restore.
+    pub(crate) fn notify_or_start(&self, cfg: &ClientConfig, config_path: &Path, name: &str) {
+        let _ = cfg;
+        match self.send(&ControlRequest::Requested {
+            name: name.to_string(),
+        }) {
+            Ok(_) => {}
+            Err(_) => {
+                if let Err(e) = self.start_daemon(config_path, name) {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot start the prefetch daemon");
+                }
+            }
+        }
+    }
+
+    /// Reports a served segment (hit or miss) to the daemon's counters.
+    pub(crate) fn record_served(&self, name: &str, from_spool: bool) {
+        let _ = self.send(&ControlRequest::Served {
+            name: name.to_string(),
+            from_spool,
+        });
+    }
+
+    fn start_daemon(&self, config_path: &Path, name: &str) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let exe = std::env::current_exe().context("cannot find my own executable")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .with_context(|| format!("cannot open {}", self.log_file().display()))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("prefetch")
+            .arg("--pgdata")
+            .arg(&self.pgdata)
+            .arg("--config")
+            .arg(crate::get::absolute(config_path))
+            .arg("--start-at")
+            .arg(name)
+            .arg("--exit-when-idle")
+            .current_dir(&self.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: setsid is async-signal-safe; it detaches the daemon from PostgreSQL's
+        // process group so signals to the startup process do not reach it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("spawning the prefetch daemon")?;
+        tracing::info!(pid = child.id(), spool = %self.dir.display(), "started the prefetch daemon");
+        // The daemon is not our child to wait for: it reparents to init when we exit.
+        std::mem::forget(child);
+        Ok(())
+    }
+
+    /// Moves a verified spooled segment to `dest`. `Ok(None)`: not spooled.
+    pub(crate) fn take(&self, name: &str, dest: &Path) -> Result<Option<Fetched>> {
+        let hash_path = self.hash_file(name);
+        let expected = match std::fs::read_to_string(&hash_path) {
+            Ok(h) => h.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", hash_path.display()))
+            }
+        };
+        let path = self.segment(name);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        };
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut raw_size = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            raw_size += n as u64;
+            hasher.update(&buf[..n]);
+        }
+        let got = hasher.finalize().to_hex().to_string();
+        if got != expected {
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(&hash_path);
+            anyhow::bail!("spooled {name} fails verification (blake3 {got}, archive says {expected}); deleted it");
+        }
+        match std::fs::rename(&path, dest) {
+            Ok(()) => {
+                fsutil::fsync_dir(
+                    dest.parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new(".")),
+                )?;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                let tmp = fsutil::temp_path_beside(dest);
+                let copied = (|| -> std::io::Result<()> {
+                    std::fs::copy(&path, &tmp)?;
+                    std::fs::File::open(&tmp)?.sync_all()?;
+                    fsutil::durable_rename(&tmp, dest)
+                })();
+                if let Err(e) = copied {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e)
+                        .with_context(|| format!("copying spooled {name} to {}", dest.display()));
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("moving spooled {name} to {}", dest.display()))
+            }
+        }
+        let _ = std::fs::remove_file(&hash_path);
+        Ok(Some(Fetched::Written {
+            raw_size,
+            blake3: expected,
+        }))
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    // Writable by us? (an existing directory of another user is not usable)
+    let probe = dir.join(format!(".probe.{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}

@@ -1,0 +1,264 @@
+//! The prefetch daemon and spool: started by archive-get, serves verified segments from
+//! the spool, never serves a damaged one, and behaves as a well-mannered daemon
+//! (no PGDATA working directory, no children, prompt SIGTERM).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use walvault_tests::{as_pg_user, chown_pg, try_run, wait_until, Archive, Output, TestDir};
+
+use crate::promises::{fake_segment, put_file, seg_name};
+
+/// A pull config whose spool is `spool`, with `[prefetch]` settings overridden.
+fn pull_config_with_spool(
+    archive: &Archive,
+    cluster: &str,
+    spool: &Path,
+    settings: &[(&str, &str)],
+) -> PathBuf {
+    fs::create_dir_all(spool).unwrap();
+    chown_pg(spool);
+    let conf = archive.issue(cluster, "pull");
+    let text = fs::read_to_string(&conf).unwrap();
+    let spool_value = format!("\"{}\"", spool.display());
+    let mut all: Vec<(&str, &str)> = vec![("spool_dir", &spool_value)];
+    all.extend_from_slice(settings);
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            !all.iter()
+                .any(|(k, _)| l.trim_start().starts_with(&format!("{k} =")))
+        })
+        .map(String::from)
+        .collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == "[prefetch]")
+        .expect("issued config has a [prefetch] table")
+        + 1;
+    for (k, v) in all {
+        lines.insert(at, format!("{k} = {v}"));
+    }
+    fs::write(&conf, lines.join("\n") + "\n").unwrap();
+    chown_pg(&conf);
+    conf
+}
+
+/// A directory standing in for PGDATA (the daemon must cope with no PostgreSQL at all).
+fn fake_pgdata(dir: &TestDir) -> PathBuf {
+    let pgdata = dir.join("pgdata");
+    fs::create_dir_all(pgdata.join("pg_wal")).unwrap();
+    chown_pg(&pgdata);
+    chown_pg(&pgdata.join("pg_wal"));
+    pgdata
+}
+
+fn archive_get_in(archive: &Archive, conf: &Path, pgdata: &Path, name: &str) -> Output {
+    try_run(
+        as_pg_user(&mut Command::new(archive.bins().pullclient()))
+            .args(["archive-get", name, &format!("pg_wal/RECOVERYXLOG.{name}")])
+            .arg("--config")
+            .arg(conf)
+            .current_dir(pgdata),
+    )
+}
+
+fn status(archive: &Archive, conf: &Path, pgdata: &Path) -> Option<serde_json::Value> {
+    let out = try_run(
+        as_pg_user(&mut Command::new(archive.bins().pullclient()))
+            .args(["prefetch-status", "--json", "--pgdata"])
+            .arg(pgdata)
+            .arg("--config")
+            .arg(conf)
+            .current_dir("/tmp"),
+    );
+    if !out.success() {
+        return None;
+    }
+    serde_json::from_str(&out.stdout).ok()
+}
+
+fn daemon_pid(spool: &Path) -> i32 {
+    fs::read_to_string(spool.join("daemon.lock"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("daemon.lock names the daemon's pid")
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is gone for our purposes: it holds no files and runs nothing.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn archive_get_starts_a_daemon_that_serves_verified_segments_from_the_spool() {
+    let archive = Archive::start("pf");
+    let push = archive.issue("pf", "push");
+    let dir = TestDir::new("prefetch");
+    let spool = dir.join("spool");
+    let conf = pull_config_with_spool(
+        &archive,
+        "pf",
+        &spool,
+        &[("spool_max_bytes", "134217728"), ("idle_exit_secs", "30")],
+    );
+    let pgdata = fake_pgdata(&dir);
+    let segments: Vec<(String, Vec<u8>)> = (1..=7)
+        .map(|n| (seg_name(1, n), fake_segment(1, n, 31337)))
+        .collect();
+    for (name, bytes) in &segments {
+        let p = put_file(&dir.join("src"), name, bytes);
+        assert!(
+            archive.archive_push(&push, &p).success(),
+            "{}",
+            archive.diag()
+        );
+    }
+
+    // The first call: a miss, served directly, and a daemon starts (PostgreSQL is not running).
+    let first = archive_get_in(&archive, &conf, &pgdata, &segments[0].0);
+    assert!(first.success(), "{}", first.describe());
+    wait_until(
+        "the daemon spooled the next segments",
+        Duration::from_secs(30),
+        || {
+            status(&archive, &conf, &pgdata)
+                .map(|s| s["segments_fetched"].as_u64() >= Some(6))
+                .unwrap_or(false)
+        },
+        || {
+            format!(
+                "status: {:?}\nlog: {}",
+                status(&archive, &conf, &pgdata),
+                fs::read_to_string(spool.join("daemon.log")).unwrap_or_default()
+            )
+        },
+    );
+    for (name, bytes) in &segments[1..] {
+        let out = archive_get_in(&archive, &conf, &pgdata, name);
+        assert!(out.success(), "{}", out.describe());
+        assert!(
+            out.stderr.contains("prefetch spool"),
+            "{name} not served from the spool:\n{}",
+            out.describe()
+        );
+        let got = fs::read(pgdata.join(format!("pg_wal/RECOVERYXLOG.{name}"))).unwrap();
+        assert!(&got == bytes, "{name}: spool served different bytes");
+    }
+    let s = status(&archive, &conf, &pgdata).expect("status");
+    assert_eq!(s["spool_hits"].as_u64(), Some(6), "{s}");
+    assert_eq!(s["spool_misses"].as_u64(), Some(1), "{s}");
+    assert_eq!(s["postgres_running"].as_bool(), Some(false), "{s}");
+
+    // Past the end of the archive: PostgreSQL gets exit 1, and the daemon waits politely.
+    let end = archive_get_in(&archive, &conf, &pgdata, &seg_name(1, 8));
+    assert_eq!(end.code(), Some(1), "{}", end.describe());
+    let before = status(&archive, &conf, &pgdata).unwrap()["archive_end_reached"]
+        .as_u64()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = status(&archive, &conf, &pgdata).unwrap()["archive_end_reached"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        after - before <= 3,
+        "the daemon polls the end of the archive too often: {before} -> {after} in 3 s"
+    );
+
+    // A well-mannered daemon: cwd is the spool, no children, gone within 1 s of SIGTERM.
+    let pid = daemon_pid(&spool);
+    let cwd = fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    assert_eq!(
+        cwd,
+        fs::canonicalize(&spool).unwrap(),
+        "daemon working directory"
+    );
+    assert!(!cwd.starts_with(&pgdata));
+    let children: Vec<String> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1))
+                == Some(&pid.to_string())
+        })
+        .collect();
+    assert!(
+        children.is_empty(),
+        "the daemon runs child processes: {children:?}"
+    );
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let t = Instant::now();
+    while alive(pid) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(pid), "daemon still running 5 s after SIGTERM");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "daemon took {:?} to exit after SIGTERM",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_damaged_spool_file_is_never_served() {
+    let archive = Archive::start("pfbad");
+    let push = archive.issue("pfbad", "push");
+    let dir = TestDir::new("prefetch-bad");
+    let spool = dir.join("spool");
+    let conf = pull_config_with_spool(
+        &archive,
+        "pfbad",
+        &spool,
+        &[("spool_max_bytes", "67108864"), ("idle_exit_secs", "30")],
+    );
+    let pgdata = fake_pgdata(&dir);
+    let segments: Vec<(String, Vec<u8>)> = (1..=3)
+        .map(|n| (seg_name(1, n), fake_segment(1, n, 4242)))
+        .collect();
+    for (name, bytes) in &segments {
+        let p = put_file(&dir.join("src"), name, bytes);
+        assert!(
+            archive.archive_push(&push, &p).success(),
+            "{}",
+            archive.diag()
+        );
+    }
+    assert!(archive_get_in(&archive, &conf, &pgdata, &segments[0].0).success());
+    let spooled = spool.join("ready").join(&segments[1].0);
+    wait_until(
+        "segment 2 spooled",
+        Duration::from_secs(30),
+        || spooled.exists(),
+        || fs::read_to_string(spool.join("daemon.log")).unwrap_or_default(),
+    );
+    let mut bytes = fs::read(&spooled).unwrap();
+    bytes[1000] ^= 0xFF;
+    fs::write(&spooled, &bytes).unwrap();
+
+    let out = archive_get_in(&archive, &conf, &pgdata, &segments[1].0);
+    assert!(out.success(), "{}", out.describe());
+    assert!(
+        out.stderr.contains("fails verification"),
+        "the damaged spool file went unnoticed:\n{}",
+        out.describe()
+    );
+    let got = fs::read(pgdata.join(format!("pg_wal/RECOVERYXLOG.{}", segments[1].0))).unwrap();
+    assert!(got == segments[1].1, "a damaged spool file was served");
+    let pid = daemon_pid(&spool);
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
