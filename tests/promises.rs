@@ -630,3 +630,40 @@ fn a_one_gib_segment_streams_with_bounded_memory() {
         );
     }
 }
+
+/// A client that vanishes without closing its connection (process killed, packets lost)
+/// must not hold a SIGTERM'ed archived beyond a few seconds.
+#[test]
+fn shutdown_is_not_held_by_a_vanished_client() {
+    let mut archive = Archive::start("main");
+    let cfg = ClientConfig::load(&archive.issue("main", "pull")).unwrap();
+    walvault_protocol::transport::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let conn = ArchiveConnection::connect(&cfg).await.unwrap();
+        // Ask, and vanish before the answer can be acknowledged.
+        let (mut send, recv) = conn
+            .open(&Request::ListWal {
+                cluster: "main".into(),
+            })
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        std::mem::forget((conn, send, recv));
+    });
+    // The client's runtime stops: no close frame, no acknowledgements.
+    runtime.shutdown_background();
+    let started = std::time::Instant::now();
+    archive.stop();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "archived took {:?} to stop after SIGTERM with a vanished client\n{}",
+        started.elapsed(),
+        archive.diag()
+    );
+}

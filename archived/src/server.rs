@@ -32,6 +32,9 @@ use crate::catalog::{Catalog, ClusterBinding, WalEntry};
 use crate::settings::DataDir;
 use crate::store::{self, CreateOutcome, ObjectHeader, Store};
 
+/// How long a finished response may take to be acknowledged by the client before the
+/// request stops counting as in flight.
+const RESPONSE_DELIVERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a client may take to send its request frame.
 const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -188,7 +191,14 @@ async fn handle_connection(state: Arc<ArchiveState>, incoming: quinn::Incoming) 
     };
     tracing::debug!(%peer, cluster = %identity.cluster, role = %identity.role, "client connected");
     let mut streams = tokio::task::JoinSet::new();
-    while let Ok((send, recv)) = connection.accept_bi().await {
+    loop {
+        let (send, recv) = match connection.accept_bi().await {
+            Ok(streams) => streams,
+            Err(reason) => {
+                tracing::debug!(%peer, %reason, "connection closed");
+                break;
+            }
+        };
         let state = state.clone();
         let identity = identity.clone();
         streams.spawn(async move { handle_stream(&state, &identity, send, recv).await });
@@ -344,7 +354,8 @@ async fn respond(mut send: quinn::SendStream, recv: Option<quinn::RecvStream>, r
     }
     let _ = write_frame(&mut send, &response).await;
     let _ = send.finish();
-    let _ = send.stopped().await;
+    // Bounded: a client that vanished without closing must not hold shutdown hostage.
+    let _ = tokio::time::timeout(RESPONSE_DELIVERY_TIMEOUT, send.stopped()).await;
 }
 
 fn parse_name(name: &str) -> std::result::Result<WalFileName, Refusal> {
@@ -619,7 +630,8 @@ async fn get_wal(
     match streamed {
         Ok(()) => {
             let _ = send.finish();
-            let _ = send.stopped().await;
+            // Bounded: a client that vanished without closing must not hold shutdown hostage.
+            let _ = tokio::time::timeout(RESPONSE_DELIVERY_TIMEOUT, send.stopped()).await;
         }
         Err(e) => {
             tracing::warn!(%cluster, %name, error = %format!("{e:#}"), "sending object failed");

@@ -21,7 +21,7 @@ use crate::wire::{self, FrameError};
 /// per-stream window below this bounds what one client can make the server buffer.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// How long a closing client lets the endpoint flush its CONNECTION_CLOSE.
-const CLOSE_LINGER: Duration = Duration::from_millis(10);
+const CLOSE_LINGER: Duration = Duration::from_millis(3);
 /// Flow-control window per stream.
 const STREAM_WINDOW: u32 = 8 << 20;
 /// Flow-control window per connection.
