@@ -262,6 +262,8 @@ run_logged "$LOGS/pgbackrest.log" runuser -u postgres -- \
 run_logged "$LOGS/pgbench.log" runuser -u postgres -- \
     "$PGBIN/pgbench" -h "$WORK/sock" -p "$PGPORT" -i -q -s "$PGBENCH_SCALE" postgres
 
+INIT_END=$(psql_q "select pg_walfile_name(pg_current_wal_lsn())")
+
 count_archived() { find "$WORK/src" -maxdepth 1 -regextype posix-extended -regex '.*/[0-9A-F]{24}' | wc -l; }
 rounds=0
 while (($(count_archived) < SEGMENTS)); do
@@ -289,9 +291,12 @@ NAMES=("${ALL[@]:0:SEGMENTS}")
 SET=$WORK/set
 for name in "${NAMES[@]}"; do ln "$WORK/src/$name" "$SET/$name"; done
 chmod 0644 "$SET"/*
+N_INIT=0
+for name in "${NAMES[@]}"; do [[ $name > $INIT_END ]] || N_INIT=$((N_INIT + 1)); done
 SET_MB=$(awk -v n="$SEGMENTS" -v b="$SEG_BYTES" 'BEGIN { printf "%.1f", n * b / 1e6 }')
 log "set: $SEGMENTS segments ${NAMES[0]}..${NAMES[-1]} ($SET_MB MB raw), system id $SYSID," \
-    "${#ALL[@]} archived in all, $rounds pgbench rounds of ${LOAD_SECS}s"
+    "${#ALL[@]} archived in all, $rounds pgbench rounds of ${LOAD_SECS}s;" \
+    "$N_INIT of the set hold initdb + pgbench -i WAL"
 
 # ---------------------------------------------------------------- 1. cp + fsync
 log "phase 1: cp + fsync"
@@ -448,7 +453,11 @@ section() {
 - machine: $(nproc) CPUs ($CPU_MODEL), $MEM_TOTAL memory, disk $DISK_SRC ($DISK_FS, $DISK_KIND, $DISK_SIZE), kernel $(uname -r)
 - $PG_VERSION; $PGBR_VERSION (posix repo, compress-type=zst, default level, archive-async=n)
 - set: $SEGMENTS segments of 16 MiB (${NAMES[0]} .. ${NAMES[-1]}), $SET_MB MB raw WAL, made in this run
-  by pgbench (-i -s $PGBENCH_SCALE, then $rounds rounds of \`-c 4 -j 2 -T $LOAD_SECS\`, then pg_switch_wal)
+  by pgbench (-i -s $PGBENCH_SCALE, then $rounds rounds of \`-c 4 -j 2 -T $LOAD_SECS\`, then pg_switch_wal);
+  the first $N_INIT segments hold initdb + \`pgbench -i\` WAL (bulk COPY, very compressible), the rest TPC-B load
+- per segment: \`cp SEG DST/ && sync DST/SEG DST\`; \`pushclient archive-push SEG --config push.toml\`;
+  \`pullclient archive-get NAME DST/NAME --config pull.toml\`; \`pgbackrest --stanza=bench archive-push SEG\`;
+  \`pgbackrest --stanza=bench archive-get NAME DST/NAME\` (pgBackRest as postgres, its config in the work dir)
 - MB = 10^6 bytes of raw WAL; one process per segment, one after another, except the last row
   ($PUSHERS loops at once, each pushing the whole set under its own cluster name)
 
