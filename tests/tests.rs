@@ -4,5 +4,6 @@
 //! `cargo build --workspace --bins`); PostgreSQL 15 under /usr/lib/postgresql/15/bin.
 
 mod pg_archive;
+mod pg_backup;
 mod prefetch;
 mod promises;

@@ -7,6 +7,7 @@
 //! tree "wal"       <cluster>/<file name> -> JSON WalEntry   (segments, partials,
 //!                                                            history, backup history)
 //! tree "meta"      "complete"            -> "1" once the index covers the whole store
+//! tree "chunks", "backups"                 -> backup chunks and backups, see backups.rs
 //! ```
 //!
 //! Segment names sort in WAL order within a timeline, so a prefix scan of
@@ -120,12 +121,16 @@ impl Catalog {
         self.db.flush_async().await?;
         self.clusters.clear()?;
         self.wal.clear()?;
+        crate::backups::clear_index(self)?;
         let mut summary = RebuildSummary::default();
         for key in store
             .list("")
             .await
             .context("listing the store for a catalog rebuild")?
         {
+            if crate::backups::index_object(self, store, &key, &mut summary).await? {
+                continue;
+            }
             if let Some(cluster) = key.strip_suffix("/cluster.toml") {
                 if let Some(bytes) = store.get_small(&key).await? {
                     let text = String::from_utf8_lossy(&bytes);
@@ -169,6 +174,8 @@ impl Catalog {
             clusters = summary.clusters,
             wal_files = summary.wal_files,
             unreadable = summary.unreadable,
+            backups = summary.backups,
+            chunks = summary.chunks,
             "catalog rebuilt from the store"
         );
         Ok(summary)
@@ -312,6 +319,27 @@ impl Catalog {
         Ok(listing)
     }
 
+    /// A tree of the catalog by name (backups.rs keeps its own trees).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// Forgets a WAL file (retention, after its object was deleted).
+    pub fn remove_wal(&self, cluster: &str, name: &WalFileName) -> Result<()> {
+        self.wal.remove(Self::wal_key(cluster, name))?;
+        Ok(())
+    }
+
+    /// Every cluster with a binding.
+    pub fn clusters(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for item in self.clusters.iter() {
+            let (k, _) = item?;
+            out.push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(out)
+    }
+
     /// Flushes everything to disk.
     pub async fn flush(&self) -> Result<()> {
         self.db.flush_async().await?;
@@ -328,6 +356,10 @@ pub struct RebuildSummary {
     pub wal_files: u64,
     /// Objects whose header could not be read.
     pub unreadable: u64,
+    /// Backups (manifests) indexed.
+    pub backups: u64,
+    /// Backup chunks indexed.
+    pub chunks: u64,
     /// Keys that are not ours.
     pub other: u64,
 }

@@ -1,6 +1,9 @@
 //! `archived`: the walvault archive daemon and its admin commands.
 
+mod admin_backups;
+mod backups;
 mod catalog;
+mod retention;
 mod server;
 mod settings;
 mod store;
@@ -77,6 +80,16 @@ enum Command {
     Catalog {
         #[command(subcommand)]
         command: CatalogCommand,
+    },
+    /// Base backups held in the archive (asks the running server).
+    Backups {
+        #[command(subcommand)]
+        command: admin_backups::BackupsCommand,
+    },
+    /// Expire backups, WAL and chunks by the retention policy (asks the running server).
+    Retention {
+        #[command(subcommand)]
+        command: admin_backups::RetentionCommand,
     },
 }
 
@@ -176,6 +189,8 @@ async fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Backups { command } => admin_backups::backups(command).await,
+        Command::Retention { command } => admin_backups::retention(command).await,
         Command::Catalog {
             command: CatalogCommand::Rebuild { data_dir },
         } => {
@@ -188,15 +203,15 @@ async fn run(command: Command) -> Result<()> {
                 .context("opening the catalog (is archived serve still running?)")?;
             let summary = catalog.rebuild(&store).await?;
             println!(
-                "catalog rebuilt: {} clusters, {} WAL files, {} unreadable objects",
-                summary.clusters, summary.wal_files, summary.unreadable
+                "catalog rebuilt: {} clusters, {} WAL files, {} backups, {} backup chunks, {} unreadable objects",
+                summary.clusters, summary.wal_files, summary.backups, summary.chunks, summary.unreadable
             );
             Ok(())
         }
     }
 }
 
-fn admin_config(data_dir: Option<&Path>, config: Option<&Path>) -> Result<ClientConfig> {
+pub(crate) fn admin_config(data_dir: Option<&Path>, config: Option<&Path>) -> Result<ClientConfig> {
     let path = match (config, data_dir) {
         (Some(c), _) => c.to_path_buf(),
         (None, Some(d)) => DataDir::new(d).admin_config(),

@@ -40,25 +40,25 @@ const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A failed request: what the client is told.
 #[derive(Debug)]
-struct Refusal {
-    code: ErrorCode,
-    message: String,
+pub(crate) struct Refusal {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
 }
 
 impl Refusal {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
         Refusal {
             code,
             message: message.into(),
         }
     }
-    fn internal(e: anyhow::Error) -> Refusal {
+    pub(crate) fn internal(e: anyhow::Error) -> Refusal {
         tracing::error!(error = %format!("{e:#}"), "request failed");
         Refusal::new(ErrorCode::Internal, format!("archive-side failure: {e:#}"))
     }
 }
 
-type Reply = std::result::Result<Response, Refusal>;
+pub(crate) type Reply = std::result::Result<Response, Refusal>;
 
 /// Counts requests in flight so shutdown can wait for them.
 #[derive(Default)]
@@ -100,6 +100,7 @@ pub struct ArchiveState {
     shutting_down: AtomicBool,
     inflight: InFlight,
     binding_lock: Mutex<()>,
+    backups: crate::backups::BackupService,
 }
 
 /// Runs the server until SIGTERM/SIGINT.
@@ -130,6 +131,7 @@ pub async fn serve(dir: &DataDir) -> Result<()> {
         shutting_down: AtomicBool::new(false),
         inflight: InFlight::default(),
         binding_lock: Mutex::new(()),
+        backups: crate::backups::BackupService::new(cfg.retention.clone()),
     });
     let connections = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -332,6 +334,25 @@ async fn handle_stream(
                 .map_err(Refusal::internal);
             respond(send, Some(recv), reply).await;
         }
+        backup_request @ (Request::ChunksMissing { .. }
+        | Request::PutChunk { .. }
+        | Request::GetChunk { .. }
+        | Request::PutBackup { .. }
+        | Request::GetBackup { .. }
+        | Request::ListBackups { .. }
+        | Request::DeleteBackup { .. }
+        | Request::Retention { .. }) => {
+            crate::backups::handle(
+                &state.store,
+                &state.catalog,
+                &state.backups,
+                identity,
+                backup_request,
+                send,
+                recv,
+            )
+            .await;
+        }
         Request::Ping => {
             let reply = Ok(Response::Pong {
                 cluster: identity.cluster.clone(),
@@ -343,7 +364,11 @@ async fn handle_stream(
     }
 }
 
-async fn respond(mut send: quinn::SendStream, recv: Option<quinn::RecvStream>, reply: Reply) {
+pub(crate) async fn respond(
+    mut send: quinn::SendStream,
+    recv: Option<quinn::RecvStream>,
+    reply: Reply,
+) {
     let response = match reply {
         Ok(r) => r,
         Err(Refusal { code, message }) => Response::Error { code, message },
@@ -592,25 +617,35 @@ async fn get_wal(
 ) -> std::result::Result<(), Refusal> {
     let wal_name = parse_name(name)?;
     let key = store::wal_key(cluster, &wal_name);
-    let header = state
-        .store
-        .read_header(&key)
+    send_object(&state.store, &key, send, || {
+        Refusal::new(
+            ErrorCode::NotFound,
+            format!("{name} is not in the archive of cluster '{cluster}'"),
+        )
+    })
+    .await
+}
+
+/// Answers with an object of the store: an `Object` frame, then its zstd frame. A
+/// missing object is `not_found()`; a failure after the frame resets the stream.
+pub(crate) async fn send_object(
+    store: &Store,
+    key: &str,
+    send: &mut quinn::SendStream,
+    not_found: impl FnOnce() -> Refusal,
+) -> std::result::Result<(), Refusal> {
+    let header = store
+        .read_header(key)
         .await
         .map_err(Refusal::internal)?
-        .ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::NotFound,
-                format!("{name} is not in the archive of cluster '{cluster}'"),
-            )
-        })?;
+        .ok_or_else(not_found)?;
     let response = Response::Object {
         raw_size: header.raw_size,
         blake3: header.blake3_hex(),
         compressed_size: header.compressed_size,
     };
-    let mut body = state
-        .store
-        .body_stream(&key, &header)
+    let mut body = store
+        .body_stream(key, &header)
         .await
         .map_err(Refusal::internal)?;
     write_frame(send, &response)
@@ -634,7 +669,7 @@ async fn get_wal(
             let _ = tokio::time::timeout(RESPONSE_DELIVERY_TIMEOUT, send.stopped()).await;
         }
         Err(e) => {
-            tracing::warn!(%cluster, %name, error = %format!("{e:#}"), "sending object failed");
+            tracing::warn!(%key, error = %format!("{e:#}"), "sending object failed");
             let _ = send.reset(1u32.into());
         }
     }

@@ -20,6 +20,10 @@
 //! max_connections = 256         # concurrent client connections
 //! shutdown_grace_secs = 30      # how long SIGTERM waits for in-flight requests
 //! [storage_options]             # passed to object_store, e.g. aws_endpoint, aws_region
+//! [retention]                   # see retention.rs
+//! keep_full = 2                 # newest usable backups kept
+//! keep_within_days = 7          # and every backup needed to restore to any point of 7 days
+//! chunk_grace_hours = 24        # unreferenced chunks are collected after this long
 //! ```
 
 use std::collections::BTreeMap;
@@ -55,6 +59,9 @@ pub struct ServerConfig {
     /// Seconds SIGTERM waits for in-flight requests.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// Backup retention policy (`archived retention run`).
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
 }
 
 fn default_max_connections() -> usize {
@@ -183,6 +190,7 @@ pub fn init(dir: &DataDir, listen: &str, extra_names: &[String]) -> Result<()> {
         storage_options: BTreeMap::new(),
         max_connections: default_max_connections(),
         shutdown_grace_secs: default_grace(),
+        retention: Default::default(),
     };
     if !dir.config().exists() {
         let text = format!(

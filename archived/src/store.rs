@@ -454,6 +454,48 @@ impl Store {
         .await?
     }
 
+    /// Deletes an object (retention and `backups delete`); absent is not an error.
+    /// Local: the file is unlinked and its directory fsynced.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self {
+            Store::Local { root } => {
+                let path = Self::local_path(root, key);
+                tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
+                    Ok(()) => fsutil::fsync_dir(path.parent().unwrap_or(Path::new("."))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                })
+                .await?
+                .with_context(|| format!("cannot delete {key}"))
+            }
+            Store::Remote { store, .. } => match store.delete(&ObjPath::from(key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(anyhow!(e).context(format!("cannot delete {key}"))),
+            },
+        }
+    }
+
+    /// When an object was written (unix seconds); `None` if absent.
+    pub async fn modified(&self, key: &str) -> Result<Option<i64>> {
+        match self {
+            Store::Local { root } => match tokio::fs::metadata(Self::local_path(root, key)).await {
+                Ok(m) => Ok(Some(
+                    m.modified()?
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0),
+                )),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(anyhow!(e).context(format!("cannot stat {key}"))),
+            },
+            Store::Remote { store, .. } => match store.head(&ObjPath::from(key)).await {
+                Ok(meta) => Ok(Some(meta.last_modified.timestamp())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(anyhow!(e).context(format!("cannot stat {key}"))),
+            },
+        }
+    }
+
     /// Lists every key in the store with a prefix (`""` for all).
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         match self {

@@ -4,11 +4,13 @@
 //! - [`wal`]: WAL file names, LSNs, timelines, the long page header and the check that a
 //!   file is what its name says;
 //! - [`wire`]: the archive protocol's messages and framing;
-//! - [`codec`]: streaming zstd + blake3 with verification.
+//! - [`codec`]: streaming zstd + blake3 with verification;
+//! - [`backup`]: base backup manifests, chunking, and PostgreSQL's tar stream.
 //!
 //! Beside it, the I/O every binary shares: [`transport`] (QUIC + mutual TLS endpoints,
 //! frames on streams), [`pki`] (the archive CA and client certificates), [`config`]
-//! (client config files), [`fsutil`] (durable writes) and [`logging`].
+//! (client config files), [`fsutil`] (durable writes), [`fanout`] (bounded parallelism),
+//! [`pgconn`] (PostgreSQL connections: SQL and BASE_BACKUP) and [`logging`].
 //!
 //! ```
 //! use walvault_protocol::wal::{WalFileName, Lsn};
@@ -17,10 +19,13 @@
 //! ```
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod backup;
 pub mod codec;
 pub mod config;
+pub mod fanout;
 pub mod fsutil;
 pub mod logging;
+pub mod pgconn;
 pub mod pki;
 pub mod transport;
 pub mod wal;

@@ -60,6 +60,74 @@ pub enum Request {
     },
     /// Who am I, and is the server alive.
     Ping,
+    /// Which of these backup chunks does the archive lack? Answer: [`Response::Missing`].
+    /// At most [`crate::backup::MAX_HASHES_PER_REQUEST`] hashes.
+    ChunksMissing {
+        /// Cluster name.
+        cluster: String,
+        /// blake3 of each chunk, hex.
+        hashes: Vec<String>,
+    },
+    /// Store a backup chunk (content-addressed). Body: one zstd frame of the raw chunk.
+    PutChunk {
+        /// Cluster name.
+        cluster: String,
+        /// blake3 of the raw chunk, hex (its name).
+        blake3: String,
+        /// Size of the raw chunk.
+        raw_size: u64,
+    },
+    /// Fetch a backup chunk. Response body: one zstd frame.
+    GetChunk {
+        /// Cluster name.
+        cluster: String,
+        /// blake3 of the raw chunk, hex.
+        blake3: String,
+    },
+    /// Commit a backup by storing its manifest (create-only; every chunk it names must
+    /// be stored). Body: one zstd frame of the manifest JSON.
+    PutBackup {
+        /// Cluster name.
+        cluster: String,
+        /// Backup id.
+        backup_id: String,
+        /// Size of the raw manifest.
+        raw_size: u64,
+        /// blake3 of the raw manifest, hex.
+        blake3: String,
+    },
+    /// Fetch a backup's manifest. Response body: one zstd frame of the manifest JSON.
+    GetBackup {
+        /// Cluster name.
+        cluster: String,
+        /// Backup id.
+        backup_id: String,
+    },
+    /// List the backups of a cluster. Answer: [`Response::Backups`].
+    ListBackups {
+        /// Cluster name.
+        cluster: String,
+    },
+    /// Delete a backup's manifest (admin); its chunks go at the next retention run.
+    DeleteBackup {
+        /// Cluster name.
+        cluster: String,
+        /// Backup id.
+        backup_id: String,
+    },
+    /// Apply the retention policy (admin). Answer: [`Response::Retention`].
+    Retention {
+        /// One cluster, or every cluster when `None`.
+        cluster: Option<String>,
+        /// Keep this many newest usable backups (overrides the server's policy).
+        keep_full: Option<u32>,
+        /// Keep every backup needed to restore to any point of this many past seconds.
+        keep_within_secs: Option<u64>,
+        /// Collect unreferenced chunks only when untouched for this many seconds.
+        chunk_grace_secs: Option<u64>,
+        /// Report the plan, delete nothing.
+        dry_run: bool,
+    },
 }
 
 impl Request {
@@ -69,6 +137,14 @@ impl Request {
             Request::PutWal { cluster, .. }
             | Request::GetWal { cluster, .. }
             | Request::ListWal { cluster } => Some(cluster),
+            Request::ChunksMissing { cluster, .. }
+            | Request::PutChunk { cluster, .. }
+            | Request::GetChunk { cluster, .. }
+            | Request::PutBackup { cluster, .. }
+            | Request::GetBackup { cluster, .. }
+            | Request::ListBackups { cluster }
+            | Request::DeleteBackup { cluster, .. } => Some(cluster),
+            Request::Retention { cluster, .. } => cluster.as_deref(),
             Request::Ping => None,
         }
     }
@@ -80,6 +156,14 @@ impl Request {
             Request::GetWal { .. } => "get_wal",
             Request::ListWal { .. } => "list_wal",
             Request::Ping => "ping",
+            Request::ChunksMissing { .. } => "chunks_missing",
+            Request::PutChunk { .. } => "put_chunk",
+            Request::GetChunk { .. } => "get_chunk",
+            Request::PutBackup { .. } => "put_backup",
+            Request::GetBackup { .. } => "get_backup",
+            Request::ListBackups { .. } => "list_backups",
+            Request::DeleteBackup { .. } => "delete_backup",
+            Request::Retention { .. } => "retention",
         }
     }
 }
@@ -113,6 +197,20 @@ pub enum Response {
         /// Server version.
         version: String,
     },
+    /// Answer to [`Request::ChunksMissing`]: the chunks the archive lacks.
+    Missing {
+        /// blake3 of each missing chunk, hex.
+        hashes: Vec<String>,
+    },
+    /// Answer to [`Request::ListBackups`], oldest first.
+    Backups {
+        /// The backups.
+        backups: Vec<crate::backup::BackupSummary>,
+    },
+    /// The object was deleted.
+    Deleted,
+    /// Answer to [`Request::Retention`].
+    Retention(crate::backup::RetentionReport),
     /// The request failed; nothing was changed.
     Error {
         /// Machine-readable class.

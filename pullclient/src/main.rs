@@ -15,6 +15,7 @@ mod get;
 mod pgcontrol;
 mod prefault;
 mod prefetch;
+mod restore;
 mod spool;
 
 use std::path::PathBuf;
@@ -46,6 +47,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Restore a base backup into PGDATA and set up recovery (to a target) from the archive.
+    Restore(restore::RestoreCommand),
+    /// Make a new standby from the latest backup: PGDATA, standby.signal, restore_command.
+    Clone(restore::CloneCommand),
     /// Restore one WAL file; use as restore_command = 'pullclient archive-get %f %p'.
     ///
     /// Fetches NAME, checks its blake3, writes it to PATH atomically (temporary file,
@@ -111,6 +116,16 @@ fn main() -> ExitCode {
     };
     walvault_protocol::transport::install_crypto_provider();
     let code = match cli.command {
+        Command::Restore(c) => restore::command(
+            restore::Invocation::Restore(c),
+            cli.config.as_deref(),
+            &runtime,
+        ),
+        Command::Clone(c) => restore::command(
+            restore::Invocation::Clone(c),
+            cli.config.as_deref(),
+            &runtime,
+        ),
         Command::ArchiveGet { name, path } => {
             let cfg = match load() {
                 Ok(c) => c,

@@ -4,6 +4,7 @@
 //! answered that the file is durably stored; every other outcome is a non-zero exit, so
 //! PostgreSQL keeps the file and retries.
 
+mod backup;
 mod push;
 
 use std::path::PathBuf;
@@ -45,6 +46,30 @@ enum Command {
     },
     /// Check the configuration: connect to archived and show what the certificate allows.
     Check,
+    /// Take a base backup into the archive (BASE_BACKUP over a replication connection).
+    ///
+    /// Only chunks the archive lacks are sent; the manifest is written last and commits
+    /// the backup. Then waits until the WAL from the backup's start to its stop LSN is
+    /// archived (the backup is then "usable"). Connects like libpq: PGHOST, PGPORT,
+    /// PGUSER, PGPASSWORD, PGPASSFILE, or --conninfo. Exit 0 = usable backup.
+    Backup {
+        /// Label recorded in backup_label and listings.
+        #[arg(long)]
+        label: Option<String>,
+        /// Immediate checkpoint instead of a spread one (starts at once, more I/O).
+        #[arg(long)]
+        fast: bool,
+        /// Connection string: "host=/var/run/postgresql user=postgres" or postgres://...
+        #[arg(long)]
+        conninfo: Option<String>,
+        /// Seconds to wait for the backup's WAL to be archived.
+        #[arg(long, default_value_t = 300)]
+        wal_timeout: u64,
+        /// Limit how fast PostgreSQL reads and sends the data directory, in kB/s
+        /// (32..1048576), to spare a busy server's disks.
+        #[arg(long)]
+        max_rate: Option<u32>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +98,22 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::ArchivePush { path } => runtime.block_on(push::archive_push(&cfg, &path)),
         Command::Check => runtime.block_on(push::check(&cfg)),
+        Command::Backup {
+            label,
+            fast,
+            conninfo,
+            wal_timeout,
+            max_rate,
+        } => runtime.block_on(backup::backup(
+            &cfg,
+            &backup::BackupArgs {
+                label,
+                fast,
+                conninfo,
+                wal_timeout: std::time::Duration::from_secs(wal_timeout),
+                max_rate_kb: max_rate,
+            },
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

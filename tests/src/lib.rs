@@ -953,6 +953,11 @@ impl PgCluster {
         }
     }
 
+    /// Dirs for a cluster whose data directory does not exist yet (a restore target).
+    pub fn empty(name: &str) -> PgCluster {
+        PgCluster::new_dirs(name)
+    }
+
     /// `initdb` (trust auth, C locale, no sync) plus `extra_args` (e.g.
     /// `["--wal-segsize", "1"]`). Not started.
     pub fn initdb(name: &str, extra_args: &[&str]) -> PgCluster {

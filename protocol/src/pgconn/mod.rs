@@ -1,0 +1,489 @@
+//! PostgreSQL connections, hand-rolled over `postgres-protocol`: startup, authentication
+//! (trust, password, md5, SCRAM-SHA-256), simple queries, and the replication commands
+//! walvault needs (IDENTIFY_SYSTEM, BASE_BACKUP).
+//!
+//! Parameters are resolved like libpq ([`conninfo`]); the byte stream is Unix socket or
+//! TCP, plain text. Every message is length-checked against [`MAX_MESSAGE_LEN`] before
+//! it is buffered, so a confused or hostile server cannot make us allocate without
+//! bound.
+
+pub mod basebackup;
+pub mod conninfo;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::{Buf, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub use conninfo::{ConnParams, Endpoint};
+
+/// Largest backend message accepted (BASE_BACKUP sends CopyData of at most a few hundred
+/// KiB; a DataRow of a simple query is small).
+pub const MAX_MESSAGE_LEN: usize = 64 << 20;
+
+/// A failure talking to PostgreSQL.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// The server answered with an error.
+    #[error("{0}")]
+    Server(ServerError),
+    /// The connection failed or broke.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The server said something the protocol does not allow here.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Authentication cannot proceed (no password, unsupported method).
+    #[error("{0}")]
+    Auth(String),
+}
+
+/// An ErrorResponse from the server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerError {
+    /// ERROR, FATAL...
+    pub severity: String,
+    /// SQLSTATE.
+    pub code: String,
+    /// Primary message.
+    pub message: String,
+    /// DETAIL.
+    pub detail: Option<String>,
+    /// HINT.
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PostgreSQL {}: {} (SQLSTATE {})",
+            self.severity, self.message, self.code
+        )?;
+        if let Some(d) = &self.detail {
+            write!(f, "; DETAIL: {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; HINT: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgError {
+    let context = context.into();
+    move |source| PgError::Io { context, source }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// What a connection is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionKind {
+    /// A normal session (SQL).
+    Sql,
+    /// A physical replication session (replication commands only).
+    Replication,
+}
+
+/// An open, authenticated connection, idle (ready for a query).
+pub struct PgConnection {
+    stream: Box<dyn Stream>,
+    read: BytesMut,
+    write: BytesMut,
+    /// ParameterStatus values reported by the server.
+    pub parameters: BTreeMap<String, String>,
+    /// Where it is connected.
+    pub endpoint: Endpoint,
+}
+
+/// Rows of a simple query's last result set, as text.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+impl PgConnection {
+    /// Connects to the first endpoint of `params` that answers, and authenticates.
+    pub async fn connect(
+        params: &ConnParams,
+        kind: ConnectionKind,
+    ) -> Result<PgConnection, PgError> {
+        let mut last: Option<PgError> = None;
+        for endpoint in &params.endpoints {
+            match tokio::time::timeout(
+                params.connect_timeout,
+                Self::connect_one(params, endpoint, kind),
+            )
+            .await
+            {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e @ PgError::Server(_))) | Ok(Err(e @ PgError::Auth(_))) => return Err(e),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(PgError::Io {
+                        context: format!("connecting to PostgreSQL at {endpoint}"),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {:?}", params.connect_timeout),
+                        ),
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| PgError::Protocol("no host to connect to".into())))
+    }
+
+    async fn connect_one(
+        params: &ConnParams,
+        endpoint: &Endpoint,
+        kind: ConnectionKind,
+    ) -> Result<PgConnection, PgError> {
+        let what = format!("connecting to PostgreSQL at {endpoint}");
+        let stream: Box<dyn Stream> = match endpoint {
+            Endpoint::Unix { dir, port } => Box::new(
+                tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
+                    .await
+                    .map_err(io_err(&what))?,
+            ),
+            Endpoint::Tcp { host, port } => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(io_err(&what))?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+        };
+        let mut conn = PgConnection {
+            stream,
+            read: BytesMut::with_capacity(64 * 1024),
+            write: BytesMut::new(),
+            parameters: BTreeMap::new(),
+            endpoint: endpoint.clone(),
+        };
+        let mut startup: Vec<(&str, &str)> = vec![
+            ("user", params.user.as_str()),
+            ("application_name", params.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+        ];
+        match kind {
+            ConnectionKind::Sql => startup.push(("database", params.dbname.as_str())),
+            ConnectionKind::Replication => startup.push(("replication", "true")),
+        }
+        frontend::startup_message(startup, &mut conn.write)
+            .map_err(io_err("encoding the startup message"))?;
+        conn.flush().await?;
+        let database = match kind {
+            ConnectionKind::Sql => params.dbname.as_str(),
+            ConnectionKind::Replication => "replication",
+        };
+        conn.authenticate(params, database).await?;
+        loop {
+            match conn.next_message().await? {
+                Message::ReadyForQuery(_) => return Ok(conn),
+                Message::ParameterStatus(p) => {
+                    if let (Ok(n), Ok(v)) = (p.name(), p.value()) {
+                        conn.parameters.insert(n.to_string(), v.to_string());
+                    }
+                }
+                Message::BackendKeyData(_) | Message::NoticeResponse(_) => {}
+                Message::ErrorResponse(e) => return Err(PgError::Server(server_error(&e))),
+                _ => {
+                    return Err(PgError::Protocol(
+                        "unexpected message during startup".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn password(&self, params: &ConnParams, database: &str) -> Result<String, PgError> {
+        if let Some(p) = &params.password {
+            return Ok(p.clone());
+        }
+        if let Some(file) = &params.passfile {
+            if let Some(p) = conninfo::passfile_lookup(file, &self.endpoint, database, &params.user)
+            {
+                return Ok(p);
+            }
+        }
+        Err(PgError::Auth(format!(
+            "PostgreSQL at {} asks for a password for role \"{}\" and none was given: set PGPASSWORD, \
+             add password=... to --conninfo, or add a line to the password file ({})",
+            self.endpoint,
+            params.user,
+            params
+                .passfile
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "~/.pgpass".into())
+        )))
+    }
+
+    async fn authenticate(&mut self, params: &ConnParams, database: &str) -> Result<(), PgError> {
+        loop {
+            match self.next_message().await? {
+                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword => {
+                    let pw = self.password(params, database)?;
+                    frontend::password_message(pw.as_bytes(), &mut self.write)
+                        .map_err(io_err("encoding the password"))?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = self.password(params, database)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        params.user.as_bytes(),
+                        pw.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.write)
+                        .map_err(io_err("encoding the password"))?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut scram_offered = false;
+                    while let Some(m) = mechanisms
+                        .next()
+                        .map_err(|e| PgError::Protocol(format!("SASL mechanisms: {e}")))?
+                    {
+                        scram_offered |= m == SCRAM_SHA_256;
+                    }
+                    if !scram_offered {
+                        return Err(PgError::Auth(
+                            "PostgreSQL offers no SASL mechanism walvault supports (SCRAM-SHA-256 without channel binding)".into(),
+                        ));
+                    }
+                    let pw = self.password(params, database)?;
+                    let mut scram = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        SCRAM_SHA_256,
+                        scram.message(),
+                        &mut self.write,
+                    )
+                    .map_err(io_err("encoding SASL"))?;
+                    self.flush().await?;
+                    match self.next_message().await? {
+                        Message::AuthenticationSaslContinue(c) => scram
+                            .update(c.data())
+                            .map_err(|e| PgError::Auth(format!("SCRAM exchange failed: {e}")))?,
+                        Message::ErrorResponse(e) => return Err(PgError::Server(server_error(&e))),
+                        _ => return Err(PgError::Protocol("unexpected message in SCRAM".into())),
+                    }
+                    frontend::sasl_response(scram.message(), &mut self.write)
+                        .map_err(io_err("encoding SASL"))?;
+                    self.flush().await?;
+                    match self.next_message().await? {
+                        Message::AuthenticationSaslFinal(f) => scram.finish(f.data()).map_err(|e| {
+                            PgError::Auth(format!(
+                                "the server's SCRAM signature is wrong ({e}): not the server we meant to reach"
+                            ))
+                        })?,
+                        Message::ErrorResponse(e) => return Err(PgError::Server(server_error(&e))),
+                        _ => return Err(PgError::Protocol("unexpected message in SCRAM".into())),
+                    }
+                }
+                Message::ErrorResponse(e) => return Err(PgError::Server(server_error(&e))),
+                Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(PgError::Auth(format!(
+                        "PostgreSQL at {} asks for an authentication method walvault does not \
+                         support (supported: trust, password, md5, scram-sha-256)",
+                        self.endpoint
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), PgError> {
+        let buf = self.write.split();
+        self.stream
+            .write_all(&buf)
+            .await
+            .map_err(io_err("sending to PostgreSQL"))?;
+        self.stream
+            .flush()
+            .await
+            .map_err(io_err("sending to PostgreSQL"))
+    }
+
+    /// Reads the next backend message.
+    pub(crate) async fn next_message(&mut self) -> Result<Message, PgError> {
+        loop {
+            if self.read.len() >= 5 {
+                let len =
+                    u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]])
+                        as usize;
+                if !(4..=MAX_MESSAGE_LEN).contains(&len) {
+                    return Err(PgError::Protocol(format!(
+                        "message of {len} bytes (type {:?}) exceeds the limit",
+                        self.read[0] as char
+                    )));
+                }
+                if self.read.len() > len {
+                    return match Message::parse(&mut self.read) {
+                        Ok(Some(m)) => Ok(m),
+                        Ok(None) => Err(PgError::Protocol("incomplete message".into())),
+                        Err(e) => Err(PgError::Protocol(format!("malformed message: {e}"))),
+                    };
+                }
+                self.read.reserve(len + 1 - self.read.len());
+            } else {
+                self.read.reserve(64 * 1024);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read)
+                .await
+                .map_err(io_err("reading from PostgreSQL"))?;
+            if n == 0 {
+                return Err(PgError::Io {
+                    context: "reading from PostgreSQL".into(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the server closed the connection",
+                    ),
+                });
+            }
+        }
+    }
+
+    /// Sends a query (simple protocol) without reading the answer.
+    pub(crate) async fn send_query(&mut self, sql: &str) -> Result<(), PgError> {
+        frontend::query(sql, &mut self.write).map_err(io_err("encoding a query"))?;
+        self.flush().await
+    }
+
+    /// Runs one statement and returns the rows of its (last) result set.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, PgError> {
+        self.send_query(sql).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.next_message().await? {
+                Message::RowDescription(_) => rows.clear(),
+                Message::DataRow(row) => rows.push(data_row(&row)?),
+                Message::ErrorResponse(e) => error = Some(server_error(&e)),
+                Message::ReadyForQuery(_) => break,
+                Message::CommandComplete(_)
+                | Message::EmptyQueryResponse
+                | Message::NoticeResponse(_)
+                | Message::ParameterStatus(_) => {}
+                Message::CopyOutResponse(_) | Message::CopyInResponse(_) => {
+                    return Err(PgError::Protocol(
+                        "a simple query started a COPY; not supported here".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(PgError::Server(e)),
+            None => Ok(rows),
+        }
+    }
+
+    /// The server's `server_version_num`-style number (from the `server_version`
+    /// parameter, e.g. "15.4 (Debian ...)" -> 150004).
+    pub fn server_version_num(&self) -> Option<u32> {
+        let v = self.parameters.get("server_version")?;
+        let mut parts = v
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty());
+        let major: u32 = parts.next()?.parse().ok()?;
+        let minor: u32 = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        Some(major * 10_000 + minor)
+    }
+
+    /// `IDENTIFY_SYSTEM` (replication connections).
+    pub async fn identify_system(&mut self) -> Result<SystemIdentity, PgError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| PgError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok(SystemIdentity {
+            system_identifier: field(0)
+                .parse()
+                .map_err(|_| PgError::Protocol("IDENTIFY_SYSTEM: bad systemid".into()))?,
+            timeline: field(1)
+                .parse()
+                .map_err(|_| PgError::Protocol("IDENTIFY_SYSTEM: bad timeline".into()))?,
+            xlogpos: field(2),
+        })
+    }
+
+    /// Ends the session politely.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.write);
+        let _ = self.flush().await;
+    }
+}
+
+/// What IDENTIFY_SYSTEM says.
+#[derive(Clone, Debug)]
+pub struct SystemIdentity {
+    /// pg_control system identifier.
+    pub system_identifier: u64,
+    /// Current timeline.
+    pub timeline: u32,
+    /// Current WAL flush position.
+    pub xlogpos: String,
+}
+
+pub(crate) fn data_row(
+    row: &postgres_protocol::message::backend::DataRowBody,
+) -> Result<Vec<Option<String>>, PgError> {
+    let buf = row.buffer();
+    let mut out = Vec::new();
+    let mut ranges = row.ranges();
+    while let Some(r) = ranges
+        .next()
+        .map_err(|e| PgError::Protocol(format!("malformed data row: {e}")))?
+    {
+        out.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+    }
+    Ok(out)
+}
+
+pub(crate) fn server_error(
+    body: &postgres_protocol::message::backend::ErrorResponseBody,
+) -> ServerError {
+    let mut e = ServerError::default();
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'S' => e.severity = v,
+            b'C' => e.code = v,
+            b'M' => e.message = v,
+            b'D' => e.detail = Some(v),
+            b'H' => e.hint = Some(v),
+            _ => {}
+        }
+    }
+    e
+}
+
+/// Quotes a string as a SQL / replication-grammar literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Takes a NUL-terminated string off the front of `buf` (CopyData parsers).
+pub(crate) fn take_cstr(buf: &mut &[u8]) -> Option<String> {
+    let end = buf.iter().position(|b| *b == 0)?;
+    let s = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.advance(end + 1);
+    Some(s)
+}

@@ -1,0 +1,927 @@
+//! `pullclient restore` and `pullclient clone`: a backup from the archive into PGDATA,
+//! set up to recover (to a target) or to run as a standby.
+//!
+//! Contract: on success PGDATA (and every tablespace directory) holds exactly the
+//! backup's files, each verified chunk by chunk against the blake3 in the manifest before
+//! it is written, fsynced; PostgreSQL's `backup_manifest` is beside them (so
+//! `pg_verifybackup` can check the result); `postgresql.auto.conf` ends with the recovery
+//! settings (`restore_command` running this pullclient with this config, the target) and
+//! `recovery.signal` (restore) or `standby.signal` (clone) exists. `pg_ctl start` then
+//! replays the archived WAL. On failure the directory is not startable (no signal file
+//! and no recovery settings were written): fix the cause and run again with `--delta`.
+//!
+//! Choosing the backup: `--backup ID` uses that one; otherwise the newest usable backup
+//! that ended before the target (`--target-time`: stopped at or before the time;
+//! `--target-lsn`: stop LSN at or before it); for xid, name and immediate targets, and
+//! without a target, the newest usable backup.
+//!
+//! `--delta` rewrites only what differs: every existing file is hashed chunk by chunk and
+//! only differing chunks are fetched; files the backup does not have are removed.
+//!
+//! Tablespaces: `pg_tblspc/<OID>` becomes a symlink to the tablespace's original location
+//! or to `--tablespace-map OID=DIR`. No tablespace_map file is written, so the restored
+//! files are byte for byte what PostgreSQL's backup manifest lists.
+//!
+//! Parallelism: chunks are fetched and written [`FETCH_CONCURRENCY`] at a time; each
+//! distinct chunk is fetched once and written to every place that holds it. Memory:
+//! `FETCH_CONCURRENCY` chunks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use walvault_protocol::backup::{
+    chunk_range, format_unix_utc, BackupManifest, BackupState, BackupSummary, FileEntry, FileKind,
+    MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
+};
+use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder};
+use walvault_protocol::config::ClientConfig;
+use walvault_protocol::fanout::Fanout;
+use walvault_protocol::transport::ArchiveConnection;
+use walvault_protocol::wal::Lsn;
+use walvault_protocol::wire::{Request, Response};
+
+/// Chunks fetched and written at once.
+const FETCH_CONCURRENCY: usize = 8;
+
+/// Where recovery should stop.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum RecoveryTarget {
+    /// Replay all archived WAL.
+    End,
+    /// `recovery_target_time` (text as given, and as unix seconds).
+    Time(String, i64),
+    /// `recovery_target_lsn`.
+    Lsn(Lsn),
+    /// `recovery_target_xid`.
+    Xid(String),
+    /// `recovery_target_name` (a pg_create_restore_point name).
+    Name(String),
+    /// `recovery_target = 'immediate'`: stop at consistency.
+    Immediate,
+}
+
+/// How the restored cluster should come up.
+#[derive(Clone, Debug)]
+pub(crate) enum Mode {
+    /// Archive recovery (recovery.signal), to a target.
+    Recovery {
+        target: RecoveryTarget,
+        action: Option<String>,
+    },
+    /// A standby (standby.signal) following the archive and optionally a primary.
+    Standby { primary_conninfo: Option<String> },
+}
+
+/// What `restore`/`clone` were asked.
+pub(crate) struct RestoreArgs {
+    pub(crate) pgdata: PathBuf,
+    pub(crate) backup: Option<String>,
+    pub(crate) mode: Mode,
+    pub(crate) delta: bool,
+    pub(crate) tablespace_map: Vec<(u32, PathBuf)>,
+    pub(crate) config_path: PathBuf,
+}
+
+/// Parses `--target-time`: RFC 3339 or PostgreSQL's `YYYY-MM-DD HH:MM:SS[.ffffff]+TZ`; a
+/// UTC offset is required (PostgreSQL would read a bare time in the restored server's
+/// TimeZone, which the archive cannot know).
+pub(crate) fn parse_target_time(text: &str) -> Result<i64> {
+    let t = text.trim();
+    let normalized = t
+        .strip_suffix(" UTC")
+        .or_else(|| t.strip_suffix(" GMT"))
+        .map(|b| format!("{b}+00"))
+        .unwrap_or_else(|| t.to_string());
+    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(&normalized) {
+        return Ok(d.timestamp());
+    }
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f%#z",
+        "%Y-%m-%d %H:%M:%S%#z",
+        "%Y-%m-%dT%H:%M:%S%.f%#z",
+    ] {
+        if let Ok(d) = chrono::DateTime::parse_from_str(&normalized, f) {
+            return Ok(d.timestamp());
+        }
+    }
+    bail!(
+        "--target-time '{text}' is not a time with a UTC offset; write it like '2026-11-22 04:45:37+00' \
+         or '2026-11-22T04:45:37.5+01:00'"
+    )
+}
+
+/// Parses `--tablespace-map OID=DIR`.
+pub(crate) fn parse_tablespace_mapping(text: &str) -> Result<(u32, PathBuf), String> {
+    let (oid, dir) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not OID=DIR"))?;
+    let oid: u32 = oid.trim().parse().map_err(|_| {
+        format!("'{oid}' is not a tablespace OID (see pg_tblspc/ or `archived backups show`)")
+    })?;
+    let dir = PathBuf::from(dir);
+    if !dir.is_absolute() {
+        return Err(format!(
+            "tablespace directory '{}' must be absolute",
+            dir.display()
+        ));
+    }
+    Ok((oid, dir))
+}
+
+fn choose<'a>(
+    backups: &'a [BackupSummary],
+    wanted: Option<&str>,
+    target: Option<&RecoveryTarget>,
+    cluster: &str,
+) -> Result<&'a BackupSummary> {
+    if let Some(id) = wanted.filter(|w| *w != "latest") {
+        let b = backups
+            .iter()
+            .find(|b| b.id == id)
+            .ok_or_else(|| anyhow!("backup {id} does not exist in cluster '{cluster}' (see `archived backups list --cluster {cluster}`)"))?;
+        if b.state != BackupState::Usable {
+            bail!(
+                "backup {id} is not usable yet: the WAL from {} to {} is not all archived",
+                b.wal_start,
+                b.wal_stop
+            );
+        }
+        return Ok(b);
+    }
+    let mut usable = backups
+        .iter()
+        .rev()
+        .filter(|b| b.state == BackupState::Usable);
+    let chosen = match target {
+        Some(RecoveryTarget::Time(text, t)) => usable.find(|b| b.stop_time <= *t).ok_or_else(|| {
+            anyhow!("no usable backup of cluster '{cluster}' ended at or before {text}: nothing can be restored to that time")
+        })?,
+        Some(RecoveryTarget::Lsn(l)) => usable
+            .find(|b| b.stop_lsn.parse::<Lsn>().is_ok_and(|s| s <= *l))
+            .ok_or_else(|| anyhow!("no usable backup of cluster '{cluster}' ended at or before LSN {l}"))?,
+        _ => usable.next().ok_or_else(|| {
+            anyhow!("cluster '{cluster}' has no usable backup (take one with `pushclient backup`)")
+        })?,
+    };
+    Ok(chosen)
+}
+
+async fn list_backups(conn: &ArchiveConnection, cluster: &str) -> Result<Vec<BackupSummary>> {
+    let (response, _) = conn
+        .call(&Request::ListBackups {
+            cluster: cluster.to_string(),
+        })
+        .await?;
+    match response {
+        Response::Backups { backups } => Ok(backups),
+        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
+        other => bail!("unexpected answer from the archive: {other:?}"),
+    }
+}
+
+/// Fetches an object (manifest or chunk) and verifies it; `max` bounds its raw size.
+async fn fetch_object(
+    conn: &ArchiveConnection,
+    request: Request,
+    what: &str,
+    max: u64,
+) -> Result<Vec<u8>> {
+    let (response, mut recv) = conn.call(&request).await?;
+    let (raw_size, blake3, compressed_size) = match response {
+        Response::Object {
+            raw_size,
+            blake3,
+            compressed_size,
+        } => (raw_size, blake3, compressed_size),
+        Response::Error { code, message } => bail!("archive refused {what} ({code:?}): {message}"),
+        other => bail!("unexpected answer for {what}: {other:?}"),
+    };
+    if raw_size > max || compressed_size > max + max / 8 + 4096 {
+        bail!("{what}: the archive announced an impossible size ({raw_size} bytes)");
+    }
+    let mut decoder = VerifyingDecoder::new(raw_size)?;
+    let mut raw = Vec::with_capacity(raw_size as usize);
+    let mut received = 0u64;
+    while let Some(chunk) = recv
+        .read_chunk(usize::MAX, true)
+        .await
+        .with_context(|| format!("download of {what} interrupted"))?
+    {
+        received += chunk.bytes.len() as u64;
+        if received > compressed_size {
+            bail!("{what}: archive sent more than the announced {compressed_size} bytes");
+        }
+        decoder
+            .write::<std::convert::Infallible>(&chunk.bytes, |b| {
+                raw.extend_from_slice(b);
+                Ok(())
+            })
+            .map_err(|e: DecodeOrSinkError<_>| anyhow!("{what}: archived copy is corrupt: {e}"))?;
+    }
+    decoder
+        .finish()
+        .and_then(|s| s.check(raw_size, &blake3))
+        .with_context(|| {
+            format!("{what}: archived copy failed verification; nothing of it was written")
+        })?;
+    Ok(raw)
+}
+
+fn dir_is_empty(dir: &Path) -> Result<bool> {
+    match std::fs::read_dir(dir) {
+        Ok(mut it) => Ok(it.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(anyhow!(e).context(format!("cannot read {}", dir.display()))),
+    }
+}
+
+fn create_dir(path: &Path, mode: u32) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot replace {} with a directory", path.display()))?;
+            std::fs::create_dir(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+        }
+        Err(_) => std::fs::create_dir_all(path)
+            .with_context(|| format!("cannot create {}", path.display()))?,
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot chmod {}", path.display()))
+}
+
+/// Where each entry of the manifest goes.
+struct Layout {
+    pgdata: PathBuf,
+    tablespaces: BTreeMap<u32, PathBuf>,
+}
+
+impl Layout {
+    fn path_of(&self, f: &FileEntry) -> Result<PathBuf> {
+        let base = match f.tablespace {
+            None => &self.pgdata,
+            Some(oid) => self
+                .tablespaces
+                .get(&oid)
+                .ok_or_else(|| anyhow!("file {} is in unknown tablespace {oid}", f.path))?,
+        };
+        Ok(base.join(&f.path))
+    }
+}
+
+/// Removes what is under `root` but not in `keep` (delta restores); never follows
+/// symlinks.
+fn remove_extra(
+    root: &Path,
+    rel: &Path,
+    keep: &BTreeSet<PathBuf>,
+    removed: &mut u64,
+) -> Result<()> {
+    let dir = root.join(rel);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow!(e).context(format!("cannot list {}", dir.display()))),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let rel_path = rel.join(entry.file_name());
+        let full = root.join(&rel_path);
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            if keep.contains(&full) {
+                remove_extra(root, &rel_path, keep, removed)?;
+            } else {
+                std::fs::remove_dir_all(&full)
+                    .with_context(|| format!("cannot remove {}", full.display()))?;
+                *removed += 1;
+            }
+        } else if !keep.contains(&full) || ft.is_symlink() {
+            std::fs::remove_file(&full)
+                .with_context(|| format!("cannot remove {}", full.display()))?;
+            *removed += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Hashes the chunks of an existing file; the indexes that differ from `f` (all, if the
+/// file is missing or not a regular file).
+fn differing_chunks(path: &Path, f: &FileEntry, chunk_size: u64) -> Result<Vec<usize>> {
+    let all = || (0..f.chunks.len()).collect::<Vec<_>>();
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => m,
+        _ => return Ok(all()),
+    };
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut buf = vec![0u8; chunk_size as usize];
+    let mut out = Vec::new();
+    for (i, want) in f.chunks.iter().enumerate() {
+        let range = chunk_range(f.size, chunk_size, i as u64);
+        if range.end > meta.len() {
+            out.push(i);
+            continue;
+        }
+        let len = (range.end - range.start) as usize;
+        file.read_exact_at(&mut buf[..len], range.start)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if blake3::hash(&buf[..len]).to_hex().as_str() != want {
+            out.push(i);
+        }
+    }
+    Ok(out)
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "restore {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn quote_conf(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()> {
+    let started = Instant::now();
+    let conn = Arc::new(ArchiveConnection::connect(cfg).await?);
+    let backups = list_backups(&conn, &cfg.cluster).await?;
+    let target = match &args.mode {
+        Mode::Recovery { target, .. } => Some(target),
+        Mode::Standby { .. } => None,
+    };
+    let chosen = choose(&backups, args.backup.as_deref(), target, &cfg.cluster)?.clone();
+    if let (Some(RecoveryTarget::Time(text, t)), Some(until)) = (target, chosen.restorable_until) {
+        if *t > until {
+            tracing::warn!(
+                "the archive's WAL after backup {} reaches only {} (archive time); recovery to {text} may end early",
+                chosen.id,
+                format_unix_utc(until)
+            );
+        }
+    }
+    let raw = fetch_object(
+        &conn,
+        Request::GetBackup {
+            cluster: cfg.cluster.clone(),
+            backup_id: chosen.id.clone(),
+        },
+        &format!("manifest of backup {}", chosen.id),
+        MAX_MANIFEST_SIZE,
+    )
+    .await?;
+    let manifest: BackupManifest = serde_json::from_slice(&raw)
+        .with_context(|| format!("manifest of backup {} is unreadable", chosen.id))?;
+    drop(raw);
+    manifest
+        .validate()
+        .map_err(|e| anyhow!("manifest of backup {} is invalid: {e}", chosen.id))?;
+    if manifest.id != chosen.id {
+        bail!(
+            "the archive answered with backup {} when asked for {}",
+            manifest.id,
+            chosen.id
+        );
+    }
+
+    // Destinations.
+    let mapping: BTreeMap<u32, PathBuf> = args.tablespace_map.iter().cloned().collect();
+    for oid in mapping.keys() {
+        if !manifest.tablespaces.iter().any(|t| t.oid == *oid) {
+            bail!(
+                "--tablespace-map {oid}=...: backup {} has no tablespace {oid} (it has: {})",
+                manifest.id,
+                manifest
+                    .tablespaces
+                    .iter()
+                    .map(|t| format!("{} at {}", t.oid, t.location))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let layout = Layout {
+        pgdata: std::path::absolute(&args.pgdata)
+            .with_context(|| format!("bad --pgdata {}", args.pgdata.display()))?,
+        tablespaces: manifest
+            .tablespaces
+            .iter()
+            .map(|t| {
+                (
+                    t.oid,
+                    mapping
+                        .get(&t.oid)
+                        .cloned()
+                        .unwrap_or_else(|| PathBuf::from(&t.location)),
+                )
+            })
+            .collect(),
+    };
+    let mut roots = vec![layout.pgdata.clone()];
+    roots.extend(layout.tablespaces.values().cloned());
+    if !args.delta {
+        for root in &roots {
+            if !dir_is_empty(root)? {
+                bail!(
+                    "{} is not empty: restore into an empty or new directory, or pass --delta to rewrite only \
+                     what differs from the backup (and remove what it does not have)",
+                    root.display()
+                );
+            }
+        }
+    }
+    create_dir(&layout.pgdata, 0o700)?;
+    for dir in layout.tablespaces.values() {
+        create_dir(dir, 0o700)?;
+    }
+
+    let chunk_size = manifest.chunk_size;
+    let mut removed = 0u64;
+    if args.delta {
+        let mut keep: BTreeSet<PathBuf> = BTreeSet::new();
+        for f in &manifest.files {
+            keep.insert(layout.path_of(f)?);
+        }
+        for root in &roots {
+            remove_extra(root, Path::new(""), &keep, &mut removed)?;
+        }
+    }
+
+    // Directories first (parents before children), then symlinks.
+    let mut dirs: Vec<&FileEntry> = manifest
+        .files
+        .iter()
+        .filter(|f| f.kind == FileKind::Directory)
+        .collect();
+    dirs.sort_by(|a, b| a.path.cmp(&b.path));
+    for d in dirs {
+        create_dir(&layout.path_of(d)?, d.mode)?;
+    }
+    for l in manifest
+        .files
+        .iter()
+        .filter(|f| f.kind == FileKind::Symlink)
+    {
+        let path = layout.path_of(l)?;
+        let target = match (l.tablespace, l.path.strip_prefix("pg_tblspc/")) {
+            (None, Some(oid)) => match oid
+                .parse::<u32>()
+                .ok()
+                .and_then(|o| layout.tablespaces.get(&o))
+            {
+                Some(dir) => dir.clone(),
+                None => PathBuf::from(l.link.as_deref().unwrap_or_default()),
+            },
+            _ => PathBuf::from(l.link.as_deref().unwrap_or_default()),
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(&target, &path).with_context(|| {
+            format!(
+                "cannot create symlink {} -> {}",
+                path.display(),
+                target.display()
+            )
+        })?;
+    }
+
+    // Files: what to fetch, where.
+    let files: Vec<(PathBuf, FileEntry)> = manifest
+        .files
+        .iter()
+        .filter(|f| f.kind == FileKind::File)
+        .map(|f| Ok((layout.path_of(f)?, f.clone())))
+        .collect::<Result<_>>()?;
+    let mut needed: Vec<Vec<usize>> = Vec::with_capacity(files.len());
+    if args.delta {
+        let mut hashing = Fanout::new(2);
+        for (i, (path, f)) in files.iter().enumerate() {
+            let (path, f) = (path.clone(), f.clone());
+            hashing
+                .spawn(async move {
+                    let d = tokio::task::spawn_blocking(move || {
+                        differing_chunks(&path, &f, chunk_size)
+                    })
+                    .await??;
+                    Ok((i, d))
+                })
+                .await?;
+        }
+        let mut done = hashing.finish().await?;
+        done.sort_by_key(|(i, _)| *i);
+        needed = done.into_iter().map(|(_, d)| d).collect();
+    } else {
+        for (_, f) in &files {
+            needed.push((0..f.chunks.len()).collect());
+        }
+    }
+    let mut places: HashMap<String, Vec<(usize, u64)>> = HashMap::new();
+    let mut fetch_bytes = 0u64;
+    for (i, ((path, f), idx)) in files.iter().zip(&needed).enumerate() {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(!args.delta)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        file.set_len(f.size)
+            .with_context(|| format!("cannot size {}", path.display()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode))
+            .with_context(|| format!("cannot chmod {}", path.display()))?;
+        for c in idx {
+            let range = chunk_range(f.size, chunk_size, *c as u64);
+            fetch_bytes += range.end - range.start;
+            places
+                .entry(f.chunks[*c].clone())
+                .or_default()
+                .push((i, range.start));
+        }
+    }
+    let rewritten_files = needed.iter().filter(|n| !n.is_empty()).count();
+    let progress = progress_bar(fetch_bytes);
+    let paths: Arc<Vec<PathBuf>> = Arc::new(files.iter().map(|(p, _)| p.clone()).collect());
+    let mut fetches = Fanout::new(FETCH_CONCURRENCY);
+    let distinct = places.len();
+    for (hash, at) in places {
+        let conn = conn.clone();
+        let paths = paths.clone();
+        let cluster = cfg.cluster.clone();
+        let progress = progress.clone();
+        fetches
+            .spawn(async move {
+                let what = format!("chunk {hash}");
+                let data = fetch_object(
+                    &conn,
+                    Request::GetChunk {
+                        cluster,
+                        blake3: hash.clone(),
+                    },
+                    &what,
+                    MAX_CHUNK_SIZE,
+                )
+                .await?;
+                let n = data.len() as u64 * at.len() as u64;
+                tokio::task::spawn_blocking(move || -> Result<()> {
+                    for (file, offset) in at {
+                        let path = &paths[file];
+                        let f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .with_context(|| format!("cannot open {}", path.display()))?;
+                        f.write_all_at(&data, offset)
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                    }
+                    Ok(())
+                })
+                .await??;
+                progress.inc(n);
+                Ok(())
+            })
+            .await?;
+    }
+    fetches.finish().await?;
+    progress.finish_and_clear();
+
+    // Durability: every file and directory.
+    let sync_paths = paths.clone();
+    let sync_dirs: Vec<PathBuf> = manifest
+        .files
+        .iter()
+        .filter(|f| f.kind == FileKind::Directory)
+        .map(|f| layout.path_of(f))
+        .chain(roots.iter().cloned().map(Ok))
+        .collect::<Result<_>>()?;
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        for p in sync_paths.iter() {
+            std::fs::File::open(p)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("cannot fsync {}", p.display()))?;
+        }
+        for d in &sync_dirs {
+            walvault_protocol::fsutil::fsync_dir(d)
+                .with_context(|| format!("cannot fsync {}", d.display()))?;
+        }
+        Ok(())
+    })
+    .await??;
+
+    finish_pgdata(&layout.pgdata, &manifest, args, cfg)?;
+    if let Ok(c) = Arc::try_unwrap(conn) {
+        c.close().await;
+    }
+    println!(
+        "restored backup {} (stopped {}, LSN {}) into {} in {:.1} s",
+        manifest.id,
+        format_unix_utc(manifest.stop_time),
+        manifest.stop_lsn,
+        layout.pgdata.display(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "  files {}, rewritten {rewritten_files}, removed {removed}, chunks fetched {distinct} ({:.1} MiB)",
+        files.len(),
+        fetch_bytes as f64 / (1 << 20) as f64,
+    );
+    println!("next: pg_ctl -D {} start", layout.pgdata.display());
+    Ok(())
+}
+
+/// PostgreSQL's backup_manifest, pg_wal, recovery settings and the signal file.
+fn finish_pgdata(
+    pgdata: &Path,
+    manifest: &BackupManifest,
+    args: &RestoreArgs,
+    cfg: &ClientConfig,
+) -> Result<()> {
+    let write_new = |name: &str, contents: &[u8]| -> Result<()> {
+        let path = pgdata.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(contents)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.sync_all()
+            .with_context(|| format!("cannot fsync {}", path.display()))
+    };
+    write_new("backup_manifest", manifest.pg_backup_manifest.as_bytes())?;
+    create_dir(&pgdata.join("pg_wal"), 0o700)?;
+    create_dir(&pgdata.join("pg_wal/archive_status"), 0o700)?;
+    for stale in ["recovery.signal", "standby.signal"] {
+        let _ = std::fs::remove_file(pgdata.join(stale));
+    }
+
+    let exe = std::env::current_exe().context("cannot find this pullclient's own path")?;
+    let config = std::fs::canonicalize(&args.config_path).with_context(|| {
+        format!(
+            "cannot resolve the config path {}",
+            args.config_path.display()
+        )
+    })?;
+    let _ = cfg;
+    let mut conf = format!(
+        "\n# walvault: restored from backup {} (stopped {}) by pullclient\nrestore_command = {}\nrecovery_target_timeline = 'latest'\n",
+        manifest.id,
+        format_unix_utc(manifest.stop_time),
+        quote_conf(&format!(
+            "{} archive-get %f %p --config {}",
+            exe.display(),
+            config.display()
+        ))
+    );
+    let signal = match &args.mode {
+        Mode::Recovery { target, action } => {
+            match target {
+                RecoveryTarget::End => {}
+                RecoveryTarget::Time(t, _) => {
+                    conf += &format!("recovery_target_time = {}\n", quote_conf(t))
+                }
+                RecoveryTarget::Lsn(l) => conf += &format!("recovery_target_lsn = '{l}'\n"),
+                RecoveryTarget::Xid(x) => {
+                    conf += &format!("recovery_target_xid = {}\n", quote_conf(x))
+                }
+                RecoveryTarget::Name(n) => {
+                    conf += &format!("recovery_target_name = {}\n", quote_conf(n))
+                }
+                RecoveryTarget::Immediate => conf += "recovery_target = 'immediate'\n",
+            }
+            if let Some(a) = action {
+                conf += &format!("recovery_target_action = {}\n", quote_conf(a));
+            }
+            "recovery.signal"
+        }
+        Mode::Standby { primary_conninfo } => {
+            if let Some(c) = primary_conninfo {
+                conf += &format!("primary_conninfo = {}\n", quote_conf(c));
+            }
+            "standby.signal"
+        }
+    };
+    let auto = pgdata.join("postgresql.auto.conf");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&auto)
+        .with_context(|| format!("cannot open {}", auto.display()))?;
+    f.write_all(conf.as_bytes())?;
+    f.sync_all()?;
+    write_new(signal, b"")?;
+    walvault_protocol::fsutil::fsync_dir(pgdata)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(id: &str, stop_time: i64, stop_lsn: &str, usable: bool) -> BackupSummary {
+        BackupSummary {
+            id: id.into(),
+            label: String::new(),
+            timeline: 1,
+            start_lsn: "0/1000000".into(),
+            stop_lsn: stop_lsn.into(),
+            start_time: stop_time - 1,
+            stop_time,
+            pg_version: 150000,
+            logical_bytes: 0,
+            stored_bytes: 0,
+            files: 0,
+            chunks: 0,
+            state: if usable {
+                BackupState::Usable
+            } else {
+                BackupState::IncompleteWal
+            },
+            wal_start: String::new(),
+            wal_stop: String::new(),
+            restorable_until: None,
+            restorable_until_lsn: None,
+        }
+    }
+
+    #[test]
+    fn backup_choice_follows_the_target() {
+        let l = [
+            summary("a", 100, "0/3000000", true),
+            summary("b", 200, "0/5000000", true),
+            summary("c", 300, "0/7000000", false),
+        ];
+        assert_eq!(choose(&l, None, None, "m").unwrap().id, "b");
+        assert_eq!(choose(&l, Some("latest"), None, "m").unwrap().id, "b");
+        assert_eq!(choose(&l, Some("a"), None, "m").unwrap().id, "a");
+        assert!(choose(&l, Some("c"), None, "m").is_err());
+        assert!(choose(&l, Some("zz"), None, "m").is_err());
+        let t = RecoveryTarget::Time("x".into(), 150);
+        assert_eq!(choose(&l, None, Some(&t), "m").unwrap().id, "a");
+        let t = RecoveryTarget::Time("x".into(), 50);
+        assert!(choose(&l, None, Some(&t), "m").is_err());
+        let t = RecoveryTarget::Lsn("0/6000000".parse().unwrap());
+        assert_eq!(choose(&l, None, Some(&t), "m").unwrap().id, "b");
+    }
+
+    #[test]
+    fn target_times_need_an_offset() {
+        assert_eq!(parse_target_time("1970-01-01 00:01:00+00").unwrap(), 60);
+        assert_eq!(parse_target_time("1970-01-01 00:01:00.5+00").unwrap(), 60);
+        assert_eq!(parse_target_time("1970-01-01 01:01:00+01:00").unwrap(), 60);
+        assert_eq!(parse_target_time("1970-01-01T00:01:00Z").unwrap(), 60);
+        assert_eq!(parse_target_time("1970-01-01 00:01:00 UTC").unwrap(), 60);
+        assert!(parse_target_time("1970-01-01 00:01:00").is_err());
+        assert!(parse_tablespace_mapping("16384=/srv/ts").is_ok());
+        assert!(parse_tablespace_mapping("16384=rel").is_err());
+        assert!(parse_tablespace_mapping("x=/a").is_err());
+    }
+}
+
+/// `pullclient restore`.
+#[derive(clap::Args)]
+pub(crate) struct RestoreCommand {
+    /// Data directory to restore into (created; must be empty unless --delta).
+    #[arg(long)]
+    pgdata: PathBuf,
+    /// Backup id, or "latest" (default: the newest usable backup that ended before the target).
+    #[arg(long)]
+    backup: Option<String>,
+    /// Recover to this time, with a UTC offset: '2026-11-22 04:45:37+00'.
+    #[arg(long, group = "target")]
+    target_time: Option<String>,
+    /// Recover to this LSN, e.g. 0/5000028.
+    #[arg(long, group = "target")]
+    target_lsn: Option<String>,
+    /// Recover to the commit of this transaction id.
+    #[arg(long, group = "target")]
+    target_xid: Option<String>,
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long, group = "target")]
+    target_name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long, group = "target")]
+    target_immediate: bool,
+    /// What PostgreSQL does at the target: promote, pause (PostgreSQL's default) or shutdown.
+    #[arg(long, value_parser = ["promote", "pause", "shutdown"])]
+    target_action: Option<String>,
+    /// Rewrite only what differs from the backup in an existing data directory.
+    #[arg(long)]
+    delta: bool,
+    /// Put tablespace OID in DIR instead of its original location (repeatable).
+    #[arg(long = "tablespace-map", value_parser = parse_tablespace_mapping)]
+    tablespace_map: Vec<(u32, PathBuf)>,
+}
+
+/// `pullclient clone`.
+#[derive(clap::Args)]
+pub(crate) struct CloneCommand {
+    /// Data directory of the new standby (created; must be empty unless --delta).
+    #[arg(long)]
+    pgdata: PathBuf,
+    /// primary_conninfo for streaming from the primary as well as from the archive.
+    #[arg(long)]
+    primary_conninfo: Option<String>,
+    /// Rewrite only what differs in an existing data directory.
+    #[arg(long)]
+    delta: bool,
+    /// Put tablespace OID in DIR instead of its original location (repeatable).
+    #[arg(long = "tablespace-map", value_parser = parse_tablespace_mapping)]
+    tablespace_map: Vec<(u32, PathBuf)>,
+}
+
+fn target_of(c: &RestoreCommand) -> Result<RecoveryTarget> {
+    Ok(if let Some(t) = &c.target_time {
+        RecoveryTarget::Time(t.clone(), parse_target_time(t)?)
+    } else if let Some(l) = &c.target_lsn {
+        RecoveryTarget::Lsn(
+            l.parse().map_err(|_| {
+                anyhow!("--target-lsn '{l}' is not an LSN (write it like 0/5000028)")
+            })?,
+        )
+    } else if let Some(x) = &c.target_xid {
+        if x.trim().parse::<u64>().is_err() {
+            bail!("--target-xid '{x}' is not a transaction id");
+        }
+        RecoveryTarget::Xid(x.trim().to_string())
+    } else if let Some(n) = &c.target_name {
+        RecoveryTarget::Name(n.clone())
+    } else if c.target_immediate {
+        RecoveryTarget::Immediate
+    } else {
+        RecoveryTarget::End
+    })
+}
+
+/// Which of the two commands.
+pub(crate) enum Invocation {
+    /// `restore`.
+    Restore(RestoreCommand),
+    /// `clone`.
+    Clone(CloneCommand),
+}
+
+/// Runs `restore` or `clone`: exit 0 on success, 1 on failure, 2 for an unusable config.
+pub(crate) fn command(
+    invocation: Invocation,
+    config: Option<&Path>,
+    runtime: &tokio::runtime::Runtime,
+) -> std::process::ExitCode {
+    let config_path = walvault_protocol::config::config_path(config, "pullclient");
+    let cfg = match ClientConfig::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let args = match invocation {
+        Invocation::Restore(c) => target_of(&c).map(|target| RestoreArgs {
+            mode: Mode::Recovery {
+                target,
+                action: c.target_action.clone(),
+            },
+            pgdata: c.pgdata,
+            backup: c.backup,
+            delta: c.delta,
+            tablespace_map: c.tablespace_map,
+            config_path: config_path.clone(),
+        }),
+        Invocation::Clone(c) => Ok(RestoreArgs {
+            mode: Mode::Standby {
+                primary_conninfo: c.primary_conninfo,
+            },
+            pgdata: c.pgdata,
+            backup: None,
+            delta: c.delta,
+            tablespace_map: c.tablespace_map,
+            config_path: config_path.clone(),
+        }),
+    };
+    let result = match args {
+        Ok(args) => runtime.block_on(restore(&cfg, &args)),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,624 @@
+//! `pushclient backup`: a base backup over the replication protocol into the archive.
+//!
+//! Contract: when `backup` returns Ok, the backup's manifest is durably in the archive
+//! (so every chunk it names is too) and the WAL from its start to its stop LSN is
+//! archived: the backup is listed as usable and restores. A run that fails or is killed
+//! before the manifest is committed leaves no listed backup, only chunks that retention
+//! collects after its grace period. If the manifest was committed but the WAL did not
+//! arrive within `--wal-timeout`, the backup stays listed as `incomplete-wal` (it becomes
+//! usable as soon as the WAL is archived) and the command fails saying so.
+//!
+//! Flow: IDENTIFY_SYSTEM, then BASE_BACKUP (PostgreSQL's manifest, no WAL, fast or spread
+//! checkpoint). The tar stream of each tablespace is parsed as it arrives; every file is
+//! cut into `BACKUP_CHUNK_SIZE` chunks (protocol::backup), each hashed with blake3.
+//! Chunks are batched ([`BATCH_BYTES`]), the archive says which of a batch it lacks, and
+//! only those are compressed and sent, [`UPLOAD_CONCURRENCY`] at a time.
+//!
+//! Memory: at most [`BATCH_BYTES`] of chunks wait for the archive's answer, plus
+//! [`UPLOAD_CONCURRENCY`] chunks being compressed and sent, whatever the database size.
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use walvault_protocol::backup::{
+    backup_id_at, format_unix_utc, BackupManifest, BackupState, BackupStats, FileEntry, FileKind,
+    TablespaceEntry, TarError, TarEvent, TarReader, BACKUP_CHUNK_SIZE, MANIFEST_FORMAT,
+    MAX_HASHES_PER_REQUEST,
+};
+use walvault_protocol::config::ClientConfig;
+use walvault_protocol::fanout::Fanout;
+use walvault_protocol::pgconn::basebackup::{BaseBackup, BaseBackupOptions, CopyMessage};
+use walvault_protocol::pgconn::{conninfo, ConnectionKind, PgConnection};
+use walvault_protocol::transport::{read_frame, ArchiveConnection};
+use walvault_protocol::wire::{Request, Response};
+
+/// Chunks held while the archive is asked which it lacks.
+const BATCH_BYTES: usize = 16 << 20;
+/// Chunks compressed and sent at once.
+const UPLOAD_CONCURRENCY: usize = 4;
+
+/// What `pushclient backup` was asked.
+pub(crate) struct BackupArgs {
+    pub(crate) label: Option<String>,
+    pub(crate) fast: bool,
+    pub(crate) conninfo: Option<String>,
+    pub(crate) wal_timeout: Duration,
+    pub(crate) max_rate_kb: Option<u32>,
+}
+
+fn unix_now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> {
+    let started = Instant::now();
+    let start_millis = unix_now_millis();
+    let id = backup_id_at(start_millis);
+    let label = args
+        .label
+        .clone()
+        .unwrap_or_else(|| format!("walvault {id}"));
+
+    let params = conninfo::resolve(args.conninfo.as_deref(), &|k| std::env::var(k).ok())?;
+    let mut pg = PgConnection::connect(&params, ConnectionKind::Replication)
+        .await
+        .context("cannot open a replication connection to PostgreSQL (set PGHOST/PGPORT/PGUSER or --conninfo; the role needs REPLICATION and a `replication` line in pg_hba.conf)")?;
+    let pg_version = pg.server_version_num().unwrap_or(0);
+    if pg_version < 150_000 {
+        bail!(
+            "PostgreSQL at {} reports version {pg_version}; pushclient backup needs PostgreSQL 15 or later",
+            pg.endpoint
+        );
+    }
+    let system = pg.identify_system().await?;
+
+    let archive = Arc::new(ArchiveConnection::connect(cfg).await?);
+    check_cluster(&archive, cfg, system.system_identifier).await?;
+
+    let options = BaseBackupOptions {
+        label: label.clone(),
+        fast_checkpoint: args.fast,
+        progress: true,
+        max_rate_kb: args.max_rate_kb,
+    };
+    let mut stream = BaseBackup::start(&mut pg, &options)
+        .await
+        .context("BASE_BACKUP failed to start")?;
+    tracing::info!(backup = %id, start_lsn = %stream.start_lsn, timeline = stream.start_timeline, "backup started");
+    let total: u64 = stream.tablespaces.iter().filter_map(|t| t.size).sum();
+    let tablespaces: Vec<TablespaceEntry> = stream
+        .tablespaces
+        .iter()
+        .filter_map(|t| {
+            Some(TablespaceEntry {
+                oid: t.oid?,
+                location: t.location.clone()?,
+            })
+        })
+        .collect();
+    let progress = progress_bar(total);
+
+    let mut collector = Collector::new(
+        archive.clone(),
+        cfg.cluster.clone(),
+        cfg.zstd_level,
+        tablespaces.clone(),
+    );
+    let mut pg_manifest: Vec<u8> = Vec::new();
+    let mut in_manifest = false;
+    while let Some(message) = stream.next().await? {
+        match message {
+            CopyMessage::NewArchive { name, location } => {
+                collector.end_archive()?;
+                let tablespace = if location.is_empty() {
+                    None
+                } else {
+                    Some(
+                        name.strip_suffix(".tar")
+                            .and_then(|o| o.parse::<u32>().ok())
+                            .ok_or_else(|| {
+                                anyhow!(
+                                    "unexpected archive name {name:?} for tablespace {location}"
+                                )
+                            })?,
+                    )
+                };
+                collector.begin_archive(tablespace);
+            }
+            CopyMessage::Data(bytes) if in_manifest => {
+                if pg_manifest.len() + bytes.len()
+                    > walvault_protocol::backup::MAX_MANIFEST_SIZE as usize
+                {
+                    bail!(
+                        "PostgreSQL's backup manifest exceeds {} bytes",
+                        walvault_protocol::backup::MAX_MANIFEST_SIZE
+                    );
+                }
+                pg_manifest.extend_from_slice(&bytes);
+            }
+            CopyMessage::Data(bytes) => {
+                collector.feed(&bytes).await?;
+                if total == 0 {
+                    progress.inc(bytes.len() as u64);
+                }
+            }
+            CopyMessage::Manifest => {
+                collector.end_archive()?;
+                in_manifest = true;
+            }
+            CopyMessage::Progress(done) => progress.set_position(done),
+        }
+    }
+    collector.end_archive()?;
+    let end = stream
+        .finish()
+        .await
+        .context("BASE_BACKUP failed at its end")?;
+    pg.close().await;
+    let (files, backup_label, mut stats) = collector.finish().await?;
+    progress.finish_and_clear();
+    let stop_time = unix_now_millis() / 1000;
+
+    let manifest = BackupManifest {
+        format: MANIFEST_FORMAT,
+        id: id.clone(),
+        cluster: cfg.cluster.clone(),
+        label,
+        system_identifier: system.system_identifier,
+        pg_version,
+        timeline: start_timeline_of(&backup_label).unwrap_or(system.timeline),
+        stop_timeline: end.stop_timeline,
+        start_lsn: start_lsn_of(&backup_label).unwrap_or_default(),
+        stop_lsn: end.stop_lsn.clone(),
+        start_time: start_millis / 1000,
+        stop_time,
+        chunk_size: BACKUP_CHUNK_SIZE,
+        tablespaces,
+        files,
+        backup_label,
+        pg_backup_manifest: String::from_utf8(pg_manifest)
+            .map_err(|_| anyhow!("PostgreSQL's backup manifest is not UTF-8"))?,
+        stats: BackupStats::default(),
+    };
+    stats.logical_bytes = manifest.files.iter().map(|f| f.size).sum();
+    let manifest = BackupManifest { stats, ..manifest };
+    manifest
+        .validate()
+        .map_err(|e| anyhow!("the backup's manifest is inconsistent: {e}"))?;
+    put_manifest(&archive, cfg, &manifest).await?;
+    println!(
+        "backup {id} committed: {} in {} files; {} new chunks stored ({}) of {}; LSN {} .. {} on timeline {}",
+        mib(manifest.stats.logical_bytes),
+        manifest.files.iter().filter(|f| f.kind == FileKind::File).count(),
+        manifest.stats.new_chunks,
+        mib(manifest.stats.new_stored_bytes),
+        manifest.stats.chunks,
+        manifest.start_lsn,
+        manifest.stop_lsn,
+        manifest.stop_timeline
+    );
+
+    let waited = wait_usable(&archive, cfg, &id, args.wal_timeout).await;
+    let archive = Arc::try_unwrap(archive).ok();
+    if let Some(a) = archive {
+        a.close().await;
+    }
+    match waited? {
+        true => {
+            println!(
+                "backup {id} is usable (its WAL is archived); took {:.1} s, stopped {}",
+                started.elapsed().as_secs_f64(),
+                format_unix_utc(stop_time)
+            );
+            Ok(())
+        }
+        false => bail!(
+            "backup {id} is committed but the WAL from {} to {} was not archived within {} s: it is listed as \
+             incomplete-wal and becomes usable once PostgreSQL's archive_command has pushed that WAL. \
+             Check pg_stat_archiver on the server and `archived wal list`.",
+            manifest.start_lsn,
+            manifest.stop_lsn,
+            args.wal_timeout.as_secs()
+        ),
+    }
+}
+
+/// The start LSN from backup_label's `START WAL LOCATION: 0/2000028 (file ...)`.
+fn start_lsn_of(label: &str) -> Option<String> {
+    label
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+        .and_then(|r| r.split_whitespace().next())
+        .map(String::from)
+}
+
+/// The start timeline from backup_label's `START TIMELINE: 1`.
+fn start_timeline_of(label: &str) -> Option<u32> {
+    label
+        .lines()
+        .find_map(|l| l.strip_prefix("START TIMELINE: "))
+        .and_then(|t| t.trim().parse().ok())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = if total > 0 {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "backup {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+async fn check_cluster(archive: &ArchiveConnection, cfg: &ClientConfig, sysid: u64) -> Result<()> {
+    let (response, _) = archive
+        .call(&Request::ListWal {
+            cluster: cfg.cluster.clone(),
+        })
+        .await?;
+    match response {
+        Response::WalList(l) => match l.system_identifier {
+            Some(bound) if bound != sysid => bail!(
+                "this PostgreSQL (system {sysid}) is not the one cluster '{}' is bound to (system {bound}); \
+                 use the push config of this server's cluster",
+                cfg.cluster
+            ),
+            _ => Ok(()),
+        },
+        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
+        other => bail!("unexpected answer from the archive: {other:?}"),
+    }
+}
+
+async fn put_manifest(
+    archive: &ArchiveConnection,
+    cfg: &ClientConfig,
+    m: &BackupManifest,
+) -> Result<()> {
+    let raw = serde_json::to_vec(m)?;
+    let blake3 = blake3::hash(&raw).to_hex().to_string();
+    let level = cfg.zstd_level;
+    let raw_size = raw.len() as u64;
+    let body = tokio::task::spawn_blocking(move || zstd::bulk::compress(&raw, level)).await??;
+    let (mut send, mut recv) = archive
+        .open(&Request::PutBackup {
+            cluster: cfg.cluster.clone(),
+            backup_id: m.id.clone(),
+            raw_size,
+            blake3,
+        })
+        .await?;
+    let sent = send.write_all(&body).await;
+    if sent.is_ok() {
+        let _ = send.finish();
+    }
+    let response: Response = read_frame(&mut recv).await.map_err(|e| {
+        anyhow!(
+            "no answer from the archive for the manifest of backup {}: {e}",
+            m.id
+        )
+    })?;
+    match response {
+        Response::Stored { .. } => Ok(()),
+        Response::Error { code, message } => {
+            bail!(
+                "archive refused the manifest of backup {} ({code:?}): {message}",
+                m.id
+            )
+        }
+        other => bail!("unexpected answer from the archive: {other:?}"),
+    }
+}
+
+async fn wait_usable(
+    archive: &ArchiveConnection,
+    cfg: &ClientConfig,
+    id: &str,
+    timeout: Duration,
+) -> Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (response, _) = archive
+            .call(&Request::ListBackups {
+                cluster: cfg.cluster.clone(),
+            })
+            .await?;
+        let state = match response {
+            Response::Backups { backups } => {
+                backups.into_iter().find(|b| b.id == id).map(|b| b.state)
+            }
+            Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
+            other => bail!("unexpected answer from the archive: {other:?}"),
+        };
+        match state {
+            Some(BackupState::Usable) => return Ok(true),
+            Some(BackupState::IncompleteWal) => {}
+            None => bail!("backup {id} vanished from the archive's listing (deleted meanwhile?)"),
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Turns tar streams into manifest entries and chunk uploads.
+struct Collector {
+    uploader: Uploader,
+    tablespace: Option<u32>,
+    tar: Option<TarReader>,
+    tablespaces: Vec<TablespaceEntry>,
+    files: Vec<FileEntry>,
+    current: Option<FileEntry>,
+    chunk: Vec<u8>,
+    ready: Vec<(String, Bytes)>,
+    backup_label: Option<String>,
+    capture_label: bool,
+}
+
+impl Collector {
+    fn new(
+        archive: Arc<ArchiveConnection>,
+        cluster: String,
+        level: i32,
+        tablespaces: Vec<TablespaceEntry>,
+    ) -> Collector {
+        Collector {
+            uploader: Uploader::new(archive, cluster, level),
+            tablespace: None,
+            tar: None,
+            tablespaces,
+            files: Vec::new(),
+            current: None,
+            chunk: Vec::with_capacity(BACKUP_CHUNK_SIZE as usize),
+            ready: Vec::new(),
+            backup_label: None,
+            capture_label: false,
+        }
+    }
+
+    fn begin_archive(&mut self, tablespace: Option<u32>) {
+        self.tablespace = tablespace;
+        self.tar = Some(TarReader::new());
+    }
+
+    fn end_archive(&mut self) -> Result<()> {
+        if let Some(tar) = self.tar.take() {
+            tar.finish()
+                .context("PostgreSQL's backup archive ended early")?;
+        }
+        Ok(())
+    }
+
+    fn seal_chunk(&mut self) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        let data = Bytes::from(std::mem::replace(
+            &mut self.chunk,
+            Vec::with_capacity(BACKUP_CHUNK_SIZE as usize),
+        ));
+        let hash = blake3::hash(&data).to_hex().to_string();
+        if let Some(f) = self.current.as_mut() {
+            f.chunks.push(hash.clone());
+        }
+        self.ready.push((hash, data));
+    }
+
+    fn on_event(&mut self, event: TarEvent<'_>) -> Result<(), TarError> {
+        match event {
+            TarEvent::Entry(e) => {
+                if let Some(oid) = self.tablespace {
+                    if !self.tablespaces.iter().any(|t| t.oid == oid) {
+                        self.tablespaces.push(TablespaceEntry {
+                            oid,
+                            location: String::new(),
+                        });
+                    }
+                }
+                self.capture_label = self.tablespace.is_none() && e.path == "backup_label";
+                self.current = Some(FileEntry {
+                    tablespace: self.tablespace,
+                    path: e.path,
+                    kind: e.kind,
+                    mode: e.mode,
+                    size: e.size,
+                    mtime: e.mtime,
+                    link: e.link,
+                    chunks: Vec::new(),
+                });
+            }
+            TarEvent::Data(mut data) => {
+                if self.capture_label {
+                    self.backup_label
+                        .get_or_insert_with(String::new)
+                        .push_str(&String::from_utf8_lossy(data));
+                }
+                while !data.is_empty() {
+                    let room = BACKUP_CHUNK_SIZE as usize - self.chunk.len();
+                    let take = room.min(data.len());
+                    self.chunk.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if self.chunk.len() == BACKUP_CHUNK_SIZE as usize {
+                        self.seal_chunk();
+                    }
+                }
+            }
+            TarEvent::EntryEnd => {
+                self.seal_chunk();
+                if let Some(f) = self.current.take() {
+                    self.files.push(f);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn feed(&mut self, bytes: &[u8]) -> Result<()> {
+        let mut tar = self
+            .tar
+            .take()
+            .ok_or_else(|| anyhow!("PostgreSQL sent backup data before naming an archive"))?;
+        let result = tar.feed::<TarError>(bytes, |e| self.on_event(e));
+        self.tar = Some(tar);
+        result.context("PostgreSQL's backup archive is not a tar stream walvault can read")?;
+        for (hash, data) in std::mem::take(&mut self.ready) {
+            self.uploader.add(hash, data).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<(Vec<FileEntry>, String, BackupStats)> {
+        let stats = self.uploader.finish().await?;
+        let label = self
+            .backup_label
+            .ok_or_else(|| anyhow!("PostgreSQL's backup has no backup_label"))?;
+        let mut stats = stats;
+        stats.chunks = self.files.iter().map(|f| f.chunks.len() as u64).sum();
+        Ok((self.files, label, stats))
+    }
+}
+
+/// Sends the chunks the archive lacks.
+struct Uploader {
+    archive: Arc<ArchiveConnection>,
+    cluster: String,
+    level: i32,
+    known: HashSet<String>,
+    pending: Vec<(String, Bytes)>,
+    pending_bytes: usize,
+    uploads: Fanout<(u64, bool)>,
+}
+
+impl Uploader {
+    fn new(archive: Arc<ArchiveConnection>, cluster: String, level: i32) -> Uploader {
+        Uploader {
+            archive,
+            cluster,
+            level,
+            known: HashSet::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            uploads: Fanout::new(UPLOAD_CONCURRENCY),
+        }
+    }
+
+    async fn add(&mut self, hash: String, data: Bytes) -> Result<()> {
+        if !self.known.insert(hash.clone()) {
+            return Ok(());
+        }
+        self.pending_bytes += data.len();
+        self.pending.push((hash, data));
+        if self.pending_bytes >= BATCH_BYTES || self.pending.len() >= MAX_HASHES_PER_REQUEST {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let (response, _) = self
+            .archive
+            .call(&Request::ChunksMissing {
+                cluster: self.cluster.clone(),
+                hashes: batch.iter().map(|(h, _)| h.clone()).collect(),
+            })
+            .await?;
+        let missing: HashSet<String> = match response {
+            Response::Missing { hashes } => hashes.into_iter().collect(),
+            Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
+            other => bail!("unexpected answer from the archive: {other:?}"),
+        };
+        for (hash, data) in batch {
+            if !missing.contains(&hash) {
+                continue;
+            }
+            let archive = self.archive.clone();
+            let cluster = self.cluster.clone();
+            let level = self.level;
+            self.uploads
+                .spawn(async move { upload_chunk(&archive, cluster, hash, data, level).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<BackupStats> {
+        self.flush().await?;
+        let done = self.uploads.finish().await?;
+        let mut stats = BackupStats::default();
+        for (stored, new) in done {
+            if new {
+                stats.new_chunks += 1;
+                stats.new_stored_bytes += stored;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+async fn upload_chunk(
+    archive: &ArchiveConnection,
+    cluster: String,
+    hash: String,
+    data: Bytes,
+    level: i32,
+) -> Result<(u64, bool)> {
+    let raw_size = data.len() as u64;
+    let body = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level)).await??;
+    let (mut send, mut recv) = archive
+        .open(&Request::PutChunk {
+            cluster,
+            blake3: hash.clone(),
+            raw_size,
+        })
+        .await?;
+    let sent = send.write_all(&body).await;
+    if sent.is_ok() {
+        let _ = send.finish();
+    }
+    let response: Response = read_frame(&mut recv)
+        .await
+        .map_err(|e| anyhow!("no answer from the archive for chunk {hash}: {e}"))?;
+    match response {
+        Response::Stored { already_present } => Ok((body.len() as u64 + 64, !already_present)),
+        Response::Error { code, message } => {
+            bail!("archive refused chunk {hash} ({code:?}): {message}")
+        }
+        other => bail!("unexpected answer from the archive: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_label_fields() {
+        let label = "START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\nCHECKPOINT LOCATION: 0/2000060\nSTART TIMELINE: 1\n";
+        assert_eq!(start_lsn_of(label).as_deref(), Some("0/2000028"));
+        assert_eq!(start_timeline_of(label), Some(1));
+    }
+}
