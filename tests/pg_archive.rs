@@ -395,7 +395,7 @@ fn catalog_rebuilt_after_deletion() {
     let mut archive = Archive::start(CLUSTER);
     let push = archive.issue(CLUSTER, "push");
     let pull = archive.issue(CLUSTER, "pull");
-    let primary = archiving_primary(
+    let mut primary = archiving_primary(
         &archive,
         &push,
         &["wal_keep_size = '1GB'", "wal_recycle = off"],
@@ -406,6 +406,9 @@ fn catalog_rebuilt_after_deletion() {
     }
     let last = primary.switch_wal();
     primary.wait_archived(&last, || archive.diag());
+    // Nothing may be archived between the two listings: stop the primary (its archiver
+    // finishes what is ready first) before taking the first one.
+    primary.stop();
     let segments = primary.archived_segments();
     let before = archive.wal_list_json(CLUSTER);
     assert_timeline_covers(&before, 1, &segments[0], &last);
