@@ -7,3 +7,4 @@ mod pg_archive;
 mod pg_backup;
 mod prefetch;
 mod promises;
+mod waldump;

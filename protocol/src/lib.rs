@@ -29,6 +29,7 @@ pub mod pgconn;
 pub mod pki;
 pub mod transport;
 pub mod wal;
+pub mod waldecode;
 pub mod wire;
 
 /// Version of walvault, reported by every binary and by the server.
