@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use walvault_tests::serde_json::Value;
 use walvault_tests::*;
 
-const CLUSTER: &str = "main";
+pub(crate) const CLUSTER: &str = "main";
 
 /// A primary archiving into `archive` with `push_conf`, plus `extra` conf lines; started.
-fn archiving_primary(archive: &Archive, push_conf: &Path, extra: &[&str]) -> PgCluster {
+pub(crate) fn archiving_primary(archive: &Archive, push_conf: &Path, extra: &[&str]) -> PgCluster {
     let mut p = PgCluster::initdb("primary", &[]);
     p.append_conf(&["wal_level = replica", "archive_mode = on"]);
     p.set_conf("archive_command", &archive.archive_command(push_conf));
@@ -25,7 +25,7 @@ fn archiving_primary(archive: &Archive, push_conf: &Path, extra: &[&str]) -> PgC
 
 /// Makes `c` a standby fed only by `restore_command` (no primary_conninfo), following the
 /// latest timeline. `archive_push`: archive after a promotion, with that push config.
-fn make_archive_standby(
+pub(crate) fn make_archive_standby(
     c: &PgCluster,
     archive: &Archive,
     pull_conf: &Path,
@@ -111,7 +111,7 @@ const ACCOUNTS: &str = "SELECT count(*), sum(abalance) FROM pgbench_accounts";
 
 /// Primary with pgbench data and load, marker row, all archived; returns the expected
 /// `ACCOUNTS` answer and the last segment archived.
-fn load_primary(primary: &PgCluster, archive: &Archive) -> (String, String) {
+pub(crate) fn load_primary(primary: &PgCluster, archive: &Archive) -> (String, String) {
     primary.pgbench_init(2);
     primary.pgbench(&["-n", "-t", "200", "-c", "2"]);
     let expected = primary.psql(ACCOUNTS);
@@ -122,7 +122,7 @@ fn load_primary(primary: &PgCluster, archive: &Archive) -> (String, String) {
 }
 
 /// Waits until `standby` shows the primary's final state.
-fn wait_replayed(standby: &PgCluster, archive: &Archive, expected: &str) {
+pub(crate) fn wait_replayed(standby: &PgCluster, archive: &Archive, expected: &str) {
     wait_until(
         &format!(
             "standby {} to replay from the archive up to the marker row",

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use walvault_tests::{as_pg_user, chown_pg, try_run, wait_until, Archive, Output, TestDir};
+use walvault_tests::{
+    as_pg_user, chown_pg, try_run, wait_for, wait_until, Archive, Output, TestDir,
+};
 
 use crate::promises::{fake_segment, put_file, seg_name};
 
@@ -259,6 +261,91 @@ fn a_damaged_spool_file_is_never_served() {
     let got = fs::read(pgdata.join(format!("pg_wal/RECOVERYXLOG.{}", segments[1].0))).unwrap();
     assert!(got == segments[1].1, "a damaged spool file was served");
     let pid = daemon_pid(&spool);
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
+/// Real recovery: a replica fed by restore_command gets its segments from the spool and
+/// the prefaulter warms blocks ahead of replay; once PostgreSQL stops, the daemon holds
+/// nothing under PGDATA open.
+#[test]
+fn replica_recovery_uses_the_spool_and_prefaults_then_lets_go_of_pgdata() {
+    use crate::pg_archive::{archiving_primary, make_archive_standby, wait_replayed, CLUSTER};
+    use walvault_tests::PgCluster;
+
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let dir = TestDir::new("prefetch-pg");
+    let spool = dir.join("spool");
+    let pull = pull_config_with_spool(
+        &archive,
+        CLUSTER,
+        &spool,
+        &[("prefault_method", "\"pread\"")],
+    );
+    // Without full-page writes replay reads the blocks it changes: work for the prefaulter.
+    let primary = archiving_primary(
+        &archive,
+        &push,
+        &["full_page_writes = off", "checkpoint_timeout = 1h"],
+    );
+    primary.pgbench_init(2);
+    primary.psql("CHECKPOINT");
+    let mut replica = PgCluster::from_basebackup(&primary, "replica", &["-X", "none"]);
+    for _ in 0..3 {
+        primary.pgbench(&["-n", "-t", "300", "-c", "2"]);
+        primary.switch_wal();
+    }
+    // The marker row wait_replayed looks for.
+    primary.psql("CREATE TABLE marker (id int PRIMARY KEY, note text); INSERT INTO marker VALUES (1, 'last row')");
+    let expected = primary.psql("SELECT count(*), sum(abalance) FROM pgbench_accounts");
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+
+    make_archive_standby(&replica, &archive, &pull, None);
+    replica.start();
+    wait_replayed(&replica, &archive, &expected);
+    let pgdata = fs::canonicalize(replica.data_dir()).unwrap();
+    let s = wait_for(
+        "prefetch counters",
+        Duration::from_secs(30),
+        || {
+            status(&archive, &pull, &pgdata)
+                .filter(|s| s["prefault"]["blocks_warmed"].as_u64() > Some(0))
+        },
+        || {
+            format!(
+                "{:?}\n{}",
+                status(&archive, &pull, &pgdata),
+                fs::read_to_string(spool.join("daemon.log")).unwrap_or_default()
+            )
+        },
+    );
+    assert!(
+        s["spool_hits"].as_u64() >= Some(1),
+        "no segment came from the spool: {s:#}"
+    );
+    assert_eq!(s["postgres_running"].as_bool(), Some(true), "{s:#}");
+    assert_eq!(s["prefault"]["decode_errors"].as_u64(), Some(0), "{s:#}");
+
+    let pid = daemon_pid(&spool);
+    replica.stop();
+    let open_under_pgdata = || -> Vec<PathBuf> {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| fs::read_link(e.path()).ok())
+                    .filter(|t| t.starts_with(&pgdata))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until(
+        "the daemon to close every file under PGDATA after PostgreSQL stopped",
+        Duration::from_secs(5),
+        || open_under_pgdata().is_empty(),
+        || format!("still open: {:?}", open_under_pgdata()),
+    );
     // SAFETY: signalling a process we started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
 }

@@ -17,6 +17,7 @@ mod prefault;
 mod prefetch;
 mod restore;
 mod spool;
+mod walblocks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,6 +91,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the blocks WAL records touch: one line per block reference, in WAL order.
+    ///
+    /// `<record LSN> <spc>/<db>/<rel> <main|fsm|vm|init> <block> <fpw|->`, the LSN as
+    /// pg_waldump prints it. FILE... are consecutive segment files (records spanning them
+    /// decode). Needs no configuration. Exit 0 at the end of the input or of the WAL; 1 if
+    /// a file is unreadable or not WAL, or the WAL is corrupt.
+    WalBlocks {
+        /// Segment files, in WAL order.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -116,6 +128,8 @@ fn main() -> ExitCode {
     };
     walvault_protocol::transport::install_crypto_provider();
     let code = match cli.command {
+        // Offline: no configuration, no archive.
+        Command::WalBlocks { files } => walblocks::run(&files),
         Command::Restore(c) => restore::command(
             restore::Invocation::Restore(c),
             cli.config.as_deref(),

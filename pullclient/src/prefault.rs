@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use walvault_protocol::config::{PrefaultMethod, PrefetchConfig};
 use walvault_protocol::wal::{Lsn, SegmentName};
+use walvault_protocol::waldecode::{self, ForkNumber};
 
 use crate::pgcontrol::ControlFacts;
 
@@ -58,8 +59,8 @@ pub(crate) struct WarmTarget {
     pub(crate) db: u32,
     /// relfilenode.
     pub(crate) rel: u32,
-    /// Fork number (0 main, 1 fsm, 2 vm, 3 init).
-    pub(crate) fork: u8,
+    /// Fork.
+    pub(crate) fork: ForkNumber,
     /// Block number.
     pub(crate) block: u32,
     /// The record restores a full-page image of the block.
@@ -102,7 +103,7 @@ pub(crate) struct PgState {
     pub(crate) replay_lsn: Option<Lsn>,
 }
 
-type BlockKey = (u32, u32, u32, u8, u32);
+type BlockKey = (u32, u32, u32, ForkNumber, u32);
 
 struct Inner {
     files: HashMap<PathBuf, Arc<File>>,
@@ -309,7 +310,7 @@ fn decode_window(
                     break;
                 }
             } else if let Ok(bytes) = std::fs::read(spool.segment(&name)) {
-                let decoded = warm_targets(&bytes, seg.start_lsn(seg_size));
+                let decoded = warm_targets(&bytes);
                 let mut guard = lock(inner);
                 match decoded {
                     Ok(targets) => {
@@ -341,9 +342,24 @@ fn decode_window(
 
 /// The block references of one segment's records (records continued from the previous
 /// segment are skipped; their blocks were handled with that segment when it was spooled).
-pub(crate) fn warm_targets(bytes: &[u8], start: Lsn) -> Result<Vec<WarmTarget>, String> {
-    let _ = (bytes, start);
-    Err("decoder pending".to_string())
+pub(crate) fn warm_targets(bytes: &[u8]) -> Result<Vec<WarmTarget>, String> {
+    let decoded = waldecode::decode_segment(bytes).map_err(|e| e.to_string())?;
+    Ok(decoded
+        .records
+        .iter()
+        .flat_map(|r| {
+            r.blocks.iter().map(move |b| WarmTarget {
+                lsn: r.lsn,
+                spc: b.rel.spc,
+                db: b.rel.db,
+                rel: b.rel.rel,
+                fork: b.fork,
+                block: b.block,
+                fpw: b.image.is_some_and(|i| i.apply),
+                will_init: b.will_init,
+            })
+        })
+        .collect())
 }
 
 /// Targets with replay < lsn <= horizon not handled yet, at most [`BLOCKS_PER_STEP`].
@@ -513,29 +529,26 @@ fn block_path(
         t.fork,
         t.block,
         control.relseg_blocks,
-    )?))
+    )))
 }
 
 /// `<rel>[_fork][.segment]` for a block.
 pub(crate) fn relation_file_name(
     rel: u32,
-    fork: u8,
+    fork: ForkNumber,
     block: u32,
     relseg_blocks: u32,
-) -> Option<String> {
+) -> String {
     let suffix = match fork {
-        0 => "",
-        1 => "_fsm",
-        2 => "_vm",
-        3 => "_init",
-        _ => return None,
+        ForkNumber::Main => String::new(),
+        other => format!("_{}", other.name()),
     };
     let segment = block / relseg_blocks.max(1);
-    Some(if segment == 0 {
+    if segment == 0 {
         format!("{rel}{suffix}")
     } else {
         format!("{rel}{suffix}.{segment}")
-    })
+    }
 }
 
 struct PostmasterPid {
@@ -594,22 +607,21 @@ mod tests {
     #[test]
     fn relation_file_names() {
         assert_eq!(
-            relation_file_name(16384, 0, 5, 131072).as_deref(),
-            Some("16384")
+            relation_file_name(16384, ForkNumber::Main, 5, 131072),
+            "16384"
         );
         assert_eq!(
-            relation_file_name(16384, 1, 5, 131072).as_deref(),
-            Some("16384_fsm")
+            relation_file_name(16384, ForkNumber::Fsm, 5, 131072),
+            "16384_fsm"
         );
         assert_eq!(
-            relation_file_name(16384, 2, 131072, 131072).as_deref(),
-            Some("16384_vm.1")
+            relation_file_name(16384, ForkNumber::Vm, 131072, 131072),
+            "16384_vm.1"
         );
         assert_eq!(
-            relation_file_name(16384, 3, 262145, 131072).as_deref(),
-            Some("16384_init.2")
+            relation_file_name(16384, ForkNumber::Init, 262145, 131072),
+            "16384_init.2"
         );
-        assert_eq!(relation_file_name(16384, 9, 0, 131072), None);
     }
 
     #[test]
@@ -645,15 +657,15 @@ mod tests {
         let pg = Path::new("/d");
         let p = |inner: &mut Inner, t: WarmTarget| block_path(inner, pg, &control, &t).unwrap();
         assert_eq!(
-            p(&mut inner, t(1664, 0, 1262, 0, 0)),
+            p(&mut inner, t(1664, 0, 1262, ForkNumber::Main, 0)),
             PathBuf::from("/d/global/1262")
         );
         assert_eq!(
-            p(&mut inner, t(1663, 5, 16384, 0, 131073)),
+            p(&mut inner, t(1663, 5, 16384, ForkNumber::Main, 131073)),
             PathBuf::from("/d/base/5/16384.1")
         );
         assert_eq!(
-            p(&mut inner, t(16400, 5, 16401, 2, 0)),
+            p(&mut inner, t(16400, 5, 16401, ForkNumber::Vm, 0)),
             PathBuf::from("/d/pg_tblspc/16400/PG_15_202209061/5/16401_vm")
         );
     }
