@@ -260,9 +260,16 @@ fn a_damaged_spool_file_is_never_served() {
     );
     let got = fs::read(pgdata.join(format!("pg_wal/RECOVERYXLOG.{}", segments[1].0))).unwrap();
     assert!(got == segments[1].1, "a damaged spool file was served");
+
+    // The data directory goes away (a test, a dropped replica): the daemon follows it.
     let pid = daemon_pid(&spool);
-    // SAFETY: signalling a process we started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    fs::remove_dir_all(&pgdata).unwrap();
+    wait_until(
+        "the daemon to exit after its data directory was removed",
+        Duration::from_secs(5),
+        || !alive(pid),
+        || fs::read_to_string(spool.join("daemon.log")).unwrap_or_default(),
+    );
 }
 
 /// Real recovery: a replica fed by restore_command gets its segments from the spool and

@@ -153,6 +153,9 @@ pub(crate) async fn run(
                     st.counters.replay_lsn = pg.replay_lsn.map(|l| l.to_string());
                     st.last_activity.elapsed()
                 };
+                if !daemon.spool.pgdata.exists() {
+                    break "the data directory is gone";
+                }
                 if exit_when_idle && !pg.running && idle_for > Duration::from_secs(daemon.cfg.prefetch.idle_exit_secs) {
                     break "idle with PostgreSQL stopped";
                 }
@@ -165,6 +168,10 @@ pub(crate) async fn run(
     fetcher.abort();
     daemon.prefaulter.close_all();
     let _ = std::fs::remove_file(daemon.spool.socket());
+    if !daemon.spool.pgdata.exists() && daemon.cfg.prefetch.spool_dir.is_none() {
+        // A spool we chose for a data directory that no longer exists serves nobody.
+        let _ = std::fs::remove_dir_all(&daemon.spool.dir);
+    }
     Ok(())
 }
 
