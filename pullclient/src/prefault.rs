@@ -45,6 +45,9 @@ use crate::pgcontrol::ControlFacts;
 const OPEN_FILES: usize = 128;
 /// Blocks remembered as recently warmed.
 const RECENT_BLOCKS: usize = 1 << 16;
+/// First wait after PostgreSQL refused a connection; doubles up to the maximum.
+const CONNECT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_secs(2);
+const CONNECT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 /// Blocks warmed per step (one step every watch interval).
 const BLOCKS_PER_STEP: usize = 8192;
 
@@ -117,6 +120,9 @@ struct Inner {
     tablespace_dirs: HashMap<u32, PathBuf>,
     counters: PrefaultCounters,
     pg_client: Option<tokio_postgres::Client>,
+    /// No connection attempt before this.
+    next_connect: std::time::Instant,
+    connect_backoff: std::time::Duration,
 }
 
 /// The prefaulter of one data directory.
@@ -148,6 +154,8 @@ impl Prefaulter {
                 tablespace_dirs: HashMap::new(),
                 counters: PrefaultCounters::default(),
                 pg_client: None,
+                next_connect: std::time::Instant::now(),
+                connect_backoff: CONNECT_BACKOFF_MIN,
             })),
             running: Arc::new(AtomicBool::new(false)),
             busy: Arc::new(AtomicBool::new(false)),
@@ -221,6 +229,14 @@ impl Prefaulter {
         let client = match client {
             Some(c) if !c.is_closed() => c,
             _ => {
+                // Every refused attempt is a FATAL line in PostgreSQL's log (not yet
+                // consistent, hot_standby off): back off instead of trying every tick.
+                {
+                    let inner = lock(&self.inner);
+                    if std::time::Instant::now() < inner.next_connect {
+                        return None;
+                    }
+                }
                 let socket_dir = pid.socket_dir.clone()?;
                 let user = current_user_name()?;
                 let mut config = tokio_postgres::Config::new();
@@ -231,7 +247,19 @@ impl Prefaulter {
                     .dbname("postgres")
                     .application_name("walvault-prefetch")
                     .connect_timeout(std::time::Duration::from_millis(500));
-                let (client, connection) = config.connect(tokio_postgres::NoTls).await.ok()?;
+                let (client, connection) = match config.connect(tokio_postgres::NoTls).await {
+                    Ok(c) => {
+                        lock(&self.inner).connect_backoff = CONNECT_BACKOFF_MIN;
+                        c
+                    }
+                    Err(_) => {
+                        let mut inner = lock(&self.inner);
+                        inner.next_connect = std::time::Instant::now() + inner.connect_backoff;
+                        inner.connect_backoff =
+                            (inner.connect_backoff * 2).min(CONNECT_BACKOFF_MAX);
+                        return None;
+                    }
+                };
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
@@ -643,6 +671,8 @@ mod tests {
             tablespace_dirs: HashMap::new(),
             counters: PrefaultCounters::default(),
             pg_client: None,
+            next_connect: std::time::Instant::now(),
+            connect_backoff: CONNECT_BACKOFF_MIN,
         };
         let t = |spc, db, rel, fork, block| WarmTarget {
             lsn: Lsn(1),
