@@ -138,25 +138,31 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+impl Inner {
+    fn new() -> Inner {
+        Inner {
+            files: HashMap::new(),
+            file_order: VecDeque::new(),
+            recent: HashSet::new(),
+            recent_order: VecDeque::new(),
+            decoded: BTreeMap::new(),
+            done_up_to: Lsn(0),
+            control: None,
+            tablespace_dirs: HashMap::new(),
+            counters: PrefaultCounters::default(),
+            pg_client: None,
+            next_connect: std::time::Instant::now(),
+            connect_backoff: CONNECT_BACKOFF_MIN,
+        }
+    }
+}
+
 impl Prefaulter {
     pub(crate) fn new(pgdata: &Path, cfg: &PrefetchConfig) -> Prefaulter {
         Prefaulter {
             pgdata: pgdata.to_path_buf(),
             cfg: cfg.clone(),
-            inner: Arc::new(Mutex::new(Inner {
-                files: HashMap::new(),
-                file_order: VecDeque::new(),
-                recent: HashSet::new(),
-                recent_order: VecDeque::new(),
-                decoded: BTreeMap::new(),
-                done_up_to: Lsn(0),
-                control: None,
-                tablespace_dirs: HashMap::new(),
-                counters: PrefaultCounters::default(),
-                pg_client: None,
-                next_connect: std::time::Instant::now(),
-                connect_backoff: CONNECT_BACKOFF_MIN,
-            })),
+            inner: Arc::new(Mutex::new(Inner::new())),
             running: Arc::new(AtomicBool::new(false)),
             busy: Arc::new(AtomicBool::new(false)),
         }
@@ -660,20 +666,7 @@ mod tests {
             catalog_version: 202209061,
             major: 15,
         };
-        let mut inner = Inner {
-            files: HashMap::new(),
-            file_order: VecDeque::new(),
-            recent: HashSet::new(),
-            recent_order: VecDeque::new(),
-            decoded: BTreeMap::new(),
-            done_up_to: Lsn(0),
-            control: None,
-            tablespace_dirs: HashMap::new(),
-            counters: PrefaultCounters::default(),
-            pg_client: None,
-            next_connect: std::time::Instant::now(),
-            connect_backoff: CONNECT_BACKOFF_MIN,
-        };
+        let mut inner = Inner::new();
         let t = |spc, db, rel, fork, block| WarmTarget {
             lsn: Lsn(1),
             spc,
