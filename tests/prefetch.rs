@@ -52,6 +52,8 @@ fn pull_config_with_spool(
 fn fake_pgdata(dir: &TestDir) -> PathBuf {
     let pgdata = dir.join("pgdata");
     fs::create_dir_all(pgdata.join("pg_wal")).unwrap();
+    // What makes archive-get treat its working directory as a data directory.
+    fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
     chown_pg(&pgdata);
     chown_pg(&pgdata.join("pg_wal"));
     pgdata

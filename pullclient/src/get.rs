@@ -46,19 +46,22 @@ pub(crate) async fn archive_get(
         return Ok(Fetched::NotFound);
     };
     // PostgreSQL runs restore_command in the data directory.
-    let spool = if cfg.prefetch.enabled && wal_name.is_segment_file() {
-        match std::env::current_dir()
-            .context("no current directory")
-            .and_then(|pgdata| Spool::for_pgdata(cfg, &pgdata))
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "prefetch spool unusable; fetching directly");
-                None
+    // PostgreSQL runs restore_command in its data directory; run anywhere else (by hand),
+    // archive-get just fetches.
+    let pgdata = std::env::current_dir()
+        .ok()
+        .filter(|d| d.join("PG_VERSION").is_file());
+    let spool = match pgdata {
+        Some(pgdata) if cfg.prefetch.enabled && wal_name.is_segment_file() => {
+            match Spool::for_pgdata(cfg, &pgdata) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "prefetch spool unusable; fetching directly");
+                    None
+                }
             }
         }
-    } else {
-        None
+        _ => None,
     };
     if let Some(spool) = &spool {
         spool.notify_or_start(cfg, config_path, name);
