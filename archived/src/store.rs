@@ -603,6 +603,37 @@ mod tests {
         );
     }
 
+    #[test]
+    fn object_store_urls_are_accepted_and_bad_ones_explained() {
+        walvault_protocol::transport::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = vec![
+            ("aws_region".to_string(), "us-east-1".to_string()),
+            ("aws_endpoint".to_string(), "http://127.0.0.1:9".to_string()),
+            ("aws_access_key_id".to_string(), "test".to_string()),
+            ("aws_secret_access_key".to_string(), "test".to_string()),
+            ("aws_allow_http".to_string(), "true".to_string()),
+        ];
+        let store = Store::open(
+            "s3://walvault-test/prefix",
+            &opts,
+            &dir.path().join("store"),
+            &dir.path().join("spool"),
+        )
+        .unwrap();
+        assert!(matches!(store, Store::Remote { .. }));
+        assert_eq!(store.describe(), "s3://walvault-test/prefix");
+        let err = Store::open(
+            "ftp://nowhere/x",
+            &[],
+            &dir.path().join("store"),
+            &dir.path().join("spool"),
+        )
+        .err()
+        .expect("ftp:// accepted");
+        assert!(format!("{err:#}").contains("ftp://nowhere/x"), "{err:#}");
+    }
+
     #[tokio::test]
     async fn local_store_is_create_only() {
         let dir = tempfile::tempdir().unwrap();
