@@ -121,14 +121,14 @@ impl Catalog {
         self.db.flush_async().await?;
         self.clusters.clear()?;
         self.wal.clear()?;
-        crate::backups::clear_index(self)?;
+        crate::backup_index::clear_index(self)?;
         let mut summary = RebuildSummary::default();
         for key in store
             .list("")
             .await
             .context("listing the store for a catalog rebuild")?
         {
-            if crate::backups::index_object(self, store, &key, &mut summary).await? {
+            if crate::backup_index::index_object(self, store, &key, &mut summary).await? {
                 continue;
             }
             if let Some(cluster) = key.strip_suffix("/cluster.toml") {

@@ -1,6 +1,7 @@
 //! `archived`: the walvault archive daemon and its admin commands.
 
 mod admin_backups;
+mod backup_index;
 mod backups;
 mod catalog;
 mod retention;

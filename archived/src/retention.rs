@@ -36,7 +36,8 @@ use serde::{Deserialize, Serialize};
 use walvault_protocol::backup::{BackupState, ClusterRetention, RetentionReport};
 use walvault_protocol::wal::WalFileName;
 
-use crate::backups::{self, BackupService};
+use crate::backup_index;
+use crate::backups::BackupService;
 use crate::catalog::Catalog;
 use crate::store::{self, Store};
 
@@ -207,7 +208,7 @@ async fn run_cluster(
         cluster: cluster.to_string(),
         ..Default::default()
     };
-    let summaries = backups::list_backups(store, catalog, cluster).await?;
+    let summaries = backup_index::list_backups(store, catalog, cluster).await?;
     let list: Vec<(String, i64, BackupState)> = summaries
         .iter()
         .map(|s| (s.id.clone(), s.stop_time, s.state))
@@ -220,22 +221,24 @@ async fn run_cluster(
     // Backups.
     if !dry_run {
         for id in &expired {
-            store.delete(&backups::manifest_key(cluster, id)).await?;
-            backups::remove_backup_record(catalog, cluster, id)?;
+            store
+                .delete(&backup_index::manifest_key(cluster, id))
+                .await?;
+            backup_index::remove_backup_record(catalog, cluster, id)?;
             tracing::info!(%cluster, backup = %id, "backup expired");
         }
     }
 
     // WAL before the oldest kept backup.
-    let records = backups::backup_records(catalog, cluster)?;
+    let records = backup_index::backup_records(catalog, cluster)?;
     let oldest_kept = records
         .iter()
         .filter(|r| kept.contains(&r.id))
         .min_by(|a, b| a.id.cmp(&b.id));
     if let Some(oldest) = oldest_kept.filter(|_| !expired.is_empty() || !kept.is_empty()) {
         if summaries.iter().any(|s| s.state == BackupState::Usable) {
-            let seg_size = backups::segment_size(catalog, cluster)?;
-            let (horizon, _) = backups::wal_range(oldest, seg_size)?;
+            let seg_size = backup_index::segment_size(catalog, cluster)?;
+            let (horizon, _) = backup_index::wal_range(oldest, seg_size)?;
             let horizon_no = horizon.segno(seg_size);
             for (name, entry) in catalog.wal_files(cluster)? {
                 if name.timeline() > horizon.timeline {
@@ -273,13 +276,13 @@ async fn run_cluster(
     let remaining: Vec<String> = if dry_run {
         kept.clone()
     } else {
-        backups::backup_records(catalog, cluster)?
+        backup_index::backup_records(catalog, cluster)?
             .into_iter()
             .map(|r| r.id)
             .collect()
     };
     for id in &remaining {
-        match backups::read_manifest(store, cluster, id).await? {
+        match backup_index::read_manifest(store, cluster, id).await? {
             Some((m, _)) => referenced.extend(m.chunk_hashes().map(String::from)),
             None => anyhow::bail!(
                 "backup {id} of cluster '{cluster}' is listed but its manifest is missing; \
@@ -288,7 +291,7 @@ async fn run_cluster(
         }
     }
     let now = now();
-    for (hash, entry) in backups::chunk_entries(catalog, cluster)? {
+    for (hash, entry) in backup_index::chunk_entries(catalog, cluster)? {
         if referenced.contains(&hash) {
             continue;
         }
@@ -299,8 +302,10 @@ async fn run_cluster(
         out.collected_chunks += 1;
         out.collected_chunk_bytes += entry.stored_size;
         if !dry_run {
-            store.delete(&backups::chunk_key(cluster, &hash)).await?;
-            backups::remove_chunk_entry(catalog, cluster, &hash)?;
+            store
+                .delete(&backup_index::chunk_key(cluster, &hash))
+                .await?;
+            backup_index::remove_chunk_entry(catalog, cluster, &hash)?;
         }
     }
     if out.collected_chunks > 0 {

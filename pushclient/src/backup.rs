@@ -14,8 +14,10 @@
 //! Chunks are batched ([`BATCH_BYTES`]), the archive says which of a batch it lacks, and
 //! only those are compressed and sent, [`UPLOAD_CONCURRENCY`] at a time.
 //!
-//! Memory: at most [`BATCH_BYTES`] of chunks wait for the archive's answer, plus
-//! [`UPLOAD_CONCURRENCY`] chunks being compressed and sent, whatever the database size.
+//! Memory: at most three [`BATCH_BYTES`] batches of chunks (filling, queued, being
+//! uploaded), [`UPLOAD_CONCURRENCY`] of them compressed at a time, and a bounded set of
+//! recently seen hashes, whatever the database size. The manifest itself grows with the
+//! database: 64 bytes per 128 KiB chunk (about 0.5 MiB per GiB).
 
 use std::collections::HashSet;
 use std::io::IsTerminal;
@@ -36,10 +38,15 @@ use walvault_protocol::pgconn::{conninfo, ConnectionKind, PgConnection};
 use walvault_protocol::transport::{read_frame, ArchiveConnection};
 use walvault_protocol::wire::{Request, Response};
 
-/// Chunks held while the archive is asked which it lacks.
-const BATCH_BYTES: usize = 16 << 20;
-/// Chunks compressed and sent at once.
-const UPLOAD_CONCURRENCY: usize = 4;
+/// Chunks held while the archive is asked which it lacks (one batch being filled, one
+/// queued, one being uploaded: 3 x 8 MiB at most).
+const BATCH_BYTES: usize = 8 << 20;
+/// Chunks compressed and sent at once. Many in flight keep the link busy and let the
+/// archive's fsyncs share journal commits; 16 x 128 KiB is 2 MiB of buffers.
+const UPLOAD_CONCURRENCY: usize = 16;
+/// Hashes remembered to skip repeats within one backup (mostly all-zero chunks) without
+/// asking the archive again: ~10 MiB at most, whatever the database size.
+const KNOWN_HASHES: usize = 65_536;
 
 /// What `pushclient backup` was asked.
 pub(crate) struct BackupArgs {
@@ -78,6 +85,20 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         );
     }
     let system = pg.identify_system().await?;
+    let archive_mode = pg
+        .simple_query("SHOW archive_mode")
+        .await?
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .unwrap_or_default();
+    if archive_mode == "off" {
+        bail!(
+            "archive_mode is off on PostgreSQL at {}: the backup's WAL would never reach the archive and \
+             the backup could not be restored. Set archive_mode = on and archive_command = \
+             'pushclient archive-push %p' (needs a restart), then back up again.",
+            pg.endpoint
+        );
+    }
 
     let archive = Arc::new(ArchiveConnection::connect(cfg).await?);
     check_cluster(&archive, cfg, system.system_identifier).await?;
@@ -109,7 +130,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         archive.clone(),
         cfg.cluster.clone(),
         cfg.zstd_level,
-        tablespaces.clone(),
+        tablespaces,
     );
     let mut pg_manifest: Vec<u8> = Vec::new();
     let mut in_manifest = false;
@@ -120,15 +141,13 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
                 let tablespace = if location.is_empty() {
                     None
                 } else {
-                    Some(
-                        name.strip_suffix(".tar")
-                            .and_then(|o| o.parse::<u32>().ok())
-                            .ok_or_else(|| {
-                                anyhow!(
-                                    "unexpected archive name {name:?} for tablespace {location}"
-                                )
-                            })?,
-                    )
+                    let oid = name
+                        .strip_suffix(".tar")
+                        .and_then(|o| o.parse::<u32>().ok())
+                        .ok_or_else(|| {
+                            anyhow!("unexpected archive name {name:?} for tablespace {location}")
+                        })?;
+                    Some((oid, location))
                 };
                 collector.begin_archive(tablespace);
             }
@@ -162,7 +181,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         .await
         .context("BASE_BACKUP failed at its end")?;
     pg.close().await;
-    let (files, backup_label, mut stats) = collector.finish().await?;
+    let (files, tablespaces, backup_label, mut stats) = collector.finish().await?;
     progress.finish_and_clear();
     let stop_time = unix_now_millis() / 1000;
 
@@ -356,7 +375,7 @@ async fn wait_usable(
         if Instant::now() >= deadline {
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -395,8 +414,16 @@ impl Collector {
         }
     }
 
-    fn begin_archive(&mut self, tablespace: Option<u32>) {
-        self.tablespace = tablespace;
+    fn begin_archive(&mut self, tablespace: Option<(u32, String)>) {
+        if let Some((oid, location)) = &tablespace {
+            if !self.tablespaces.iter().any(|t| t.oid == *oid) {
+                self.tablespaces.push(TablespaceEntry {
+                    oid: *oid,
+                    location: location.clone(),
+                });
+            }
+        }
+        self.tablespace = tablespace.map(|(oid, _)| oid);
         self.tar = Some(TarReader::new());
     }
 
@@ -426,14 +453,6 @@ impl Collector {
     fn on_event(&mut self, event: TarEvent<'_>) -> Result<(), TarError> {
         match event {
             TarEvent::Entry(e) => {
-                if let Some(oid) = self.tablespace {
-                    if !self.tablespaces.iter().any(|t| t.oid == oid) {
-                        self.tablespaces.push(TablespaceEntry {
-                            oid,
-                            location: String::new(),
-                        });
-                    }
-                }
                 self.capture_label = self.tablespace.is_none() && e.path == "backup_label";
                 self.current = Some(FileEntry {
                     tablespace: self.tablespace,
@@ -486,42 +505,44 @@ impl Collector {
         Ok(())
     }
 
-    async fn finish(self) -> Result<(Vec<FileEntry>, String, BackupStats)> {
+    async fn finish(self) -> Result<(Vec<FileEntry>, Vec<TablespaceEntry>, String, BackupStats)> {
         let stats = self.uploader.finish().await?;
         let label = self
             .backup_label
             .ok_or_else(|| anyhow!("PostgreSQL's backup has no backup_label"))?;
         let mut stats = stats;
         stats.chunks = self.files.iter().map(|f| f.chunks.len() as u64).sum();
-        Ok((self.files, label, stats))
+        Ok((self.files, self.tablespaces, label, stats))
     }
 }
 
-/// Sends the chunks the archive lacks.
+/// Sends the chunks the archive lacks. Batches go to a worker task that asks the archive
+/// which chunks it lacks and uploads those, while the tar stream keeps being read: at
+/// most one batch waits in the channel and one is being worked on.
 struct Uploader {
-    archive: Arc<ArchiveConnection>,
-    cluster: String,
-    level: i32,
     known: HashSet<String>,
     pending: Vec<(String, Bytes)>,
     pending_bytes: usize,
-    uploads: Fanout<(u64, bool)>,
+    batches: Option<tokio::sync::mpsc::Sender<Vec<(String, Bytes)>>>,
+    worker: tokio::task::JoinHandle<Result<BackupStats>>,
 }
 
 impl Uploader {
     fn new(archive: Arc<ArchiveConnection>, cluster: String, level: i32) -> Uploader {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         Uploader {
-            archive,
-            cluster,
-            level,
             known: HashSet::new(),
             pending: Vec::new(),
             pending_bytes: 0,
-            uploads: Fanout::new(UPLOAD_CONCURRENCY),
+            batches: Some(tx),
+            worker: tokio::spawn(upload_batches(archive, cluster, level, rx)),
         }
     }
 
     async fn add(&mut self, hash: String, data: Bytes) -> Result<()> {
+        if self.known.len() >= KNOWN_HASHES {
+            self.known.clear();
+        }
         if !self.known.insert(hash.clone()) {
             return Ok(());
         }
@@ -539,10 +560,42 @@ impl Uploader {
         }
         let batch = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        let (response, _) = self
-            .archive
+        let sent = match &self.batches {
+            Some(tx) => tx.send(batch).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The worker stopped: its result says why.
+            self.batches = None;
+            return match (&mut self.worker).await {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(_)) => Err(anyhow!("chunk uploads stopped early")),
+                Err(e) => Err(anyhow!("chunk upload task failed: {e}")),
+            };
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<BackupStats> {
+        self.flush().await?;
+        self.batches = None;
+        self.worker
+            .await
+            .map_err(|e| anyhow!("chunk upload task failed: {e}"))?
+    }
+}
+
+async fn upload_batches(
+    archive: Arc<ArchiveConnection>,
+    cluster: String,
+    level: i32,
+    mut batches: tokio::sync::mpsc::Receiver<Vec<(String, Bytes)>>,
+) -> Result<BackupStats> {
+    let mut uploads: Fanout<(u64, bool)> = Fanout::new(UPLOAD_CONCURRENCY);
+    while let Some(batch) = batches.recv().await {
+        let (response, _) = archive
             .call(&Request::ChunksMissing {
-                cluster: self.cluster.clone(),
+                cluster: cluster.clone(),
                 hashes: batch.iter().map(|(h, _)| h.clone()).collect(),
             })
             .await?;
@@ -555,28 +608,21 @@ impl Uploader {
             if !missing.contains(&hash) {
                 continue;
             }
-            let archive = self.archive.clone();
-            let cluster = self.cluster.clone();
-            let level = self.level;
-            self.uploads
+            let archive = archive.clone();
+            let cluster = cluster.clone();
+            uploads
                 .spawn(async move { upload_chunk(&archive, cluster, hash, data, level).await })
                 .await?;
         }
-        Ok(())
     }
-
-    async fn finish(mut self) -> Result<BackupStats> {
-        self.flush().await?;
-        let done = self.uploads.finish().await?;
-        let mut stats = BackupStats::default();
-        for (stored, new) in done {
-            if new {
-                stats.new_chunks += 1;
-                stats.new_stored_bytes += stored;
-            }
+    let mut stats = BackupStats::default();
+    for (stored, new) in uploads.finish().await? {
+        if new {
+            stats.new_chunks += 1;
+            stats.new_stored_bytes += stored;
         }
-        Ok(stats)
     }
+    Ok(stats)
 }
 
 async fn upload_chunk(

@@ -26,6 +26,12 @@
 //! distinct chunk is fetched once and written to every place that holds it. Memory:
 //! `FETCH_CONCURRENCY` chunks.
 
+mod cli;
+mod target;
+
+pub(crate) use cli::{command, CloneCommand, Invocation, RestoreCommand};
+pub(crate) use target::RecoveryTarget;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -35,35 +41,21 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use walvault_protocol::backup::{
-    chunk_range, format_unix_utc, BackupManifest, BackupState, BackupSummary, FileEntry, FileKind,
+    chunk_range, format_unix_utc, BackupManifest, BackupSummary, FileEntry, FileKind,
     MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
 };
 use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder};
 use walvault_protocol::config::ClientConfig;
 use walvault_protocol::fanout::Fanout;
 use walvault_protocol::transport::ArchiveConnection;
-use walvault_protocol::wal::Lsn;
 use walvault_protocol::wire::{Request, Response};
 
-/// Chunks fetched and written at once.
-const FETCH_CONCURRENCY: usize = 8;
+use target::choose;
 
-/// Where recovery should stop.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum RecoveryTarget {
-    /// Replay all archived WAL.
-    End,
-    /// `recovery_target_time` (text as given, and as unix seconds).
-    Time(String, i64),
-    /// `recovery_target_lsn`.
-    Lsn(Lsn),
-    /// `recovery_target_xid`.
-    Xid(String),
-    /// `recovery_target_name` (a pg_create_restore_point name).
-    Name(String),
-    /// `recovery_target = 'immediate'`: stop at consistency.
-    Immediate,
-}
+/// Chunks fetched and written at once (hides the per-request round trip; 32 x 128 KiB).
+const FETCH_CONCURRENCY: usize = 32;
+/// Files fsynced at once (concurrent fsyncs share the filesystem's journal commits).
+const SYNC_CONCURRENCY: usize = 16;
 
 /// How the restored cluster should come up.
 #[derive(Clone, Debug)]
@@ -85,90 +77,6 @@ pub(crate) struct RestoreArgs {
     pub(crate) delta: bool,
     pub(crate) tablespace_map: Vec<(u32, PathBuf)>,
     pub(crate) config_path: PathBuf,
-}
-
-/// Parses `--target-time`: RFC 3339 or PostgreSQL's `YYYY-MM-DD HH:MM:SS[.ffffff]+TZ`; a
-/// UTC offset is required (PostgreSQL would read a bare time in the restored server's
-/// TimeZone, which the archive cannot know).
-pub(crate) fn parse_target_time(text: &str) -> Result<i64> {
-    let t = text.trim();
-    let normalized = t
-        .strip_suffix(" UTC")
-        .or_else(|| t.strip_suffix(" GMT"))
-        .map(|b| format!("{b}+00"))
-        .unwrap_or_else(|| t.to_string());
-    if let Ok(d) = chrono::DateTime::parse_from_rfc3339(&normalized) {
-        return Ok(d.timestamp());
-    }
-    for f in [
-        "%Y-%m-%d %H:%M:%S%.f%#z",
-        "%Y-%m-%d %H:%M:%S%#z",
-        "%Y-%m-%dT%H:%M:%S%.f%#z",
-    ] {
-        if let Ok(d) = chrono::DateTime::parse_from_str(&normalized, f) {
-            return Ok(d.timestamp());
-        }
-    }
-    bail!(
-        "--target-time '{text}' is not a time with a UTC offset; write it like '2026-11-22 04:45:37+00' \
-         or '2026-11-22T04:45:37.5+01:00'"
-    )
-}
-
-/// Parses `--tablespace-map OID=DIR`.
-pub(crate) fn parse_tablespace_mapping(text: &str) -> Result<(u32, PathBuf), String> {
-    let (oid, dir) = text
-        .split_once('=')
-        .ok_or_else(|| format!("'{text}' is not OID=DIR"))?;
-    let oid: u32 = oid.trim().parse().map_err(|_| {
-        format!("'{oid}' is not a tablespace OID (see pg_tblspc/ or `archived backups show`)")
-    })?;
-    let dir = PathBuf::from(dir);
-    if !dir.is_absolute() {
-        return Err(format!(
-            "tablespace directory '{}' must be absolute",
-            dir.display()
-        ));
-    }
-    Ok((oid, dir))
-}
-
-fn choose<'a>(
-    backups: &'a [BackupSummary],
-    wanted: Option<&str>,
-    target: Option<&RecoveryTarget>,
-    cluster: &str,
-) -> Result<&'a BackupSummary> {
-    if let Some(id) = wanted.filter(|w| *w != "latest") {
-        let b = backups
-            .iter()
-            .find(|b| b.id == id)
-            .ok_or_else(|| anyhow!("backup {id} does not exist in cluster '{cluster}' (see `archived backups list --cluster {cluster}`)"))?;
-        if b.state != BackupState::Usable {
-            bail!(
-                "backup {id} is not usable yet: the WAL from {} to {} is not all archived",
-                b.wal_start,
-                b.wal_stop
-            );
-        }
-        return Ok(b);
-    }
-    let mut usable = backups
-        .iter()
-        .rev()
-        .filter(|b| b.state == BackupState::Usable);
-    let chosen = match target {
-        Some(RecoveryTarget::Time(text, t)) => usable.find(|b| b.stop_time <= *t).ok_or_else(|| {
-            anyhow!("no usable backup of cluster '{cluster}' ended at or before {text}: nothing can be restored to that time")
-        })?,
-        Some(RecoveryTarget::Lsn(l)) => usable
-            .find(|b| b.stop_lsn.parse::<Lsn>().is_ok_and(|s| s <= *l))
-            .ok_or_else(|| anyhow!("no usable backup of cluster '{cluster}' ended at or before LSN {l}"))?,
-        _ => usable.next().ok_or_else(|| {
-            anyhow!("cluster '{cluster}' has no usable backup (take one with `pushclient backup`)")
-        })?,
-    };
-    Ok(chosen)
 }
 
 async fn list_backups(conn: &ArchiveConnection, cluster: &str) -> Result<Vec<BackupSummary>> {
@@ -599,8 +507,22 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
     fetches.finish().await?;
     progress.finish_and_clear();
 
-    // Durability: every file and directory.
-    let sync_paths = paths.clone();
+    // Durability: every file, then every directory.
+    let mut syncs = Fanout::new(SYNC_CONCURRENCY);
+    for p in paths.iter() {
+        let p = p.clone();
+        syncs
+            .spawn(async move {
+                tokio::task::spawn_blocking(move || {
+                    std::fs::File::open(&p)
+                        .and_then(|f| f.sync_all())
+                        .with_context(|| format!("cannot fsync {}", p.display()))
+                })
+                .await?
+            })
+            .await?;
+    }
+    syncs.finish().await?;
     let sync_dirs: Vec<PathBuf> = manifest
         .files
         .iter()
@@ -609,11 +531,6 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
         .chain(roots.iter().cloned().map(Ok))
         .collect::<Result<_>>()?;
     tokio::task::spawn_blocking(move || -> Result<()> {
-        for p in sync_paths.iter() {
-            std::fs::File::open(p)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("cannot fsync {}", p.display()))?;
-        }
         for d in &sync_dirs {
             walvault_protocol::fsutil::fsync_dir(d)
                 .with_context(|| format!("cannot fsync {}", d.display()))?;
@@ -727,201 +644,4 @@ fn finish_pgdata(
     write_new(signal, b"")?;
     walvault_protocol::fsutil::fsync_dir(pgdata)?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn summary(id: &str, stop_time: i64, stop_lsn: &str, usable: bool) -> BackupSummary {
-        BackupSummary {
-            id: id.into(),
-            label: String::new(),
-            timeline: 1,
-            start_lsn: "0/1000000".into(),
-            stop_lsn: stop_lsn.into(),
-            start_time: stop_time - 1,
-            stop_time,
-            pg_version: 150000,
-            logical_bytes: 0,
-            stored_bytes: 0,
-            files: 0,
-            chunks: 0,
-            state: if usable {
-                BackupState::Usable
-            } else {
-                BackupState::IncompleteWal
-            },
-            wal_start: String::new(),
-            wal_stop: String::new(),
-            restorable_until: None,
-            restorable_until_lsn: None,
-        }
-    }
-
-    #[test]
-    fn backup_choice_follows_the_target() {
-        let l = [
-            summary("a", 100, "0/3000000", true),
-            summary("b", 200, "0/5000000", true),
-            summary("c", 300, "0/7000000", false),
-        ];
-        assert_eq!(choose(&l, None, None, "m").unwrap().id, "b");
-        assert_eq!(choose(&l, Some("latest"), None, "m").unwrap().id, "b");
-        assert_eq!(choose(&l, Some("a"), None, "m").unwrap().id, "a");
-        assert!(choose(&l, Some("c"), None, "m").is_err());
-        assert!(choose(&l, Some("zz"), None, "m").is_err());
-        let t = RecoveryTarget::Time("x".into(), 150);
-        assert_eq!(choose(&l, None, Some(&t), "m").unwrap().id, "a");
-        let t = RecoveryTarget::Time("x".into(), 50);
-        assert!(choose(&l, None, Some(&t), "m").is_err());
-        let t = RecoveryTarget::Lsn("0/6000000".parse().unwrap());
-        assert_eq!(choose(&l, None, Some(&t), "m").unwrap().id, "b");
-    }
-
-    #[test]
-    fn target_times_need_an_offset() {
-        assert_eq!(parse_target_time("1970-01-01 00:01:00+00").unwrap(), 60);
-        assert_eq!(parse_target_time("1970-01-01 00:01:00.5+00").unwrap(), 60);
-        assert_eq!(parse_target_time("1970-01-01 01:01:00+01:00").unwrap(), 60);
-        assert_eq!(parse_target_time("1970-01-01T00:01:00Z").unwrap(), 60);
-        assert_eq!(parse_target_time("1970-01-01 00:01:00 UTC").unwrap(), 60);
-        assert!(parse_target_time("1970-01-01 00:01:00").is_err());
-        assert!(parse_tablespace_mapping("16384=/srv/ts").is_ok());
-        assert!(parse_tablespace_mapping("16384=rel").is_err());
-        assert!(parse_tablespace_mapping("x=/a").is_err());
-    }
-}
-
-/// `pullclient restore`.
-#[derive(clap::Args)]
-pub(crate) struct RestoreCommand {
-    /// Data directory to restore into (created; must be empty unless --delta).
-    #[arg(long)]
-    pgdata: PathBuf,
-    /// Backup id, or "latest" (default: the newest usable backup that ended before the target).
-    #[arg(long)]
-    backup: Option<String>,
-    /// Recover to this time, with a UTC offset: '2026-11-22 04:45:37+00'.
-    #[arg(long, group = "target")]
-    target_time: Option<String>,
-    /// Recover to this LSN, e.g. 0/5000028.
-    #[arg(long, group = "target")]
-    target_lsn: Option<String>,
-    /// Recover to the commit of this transaction id.
-    #[arg(long, group = "target")]
-    target_xid: Option<String>,
-    /// Recover to this restore point (pg_create_restore_point).
-    #[arg(long, group = "target")]
-    target_name: Option<String>,
-    /// Stop as soon as the backup is consistent.
-    #[arg(long, group = "target")]
-    target_immediate: bool,
-    /// What PostgreSQL does at the target: promote, pause (PostgreSQL's default) or shutdown.
-    #[arg(long, value_parser = ["promote", "pause", "shutdown"])]
-    target_action: Option<String>,
-    /// Rewrite only what differs from the backup in an existing data directory.
-    #[arg(long)]
-    delta: bool,
-    /// Put tablespace OID in DIR instead of its original location (repeatable).
-    #[arg(long = "tablespace-map", value_parser = parse_tablespace_mapping)]
-    tablespace_map: Vec<(u32, PathBuf)>,
-}
-
-/// `pullclient clone`.
-#[derive(clap::Args)]
-pub(crate) struct CloneCommand {
-    /// Data directory of the new standby (created; must be empty unless --delta).
-    #[arg(long)]
-    pgdata: PathBuf,
-    /// primary_conninfo for streaming from the primary as well as from the archive.
-    #[arg(long)]
-    primary_conninfo: Option<String>,
-    /// Rewrite only what differs in an existing data directory.
-    #[arg(long)]
-    delta: bool,
-    /// Put tablespace OID in DIR instead of its original location (repeatable).
-    #[arg(long = "tablespace-map", value_parser = parse_tablespace_mapping)]
-    tablespace_map: Vec<(u32, PathBuf)>,
-}
-
-fn target_of(c: &RestoreCommand) -> Result<RecoveryTarget> {
-    Ok(if let Some(t) = &c.target_time {
-        RecoveryTarget::Time(t.clone(), parse_target_time(t)?)
-    } else if let Some(l) = &c.target_lsn {
-        RecoveryTarget::Lsn(
-            l.parse().map_err(|_| {
-                anyhow!("--target-lsn '{l}' is not an LSN (write it like 0/5000028)")
-            })?,
-        )
-    } else if let Some(x) = &c.target_xid {
-        if x.trim().parse::<u64>().is_err() {
-            bail!("--target-xid '{x}' is not a transaction id");
-        }
-        RecoveryTarget::Xid(x.trim().to_string())
-    } else if let Some(n) = &c.target_name {
-        RecoveryTarget::Name(n.clone())
-    } else if c.target_immediate {
-        RecoveryTarget::Immediate
-    } else {
-        RecoveryTarget::End
-    })
-}
-
-/// Which of the two commands.
-pub(crate) enum Invocation {
-    /// `restore`.
-    Restore(RestoreCommand),
-    /// `clone`.
-    Clone(CloneCommand),
-}
-
-/// Runs `restore` or `clone`: exit 0 on success, 1 on failure, 2 for an unusable config.
-pub(crate) fn command(
-    invocation: Invocation,
-    config: Option<&Path>,
-    runtime: &tokio::runtime::Runtime,
-) -> std::process::ExitCode {
-    let config_path = walvault_protocol::config::config_path(config, "pullclient");
-    let cfg = match ClientConfig::load(&config_path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let args = match invocation {
-        Invocation::Restore(c) => target_of(&c).map(|target| RestoreArgs {
-            mode: Mode::Recovery {
-                target,
-                action: c.target_action.clone(),
-            },
-            pgdata: c.pgdata,
-            backup: c.backup,
-            delta: c.delta,
-            tablespace_map: c.tablespace_map,
-            config_path: config_path.clone(),
-        }),
-        Invocation::Clone(c) => Ok(RestoreArgs {
-            mode: Mode::Standby {
-                primary_conninfo: c.primary_conninfo,
-            },
-            pgdata: c.pgdata,
-            backup: None,
-            delta: c.delta,
-            tablespace_map: c.tablespace_map,
-            config_path: config_path.clone(),
-        }),
-    };
-    let result = match args {
-        Ok(args) => runtime.block_on(restore(&cfg, &args)),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
 }
