@@ -691,3 +691,101 @@ fn clone_follows_primary_and_catalog_rebuild_keeps_backups() {
     let refused = restore_refused(&archive, &pull, &[]);
     assert!(refused.contains("no usable backup"), "{refused}");
 }
+
+/// A tablespace is backed up and restored where `--tablespace-map` puts it (its original
+/// location is refused while in use); `clone --primary-conninfo` gives a streaming standby.
+#[test]
+fn tablespace_remapped_and_streaming_clone() {
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let pull = archive.issue(CLUSTER, "pull");
+    let primary = archiving_primary(&archive, &push, &[]);
+    let ts_dir = primary.dir().subdir("ts");
+    chown_pg(&ts_dir);
+    primary.psql(&format!(
+        "CREATE TABLESPACE ts LOCATION '{}'",
+        ts_dir.display()
+    ));
+    primary.psql("CREATE TABLE in_ts TABLESPACE ts AS SELECT generate_series(1, 5000) AS id");
+    let oid = primary.psql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts'");
+    backup(&archive, &push, &primary, &["--fast"]);
+
+    let refused = restore_refused(&archive, &pull, &[]);
+    assert!(
+        refused.contains(&ts_dir.display().to_string()) && refused.contains("not empty"),
+        "{refused}"
+    );
+
+    let target = TestDir::new("ts-target");
+    let new_ts = target.subdir("ts");
+    chown_pg(&new_ts);
+    let map = format!("{oid}={}", new_ts.display());
+    let mut c = restore(
+        &archive,
+        &pull,
+        "ts-restore",
+        &[
+            "--tablespace-map",
+            &map,
+            "--target-immediate",
+            "--target-action",
+            "promote",
+        ],
+    );
+    let link = fs::read_link(c.data_dir().join("pg_tblspc").join(&oid)).unwrap();
+    assert_eq!(link, new_ts);
+    verifybackup(&c, None);
+    start_and_wait_promoted(&mut c);
+    assert_eq!(c.psql("SELECT count(*) FROM in_ts"), "5000");
+    assert_eq!(
+        c.psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts'"),
+        new_ts.display().to_string()
+    );
+    c.stop();
+
+    // A streaming clone (its tablespace elsewhere too).
+    let mut clone = PgCluster::empty("streaming-clone");
+    let clone_ts = target.subdir("clone-ts");
+    chown_pg(&clone_ts);
+    let conninfo = format!(
+        "host={} port={PG_PORT} user=postgres",
+        primary.sock_dir().display()
+    );
+    let dir = clone.data_dir().to_string_lossy().into_owned();
+    let clone_map = format!("{oid}={}", clone_ts.display());
+    let out = try_pullclient(
+        &archive,
+        &pull,
+        &[
+            "clone",
+            "--pgdata",
+            &dir,
+            "--primary-conninfo",
+            &conninfo,
+            "--tablespace-map",
+            &clone_map,
+        ],
+    );
+    assert!(out.success(), "{}", out.describe());
+    no_archiving(&clone);
+    clone.start();
+    wait_until(
+        "the clone to stream from the primary",
+        WAIT_TIMEOUT,
+        || {
+            clone
+                .try_psql("SELECT status FROM pg_stat_wal_receiver")
+                .ok()
+                .as_deref()
+                == Some("streaming")
+        },
+        || clone.diag(),
+    );
+    primary.psql("INSERT INTO in_ts SELECT generate_series(5001, 6000)");
+    wait_until(
+        "the streaming clone to see a row not yet archived",
+        WAIT_TIMEOUT,
+        || clone.try_psql("SELECT count(*) FROM in_ts").ok().as_deref() == Some("6000"),
+        || clone.diag(),
+    );
+}

@@ -3,6 +3,7 @@
 //! The binaries under test are found in the cargo target directory (build them first:
 //! `cargo build --workspace --bins`); PostgreSQL 15 under /usr/lib/postgresql/15/bin.
 
+mod backup_promises;
 mod cli;
 mod pg_archive;
 mod pg_backup;
