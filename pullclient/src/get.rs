@@ -126,11 +126,15 @@ pub(crate) async fn fetch_to(
     }
     let tmp = fsutil::temp_path_beside(dest);
     let result = async {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        // Decoded output arrives in pieces as small as a QUIC packet's worth: batch writes.
+        let mut file = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?,
+        );
         let mut decoder = VerifyingDecoder::new(raw_size)?;
         let mut received = 0u64;
         while let Some(chunk) = recv
@@ -159,6 +163,7 @@ pub(crate) async fn fetch_to(
         summary.check(raw_size, &blake3).with_context(|| {
             format!("{name}: archived copy failed verification; not handing it to PostgreSQL")
         })?;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
         fsutil::durable_rename(&tmp, dest)
