@@ -246,6 +246,7 @@ async fn run_cluster(
                 }
                 let segment = match &name {
                     WalFileName::History(_) => continue,
+                    WalFileName::BackupHistory(s, _) => Some(*s),
                     other => other.segment(),
                 };
                 let Some(segment) = segment else { continue };
