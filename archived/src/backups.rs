@@ -28,6 +28,7 @@ use crate::catalog::Catalog;
 use crate::retention::RetentionConfig;
 use crate::server::{respond, send_object, Refusal, Reply};
 use crate::store::{self, CreateOutcome, ObjectHeader, PendingObject, Store};
+use crate::syncgroup::SyncGroup;
 
 /// Server-side state of the backup service.
 pub struct BackupService {
@@ -36,6 +37,8 @@ pub struct BackupService {
     pub(crate) gc_lock: tokio::sync::RwLock<()>,
     /// The policy from archived.toml.
     pub(crate) policy: RetentionConfig,
+    /// Shared syncs of concurrent chunk writes (local store), made at first use.
+    sync_group: std::sync::OnceLock<SyncGroup>,
 }
 
 impl BackupService {
@@ -44,7 +47,15 @@ impl BackupService {
         BackupService {
             gc_lock: tokio::sync::RwLock::new(()),
             policy,
+            sync_group: std::sync::OnceLock::new(),
         }
+    }
+
+    fn sync_group(&self, store: &Store) -> &SyncGroup {
+        self.sync_group.get_or_init(|| match store {
+            Store::Local { root } => SyncGroup::new(root),
+            Store::Remote { spool, .. } => SyncGroup::new(spool),
+        })
     }
 }
 
@@ -68,7 +79,7 @@ pub async fn handle(
             raw_size,
         } => {
             put_chunk(
-                store, catalog, identity, &cluster, &blake3, raw_size, &mut recv,
+                store, catalog, service, identity, &cluster, &blake3, raw_size, &mut recv,
             )
             .await
         }
@@ -291,6 +302,7 @@ async fn receive_verified(
 async fn put_chunk(
     store: &Store,
     catalog: &Catalog,
+    service: &BackupService,
     identity: &ClientIdentity,
     cluster: &str,
     blake3: &str,
@@ -319,7 +331,7 @@ async fn put_chunk(
         receive_verified(store, &key, &what, raw_size, blake3, recv, false).await?;
     let stored_size = store::HEADER_LEN as u64 + header.compressed_size;
     let outcome = store
-        .commit(pending, &header)
+        .commit_grouped(pending, &header, service.sync_group(store))
         .await
         .map_err(Refusal::internal)?;
     // Same name, same content (the name is the hash): an existing object is as good.

@@ -8,6 +8,7 @@ mod retention;
 mod server;
 mod settings;
 mod store;
+mod syncgroup;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -35,7 +35,9 @@
 //!
 //! Local backend (the default): the object is written to a `.tmp.*` file beside its
 //! final name, fsynced, hard-linked to the final name (which fails if the name exists:
-//! create-only), and the directory is fsynced. Remote backends (`s3://`, `gs://`,
+//! create-only), and the directory is fsynced. Backup chunks, written by the thousand,
+//! use [`Store::commit_grouped`]: the same steps with the two fsyncs replaced by syncfs
+//! calls shared by every concurrent writer (syncgroup.rs). Remote backends (`s3://`, `gs://`,
 //! `az://`): the body is spooled to a local temporary file while it is received and
 //! verified, then PUT with `PutMode::Create`; success is the backend's acknowledgement.
 
@@ -301,6 +303,42 @@ impl Store {
                 self.put_new(&pending.key, bytes.into()).await
             }
         }
+    }
+
+    /// [`commit`](Self::commit) for the many small objects of a backup: on a local store
+    /// the fsyncs of concurrent writers are shared through `group` (see syncgroup.rs),
+    /// with the same guarantee: on return the object (data and name) is durable.
+    pub async fn commit_grouped(
+        &self,
+        mut pending: PendingObject,
+        header: &ObjectHeader,
+        group: &crate::syncgroup::SyncGroup,
+    ) -> Result<CreateOutcome> {
+        let Store::Local { root } = self else {
+            return self.commit(pending, header).await;
+        };
+        pending.file.seek(std::io::SeekFrom::Start(0)).await?;
+        pending.file.write_all(&header.encode()).await?;
+        pending.file.flush().await?;
+        group.sync().await.context("syncing the store failed")?;
+        let target = Self::local_path(root, &pending.key);
+        let tmp = pending.tmp.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            let linked = std::fs::hard_link(&tmp, &target);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await?
+        .with_context(|| format!("cannot store {}", pending.key))?;
+        if !created {
+            return Ok(CreateOutcome::Exists);
+        }
+        group.sync().await.context("syncing the store failed")?;
+        Ok(CreateOutcome::Created)
     }
 
     /// Writes a small object create-only.
