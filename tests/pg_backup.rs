@@ -234,7 +234,9 @@ fn backup_under_load_restore_and_pitr() {
     assert_eq!(b["label"], "under load");
 
     // Marker 1, then the points between, then marker 2.
-    primary.psql("INSERT INTO marker (id) VALUES (1)");
+    let xid1 = primary.psql("INSERT INTO marker (id) VALUES (1) RETURNING txid_current()");
+    // psql prints the command tag after the returned row.
+    let xid1 = xid1.lines().next().unwrap_or_default().to_string();
     sleep(Duration::from_millis(1100));
     let between_time = primary.psql(
         "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
@@ -291,6 +293,10 @@ fn backup_under_load_restore_and_pitr() {
         (
             "pitr-name",
             vec!["--target-name", "between", "--target-action", "promote"],
+        ),
+        (
+            "pitr-xid",
+            vec!["--target-xid", xid1.as_str(), "--target-action", "promote"],
         ),
     ] {
         let mut c = restore(&archive, &pull, name, &args);

@@ -266,6 +266,13 @@ fn quote_conf(value: &str) -> String {
 
 pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()> {
     let started = Instant::now();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        tracing::warn!(
+            "running as root: the restored files will belong to root, and PostgreSQL refuses to start \
+             from them; run pullclient as the user PostgreSQL runs as (or chown -R the data directory)"
+        );
+    }
     let conn = Arc::new(ArchiveConnection::connect(cfg).await?);
     let backups = list_backups(&conn, &cfg.cluster).await?;
     let target = match &args.mode {
