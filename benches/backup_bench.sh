@@ -78,7 +78,7 @@ timed() {
     shift
     local t0 t1 rc=0
     t0=$(now)
-    /usr/bin/time -f 'walvault-bench-maxrss %M' -o "$logf.time" "$@" >>"$logf" 2>&1 || rc=$?
+    /usr/bin/time -f 'walvault-bench-maxrss %M cpu %U %S' -o "$logf.time" "$@" >>"$logf" 2>&1 || rc=$?
     t1=$(now)
     if ((rc != 0)); then
         tail -n 40 "$logf" >&2
@@ -86,10 +86,16 @@ timed() {
     fi
     SECS=$(elapsed "$t0" "$t1")
     RSS_KIB=$(awk '$1 == "walvault-bench-maxrss" { print $2 }' "$logf.time")
+    CPU=$(awk '$1 == "walvault-bench-maxrss" { printf "%.1f", $4 + $5 }' "$logf.time")
+}
+
+# CPU seconds (user + system) archived has used so far.
+archived_cpu() {
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.1f", ($12 + $13) / hz }' "/proc/$ARCHIVED_PID/stat"
 }
 
 ROWS=()
-row() { ROWS+=("$1|$2|$3|$4|$5|$6"); log "$1 $2: $3 s, $4 MB/s, stored $5 MiB, peak RSS $6"; }
+row() { ROWS+=("$1|$2|$3|$4|$5|$6|$7"); log "$1 $2: $3 s, $4 MB/s, stored $5 MiB, peak RSS $6, CPU $7 s"; }
 rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.0f", b / 1e6 / s }'; }
 
 [[ $(id -u) == 0 ]] || die "run as root (PostgreSQL and pgBackRest run as 'postgres' via runuser)"
@@ -186,7 +192,7 @@ sync
 export PGHOST=$WORK/sock PGPORT
 log "pg_basebackup -Ft -X none -c fast"
 timed "$LOGS/pg_basebackup.log" runuser -u postgres -- "$PGBIN/pg_basebackup" -D "$WORK/pgbb/full" -Ft -X none -c fast
-row "pg_basebackup -Ft" "full backup" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib "$(dusb "$WORK/pgbb/full")")" "$((RSS_KIB / 1024)) MiB"
+row "pg_basebackup -Ft" "full backup" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib "$(dusb "$WORK/pgbb/full")")" "$((RSS_KIB / 1024)) MiB" "$CPU"
 rm -rf "$WORK/pgbb/full"
 sync
 
@@ -195,9 +201,10 @@ bw_stored() { # id -> stored_bytes from the archive's listing
         python3 -c 'import json,sys; print(next(b["stored_bytes"] for b in json.load(sys.stdin) if b["id"] == sys.argv[1]))' "$1"
 }
 log "walvault: pushclient backup --fast"
+A0=$(archived_cpu)
 timed "$LOGS/wv-full.log" runuser -u postgres -- env PGHOST="$WORK/sock" PGPORT=$PGPORT "$BIN/pushclient" backup --fast --config "$WORK/push.toml"
 WV_FULL_ID=$(awk '$1 == "backup" && $3 == "committed:" { print $2 }' "$LOGS/wv-full.log" | tail -n 1)
-row "walvault" "full backup" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib "$(bw_stored "$WV_FULL_ID")")" "$((RSS_KIB / 1024)) MiB"
+row "walvault" "full backup" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib "$(bw_stored "$WV_FULL_ID")")" "$((RSS_KIB / 1024)) MiB" "$CPU + archived $(awk -v a="$A0" -v b="$(archived_cpu)" 'BEGIN { printf "%.1f", b - a }')"
 sync
 
 for repo in 1 2; do
@@ -205,21 +212,22 @@ for repo in 1 2; do
     before=$(dusb "$WORK/pgbr/repo$repo/backup")
     timed "$LOGS/pgbr-full$repo.log" runuser -u postgres -- pgbackrest --config="$PGBR_CONF" --stanza=bench --repo=$repo --type=full backup
     kind=$([[ $repo == 1 ]] && echo "pgBackRest" || echo "pgBackRest block")
-    row "$kind" "full backup" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib $(($(dusb "$WORK/pgbr/repo$repo/backup") - before)))" "$((RSS_KIB / 1024)) MiB"
+    row "$kind" "full backup" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib $(($(dusb "$WORK/pgbr/repo$repo/backup") - before)))" "$((RSS_KIB / 1024)) MiB" "$CPU"
     sync
 done
 
 # ---------------------------------------------------------------- restores
 mkdir -p "$WORK/restore" && chown postgres: "$WORK/restore"
 log "walvault: pullclient restore"
+A0=$(archived_cpu)
 timed "$LOGS/wv-restore.log" runuser -u postgres -- "$BIN/pullclient" restore --pgdata "$WORK/restore/wv" --config "$WORK/pull.toml"
-row "walvault" "restore" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "" "$((RSS_KIB / 1024)) MiB"
+row "walvault" "restore" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "" "$((RSS_KIB / 1024)) MiB" "$CPU + archived $(awk -v a="$A0" -v b="$(archived_cpu)" 'BEGIN { printf "%.1f", b - a }')"
 rm -rf "$WORK/restore/wv"
 sync
 log "pgBackRest restore (repo1)"
 mkdir -m 0700 "$WORK/restore/pgbr" && chown postgres: "$WORK/restore/pgbr"
 timed "$LOGS/pgbr-restore.log" runuser -u postgres -- pgbackrest --config="$PGBR_CONF" --stanza=bench --repo=1 --pg1-path="$WORK/restore/pgbr" restore
-row "pgBackRest" "restore" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "" "$((RSS_KIB / 1024)) MiB"
+row "pgBackRest" "restore" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "" "$((RSS_KIB / 1024)) MiB" "$CPU"
 rm -rf "$WORK/restore/pgbr"
 sync
 
@@ -229,9 +237,10 @@ FIRST=$((SCALE * 50000))
 log "UPDATE of $ROWS_1PCT accounts (aid $((FIRST + 1)) .. $((FIRST + ROWS_1PCT)))"
 psql_q "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid BETWEEN $((FIRST + 1)) AND $((FIRST + ROWS_1PCT))" >/dev/null
 log "walvault: second backup"
+A0=$(archived_cpu)
 timed "$LOGS/wv-incr.log" runuser -u postgres -- env PGHOST="$WORK/sock" PGPORT=$PGPORT "$BIN/pushclient" backup --fast --config "$WORK/push.toml"
 WV_INCR_ID=$(awk '$1 == "backup" && $3 == "committed:" { print $2 }' "$LOGS/wv-incr.log" | tail -n 1)
-row "walvault" "2nd backup after 1% update" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib "$(bw_stored "$WV_INCR_ID")")" "$((RSS_KIB / 1024)) MiB"
+row "walvault" "2nd backup after 1% update" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib "$(bw_stored "$WV_INCR_ID")")" "$((RSS_KIB / 1024)) MiB" "$CPU + archived $(awk -v a="$A0" -v b="$(archived_cpu)" 'BEGIN { printf "%.1f", b - a }')"
 WV_INCR_BYTES=$(bw_stored "$WV_INCR_ID")
 for repo in 1 2; do
     before=$(dusb "$WORK/pgbr/repo$repo/backup")
@@ -239,7 +248,7 @@ for repo in 1 2; do
     kind=$([[ $repo == 1 ]] && echo "pgBackRest incr" || echo "pgBackRest block incr")
     stored=$(($(dusb "$WORK/pgbr/repo$repo/backup") - before))
     [[ $repo == 2 ]] && PGBR_BLOCK_INCR_BYTES=$stored
-    row "$kind" "2nd backup after 1% update" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib "$stored")" "$((RSS_KIB / 1024)) MiB"
+    row "$kind" "2nd backup after 1% update" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "$(mib "$stored")" "$((RSS_KIB / 1024)) MiB" "$CPU"
 done
 ARCHIVED_HWM_KIB=$(awk '$1 == "VmHWM:" { print $2 }' "/proc/$ARCHIVED_PID/status")
 
@@ -257,11 +266,11 @@ DIRTY=$(cd "$REPO_ROOT" && git status --porcelain --untracked-files=no | grep -q
     echo "- walvault: 128 KiB chunks, zstd level 3, archived on 127.0.0.1 (QUIC + mTLS), local store; the backup time includes waiting for its WAL to be archived"
     echo "- 1% update: \`UPDATE pgbench_accounts SET abalance = abalance + 1\` on $ROWS_1PCT contiguous aids"
     echo
-    echo "| tool | operation | seconds | MB/s | stored MiB | peak RSS |"
-    echo "|---|---|---:|---:|---:|---:|"
+    echo "| tool | operation | seconds | MB/s | stored MiB | peak RSS | CPU s |"
+    echo "|---|---|---:|---:|---:|---:|---:|"
     for r in "${ROWS[@]}"; do
-        IFS='|' read -r a b c d e f <<<"$r"
-        echo "| $a | $b | $c | $d | $e | $f |"
+        IFS='|' read -r a b c d e f g <<<"$r"
+        echo "| $a | $b | $c | $d | $e | $f | $g |"
     done
     echo
     echo "- archived peak RSS (VmHWM) over the whole run: $((ARCHIVED_HWM_KIB / 1024)) MiB"

@@ -36,7 +36,7 @@
 //! Local backend (the default): the object is written to a `.tmp.*` file beside its
 //! final name, fsynced, hard-linked to the final name (which fails if the name exists:
 //! create-only), and the directory is fsynced. Backup chunks, written by the thousand,
-//! use [`Store::commit_grouped`]: the same steps with the two fsyncs replaced by syncfs
+//! use [`Store::put_grouped`]: the same steps with the two fsyncs replaced by syncfs
 //! calls shared by every concurrent writer (syncgroup.rs). Remote backends (`s3://`, `gs://`,
 //! `az://`): the body is spooled to a local temporary file while it is received and
 //! verified, then PUT with `PutMode::Create`; success is the backend's acknowledgement.
@@ -305,24 +305,54 @@ impl Store {
         }
     }
 
-    /// [`commit`](Self::commit) for the many small objects of a backup: on a local store
-    /// the fsyncs of concurrent writers are shared through `group` (see syncgroup.rs),
-    /// with the same guarantee: on return the object (data and name) is durable.
-    pub async fn commit_grouped(
+    /// Stores a small object (header + `body`, the zstd frame) create-only: for the many
+    /// chunks of a backup. On a local store the file is written in one blocking call and
+    /// its fsyncs are shared with every concurrent writer through `group` (see
+    /// syncgroup.rs), with the same guarantee as [`commit`](Self::commit): on return the
+    /// object, data and name, is durable.
+    pub async fn put_grouped(
         &self,
-        mut pending: PendingObject,
+        key: &str,
         header: &ObjectHeader,
+        body: Bytes,
         group: &crate::syncgroup::SyncGroup,
     ) -> Result<CreateOutcome> {
-        let Store::Local { root } = self else {
-            return self.commit(pending, header).await;
+        let root = match self {
+            Store::Local { root } => root,
+            Store::Remote { .. } => {
+                let mut object = Vec::with_capacity(HEADER_LEN + body.len());
+                object.extend_from_slice(&header.encode());
+                object.extend_from_slice(&body);
+                return self.put_new(key, object.into()).await;
+            }
         };
-        pending.file.seek(std::io::SeekFrom::Start(0)).await?;
-        pending.file.write_all(&header.encode()).await?;
-        pending.file.flush().await?;
-        group.sync().await.context("syncing the store failed")?;
-        let target = Self::local_path(root, &pending.key);
-        let tmp = pending.tmp.clone();
+        let target = Self::local_path(root, key);
+        let tmp = fsutil::temp_path_beside(&target);
+        let encoded = header.encode();
+        let (t, target_dir) = (tmp.clone(), target.clone());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if let Some(dir) = target_dir.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let write = (|| {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&t)?;
+                std::io::Write::write_all(&mut f, &encoded)?;
+                std::io::Write::write_all(&mut f, &body)
+            })();
+            if write.is_err() {
+                let _ = std::fs::remove_file(&t);
+            }
+            write
+        })
+        .await?
+        .with_context(|| format!("cannot write {key}"))?;
+        if let Err(e) = group.sync().await {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(anyhow!(e).context("syncing the store failed"));
+        }
         let created = tokio::task::spawn_blocking(move || {
             let linked = std::fs::hard_link(&tmp, &target);
             let _ = std::fs::remove_file(&tmp);
@@ -333,7 +363,7 @@ impl Store {
             }
         })
         .await?
-        .with_context(|| format!("cannot store {}", pending.key))?;
+        .with_context(|| format!("cannot store {key}"))?;
         if !created {
             return Ok(CreateOutcome::Exists);
         }

@@ -55,8 +55,10 @@ pub use tar::{tar_header, TarEntry, TarError, TarEvent, TarReader};
 
 /// Bytes per chunk (new backups; readers use the manifest's `chunk_size`).
 pub const BACKUP_CHUNK_SIZE: u64 = 128 << 10;
-/// Largest raw chunk the archive accepts (a future chunk size may be larger than today's).
-pub const MAX_CHUNK_SIZE: u64 = 16 << 20;
+/// Largest raw chunk the archive accepts (room for a larger chunk size than today's). The
+/// archive holds a chunk body in memory while it verifies it: at most this (plus zstd's
+/// worst case) per request.
+pub const MAX_CHUNK_SIZE: u64 = 1 << 20;
 /// Largest manifest (raw JSON) either side accepts: room for ~1 million chunks.
 pub const MAX_MANIFEST_SIZE: u64 = 256 << 20;
 /// Hashes per `ChunksMissing` request: 4096 x 67 bytes of JSON stays far below the
