@@ -292,6 +292,7 @@ async fn run_cluster(
         }
     }
     let now = now();
+    let mut forget_then_delete = Vec::new();
     for (hash, entry) in backup_index::chunk_entries(catalog, cluster)? {
         if referenced.contains(&hash) {
             continue;
@@ -303,10 +304,21 @@ async fn run_cluster(
         out.collected_chunks += 1;
         out.collected_chunk_bytes += entry.stored_size;
         if !dry_run {
+            forget_then_delete.push(hash);
+        }
+    }
+    // Index first, object second: a crash in between leaves an unindexed object (found
+    // again by a catalog rebuild), never an index entry that would make a backup skip
+    // uploading a chunk the store no longer has.
+    if !forget_then_delete.is_empty() {
+        for hash in &forget_then_delete {
+            backup_index::remove_chunk_entry(catalog, cluster, hash)?;
+        }
+        catalog.flush().await?;
+        for hash in &forget_then_delete {
             store
-                .delete(&backup_index::chunk_key(cluster, &hash))
+                .delete(&backup_index::chunk_key(cluster, hash))
                 .await?;
-            backup_index::remove_chunk_entry(catalog, cluster, &hash)?;
         }
     }
     if out.collected_chunks > 0 {
