@@ -795,3 +795,41 @@ fn tablespace_remapped_and_streaming_clone() {
         || clone.diag(),
     );
 }
+
+/// `pushclient backup` refuses a server that does not archive; when the WAL does not
+/// arrive in time the backup is committed but listed `incomplete-wal` (exit 1), and
+/// becomes usable once archiving catches up.
+#[test]
+fn backup_without_archived_wal_is_incomplete_until_it_arrives() {
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let mut pg = PgCluster::initdb("no-archiving", &[]);
+    pg.append_conf(&["wal_level = replica", "archive_mode = off"]);
+    pg.start();
+    let out = try_backup(&archive, &push, &pg, &["--fast"], &[]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("archive_mode is off"),
+        "{}",
+        out.describe()
+    );
+    assert!(backups_json(&archive).is_empty());
+    pg.stop();
+
+    pg.append_conf(&["archive_mode = on", "archive_command = '/bin/false'"]);
+    pg.start();
+    let out = try_backup(&archive, &push, &pg, &["--fast", "--wal-timeout", "3"], &[]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("incomplete-wal"), "{}", out.describe());
+    let id = backup_id(&out);
+    assert_eq!(backup_json(&archive, &id)["state"], "incomplete-wal");
+
+    pg.set_conf("archive_command", &archive.archive_command(&push));
+    pg.psql("SELECT pg_reload_conf()");
+    wait_until(
+        "the backup to become usable once its WAL is archived",
+        WAIT_TIMEOUT,
+        || backup_json(&archive, &id)["state"] == "usable",
+        || format!("{}\n{}\n{}", pg.archiver_stats(), pg.diag(), archive.diag()),
+    );
+}
