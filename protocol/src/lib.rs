@@ -10,6 +10,7 @@
 //! Beside it, the I/O every binary shares: [`transport`] (QUIC + mutual TLS endpoints,
 //! frames on streams), [`pki`] (the archive CA and client certificates), [`config`]
 //! (client config files), [`fsutil`] (durable writes), [`fanout`] (bounded parallelism),
+//! [`retry`] (one retry policy for transient failures),
 //! [`pgconn`] (PostgreSQL connections: SQL and BASE_BACKUP) and [`logging`].
 //!
 //! ```
@@ -27,6 +28,7 @@ pub mod fsutil;
 pub mod logging;
 pub mod pgconn;
 pub mod pki;
+pub mod retry;
 pub mod transport;
 pub mod wal;
 pub mod waldecode;

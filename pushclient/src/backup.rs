@@ -12,7 +12,8 @@
 //! checkpoint). The tar stream of each tablespace is parsed as it arrives; every file is
 //! cut into `BACKUP_CHUNK_SIZE` chunks (protocol::backup), each hashed with blake3.
 //! Chunks are batched ([`BATCH_BYTES`]), the archive says which of a batch it lacks, and
-//! only those are compressed and sent, [`UPLOAD_CONCURRENCY`] at a time.
+//! only those are compressed and sent, [`UPLOAD_CONCURRENCY`] at a time; an upload the
+//! archive transiently refuses is retried (protocol::retry).
 //!
 //! Memory: at most three [`BATCH_BYTES`] batches of chunks (filling, queued, being
 //! uploaded), [`UPLOAD_CONCURRENCY`] of them compressed at a time, and a bounded set of
@@ -35,6 +36,7 @@ use walvault_protocol::config::ClientConfig;
 use walvault_protocol::fanout::Fanout;
 use walvault_protocol::pgconn::basebackup::{BaseBackup, BaseBackupOptions, CopyMessage};
 use walvault_protocol::pgconn::{conninfo, ConnectionKind, PgConnection};
+use walvault_protocol::retry::{retry, ArchiveRefusal, RetryPolicy};
 use walvault_protocol::transport::{read_frame, ArchiveConnection};
 use walvault_protocol::wire::{Request, Response};
 
@@ -611,7 +613,12 @@ async fn upload_batches(
             let archive = archive.clone();
             let cluster = cluster.clone();
             uploads
-                .spawn(async move { upload_chunk(&archive, cluster, hash, data, level).await })
+                .spawn(async move {
+                    retry(&RetryPolicy::default(), || {
+                        upload_chunk(&archive, cluster.clone(), hash.clone(), data.clone(), level)
+                    })
+                    .await
+                })
                 .await?;
         }
     }
@@ -650,9 +657,12 @@ async fn upload_chunk(
         .map_err(|e| anyhow!("no answer from the archive for chunk {hash}: {e}"))?;
     match response {
         Response::Stored { already_present } => Ok((body.len() as u64 + 64, !already_present)),
-        Response::Error { code, message } => {
-            bail!("archive refused chunk {hash} ({code:?}): {message}")
+        Response::Error { code, message } => Err(ArchiveRefusal {
+            what: format!("chunk {hash}"),
+            code,
+            message,
         }
+        .into()),
         other => bail!("unexpected answer from the archive: {other:?}"),
     }
 }

@@ -24,7 +24,8 @@
 //!
 //! Parallelism: chunks are fetched and written [`FETCH_CONCURRENCY`] at a time; each
 //! distinct chunk is fetched once and written to every place that holds it. Memory:
-//! `FETCH_CONCURRENCY` chunks.
+//! `FETCH_CONCURRENCY` chunks. A chunk the archive transiently refuses (it is restarting,
+//! a storage hiccup) is asked for again under the one retry policy (protocol::retry).
 
 mod cli;
 mod target;
@@ -47,6 +48,7 @@ use walvault_protocol::backup::{
 use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder};
 use walvault_protocol::config::ClientConfig;
 use walvault_protocol::fanout::Fanout;
+use walvault_protocol::retry::{retry, ArchiveRefusal, RetryPolicy};
 use walvault_protocol::transport::ArchiveConnection;
 use walvault_protocol::wire::{Request, Response};
 
@@ -106,7 +108,14 @@ async fn fetch_object(
             blake3,
             compressed_size,
         } => (raw_size, blake3, compressed_size),
-        Response::Error { code, message } => bail!("archive refused {what} ({code:?}): {message}"),
+        Response::Error { code, message } => {
+            return Err(ArchiveRefusal {
+                what: what.to_string(),
+                code,
+                message,
+            }
+            .into())
+        }
         other => bail!("unexpected answer for {what}: {other:?}"),
     };
     if raw_size > max || compressed_size > max + max / 8 + 4096 {
@@ -482,15 +491,13 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
         fetches
             .spawn(async move {
                 let what = format!("chunk {hash}");
-                let data = fetch_object(
-                    &conn,
-                    Request::GetChunk {
-                        cluster,
-                        blake3: hash.clone(),
-                    },
-                    &what,
-                    MAX_CHUNK_SIZE,
-                )
+                let request = Request::GetChunk {
+                    cluster,
+                    blake3: hash.clone(),
+                };
+                let data = retry(&RetryPolicy::default(), || {
+                    fetch_object(&conn, request.clone(), &what, MAX_CHUNK_SIZE)
+                })
                 .await?;
                 let n = data.len() as u64 * at.len() as u64;
                 tokio::task::spawn_blocking(move || -> Result<()> {
