@@ -46,9 +46,9 @@ const OPEN_FILES: usize = 128;
 /// Blocks remembered as recently warmed.
 const RECENT_BLOCKS: usize = 1 << 16;
 /// First wait after PostgreSQL refused a connection; doubles up to the maximum.
-const CONNECT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_secs(2);
+const CONNECT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(200);
 const CONNECT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(60);
-/// Blocks warmed per step (one step every watch interval).
+/// Blocks handled per batch (a step runs batches up to the horizon).
 const BLOCKS_PER_STEP: usize = 8192;
 
 /// One block a record references, reduced to what prefaulting needs.
@@ -311,12 +311,16 @@ impl Prefaulter {
         let cfg = self.cfg.clone();
         let spool = spool.clone();
         tokio::task::spawn_blocking(move || {
-            let work = || {
-                decode_window(&inner, &spool, requested, seg_size, horizon);
+            decode_window(&inner, &spool, requested, seg_size, horizon);
+            // Everything up to the horizon, nearest first, in batches; a step that stopped
+            // at one batch per tick fell behind replay (about 33k blocks/s).
+            loop {
                 let targets = pick_targets(&inner, replay, horizon);
+                if targets.is_empty() || !running.load(Ordering::SeqCst) {
+                    break;
+                }
                 warm(&inner, &running, &pgdata, &cfg, &targets);
-            };
-            work();
+            }
             busy.store(false, Ordering::SeqCst);
         });
     }
@@ -377,12 +381,18 @@ fn decode_window(
 /// The block references of one segment's records (records continued from the previous
 /// segment are skipped; their blocks were handled with that segment when it was spooled).
 pub(crate) fn warm_targets(bytes: &[u8]) -> Result<Vec<WarmTarget>, String> {
-    let decoded = waldecode::decode_segment(bytes).map_err(|e| e.to_string())?;
-    Ok(decoded
-        .records
-        .iter()
-        .flat_map(|r| {
-            r.blocks.iter().map(move |b| WarmTarget {
+    // Records are turned into targets one at a time and dropped: memory stays at the
+    // segment plus its targets, never a segment's worth of decoded records.
+    let start = walvault_protocol::wal::LongPageHeader::parse(bytes)
+        .map_err(|e| e.to_string())?
+        .page_address;
+    let mut decoder = waldecode::WalDecoder::new(start).map_err(|e| e.to_string())?;
+    decoder.feed(bytes);
+    decoder.finish();
+    let mut targets = Vec::new();
+    loop {
+        match decoder.next_record() {
+            Ok(waldecode::Next::Record(r)) => targets.extend(r.blocks.iter().map(|b| WarmTarget {
                 lsn: r.lsn,
                 spc: b.rel.spc,
                 db: b.rel.db,
@@ -391,9 +401,16 @@ pub(crate) fn warm_targets(bytes: &[u8]) -> Result<Vec<WarmTarget>, String> {
                 block: b.block,
                 fpw: b.image.is_some_and(|i| i.apply),
                 will_init: b.will_init,
-            })
-        })
-        .collect())
+            })),
+            Ok(_) => return Ok(targets),
+            // Corruption mid-segment: what came before it is still worth warming.
+            Err(e) if !targets.is_empty() => {
+                tracing::warn!(error = %e, "decoding stopped early; warming what was decoded");
+                return Ok(targets);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// Targets with replay < lsn <= horizon not handled yet, at most [`BLOCKS_PER_STEP`].
