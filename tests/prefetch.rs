@@ -104,30 +104,69 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+/// An archive holding `count` synthetic segments of one system, a pull config with its
+/// own spool, and a stand-in data directory with no PostgreSQL running.
+struct SpoolFixture {
+    archive: Archive,
+    dir: TestDir,
+    spool: PathBuf,
+    conf: PathBuf,
+    pgdata: PathBuf,
+    segments: Vec<(String, Vec<u8>)>,
+}
+
+impl SpoolFixture {
+    fn new(
+        cluster: &str,
+        label: &str,
+        spool_max_bytes: u64,
+        count: u64,
+        sysid: u64,
+    ) -> SpoolFixture {
+        let archive = Archive::start(cluster);
+        let push = archive.issue(cluster, "push");
+        let dir = TestDir::new(label);
+        let spool = dir.join("spool");
+        let max = spool_max_bytes.to_string();
+        let conf = pull_config_with_spool(
+            &archive,
+            cluster,
+            &spool,
+            &[("spool_max_bytes", &max), ("idle_exit_secs", "30")],
+        );
+        let pgdata = fake_pgdata(&dir);
+        let segments: Vec<(String, Vec<u8>)> = (1..=count)
+            .map(|n| (seg_name(1, n), fake_segment(1, n, sysid)))
+            .collect();
+        for (name, bytes) in &segments {
+            let p = put_file(&dir.join("src"), name, bytes);
+            assert!(
+                archive.archive_push(&push, &p).success(),
+                "{}",
+                archive.diag()
+            );
+        }
+        SpoolFixture {
+            archive,
+            dir,
+            spool,
+            conf,
+            pgdata,
+            segments,
+        }
+    }
+}
+
 #[test]
 fn archive_get_starts_a_daemon_that_serves_verified_segments_from_the_spool() {
-    let archive = Archive::start("pf");
-    let push = archive.issue("pf", "push");
-    let dir = TestDir::new("prefetch");
-    let spool = dir.join("spool");
-    let conf = pull_config_with_spool(
-        &archive,
-        "pf",
-        &spool,
-        &[("spool_max_bytes", "134217728"), ("idle_exit_secs", "30")],
-    );
-    let pgdata = fake_pgdata(&dir);
-    let segments: Vec<(String, Vec<u8>)> = (1..=7)
-        .map(|n| (seg_name(1, n), fake_segment(1, n, 31337)))
-        .collect();
-    for (name, bytes) in &segments {
-        let p = put_file(&dir.join("src"), name, bytes);
-        assert!(
-            archive.archive_push(&push, &p).success(),
-            "{}",
-            archive.diag()
-        );
-    }
+    let SpoolFixture {
+        archive,
+        dir: _dir,
+        spool,
+        conf,
+        pgdata,
+        segments,
+    } = SpoolFixture::new("pf", "prefetch", 134217728, 7, 31337);
 
     // The first call: a miss, served directly, and a daemon starts (PostgreSQL is not running).
     let first = archive_get_in(&archive, &conf, &pgdata, &segments[0].0);
@@ -219,28 +258,14 @@ fn archive_get_starts_a_daemon_that_serves_verified_segments_from_the_spool() {
 
 #[test]
 fn a_damaged_spool_file_is_never_served() {
-    let archive = Archive::start("pfbad");
-    let push = archive.issue("pfbad", "push");
-    let dir = TestDir::new("prefetch-bad");
-    let spool = dir.join("spool");
-    let conf = pull_config_with_spool(
-        &archive,
-        "pfbad",
-        &spool,
-        &[("spool_max_bytes", "67108864"), ("idle_exit_secs", "30")],
-    );
-    let pgdata = fake_pgdata(&dir);
-    let segments: Vec<(String, Vec<u8>)> = (1..=3)
-        .map(|n| (seg_name(1, n), fake_segment(1, n, 4242)))
-        .collect();
-    for (name, bytes) in &segments {
-        let p = put_file(&dir.join("src"), name, bytes);
-        assert!(
-            archive.archive_push(&push, &p).success(),
-            "{}",
-            archive.diag()
-        );
-    }
+    let SpoolFixture {
+        archive,
+        dir: _dir,
+        spool,
+        conf,
+        pgdata,
+        segments,
+    } = SpoolFixture::new("pfbad", "prefetch-bad", 67108864, 3, 4242);
     assert!(archive_get_in(&archive, &conf, &pgdata, &segments[0].0).success());
     let spooled = spool.join("ready").join(&segments[1].0);
     wait_until(
