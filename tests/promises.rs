@@ -667,3 +667,50 @@ fn shutdown_is_not_held_by_a_vanished_client() {
         archive.diag()
     );
 }
+
+/// `wal list` names the segments missing inside a timeline.
+#[test]
+fn wal_list_reports_gaps() {
+    let archive = Archive::start("gaps");
+    let push = archive.issue("gaps", "push");
+    let dir = TestDir::new("gaps");
+    for n in [1, 2, 5] {
+        let p = put_file(
+            &dir.join(format!("s{n}")),
+            &seg_name(1, n),
+            &fake_segment(1, n, 77),
+        );
+        assert!(
+            archive.archive_push(&push, &p).success(),
+            "{}",
+            archive.diag()
+        );
+    }
+    let listing = archive.wal_list_json("gaps");
+    let tl = &listing["timelines"][0];
+    assert_eq!(tl["segments"].as_u64(), Some(3), "{listing:#}");
+    assert_eq!(
+        tl["first"].as_str(),
+        Some(seg_name(1, 1).as_str()),
+        "{listing:#}"
+    );
+    assert_eq!(
+        tl["last"].as_str(),
+        Some(seg_name(1, 5).as_str()),
+        "{listing:#}"
+    );
+    assert_eq!(
+        tl["gaps"],
+        serde_json::json!([[seg_name(1, 3), seg_name(1, 4)]]),
+        "{listing:#}"
+    );
+    let text = archive.admin(&["wal", "list", "--cluster", "gaps"]).stdout;
+    assert!(
+        text.contains(&format!(
+            "GAP: {} .. {} missing",
+            seg_name(1, 3),
+            seg_name(1, 4)
+        )),
+        "{text}"
+    );
+}
