@@ -286,3 +286,186 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+fn dir(path: &str) -> FileEntry {
+    let mut d = file(path, b"");
+    d.kind = FileKind::Directory;
+    d.mode = 0o700;
+    d
+}
+
+/// A file of `data` cut into 128 KiB chunks, as pushclient does.
+fn chunked_file(path: &str, data: &[u8]) -> FileEntry {
+    let mut f = file(path, data);
+    f.chunks = data.chunks(128 << 10).map(b3).collect();
+    f
+}
+
+/// Restore asks for chunks in batches (GetChunks) and verifies each before writing it:
+/// a batch naming a missing chunk, too many chunks, a bad hash or another cluster is
+/// refused; a chunk damaged in the store (flipped byte, or another chunk's object under
+/// its name) fails the restore with a clear message, nothing of it is written, and the
+/// directory is left unstartable (no recovery.signal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_verifies_every_chunk_and_writes_nothing_unverified() {
+    let archive = Archive::start("main");
+    let push = connect(&archive, "main", "push").await;
+    let pull = connect(&archive, "main", "pull").await;
+    let stranger = connect(&archive, "other", "pull").await;
+
+    // 300 KiB of distinct bytes (3 chunks) and one small file.
+    let big: Vec<u8> = (0..300u32 << 10)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let small: Vec<u8> = (0..8192u32).map(|i| (i % 97) as u8).collect();
+    for c in big.chunks(128 << 10).chain([&small[..]]) {
+        assert!(matches!(
+            put_chunk(&push, "main", c, c).await,
+            Response::Stored { .. }
+        ));
+    }
+    let m = manifest(
+        "20260101T000000000Z",
+        vec![
+            dir("base"),
+            dir("base/1"),
+            chunked_file("base/1/16384", &big),
+            chunked_file("base/1/16385", &small),
+            file("PG_VERSION", b""),
+        ],
+    );
+    assert!(matches!(
+        put_manifest(&push, &m).await,
+        Response::Stored { .. }
+    ));
+
+    // GetChunks: the objects, whole, in the order asked (a repeat included).
+    let hashes = vec![b3(&small), b3(&big[..128 << 10]), b3(&small)];
+    let ask = Request::GetChunks {
+        cluster: "main".into(),
+        hashes: hashes.clone(),
+    };
+    let (answer, mut recv) = pull.call(&ask).await.unwrap();
+    assert_eq!(answer, Response::Chunks { count: 3 });
+    let body = recv.read_to_end(1 << 20).await.unwrap();
+    let mut rest = &body[..];
+    let mut decoder = walvault_protocol::object::ObjectDecoder::new().unwrap();
+    for (h, want) in hashes
+        .iter()
+        .zip([&small[..], &big[..128 << 10], &small[..]])
+    {
+        let header = walvault_protocol::object::ObjectHeader::decode(rest).unwrap();
+        assert_eq!(&header.blake3_hex(), h);
+        let end = 64 + header.compressed_size as usize;
+        let raw = decoder
+            .decode(&header, &rest[64..end], &header.blake3, 1 << 20)
+            .unwrap();
+        assert_eq!(raw, want);
+        rest = &rest[end..];
+    }
+    assert!(
+        rest.is_empty(),
+        "{} bytes after the last object",
+        rest.len()
+    );
+    let absent = b3(b"not stored");
+    let missing = Request::GetChunks {
+        cluster: "main".into(),
+        hashes: vec![b3(&small), absent.clone()],
+    };
+    match pull.call(&missing).await.unwrap().0 {
+        Response::Error { code, message } => {
+            assert_eq!(code, ErrorCode::NotFound);
+            assert!(message.contains(&absent), "{message}");
+        }
+        other => panic!("a batch with a missing chunk was answered {other:?}"),
+    }
+    let too_many = Request::GetChunks {
+        cluster: "main".into(),
+        hashes: vec![b3(&small); 65],
+    };
+    assert_eq!(
+        code(pull.call(&too_many).await.unwrap().0),
+        ErrorCode::TooLarge
+    );
+    let bad = Request::GetChunks {
+        cluster: "main".into(),
+        hashes: vec!["../../cluster.toml".into()],
+    };
+    assert_eq!(code(pull.call(&bad).await.unwrap().0), ErrorCode::Invalid);
+    assert_eq!(
+        code(stranger.call(&ask).await.unwrap().0),
+        ErrorCode::Unauthorized
+    );
+
+    // A good restore (the backup is usable once its WAL is archived).
+    let pull_conf = archive.issue("main", "pull");
+    let work = walvault_tests::TestDir::new("restore-verify");
+    let segment = work.join("000000010000000000000002");
+    std::fs::write(&segment, crate::promises::fake_segment(1, 2, 7)).unwrap();
+    let out = archive.archive_push(&archive.issue("main", "push"), &segment);
+    assert!(out.success(), "{}", out.describe());
+    let restore = |dir: &std::path::Path| {
+        walvault_tests::try_run(
+            std::process::Command::new(archive.bins().pullclient())
+                .args(["restore", "--pgdata"])
+                .arg(dir)
+                .arg("--config")
+                .arg(&pull_conf),
+        )
+    };
+    let good = work.join("good");
+    let out = restore(&good);
+    assert!(out.success(), "{}", out.describe());
+    assert_eq!(std::fs::read(good.join("base/1/16384")).unwrap(), big);
+    assert_eq!(std::fs::read(good.join("base/1/16385")).unwrap(), small);
+    assert!(good.join("recovery.signal").exists());
+
+    // Damage the small file's chunk: one flipped byte in its zstd frame.
+    let h = b3(&small);
+    let object = archive
+        .data_dir()
+        .join(format!("store/main/chunks/{}/{h}.zst", &h[..2]));
+    let original = std::fs::read(&object).unwrap();
+    let mut flipped = original.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x40;
+    std::fs::remove_file(&object).unwrap();
+    std::fs::write(&object, &flipped).unwrap();
+    let damaged = work.join("damaged");
+    let out = restore(&damaged);
+    assert!(!out.success(), "restore from a damaged chunk succeeded");
+    assert!(
+        out.stderr.contains(&h) && out.stderr.contains("failed verification"),
+        "unclear error: {}",
+        out.describe()
+    );
+    let written = std::fs::read(damaged.join("base/1/16385")).unwrap_or_default();
+    assert!(
+        written.iter().all(|b| *b == 0),
+        "bytes of an unverified chunk were written"
+    );
+    assert!(!damaged.join("recovery.signal").exists());
+
+    // Another chunk's (valid) object under this chunk's name.
+    let other = b3(&big[..128 << 10]);
+    let impostor = std::fs::read(
+        archive
+            .data_dir()
+            .join(format!("store/main/chunks/{}/{other}.zst", &other[..2])),
+    )
+    .unwrap();
+    std::fs::remove_file(&object).unwrap();
+    std::fs::write(&object, &impostor).unwrap();
+    let swapped = work.join("swapped");
+    let out = restore(&swapped);
+    assert!(!out.success(), "restore from a swapped chunk succeeded");
+    assert!(
+        out.stderr.contains(&h) && out.stderr.contains(&other),
+        "unclear error: {}",
+        out.describe()
+    );
+    assert!(!swapped.join("recovery.signal").exists());
+    let written = std::fs::read(swapped.join("base/1/16385")).unwrap_or_default();
+    assert!(written.iter().all(|b| *b == 0));
+}

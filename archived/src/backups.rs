@@ -14,10 +14,12 @@
 use std::collections::BTreeSet;
 
 use walvault_protocol::backup::{
-    self as format, BackupManifest, MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST, MAX_MANIFEST_SIZE,
+    self as format, BackupManifest, MAX_CHUNKS_PER_GET, MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST,
+    MAX_MANIFEST_SIZE,
 };
 use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
 use walvault_protocol::pki::{ClientIdentity, Role};
+use walvault_protocol::transport::write_frame;
 use walvault_protocol::wire::{ErrorCode, Request, Response};
 
 use crate::backup_index::{
@@ -26,7 +28,7 @@ use crate::backup_index::{
 };
 use crate::catalog::Catalog;
 use crate::retention::RetentionConfig;
-use crate::server::{respond, send_object, Refusal, Reply};
+use crate::server::{respond, send_object, stream_body, Refusal, Reply};
 use crate::store::{self, CreateOutcome, ObjectHeader, PendingObject, Store};
 use crate::syncgroup::SyncGroup;
 
@@ -100,6 +102,12 @@ pub async fn handle(
                 }
             };
             match sent {
+                Ok(()) => return,
+                Err(r) => Err(r),
+            }
+        }
+        Request::GetChunks { cluster, hashes } => {
+            match get_chunks(store, &cluster, hashes, &mut send).await {
                 Ok(()) => return,
                 Err(r) => Err(r),
             }
@@ -206,6 +214,57 @@ fn require_writer(identity: &ClientIdentity, what: &str) -> std::result::Result<
             ),
         ))
     }
+}
+
+/// Streams the chunks asked for, whole stored objects back to back in the order asked,
+/// after a `Chunks` frame; a chunk the store lacks refuses the whole request first.
+async fn get_chunks(
+    store: &Store,
+    cluster: &str,
+    hashes: Vec<String>,
+    send: &mut quinn::SendStream,
+) -> std::result::Result<(), Refusal> {
+    if hashes.len() > MAX_CHUNKS_PER_GET {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!(
+                "{} chunks in one request; the limit is {MAX_CHUNKS_PER_GET}",
+                hashes.len()
+            ),
+        ));
+    }
+    for h in &hashes {
+        format::validate_chunk_hash(h).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
+    }
+    let keys = hashes.iter().map(|h| chunk_key(cluster, h)).collect();
+    let objects = match store.get_many(keys).await.map_err(Refusal::internal)? {
+        store::Many::Missing(i) => {
+            return Err(Refusal::new(
+                ErrorCode::NotFound,
+                format!(
+                    "chunk {} is not in the archive of cluster '{cluster}' \
+                     (deleted by retention, or a damaged store?)",
+                    hashes[i]
+                ),
+            ))
+        }
+        store::Many::Objects(s) => s,
+    };
+    write_frame(
+        send,
+        &Response::Chunks {
+            count: hashes.len() as u32,
+        },
+    )
+    .await
+    .map_err(|e| Refusal::internal(e.context("sending response")))?;
+    stream_body(
+        send,
+        &format!("{} chunks of {cluster}", hashes.len()),
+        objects,
+    )
+    .await;
+    Ok(())
 }
 
 async fn chunks_missing(

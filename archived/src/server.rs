@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::{Mutex, Notify, Semaphore};
 use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
@@ -337,6 +338,7 @@ async fn handle_stream(
         backup_request @ (Request::ChunksMissing { .. }
         | Request::PutChunk { .. }
         | Request::GetChunk { .. }
+        | Request::GetChunks { .. }
         | Request::PutBackup { .. }
         | Request::GetBackup { .. }
         | Request::ListBackups { .. }
@@ -644,13 +646,24 @@ pub(crate) async fn send_object(
         blake3: header.blake3_hex(),
         compressed_size: header.compressed_size,
     };
-    let mut body = store
+    let body = store
         .body_stream(key, &header)
         .await
         .map_err(Refusal::internal)?;
     write_frame(send, &response)
         .await
         .map_err(|e| Refusal::internal(e.context("sending response")))?;
+    stream_body(send, key, body).await;
+    Ok(())
+}
+
+/// Sends a body after its response frame, then finishes the stream; a failure (storage,
+/// a client that went away) resets it, so the client sees an interrupted download.
+pub(crate) async fn stream_body(
+    send: &mut quinn::SendStream,
+    what: &str,
+    mut body: BoxStream<'static, Result<Bytes>>,
+) {
     let mut streamed: Result<()> = Ok(());
     while let Some(chunk) = body.next().await {
         let sent = match chunk {
@@ -669,9 +682,8 @@ pub(crate) async fn send_object(
             let _ = tokio::time::timeout(RESPONSE_DELIVERY_TIMEOUT, send.stopped()).await;
         }
         Err(e) => {
-            tracing::warn!(%key, error = %format!("{e:#}"), "sending object failed");
+            tracing::warn!(%what, error = %format!("{e:#}"), "sending object failed");
             let _ = send.reset(1u32.into());
         }
     }
-    Ok(())
 }

@@ -64,6 +64,8 @@ pub const MAX_MANIFEST_SIZE: u64 = 256 << 20;
 /// Hashes per `ChunksMissing` request: 4096 x 67 bytes of JSON stays far below the
 /// 1 MiB frame limit.
 pub const MAX_HASHES_PER_REQUEST: usize = 4096;
+/// Most chunks one `GetChunks` request may ask for (bounds what the server buffers).
+pub const MAX_CHUNKS_PER_GET: usize = 64;
 /// Manifest format written by this version.
 pub const MANIFEST_FORMAT: u32 = 1;
 

@@ -5,6 +5,7 @@
 //!   file is what its name says;
 //! - [`wire`]: the archive protocol's messages and framing;
 //! - [`codec`]: streaming zstd + blake3 with verification;
+//! - [`object`]: the stored object format (header + zstd frame) and its verifier;
 //! - [`backup`]: base backup manifests, chunking, and PostgreSQL's tar stream.
 //!
 //! Beside it, the I/O every binary shares: [`transport`] (QUIC + mutual TLS endpoints,
@@ -26,6 +27,7 @@ pub mod config;
 pub mod fanout;
 pub mod fsutil;
 pub mod logging;
+pub mod object;
 pub mod pgconn;
 pub mod pki;
 pub mod retry;

@@ -84,6 +84,15 @@ pub enum Request {
         /// blake3 of the raw chunk, hex.
         blake3: String,
     },
+    /// Fetch several backup chunks on one stream. Answer: [`Response::Chunks`], then the
+    /// stored objects (header + zstd frame, see [`crate::object`]) back to back, in the
+    /// order asked. At most [`crate::backup::MAX_CHUNKS_PER_GET`] hashes.
+    GetChunks {
+        /// Cluster name.
+        cluster: String,
+        /// blake3 of each raw chunk, hex.
+        hashes: Vec<String>,
+    },
     /// Commit a backup by storing its manifest (create-only; every chunk it names must
     /// be stored). Body: one zstd frame of the manifest JSON.
     PutBackup {
@@ -140,6 +149,7 @@ impl Request {
             Request::ChunksMissing { cluster, .. }
             | Request::PutChunk { cluster, .. }
             | Request::GetChunk { cluster, .. }
+            | Request::GetChunks { cluster, .. }
             | Request::PutBackup { cluster, .. }
             | Request::GetBackup { cluster, .. }
             | Request::ListBackups { cluster }
@@ -159,6 +169,7 @@ impl Request {
             Request::ChunksMissing { .. } => "chunks_missing",
             Request::PutChunk { .. } => "put_chunk",
             Request::GetChunk { .. } => "get_chunk",
+            Request::GetChunks { .. } => "get_chunks",
             Request::PutBackup { .. } => "put_backup",
             Request::GetBackup { .. } => "get_backup",
             Request::ListBackups { .. } => "list_backups",
@@ -185,6 +196,12 @@ pub enum Response {
         blake3: String,
         /// Size of the body that follows.
         compressed_size: u64,
+    },
+    /// Answer to [`Request::GetChunks`]: every chunk asked for follows as the body, each
+    /// a whole stored object (64-byte header, then its zstd frame), in the order asked.
+    Chunks {
+        /// Number of objects that follow.
+        count: u32,
     },
     /// WAL listing of a cluster.
     WalList(WalListing),

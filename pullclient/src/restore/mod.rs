@@ -22,10 +22,13 @@
 //! or to `--tablespace-map OID=DIR`. No tablespace_map file is written, so the restored
 //! files are byte for byte what PostgreSQL's backup manifest lists.
 //!
-//! Parallelism: chunks are fetched and written [`FETCH_CONCURRENCY`] at a time; each
-//! distinct chunk is fetched once and written to every place that holds it. Memory:
-//! `FETCH_CONCURRENCY` chunks. A chunk the archive transiently refuses (it is restarting,
-//! a storage hiccup) is asked for again under the one retry policy (protocol::retry).
+//! Parallelism: distinct chunks are asked for in batches (one `GetChunks` request of
+//! [`BATCH_BYTES`] of raw chunks, in file order), [`BATCHES_IN_FLIGHT`] at once; each
+//! batch is decompressed, verified and written by one blocking task, and each distinct
+//! chunk is fetched once and written to every place that holds it. Memory: the
+//! compressed bodies of the batches in flight plus one raw chunk per writer. A batch
+//! the archive transiently refuses (it is restarting, a storage hiccup) is asked for
+//! again under the one retry policy (protocol::retry).
 
 mod cli;
 mod target;
@@ -43,19 +46,23 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use walvault_protocol::backup::{
     chunk_range, format_unix_utc, BackupManifest, BackupSummary, FileEntry, FileKind,
-    MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
+    MAX_CHUNKS_PER_GET, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
 };
 use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder};
 use walvault_protocol::config::ClientConfig;
 use walvault_protocol::fanout::Fanout;
+use walvault_protocol::object::{ObjectDecoder, ObjectHeader, HEADER_LEN};
 use walvault_protocol::retry::{retry, ArchiveRefusal, RetryPolicy};
 use walvault_protocol::transport::ArchiveConnection;
 use walvault_protocol::wire::{Request, Response};
 
 use target::choose;
 
-/// Chunks fetched and written at once (hides the per-request round trip; 32 x 128 KiB).
-const FETCH_CONCURRENCY: usize = 32;
+/// Raw bytes of chunks asked for in one `GetChunks` request (32 chunks of 128 KiB).
+const BATCH_BYTES: u64 = 4 << 20;
+/// Requests in flight at once (hides the round trip and overlaps the archive's reads
+/// with our decompression and writes).
+const BATCHES_IN_FLIGHT: usize = 4;
 /// Files fsynced at once (concurrent fsyncs share the filesystem's journal commits).
 const SYNC_CONCURRENCY: usize = 16;
 
@@ -147,6 +154,119 @@ async fn fetch_object(
             format!("{what}: archived copy failed verification; nothing of it was written")
         })?;
     Ok(raw)
+}
+
+/// Fetches a batch of chunks (one `GetChunks` request): the whole body, every object's
+/// header checked against what was asked; decompression and hashing are
+/// [`write_chunks`]'s.
+async fn fetch_chunks(
+    conn: &ArchiveConnection,
+    cluster: &str,
+    hashes: &[String],
+    chunk_size: u64,
+) -> Result<Vec<u8>> {
+    let what = format!("{} chunks (first {})", hashes.len(), hashes[0]);
+    let request = Request::GetChunks {
+        cluster: cluster.to_string(),
+        hashes: hashes.to_vec(),
+    };
+    let (response, mut recv) = conn.call(&request).await?;
+    match response {
+        Response::Chunks { count } if count as usize == hashes.len() => {}
+        Response::Chunks { count } => bail!(
+            "{what}: the archive announced {count} chunks for {} asked",
+            hashes.len()
+        ),
+        Response::Error { code, message } => {
+            return Err(ArchiveRefusal {
+                what,
+                code,
+                message,
+            }
+            .into())
+        }
+        other => bail!("unexpected answer for {what}: {other:?}"),
+    }
+    let max = hashes.len() as u64
+        * (HEADER_LEN as u64 + ObjectHeader::max_compressed_size(chunk_size.min(MAX_CHUNK_SIZE)));
+    let mut body = Vec::new();
+    while let Some(c) = recv
+        .read_chunk(usize::MAX, true)
+        .await
+        .with_context(|| format!("download of {what} interrupted"))?
+    {
+        if body.len() as u64 + c.bytes.len() as u64 > max {
+            bail!("{what}: the archive sent more than {max} bytes");
+        }
+        body.extend_from_slice(&c.bytes);
+    }
+    Ok(body)
+}
+
+thread_local! {
+    static DECODER: std::cell::RefCell<Option<ObjectDecoder>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Splits a `GetChunks` body into its objects, verifies each against the hash asked for
+/// (size, blake3 of the decompressed bytes) and writes it everywhere it belongs. Nothing
+/// of a chunk is written before it verified. Returns the bytes written.
+fn write_chunks(
+    body: &[u8],
+    batch: &[(String, Vec<(usize, u64)>)],
+    paths: &[PathBuf],
+    chunk_size: u64,
+) -> Result<u64> {
+    DECODER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decoder = match cell.as_mut() {
+            Some(d) => d,
+            None => cell.insert(ObjectDecoder::new().context("cannot set up zstd")?),
+        };
+        let mut open: HashMap<usize, std::fs::File> = HashMap::new();
+        let mut rest = body;
+        let mut written = 0u64;
+        for (hash, at) in batch {
+            let what = format!("chunk {hash}");
+            let mut expected = [0u8; 32];
+            hex::decode_to_slice(hash, &mut expected)
+                .with_context(|| format!("{what}: not a blake3 hash"))?;
+            let header = ObjectHeader::decode(rest)
+                .with_context(|| format!("{what}: the archive's answer ends or is garbled"))?;
+            let frame = rest
+                .get(HEADER_LEN..)
+                .and_then(|r| r.get(..usize::try_from(header.compressed_size).ok()?))
+                .ok_or_else(|| anyhow!("{what}: the archive's answer is cut short"))?;
+            let data = decoder
+                .decode(&header, frame, &expected, chunk_size.min(MAX_CHUNK_SIZE))
+                .with_context(|| {
+                    format!("{what}: archived copy failed verification; nothing of it was written")
+                })?;
+            rest = &rest[HEADER_LEN + frame.len()..];
+            for (file, offset) in at {
+                let path = &paths[*file];
+                let f = match open.entry(*file) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .with_context(|| format!("cannot open {}", path.display()))?,
+                    ),
+                };
+                f.write_all_at(&data, *offset)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                written += data.len() as u64;
+            }
+        }
+        if !rest.is_empty() {
+            bail!(
+                "the archive's answer for {} chunks has {} bytes too many",
+                batch.len(),
+                rest.len()
+            );
+        }
+        Ok(written)
+    })
 }
 
 fn dir_is_empty(dir: &Path) -> Result<bool> {
@@ -481,39 +601,31 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
     let rewritten_files = needed.iter().filter(|n| !n.is_empty()).count();
     let progress = progress_bar(fetch_bytes);
     let paths: Arc<Vec<PathBuf>> = Arc::new(files.iter().map(|(p, _)| p.clone()).collect());
-    let mut fetches = Fanout::new(FETCH_CONCURRENCY);
     let distinct = places.len();
-    for (hash, at) in places {
+    // In file order, so a batch writes a few files front to back.
+    let mut wanted: Vec<(String, Vec<(usize, u64)>)> = places.into_iter().collect();
+    wanted.sort_by_key(|(_, at)| at.first().copied());
+    let per_batch = ((BATCH_BYTES / chunk_size.max(1)) as usize).clamp(1, MAX_CHUNKS_PER_GET);
+    let mut fetches = Fanout::new(BATCHES_IN_FLIGHT);
+    let mut rest = wanted.into_iter().peekable();
+    while rest.peek().is_some() {
+        let batch: Vec<(String, Vec<(usize, u64)>)> = rest.by_ref().take(per_batch).collect();
         let conn = conn.clone();
         let paths = paths.clone();
         let cluster = cfg.cluster.clone();
         let progress = progress.clone();
         fetches
             .spawn(async move {
-                let what = format!("chunk {hash}");
-                let request = Request::GetChunk {
-                    cluster,
-                    blake3: hash.clone(),
-                };
-                let data = retry(&RetryPolicy::default(), || {
-                    fetch_object(&conn, request.clone(), &what, MAX_CHUNK_SIZE)
+                let hashes: Vec<String> = batch.iter().map(|(h, _)| h.clone()).collect();
+                let body = retry(&RetryPolicy::default(), || {
+                    fetch_chunks(&conn, &cluster, &hashes, chunk_size)
                 })
                 .await?;
-                let n = data.len() as u64 * at.len() as u64;
-                tokio::task::spawn_blocking(move || -> Result<()> {
-                    for (file, offset) in at {
-                        let path = &paths[file];
-                        let f = std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(path)
-                            .with_context(|| format!("cannot open {}", path.display()))?;
-                        f.write_all_at(&data, offset)
-                            .with_context(|| format!("cannot write {}", path.display()))?;
-                    }
-                    Ok(())
+                let written = tokio::task::spawn_blocking(move || {
+                    write_chunks(&body, &batch, &paths, chunk_size)
                 })
                 .await??;
-                progress.inc(n);
+                progress.inc(written);
                 Ok(())
             })
             .await?;
@@ -521,6 +633,7 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
     fetches.finish().await?;
     progress.finish_and_clear();
 
+    tracing::debug!(elapsed = ?started.elapsed(), "chunks written");
     // Durability: every file, then every directory.
     let mut syncs = Fanout::new(SYNC_CONCURRENCY);
     for p in paths.iter() {
@@ -553,6 +666,7 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
     })
     .await??;
 
+    tracing::debug!(elapsed = ?started.elapsed(), "files and directories synced");
     finish_pgdata(&layout.pgdata, &manifest, args, cfg)?;
     if let Ok(c) = Arc::try_unwrap(conn) {
         c.close().await;
