@@ -7,7 +7,9 @@
 //! - the record carries a full-page image of it (replay overwrites the page unread),
 //! - it is WILL_INIT (replay initializes the page unread),
 //! - it lies past the end of its file (replay extends the file),
-//! - it was warmed recently (a bounded memory of recent blocks).
+//! - it was warmed recently, or an earlier record of the window carried its image,
+//!   initialized it or extended its file (a bounded memory of recent blocks: replay has
+//!   such a block in memory when it gets to the later record).
 //!
 //! # Block to file
 //!
@@ -87,7 +89,8 @@ pub(crate) struct PrefaultCounters {
     pub(crate) skipped_will_init: u64,
     /// Skipped: past the end of the file.
     pub(crate) skipped_past_eof: u64,
-    /// Skipped: warmed recently.
+    /// Skipped: warmed recently, or in memory since an earlier record (image, init,
+    /// extension).
     pub(crate) skipped_recent: u64,
     /// Skipped: the file does not exist (yet).
     pub(crate) skipped_no_file: u64,
@@ -453,15 +456,19 @@ fn warm(
             return;
         };
         for t in targets {
+            let key = (t.spc, t.db, t.rel, t.fork, t.block);
+            // A block replay overwrites or initializes unread is in memory for the
+            // records after it: remembered, so their references are not read either.
             if t.fpw {
                 guard.counters.skipped_fpw += 1;
+                remember(&mut guard, key);
                 continue;
             }
             if t.will_init {
                 guard.counters.skipped_will_init += 1;
+                remember(&mut guard, key);
                 continue;
             }
-            let key = (t.spc, t.db, t.rel, t.fork, t.block);
             if guard.recent.contains(&key) {
                 guard.counters.skipped_recent += 1;
                 continue;
@@ -483,7 +490,9 @@ fn warm(
             let offset = (t.block % control.relseg_blocks) as u64 * control.block_size as u64;
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
             if offset + control.block_size as u64 > len {
+                // Replay extends the file with this block: later records find it in memory.
                 guard.counters.skipped_past_eof += 1;
+                remember(&mut guard, key);
                 continue;
             }
             remember(&mut guard, key);
@@ -673,6 +682,58 @@ mod tests {
             relation_file_name(16384, ForkNumber::Init, 262145, 131072),
             "16384_init.2"
         );
+    }
+
+    /// Only block 2 is read: block 0's first reference carries its image and block 1's
+    /// initializes it (so their later references find them in memory), block 9 lies past
+    /// the end of the file (replay extends it) and is remembered the same way.
+    #[test]
+    fn blocks_replay_writes_unread_are_not_read_later() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("base/5")).unwrap();
+        std::fs::write(dir.path().join("base/5/16384"), vec![0u8; 3 * 8192]).unwrap();
+        let mut inner = Inner::new();
+        inner.control = Some(ControlFacts {
+            block_size: 8192,
+            relseg_blocks: 131072,
+            catalog_version: 202209061,
+            major: 15,
+        });
+        let inner = Mutex::new(inner);
+        let t = |lsn, block, fpw, will_init| WarmTarget {
+            lsn: Lsn(lsn),
+            spc: 1663,
+            db: 5,
+            rel: 16384,
+            fork: ForkNumber::Main,
+            block,
+            fpw,
+            will_init,
+        };
+        let targets = [
+            t(1, 0, true, false),
+            t(2, 0, false, false),
+            t(3, 1, false, true),
+            t(4, 1, false, false),
+            t(5, 2, false, false),
+            t(6, 9, false, false),
+            t(7, 9, false, false),
+            t(8, 2, false, false),
+        ];
+        let running = AtomicBool::new(true);
+        warm(
+            &inner,
+            &running,
+            dir.path(),
+            &PrefetchConfig::default(),
+            &targets,
+        );
+        let c = lock(&inner).counters.clone();
+        assert_eq!(c.blocks_warmed, 1, "{c:?}");
+        assert_eq!(c.skipped_fpw, 1, "{c:?}");
+        assert_eq!(c.skipped_will_init, 1, "{c:?}");
+        assert_eq!(c.skipped_past_eof, 1, "{c:?}");
+        assert_eq!(c.skipped_recent, 4, "{c:?}");
     }
 
     #[test]
