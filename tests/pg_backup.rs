@@ -185,6 +185,7 @@ fn segment_range(first: &str, last: &str) -> Vec<String> {
         .collect()
 }
 
+/// Objects holding backup chunks in the store (packs and loose chunks).
 fn store_chunks(archive: &Archive) -> usize {
     fn walk(dir: &Path) -> usize {
         fs::read_dir(dir)
@@ -200,13 +201,8 @@ fn store_chunks(archive: &Archive) -> usize {
             })
             .sum()
     }
-    walk(
-        &archive
-            .data_dir()
-            .join("store")
-            .join(CLUSTER)
-            .join("chunks"),
-    )
+    let cluster = archive.data_dir().join("store").join(CLUSTER);
+    walk(&cluster.join("chunks")) + walk(&cluster.join("packs"))
 }
 
 /// Backup under pgbench load; full restore checked by pg_verifybackup (with the

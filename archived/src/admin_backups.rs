@@ -304,7 +304,7 @@ fn print_report(r: &RetentionReport) {
             mib(c.expired_wal_bytes)
         );
         println!(
-            "  {} chunks: {} ({}); {} unreferenced chunks within the grace period",
+            "  {} chunks: {} ({}, {} packs); {} unreferenced chunks within the grace period",
             if r.dry_run {
                 "would collect"
             } else {
@@ -312,6 +312,7 @@ fn print_report(r: &RetentionReport) {
             },
             c.collected_chunks,
             mib(c.collected_chunk_bytes),
+            c.collected_packs,
             c.chunks_in_grace
         );
         for n in &c.notes {

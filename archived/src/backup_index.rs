@@ -8,6 +8,8 @@
 //!                                            raw bytes (content-addressed: a name has one
 //!                                            possible content, so create-only conflicts
 //!                                            are harmless duplicates)
+//! <cluster>/packs/<id[0..2]>/<id>.pack       many chunks in one object, as pushclient
+//!                                            sends them (packs.rs: index, then objects)
 //! <cluster>/backups/<ID>/manifest.zst        the backup's manifest (protocol::backup);
 //!                                            create-only, written after every chunk it
 //!                                            names is stored: its existence commits the
@@ -21,7 +23,8 @@
 //! # Catalog
 //!
 //! ```text
-//! tree "chunks"   <cluster>/<blake3>  -> JSON ChunkEntry  (sizes; `touched`: last time a
+//! tree "chunks"   <cluster>/<blake3>  -> JSON ChunkEntry  (sizes; its pack and offset, or
+//!                                        none for a loose chunk; `touched`: last time a
 //!                                        backup stored or reused it, for the GC grace)
 //! tree "backups"  <cluster>/<ID>      -> JSON BackupRecord (what listings show)
 //! ```
@@ -88,6 +91,40 @@ pub struct ChunkEntry {
     pub stored_size: u64,
     /// Last time (unix seconds) a backup stored or reused the chunk.
     pub touched: i64,
+    /// The pack holding the chunk (see packs.rs); `None`: a loose object at
+    /// [`chunk_key`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<String>,
+    /// Offset of the chunk's object in its pack.
+    #[serde(default)]
+    pub offset: u64,
+}
+
+impl ChunkEntry {
+    /// The entry of a chunk in pack `id`, as the pack's index describes it.
+    pub fn in_pack(id: &str, e: &crate::packs::PackEntry, touched: i64) -> ChunkEntry {
+        ChunkEntry {
+            raw_size: e.raw_size,
+            stored_size: e.length,
+            touched,
+            pack: Some(id.to_string()),
+            offset: e.offset,
+        }
+    }
+
+    /// Where the chunk's object is in the store.
+    pub fn location(&self, cluster: &str, hash: &str) -> store::Loc {
+        match &self.pack {
+            Some(id) => store::Loc {
+                key: crate::packs::pack_key(cluster, id),
+                range: Some(self.offset..self.offset + self.stored_size),
+            },
+            None => store::Loc {
+                key: chunk_key(cluster, hash),
+                range: None,
+            },
+        }
+    }
 }
 
 /// Catalog entry of a backup: the manifest's figures, without its file list.
@@ -175,6 +212,8 @@ pub async fn index_object(
                         raw_size: h.raw_size,
                         stored_size: store::HEADER_LEN as u64 + h.compressed_size,
                         touched,
+                        pack: None,
+                        offset: 0,
                     },
                 )?;
                 summary.chunks += 1;
@@ -183,6 +222,28 @@ pub async fn index_object(
             Err(e) => {
                 summary.unreadable += 1;
                 tracing::error!(%key, error = %format!("{e:#}"), "unreadable chunk; not indexed");
+            }
+        }
+        return Ok(true);
+    }
+    if let Some((cluster, id)) = crate::packs::parse_pack_key(key) {
+        match read_pack_index(store, key).await {
+            Ok(Some(entries)) => {
+                let touched = store.modified(key).await.ok().flatten().unwrap_or_else(now);
+                for e in entries {
+                    put_chunk_entry(
+                        catalog,
+                        &cluster,
+                        &hex::encode(e.blake3),
+                        &ChunkEntry::in_pack(&id, &e, touched),
+                    )?;
+                    summary.chunks += 1;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                summary.unreadable += 1;
+                tracing::error!(%key, error = %format!("{e:#}"), "unreadable pack; its chunks are not indexed");
             }
         }
         return Ok(true);
@@ -202,6 +263,32 @@ pub async fn index_object(
         return Ok(true);
     }
     Ok(false)
+}
+
+/// A pack's index (two range reads); `None` if the pack is absent.
+pub async fn read_pack_index(
+    store: &Store,
+    key: &str,
+) -> Result<Option<Vec<crate::packs::PackEntry>>> {
+    use crate::packs::{decode_count, decode_index, INDEX_ENTRY_LEN, PACK_HEADER_LEN};
+    let Some(len) = store.len(key).await? else {
+        return Ok(None);
+    };
+    let part = |end: u64| store::Loc {
+        key: key.to_string(),
+        range: Some(0..end.min(len)),
+    };
+    let Some(head) = store.get_part(&part(PACK_HEADER_LEN as u64)).await? else {
+        return Ok(None);
+    };
+    let count = decode_count(&head).with_context(|| format!("{key}: damaged pack header"))?;
+    let index_len = (PACK_HEADER_LEN + INDEX_ENTRY_LEN * count) as u64;
+    let Some(index) = store.get_part(&part(index_len)).await? else {
+        return Ok(None);
+    };
+    decode_index(&index, len)
+        .with_context(|| format!("{key}: damaged pack index"))
+        .map(Some)
 }
 
 pub(crate) fn put_chunk_entry(

@@ -14,10 +14,11 @@
 use std::collections::BTreeSet;
 
 use walvault_protocol::backup::{
-    self as format, BackupManifest, MAX_CHUNKS_PER_GET, MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST,
-    MAX_MANIFEST_SIZE,
+    self as format, BackupManifest, PackChunk, MAX_CHUNKS_PER_GET, MAX_CHUNKS_PER_PACK,
+    MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST, MAX_MANIFEST_SIZE, MAX_PACK_RAW_BYTES,
 };
 use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
+use walvault_protocol::object::ObjectDecoder;
 use walvault_protocol::pki::{ClientIdentity, Role};
 use walvault_protocol::transport::write_frame;
 use walvault_protocol::wire::{ErrorCode, Request, Response};
@@ -85,29 +86,14 @@ pub async fn handle(
             )
             .await
         }
-        Request::GetChunk { cluster, blake3 } => {
-            let sent = match format::validate_chunk_hash(&blake3) {
-                Err(m) => Err(Refusal::new(ErrorCode::Invalid, m)),
-                Ok(()) => {
-                    send_object(store, &chunk_key(&cluster, &blake3), &mut send, || {
-                        Refusal::new(
-                            ErrorCode::NotFound,
-                            format!(
-                                "chunk {blake3} is not in the archive of cluster '{cluster}' \
-                                 (deleted by retention, or a damaged store?)"
-                            ),
-                        )
-                    })
-                    .await
-                }
-            };
-            match sent {
-                Ok(()) => return,
-                Err(r) => Err(r),
-            }
+        Request::PutPack { cluster, chunks } => {
+            put_pack(
+                store, catalog, service, identity, &cluster, chunks, &mut recv,
+            )
+            .await
         }
         Request::GetChunks { cluster, hashes } => {
-            match get_chunks(store, &cluster, hashes, &mut send).await {
+            match get_chunks(store, catalog, &cluster, hashes, &mut send).await {
                 Ok(()) => return,
                 Err(r) => Err(r),
             }
@@ -220,6 +206,7 @@ fn require_writer(identity: &ClientIdentity, what: &str) -> std::result::Result<
 /// after a `Chunks` frame; a chunk the store lacks refuses the whole request first.
 async fn get_chunks(
     store: &Store,
+    catalog: &Catalog,
     cluster: &str,
     hashes: Vec<String>,
     send: &mut quinn::SendStream,
@@ -236,18 +223,24 @@ async fn get_chunks(
     for h in &hashes {
         format::validate_chunk_hash(h).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
     }
-    let keys = hashes.iter().map(|h| chunk_key(cluster, h)).collect();
-    let objects = match store.get_many(keys).await.map_err(Refusal::internal)? {
-        store::Many::Missing(i) => {
-            return Err(Refusal::new(
-                ErrorCode::NotFound,
-                format!(
-                    "chunk {} is not in the archive of cluster '{cluster}' \
-                     (deleted by retention, or a damaged store?)",
-                    hashes[i]
-                ),
-            ))
+    let not_found = |h: &str| {
+        Refusal::new(
+            ErrorCode::NotFound,
+            format!(
+                "chunk {h} is not in the archive of cluster '{cluster}' \
+                 (deleted by retention, or a damaged store?)"
+            ),
+        )
+    };
+    let mut locs = Vec::with_capacity(hashes.len());
+    for h in &hashes {
+        match chunk_entry(catalog, cluster, h).map_err(Refusal::internal)? {
+            Some(e) => locs.push(e.location(cluster, h)),
+            None => return Err(not_found(h)),
         }
+    }
+    let objects = match store.get_many(locs).await.map_err(Refusal::internal)? {
+        store::Many::Missing(i) => return Err(not_found(&hashes[i])),
         store::Many::Objects(s) => s,
     };
     write_frame(
@@ -265,6 +258,141 @@ async fn get_chunks(
     )
     .await;
     Ok(())
+}
+
+/// Receives a pack of chunks, verifies every one (size and blake3 of the decompressed
+/// bytes) before anything is stored, stores the pack as one object (packs.rs) and indexes
+/// the chunks the catalog did not hold. A chunk another backup stored meanwhile stays
+/// where it was indexed first; its copy in this pack is dead weight, never wrong.
+async fn put_pack(
+    store: &Store,
+    catalog: &Catalog,
+    service: &BackupService,
+    identity: &ClientIdentity,
+    cluster: &str,
+    chunks: Vec<PackChunk>,
+    recv: &mut quinn::RecvStream,
+) -> Reply {
+    require_writer(identity, "store backups")?;
+    if chunks.is_empty() || chunks.len() > MAX_CHUNKS_PER_PACK {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!(
+                "a pack holds 1 to {MAX_CHUNKS_PER_PACK} chunks, not {}",
+                chunks.len()
+            ),
+        ));
+    }
+    let mut raw_total = 0u64;
+    let mut body_len = 0u64;
+    for c in &chunks {
+        format::validate_chunk_hash(&c.blake3).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
+        if c.raw_size > MAX_CHUNK_SIZE
+            || c.compressed_size > ObjectHeader::max_compressed_size(c.raw_size)
+        {
+            return Err(Refusal::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "chunk {}: {} raw / {} compressed bytes exceed the limits ({MAX_CHUNK_SIZE} raw)",
+                    c.blake3, c.raw_size, c.compressed_size
+                ),
+            ));
+        }
+        raw_total += c.raw_size;
+        body_len += c.compressed_size;
+    }
+    if raw_total > MAX_PACK_RAW_BYTES {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!("a pack of {raw_total} raw bytes exceeds the {MAX_PACK_RAW_BYTES} byte limit"),
+        ));
+    }
+    let body = recv
+        .read_to_end(body_len as usize + 1)
+        .await
+        .map_err(|e| match e {
+            quinn::ReadToEndError::TooLong => Refusal::new(
+                ErrorCode::Invalid,
+                format!("pack body exceeds the announced {body_len} bytes"),
+            ),
+            other => Refusal::new(
+                ErrorCode::Invalid,
+                format!("pack body stream failed: {other}"),
+            ),
+        })?;
+    if body.len() as u64 != body_len {
+        return Err(Refusal::new(
+            ErrorCode::Invalid,
+            format!(
+                "pack body has {} bytes where its chunks announce {body_len}",
+                body.len()
+            ),
+        ));
+    }
+    let (pack, entries) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let mut decoder = ObjectDecoder::new().map_err(|e| e.to_string())?;
+        let mut verified = Vec::with_capacity(chunks.len());
+        let mut at = 0usize;
+        for c in &chunks {
+            let frame = &body[at..at + c.compressed_size as usize];
+            at += frame.len();
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(&c.blake3, &mut hash).map_err(|e| e.to_string())?;
+            let header = ObjectHeader {
+                raw_size: c.raw_size,
+                blake3: hash,
+                compressed_size: c.compressed_size,
+            };
+            decoder
+                .decode(&header, frame, &hash, MAX_CHUNK_SIZE)
+                .map_err(|e| {
+                    format!(
+                        "chunk {}: body is not the announced content: {e:#}",
+                        c.blake3
+                    )
+                })?;
+            verified.push((header, frame));
+        }
+        Ok(crate::packs::encode(&verified))
+    })
+    .await
+    .map_err(|e| Refusal::internal(e.into()))?
+    .map_err(|e| Refusal::new(ErrorCode::Invalid, e))?;
+    let id = crate::packs::new_pack_id();
+    let key = crate::packs::pack_key(cluster, &id);
+    let stored_bytes = pack.len() as u64;
+    let outcome = store
+        .put_bytes_grouped(&key, [bytes::Bytes::from(pack)], service.sync_group(store))
+        .await
+        .map_err(Refusal::internal)?;
+    if outcome == CreateOutcome::Exists {
+        return Err(Refusal::internal(anyhow::anyhow!(
+            "pack id {id} collided with an existing pack; send the pack again"
+        )));
+    }
+    let touched = now();
+    let mut new_chunks = 0u32;
+    for e in entries {
+        let hash = hex::encode(e.blake3);
+        if chunk_entry(catalog, cluster, &hash)
+            .map_err(Refusal::internal)?
+            .is_some()
+        {
+            continue;
+        }
+        put_chunk_entry(
+            catalog,
+            cluster,
+            &hash,
+            &ChunkEntry::in_pack(&id, &e, touched),
+        )
+        .map_err(Refusal::internal)?;
+        new_chunks += 1;
+    }
+    Ok(Response::PackStored {
+        new_chunks,
+        stored_bytes,
+    })
 }
 
 async fn chunks_missing(
@@ -452,6 +580,8 @@ async fn put_chunk(
             raw_size,
             stored_size,
             touched: now(),
+            pack: None,
+            offset: 0,
         },
     )
     .map_err(Refusal::internal)?;

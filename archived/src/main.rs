@@ -4,6 +4,7 @@ mod admin_backups;
 mod backup_index;
 mod backups;
 mod catalog;
+mod packs;
 mod retention;
 mod server;
 mod settings;

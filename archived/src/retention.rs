@@ -23,13 +23,16 @@
 //!    are expired; later timelines and every history file are kept, so a kept backup
 //!    stays restorable to every point of its window, on every timeline after it.
 //! 3. Chunks: a chunk no remaining manifest names, untouched (neither stored nor reused
-//!    by a backup) for the grace period, is deleted. This step holds the write side of
+//!    by a backup) for the grace period, is collectable. A loose chunk is deleted; a pack
+//!    (packs.rs) is deleted when every chunk the catalog locates in it is collectable (a
+//!    pack that still holds one live chunk stays whole), and a pack the catalog locates
+//!    no chunk in is deleted once it is older than the grace period. This step holds the write side of
 //!    the backup lock (see backups.rs), so no manifest is committed meanwhile, and a
 //!    chunk a running backup relies on was touched within the grace period.
 //!
 //! `dry_run` computes the same plan and deletes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -292,33 +295,91 @@ async fn run_cluster(
         }
     }
     let now = now();
-    let mut forget_then_delete = Vec::new();
+    let grace = policy.chunk_grace_secs as i64;
+    let mut loose = Vec::new();
+    // Pack id -> (every chunk the catalog locates in it is collectable, those hashes, bytes).
+    let mut packs: BTreeMap<String, (bool, Vec<String>, u64)> = BTreeMap::new();
     for (hash, entry) in backup_index::chunk_entries(catalog, cluster)? {
-        if referenced.contains(&hash) {
-            continue;
-        }
-        if now - entry.touched < policy.chunk_grace_secs as i64 {
+        let unreferenced = !referenced.contains(&hash);
+        let collectable = unreferenced && now - entry.touched >= grace;
+        if unreferenced && !collectable {
             out.chunks_in_grace += 1;
-            continue;
         }
-        out.collected_chunks += 1;
-        out.collected_chunk_bytes += entry.stored_size;
-        if !dry_run {
-            forget_then_delete.push(hash);
+        match entry.pack {
+            None if collectable => {
+                out.collected_chunks += 1;
+                out.collected_chunk_bytes += entry.stored_size;
+                loose.push(hash);
+            }
+            None => {}
+            Some(id) => {
+                let p = packs.entry(id).or_insert((true, Vec::new(), 0));
+                p.0 &= collectable;
+                p.1.push(hash);
+                p.2 += entry.stored_size;
+            }
         }
     }
+    let mut dead_packs = Vec::new();
+    for (id, (all_collectable, hashes, bytes)) in &packs {
+        if *all_collectable {
+            out.collected_chunks += hashes.len() as u64;
+            out.collected_chunk_bytes += bytes;
+            dead_packs.push(id.clone());
+        }
+    }
+    // Packs the catalog locates no chunk in (every chunk of it was stored first elsewhere,
+    // or the archive stopped between storing and indexing it), once past the grace period.
+    for key in store.list(&format!("{cluster}/packs/")).await? {
+        let Some((_, id)) = crate::packs::parse_pack_key(&key) else {
+            continue;
+        };
+        if packs.contains_key(&id) {
+            continue;
+        }
+        let modified = store.modified(&key).await?.unwrap_or(now);
+        if now - modified >= grace {
+            dead_packs.push(id);
+        }
+    }
+    out.collected_packs = dead_packs.len() as u64;
+    let held: Vec<(u64, u64)> = packs
+        .values()
+        .filter(|p| !p.0)
+        .map(|(_, hashes, _)| {
+            let dead = hashes.iter().filter(|h| !referenced.contains(*h)).count() as u64;
+            (dead, hashes.len() as u64)
+        })
+        .filter(|(dead, _)| *dead > 0)
+        .collect();
+    if !held.is_empty() {
+        out.notes.push(format!(
+            "{} unreferenced chunks stay in {} packs that still hold chunks kept backups need \
+             (a pack is deleted whole; packs are not rewritten)",
+            held.iter().map(|(d, _)| d).sum::<u64>(),
+            held.len()
+        ));
+    }
     // Index first, object second: a crash in between leaves an unindexed object (found
-    // again by a catalog rebuild), never an index entry that would make a backup skip
-    // uploading a chunk the store no longer has.
-    if !forget_then_delete.is_empty() {
-        for hash in &forget_then_delete {
+    // again by a catalog rebuild, or collected as an unindexed pack), never an index
+    // entry that would make a backup skip uploading a chunk the store no longer has.
+    if !dry_run && (!loose.is_empty() || !dead_packs.is_empty()) {
+        for hash in &loose {
             backup_index::remove_chunk_entry(catalog, cluster, hash)?;
         }
+        for id in &dead_packs {
+            for hash in packs.get(id).map(|p| &p.1[..]).unwrap_or_default() {
+                backup_index::remove_chunk_entry(catalog, cluster, hash)?;
+            }
+        }
         catalog.flush().await?;
-        for hash in &forget_then_delete {
+        for hash in &loose {
             store
                 .delete(&backup_index::chunk_key(cluster, hash))
                 .await?;
+        }
+        for id in &dead_packs {
+            store.delete(&crate::packs::pack_key(cluster, id)).await?;
         }
     }
     if out.collected_chunks > 0 {

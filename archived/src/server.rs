@@ -337,7 +337,7 @@ async fn handle_stream(
         }
         backup_request @ (Request::ChunksMissing { .. }
         | Request::PutChunk { .. }
-        | Request::GetChunk { .. }
+        | Request::PutPack { .. }
         | Request::GetChunks { .. }
         | Request::PutBackup { .. }
         | Request::GetBackup { .. }

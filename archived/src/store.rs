@@ -75,6 +75,15 @@ pub fn parse_wal_key(key: &str) -> Option<(String, WalFileName)> {
     Some((cluster.to_string(), name))
 }
 
+/// Where a chunk is: a whole object, or a byte range of one (a chunk in a pack).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loc {
+    /// Store key.
+    pub key: String,
+    /// Byte range within the object; `None` for the whole object.
+    pub range: Option<std::ops::Range<u64>>,
+}
+
 /// Answer of [`Store::get_many`].
 pub enum Many {
     /// Every object, whole (header and frame), in the order asked.
@@ -270,18 +279,30 @@ impl Store {
         body: Bytes,
         group: &crate::syncgroup::SyncGroup,
     ) -> Result<CreateOutcome> {
+        let header = Bytes::copy_from_slice(&header.encode());
+        self.put_bytes_grouped(key, [header, body], group).await
+    }
+
+    /// Stores `parts`, concatenated, create-only under `key`, with the durability of
+    /// [`put_grouped`](Self::put_grouped) (a pack: its index, then its chunks).
+    pub async fn put_bytes_grouped<const N: usize>(
+        &self,
+        key: &str,
+        parts: [Bytes; N],
+        group: &crate::syncgroup::SyncGroup,
+    ) -> Result<CreateOutcome> {
         let root = match self {
             Store::Local { root } => root,
             Store::Remote { .. } => {
-                let mut object = Vec::with_capacity(HEADER_LEN + body.len());
-                object.extend_from_slice(&header.encode());
-                object.extend_from_slice(&body);
+                let mut object = Vec::with_capacity(parts.iter().map(Bytes::len).sum());
+                for p in &parts {
+                    object.extend_from_slice(p);
+                }
                 return self.put_new(key, object.into()).await;
             }
         };
         let target = Self::local_path(root, key);
         let tmp = fsutil::temp_path_beside(&target);
-        let encoded = header.encode();
         let (t, target_dir) = (tmp.clone(), target.clone());
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if let Some(dir) = target_dir.parent() {
@@ -292,8 +313,10 @@ impl Store {
                     .write(true)
                     .create_new(true)
                     .open(&t)?;
-                std::io::Write::write_all(&mut f, &encoded)?;
-                std::io::Write::write_all(&mut f, &body)
+                for p in &parts {
+                    std::io::Write::write_all(&mut f, p)?;
+                }
+                Ok(())
             })();
             if write.is_err() {
                 let _ = std::fs::remove_file(&t);
@@ -385,24 +408,32 @@ impl Store {
         }
     }
 
-    /// Several whole small objects (backup chunks), in order, as a stream; or the index of
-    /// the first that is absent, found before anything is streamed. Local store: one
-    /// blocking task opens every file first, then reads them one after the other (a
-    /// thread hand-off per object costs more than reading a 10 KiB chunk). Memory: a few
-    /// objects in flight. A failure after the stream started comes as its error item.
-    pub async fn get_many(&self, keys: Vec<String>) -> Result<Many> {
+    /// Several small objects or ranges of objects (backup chunks, loose or in packs), in
+    /// order, as a stream; or the index of the first whose object is absent, found before
+    /// anything is streamed. Local store: one blocking task opens every file first (once
+    /// for a run of ranges of one pack), then reads one after the other: a thread hand-off
+    /// per chunk costs more than reading a 10 KiB chunk. Memory: a few chunks in flight. A
+    /// failure after the stream started (a short read) comes as its error item.
+    pub async fn get_many(&self, locs: Vec<Loc>) -> Result<Many> {
         match self {
             Store::Local { root } => {
-                let paths: Vec<PathBuf> = keys.iter().map(|k| Self::local_path(root, k)).collect();
+                let paths: Vec<PathBuf> = locs
+                    .iter()
+                    .map(|l| Self::local_path(root, &l.key))
+                    .collect();
                 let (opened_tx, opened_rx) =
                     tokio::sync::oneshot::channel::<Result<Option<usize>>>();
                 let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(4);
                 tokio::task::spawn_blocking(move || {
                     use std::io::Read;
-                    let mut files = Vec::with_capacity(paths.len());
+                    let mut files: Vec<Arc<std::fs::File>> = Vec::with_capacity(paths.len());
                     for (i, p) in paths.iter().enumerate() {
+                        if i > 0 && paths[i - 1] == *p {
+                            files.push(files[i - 1].clone());
+                            continue;
+                        }
                         match std::fs::File::open(p) {
-                            Ok(f) => files.push(f),
+                            Ok(f) => files.push(Arc::new(f)),
                             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                                 let _ = opened_tx.send(Ok(Some(i)));
                                 return;
@@ -419,12 +450,19 @@ impl Store {
                     if opened_tx.send(Ok(None)).is_err() {
                         return;
                     }
-                    for (mut f, p) in files.into_iter().zip(&paths) {
-                        let mut buf = Vec::new();
-                        let item = f
-                            .read_to_end(&mut buf)
-                            .map(|_| Bytes::from(buf))
-                            .with_context(|| format!("cannot read {}", p.display()));
+                    for ((f, p), loc) in files.iter().zip(&paths).zip(&locs) {
+                        let item = match &loc.range {
+                            None => {
+                                let mut buf = Vec::new();
+                                (&**f).read_to_end(&mut buf).map(|_| Bytes::from(buf))
+                            }
+                            Some(r) => {
+                                let mut buf = vec![0u8; (r.end - r.start) as usize];
+                                std::os::unix::fs::FileExt::read_exact_at(&**f, &mut buf, r.start)
+                                    .map(|_| Bytes::from(buf))
+                            }
+                        }
+                        .with_context(|| format!("cannot read {}", p.display()));
                         let failed = item.is_err();
                         if tx.blocking_send(item).is_err() || failed {
                             return;
@@ -444,11 +482,11 @@ impl Store {
                 }
             }
             Store::Remote { .. } => {
-                let mut objects = Vec::with_capacity(keys.len());
-                for group in keys.chunks(8) {
+                let mut objects = Vec::with_capacity(locs.len());
+                for group in locs.chunks(8) {
                     let mut gets = Vec::with_capacity(group.len());
-                    for k in group {
-                        gets.push(self.get_small(k));
+                    for l in group {
+                        gets.push(self.get_part(l));
                     }
                     for got in futures::future::join_all(gets).await {
                         match got? {
@@ -459,6 +497,61 @@ impl Store {
                 }
                 Ok(Many::Objects(futures::stream::iter(objects).boxed()))
             }
+        }
+    }
+
+    /// A whole object or a range of it; `None` if the object is absent.
+    pub async fn get_part(&self, loc: &Loc) -> Result<Option<Bytes>> {
+        let Some(range) = &loc.range else {
+            return self.get_small(&loc.key).await;
+        };
+        match self {
+            Store::Local { root } => {
+                let path = Self::local_path(root, &loc.key);
+                let range = range.clone();
+                tokio::task::spawn_blocking(move || {
+                    let f = match std::fs::File::open(&path) {
+                        Ok(f) => f,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                        Err(e) => {
+                            return Err(
+                                anyhow!(e).context(format!("cannot open {}", path.display()))
+                            )
+                        }
+                    };
+                    let mut buf = vec![0u8; (range.end - range.start) as usize];
+                    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, range.start)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    Ok(Some(Bytes::from(buf)))
+                })
+                .await?
+            }
+            Store::Remote { store, .. } => {
+                match store
+                    .get_range(&ObjPath::from(loc.key.as_str()), range.clone())
+                    .await
+                {
+                    Ok(b) => Ok(Some(b)),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(anyhow!(e).context(format!("cannot read {}", loc.key))),
+                }
+            }
+        }
+    }
+
+    /// An object's length in bytes; `None` if absent.
+    pub async fn len(&self, key: &str) -> Result<Option<u64>> {
+        match self {
+            Store::Local { root } => match tokio::fs::metadata(Self::local_path(root, key)).await {
+                Ok(m) => Ok(Some(m.len())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(anyhow!(e).context(format!("cannot stat {key}"))),
+            },
+            Store::Remote { store, .. } => match store.head(&ObjPath::from(key)).await {
+                Ok(m) => Ok(Some(m.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(anyhow!(e).context(format!("cannot stat {key}"))),
+            },
         }
     }
 

@@ -66,6 +66,22 @@ pub const MAX_MANIFEST_SIZE: u64 = 256 << 20;
 pub const MAX_HASHES_PER_REQUEST: usize = 4096;
 /// Most chunks one `GetChunks` request may ask for (bounds what the server buffers).
 pub const MAX_CHUNKS_PER_GET: usize = 64;
+/// Most chunks one `PutPack` request may carry.
+pub const MAX_CHUNKS_PER_PACK: usize = 1024;
+/// Most raw bytes one `PutPack` request may carry: the archive holds a pack's compressed
+/// body in memory while it verifies every chunk of it.
+pub const MAX_PACK_RAW_BYTES: u64 = 16 << 20;
+
+/// One chunk of a `PutPack` request, in body order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackChunk {
+    /// blake3 of the raw chunk, hex (its name).
+    pub blake3: String,
+    /// Raw size.
+    pub raw_size: u64,
+    /// Length of its zstd frame in the body.
+    pub compressed_size: u64,
+}
 /// Manifest format written by this version.
 pub const MANIFEST_FORMAT: u32 = 1;
 
@@ -425,6 +441,9 @@ pub struct ClusterRetention {
     pub collected_chunk_bytes: u64,
     /// Unreferenced chunks still within the grace period.
     pub chunks_in_grace: u64,
+    /// Packs deleted (every chunk in them collected).
+    #[serde(default)]
+    pub collected_packs: u64,
     /// Why nothing or less than the policy asked was expired, for the operator.
     pub notes: Vec<String>,
 }

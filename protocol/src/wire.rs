@@ -68,6 +68,16 @@ pub enum Request {
         /// blake3 of each chunk, hex.
         hashes: Vec<String>,
     },
+    /// Store many backup chunks as one pack (one object in the store). Body: each chunk's
+    /// zstd frame, back to back, in the order listed. Answer: [`Response::PackStored`].
+    /// At most [`crate::backup::MAX_CHUNKS_PER_PACK`] chunks and
+    /// [`crate::backup::MAX_PACK_RAW_BYTES`] raw bytes.
+    PutPack {
+        /// Cluster name.
+        cluster: String,
+        /// The chunks, in body order.
+        chunks: Vec<crate::backup::PackChunk>,
+    },
     /// Store a backup chunk (content-addressed). Body: one zstd frame of the raw chunk.
     PutChunk {
         /// Cluster name.
@@ -76,13 +86,6 @@ pub enum Request {
         blake3: String,
         /// Size of the raw chunk.
         raw_size: u64,
-    },
-    /// Fetch a backup chunk. Response body: one zstd frame.
-    GetChunk {
-        /// Cluster name.
-        cluster: String,
-        /// blake3 of the raw chunk, hex.
-        blake3: String,
     },
     /// Fetch several backup chunks on one stream. Answer: [`Response::Chunks`], then the
     /// stored objects (header + zstd frame, see [`crate::object`]) back to back, in the
@@ -148,7 +151,7 @@ impl Request {
             | Request::ListWal { cluster } => Some(cluster),
             Request::ChunksMissing { cluster, .. }
             | Request::PutChunk { cluster, .. }
-            | Request::GetChunk { cluster, .. }
+            | Request::PutPack { cluster, .. }
             | Request::GetChunks { cluster, .. }
             | Request::PutBackup { cluster, .. }
             | Request::GetBackup { cluster, .. }
@@ -168,7 +171,7 @@ impl Request {
             Request::Ping => "ping",
             Request::ChunksMissing { .. } => "chunks_missing",
             Request::PutChunk { .. } => "put_chunk",
-            Request::GetChunk { .. } => "get_chunk",
+            Request::PutPack { .. } => "put_pack",
             Request::GetChunks { .. } => "get_chunks",
             Request::PutBackup { .. } => "put_backup",
             Request::GetBackup { .. } => "get_backup",
@@ -196,6 +199,13 @@ pub enum Response {
         blake3: String,
         /// Size of the body that follows.
         compressed_size: u64,
+    },
+    /// Answer to [`Request::PutPack`]: every chunk of the pack is durably stored.
+    PackStored {
+        /// Chunks the archive did not hold before.
+        new_chunks: u32,
+        /// Bytes the pack takes in the store.
+        stored_bytes: u64,
     },
     /// Answer to [`Request::GetChunks`]: every chunk asked for follows as the body, each
     /// a whole stored object (64-byte header, then its zstd frame), in the order asked.

@@ -29,8 +29,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use walvault_protocol::backup::{
     backup_id_at, format_unix_utc, BackupManifest, BackupState, BackupStats, FileEntry, FileKind,
-    TablespaceEntry, TarError, TarEvent, TarReader, BACKUP_CHUNK_SIZE, MANIFEST_FORMAT,
-    MAX_HASHES_PER_REQUEST,
+    PackChunk, TablespaceEntry, TarError, TarEvent, TarReader, BACKUP_CHUNK_SIZE, MANIFEST_FORMAT,
+    MAX_CHUNKS_PER_PACK, MAX_HASHES_PER_REQUEST,
 };
 use walvault_protocol::config::ClientConfig;
 use walvault_protocol::fanout::Fanout;
@@ -43,9 +43,12 @@ use walvault_protocol::wire::{Request, Response};
 /// Chunks held while the archive is asked which it lacks (one batch being filled, one
 /// queued, one being uploaded: 3 x 8 MiB at most).
 const BATCH_BYTES: usize = 8 << 20;
-/// Chunks compressed and sent at once. Many in flight keep the link busy and let the
-/// archive's fsyncs share journal commits; 16 x 128 KiB is 2 MiB of buffers.
-const UPLOAD_CONCURRENCY: usize = 16;
+/// Raw bytes of chunks per pack (one `PutPack` request, one object in the store): one
+/// file or PUT per 8 MiB instead of one per 128 KiB chunk.
+const PACK_RAW_BYTES: usize = 8 << 20;
+/// Packs compressed and sent at once (compression of one overlaps the upload and the
+/// archive's verification of the others): at most 3 x 8 MiB raw plus their frames.
+const PACKS_IN_FLIGHT: usize = 3;
 /// Hashes remembered to skip repeats within one backup (mostly all-zero chunks) without
 /// asking the archive again: ~10 MiB at most, whatever the database size.
 const KNOWN_HASHES: usize = 65_536;
@@ -593,7 +596,7 @@ async fn upload_batches(
     level: i32,
     mut batches: tokio::sync::mpsc::Receiver<Vec<(String, Bytes)>>,
 ) -> Result<BackupStats> {
-    let mut uploads: Fanout<(u64, bool)> = Fanout::new(UPLOAD_CONCURRENCY);
+    let mut uploads: Fanout<(u64, u32)> = Fanout::new(PACKS_IN_FLIGHT);
     while let Some(batch) = batches.recv().await {
         let (response, _) = archive
             .call(&Request::ChunksMissing {
@@ -606,16 +609,30 @@ async fn upload_batches(
             Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
             other => bail!("unexpected answer from the archive: {other:?}"),
         };
-        for (hash, data) in batch {
-            if !missing.contains(&hash) {
-                continue;
+        let mut packs: Vec<Vec<(String, Bytes)>> = vec![Vec::new()];
+        let mut raw = 0usize;
+        for (hash, data) in batch.into_iter().filter(|(h, _)| missing.contains(h)) {
+            let full = packs.last().is_some_and(|p| {
+                p.len() >= MAX_CHUNKS_PER_PACK || raw + data.len() > PACK_RAW_BYTES
+            });
+            if full {
+                packs.push(Vec::new());
+                raw = 0;
             }
+            raw += data.len();
+            if let Some(p) = packs.last_mut() {
+                p.push((hash, data));
+            }
+        }
+        for pack in packs.into_iter().filter(|p| !p.is_empty()) {
             let archive = archive.clone();
             let cluster = cluster.clone();
             uploads
                 .spawn(async move {
+                    let (chunks, body) =
+                        tokio::task::spawn_blocking(move || compress_pack(&pack, level)).await??;
                     retry(&RetryPolicy::default(), || {
-                        upload_chunk(&archive, cluster.clone(), hash.clone(), data.clone(), level)
+                        upload_pack(&archive, &cluster, &chunks, &body)
                     })
                     .await
                 })
@@ -624,41 +641,61 @@ async fn upload_batches(
     }
     let mut stats = BackupStats::default();
     for (stored, new) in uploads.finish().await? {
-        if new {
-            stats.new_chunks += 1;
-            stats.new_stored_bytes += stored;
-        }
+        stats.new_chunks += new as u64;
+        stats.new_stored_bytes += stored;
     }
     Ok(stats)
 }
 
-async fn upload_chunk(
-    archive: &ArchiveConnection,
-    cluster: String,
-    hash: String,
-    data: Bytes,
-    level: i32,
-) -> Result<(u64, bool)> {
-    let raw_size = data.len() as u64;
-    let body = tokio::task::spawn_blocking(move || zstd::bulk::compress(&data, level)).await??;
-    let (mut send, mut recv) = archive
-        .open(&Request::PutChunk {
-            cluster,
+/// Compresses the chunks of a pack: what `PutPack` announces, and its body.
+fn compress_pack(chunks: &[(String, Bytes)], level: i32) -> Result<(Vec<PackChunk>, Bytes)> {
+    let mut cctx = zstd::bulk::Compressor::new(level)?;
+    let mut listed = Vec::with_capacity(chunks.len());
+    let mut body = Vec::new();
+    for (hash, data) in chunks {
+        let frame = cctx.compress(data)?;
+        listed.push(PackChunk {
             blake3: hash.clone(),
-            raw_size,
+            raw_size: data.len() as u64,
+            compressed_size: frame.len() as u64,
+        });
+        body.extend_from_slice(&frame);
+    }
+    Ok((listed, body.into()))
+}
+
+/// Sends one pack; answers (bytes it takes in the store, chunks new to the archive).
+async fn upload_pack(
+    archive: &ArchiveConnection,
+    cluster: &str,
+    chunks: &[PackChunk],
+    body: &Bytes,
+) -> Result<(u64, u32)> {
+    let what = format!(
+        "pack of {} chunks (first {})",
+        chunks.len(),
+        chunks[0].blake3
+    );
+    let (mut send, mut recv) = archive
+        .open(&Request::PutPack {
+            cluster: cluster.to_string(),
+            chunks: chunks.to_vec(),
         })
         .await?;
-    let sent = send.write_all(&body).await;
+    let sent = send.write_chunk(body.clone()).await;
     if sent.is_ok() {
         let _ = send.finish();
     }
     let response: Response = read_frame(&mut recv)
         .await
-        .map_err(|e| anyhow!("no answer from the archive for chunk {hash}: {e}"))?;
+        .map_err(|e| anyhow!("no answer from the archive for the {what}: {e}"))?;
     match response {
-        Response::Stored { already_present } => Ok((body.len() as u64 + 64, !already_present)),
+        Response::PackStored {
+            new_chunks,
+            stored_bytes,
+        } => Ok((stored_bytes, new_chunks)),
         Response::Error { code, message } => Err(ArchiveRefusal {
-            what: format!("chunk {hash}"),
+            what,
             code,
             message,
         }
