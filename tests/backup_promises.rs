@@ -420,6 +420,11 @@ async fn restore_verifies_every_chunk_and_writes_nothing_unverified() {
     assert_eq!(std::fs::read(good.join("base/1/16384")).unwrap(), big);
     assert_eq!(std::fs::read(good.join("base/1/16385")).unwrap(), small);
     assert!(good.join("recovery.signal").exists());
+    let auto = std::fs::read_to_string(good.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("restore_command = ") && auto.contains("recovery_prefetch = off"),
+        "{auto}"
+    );
 
     // Damage the small file's chunk: one flipped byte in its zstd frame.
     let h = b3(&small);

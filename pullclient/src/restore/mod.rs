@@ -5,7 +5,8 @@
 //! backup's files, each verified chunk by chunk against the blake3 in the manifest before
 //! it is written, fsynced; PostgreSQL's `backup_manifest` is beside them (so
 //! `pg_verifybackup` can check the result); `postgresql.auto.conf` ends with the recovery
-//! settings (`restore_command` running this pullclient with this config, the target) and
+//! settings (`restore_command` running this pullclient with this config, the target, and
+//! for archive recovery with the prefaulter on, `recovery_prefetch = off`) and
 //! `recovery.signal` (restore) or `standby.signal` (clone) exists. `pg_ctl start` then
 //! replays the archived WAL. On failure the directory is not startable (no signal file
 //! and no recovery settings were written): fix the cause and run again with `--delta`.
@@ -722,7 +723,6 @@ fn finish_pgdata(
             args.config_path.display()
         )
     })?;
-    let _ = cfg;
     let mut conf = format!(
         "\n# walvault: restored from backup {} (stopped {}) by pullclient\nrestore_command = {}\nrecovery_target_timeline = 'latest'\n",
         manifest.id,
@@ -751,6 +751,12 @@ fn finish_pgdata(
             }
             if let Some(a) = action {
                 conf += &format!("recovery_target_action = {}\n", quote_conf(a));
+            }
+            if cfg.prefetch.enabled && cfg.prefetch.prefault {
+                // Measured (benches/RESULTS.md, replay): with walvault's prefaulter warming
+                // blocks ahead, PostgreSQL's own prefetch only adds work during archive
+                // recovery (and with full_page_writes on, reads of pages replay overwrites).
+                conf += "recovery_prefetch = off  # walvault's prefaulter warms the blocks replay reads\n";
             }
             "recovery.signal"
         }
