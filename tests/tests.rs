@@ -9,4 +9,5 @@ mod pg_archive;
 mod pg_backup;
 mod prefetch;
 mod promises;
+mod s3;
 mod waldump;
