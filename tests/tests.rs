@@ -10,5 +10,6 @@ mod pg_archive;
 mod pg_backup;
 mod prefetch;
 mod promises;
+mod retention_window;
 mod s3;
 mod waldump;
