@@ -14,10 +14,10 @@ use std::time::Duration;
 use walvault_tests::serde_json::Value;
 use walvault_tests::*;
 
-const CLUSTER: &str = "main";
-const ACCOUNTS: &str = "SELECT count(*), sum(abalance) FROM pgbench_accounts";
+pub(crate) const CLUSTER: &str = "main";
+pub(crate) const ACCOUNTS: &str = "SELECT count(*), sum(abalance) FROM pgbench_accounts";
 
-fn archiving_primary(archive: &Archive, push_conf: &Path, extra: &[&str]) -> PgCluster {
+pub(crate) fn archiving_primary(archive: &Archive, push_conf: &Path, extra: &[&str]) -> PgCluster {
     let mut p = PgCluster::initdb("primary", &[]);
     p.append_conf(&["wal_level = replica", "archive_mode = on"]);
     p.set_conf("archive_command", &archive.archive_command(push_conf));
@@ -27,7 +27,7 @@ fn archiving_primary(archive: &Archive, push_conf: &Path, extra: &[&str]) -> PgC
 }
 
 /// `pushclient backup ARGS` as the `postgres` user against `pg`'s socket; no check.
-fn try_backup(
+pub(crate) fn try_backup(
     archive: &Archive,
     push: &Path,
     pg: &PgCluster,
@@ -50,7 +50,7 @@ fn try_backup(
 }
 
 /// A backup that must succeed; its id.
-fn backup(archive: &Archive, push: &Path, pg: &PgCluster, args: &[&str]) -> String {
+pub(crate) fn backup(archive: &Archive, push: &Path, pg: &PgCluster, args: &[&str]) -> String {
     let out = try_backup(archive, push, pg, args, &[]);
     if !out.success() {
         panic!(
@@ -63,7 +63,7 @@ fn backup(archive: &Archive, push: &Path, pg: &PgCluster, args: &[&str]) -> Stri
     backup_id(&out)
 }
 
-fn backup_id(out: &Output) -> String {
+pub(crate) fn backup_id(out: &Output) -> String {
     out.stdout
         .lines()
         .find_map(|l| {
@@ -79,7 +79,7 @@ fn backup_id(out: &Output) -> String {
         })
 }
 
-fn backups_json(archive: &Archive) -> Vec<Value> {
+pub(crate) fn backups_json(archive: &Archive) -> Vec<Value> {
     let out = archive.admin(&["backups", "list", "--cluster", CLUSTER, "--json"]);
     let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -90,7 +90,7 @@ fn backups_json(archive: &Archive) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
-fn backup_json(archive: &Archive, id: &str) -> Value {
+pub(crate) fn backup_json(archive: &Archive, id: &str) -> Value {
     backups_json(archive)
         .into_iter()
         .find(|b| b["id"] == id)
@@ -98,7 +98,7 @@ fn backup_json(archive: &Archive, id: &str) -> Value {
 }
 
 /// `pullclient restore/clone ARGS` as `postgres`; no check.
-fn try_pullclient(archive: &Archive, pull: &Path, args: &[&str]) -> Output {
+pub(crate) fn try_pullclient(archive: &Archive, pull: &Path, args: &[&str]) -> Output {
     try_run_timeout(
         as_pg_user(&mut Command::new(archive.bins().pullclient()))
             .args(args)
@@ -110,7 +110,7 @@ fn try_pullclient(archive: &Archive, pull: &Path, args: &[&str]) -> Output {
 }
 
 /// Restores into a new cluster `name` with `args` (after `--pgdata DIR`); not started.
-fn restore(archive: &Archive, pull: &Path, name: &str, args: &[&str]) -> PgCluster {
+pub(crate) fn restore(archive: &Archive, pull: &Path, name: &str, args: &[&str]) -> PgCluster {
     let c = PgCluster::empty(name);
     let dir = c.data_dir().to_string_lossy().into_owned();
     let mut all = vec!["restore", "--pgdata", dir.as_str()];
@@ -129,7 +129,7 @@ fn restore(archive: &Archive, pull: &Path, name: &str, args: &[&str]) -> PgClust
 
 /// `archive_mode = off` in postgresql.auto.conf (which pg_verifybackup ignores, unlike
 /// postgresql.conf).
-fn no_archiving(c: &PgCluster) {
+pub(crate) fn no_archiving(c: &PgCluster) {
     let auto = c.data_dir().join("postgresql.auto.conf");
     let mut text = fs::read_to_string(&auto).unwrap_or_default();
     text.push_str("archive_mode = off\n");
@@ -138,7 +138,7 @@ fn no_archiving(c: &PgCluster) {
 
 /// `pg_verifybackup` of a restored (not yet started) data directory; `wal_dir`: check
 /// the backup's WAL from there too, else skip WAL parsing.
-fn verifybackup(c: &PgCluster, wal_dir: Option<&Path>) {
+pub(crate) fn verifybackup(c: &PgCluster, wal_dir: Option<&Path>) {
     let mut cmd = pg_command("pg_verifybackup");
     match wal_dir {
         Some(w) => cmd.arg("-w").arg(w),
@@ -155,7 +155,7 @@ fn verifybackup(c: &PgCluster, wal_dir: Option<&Path>) {
 }
 
 /// Starts a restored cluster and waits until recovery ended (not in recovery).
-fn start_and_wait_promoted(c: &mut PgCluster) {
+pub(crate) fn start_and_wait_promoted(c: &mut PgCluster) {
     c.start();
     wait_until(
         &format!("{} to finish recovery", c.name()),
@@ -165,12 +165,12 @@ fn start_and_wait_promoted(c: &mut PgCluster) {
     );
 }
 
-fn markers(c: &PgCluster) -> String {
+pub(crate) fn markers(c: &PgCluster) -> String {
     c.psql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM marker")
 }
 
 /// Segment names from `first` to `last` (same timeline, 16 MiB segments).
-fn segment_range(first: &str, last: &str) -> Vec<String> {
+pub(crate) fn segment_range(first: &str, last: &str) -> Vec<String> {
     let parse = |s: &str| {
         (
             s[..8].to_string(),
@@ -316,7 +316,7 @@ fn backup_under_load_restore_and_pitr() {
     assert!(early.contains("no usable backup"), "{early}");
 }
 
-fn restore_refused(archive: &Archive, pull: &Path, args: &[&str]) -> String {
+pub(crate) fn restore_refused(archive: &Archive, pull: &Path, args: &[&str]) -> String {
     let c = PgCluster::empty("refused");
     let dir = c.data_dir().to_string_lossy().into_owned();
     let mut all = vec!["restore", "--pgdata", dir.as_str()];

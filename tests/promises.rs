@@ -161,8 +161,10 @@ fn bad_files_are_refused_and_nothing_is_stored() {
             put_file(&dir.join("t"), &seg_name(1, 2), &seg2[..SEG / 2]),
         ),
         (
+            // A lower header timeline is legal (a new timeline's first segment starts as
+            // a copy of its parent's); a later one never is.
             "timeline contradicts name",
-            put_file(&dir.join("tl"), &seg_name(2, 2), &seg2),
+            put_file(&dir.join("tl"), &seg_name(2, 2), &fake_segment(3, 2, 1000)),
         ),
         (
             "page address contradicts name",

@@ -4,9 +4,12 @@
 //! `cargo build --workspace --bins`); PostgreSQL 15 under /usr/lib/postgresql/15/bin.
 
 mod backup_promises;
+mod backup_topologies;
 mod cli;
 mod pg_archive;
 mod pg_backup;
 mod prefetch;
 mod promises;
+mod retention_window;
+mod s3;
 mod waldump;

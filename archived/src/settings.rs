@@ -19,7 +19,8 @@
 //! storage = ""                  # "" = DIR/store; or s3://bucket/prefix, gs://..., az://...
 //! max_connections = 256         # concurrent client connections
 //! shutdown_grace_secs = 30      # how long SIGTERM waits for in-flight requests
-//! [storage_options]             # passed to object_store, e.g. aws_endpoint, aws_region
+//! [storage_options]             # object_store keys (aws_endpoint, aws_region...), over the
+//!                               # AWS_* / GOOGLE_* / AZURE_* environment (store.rs)
 //! [retention]                   # see retention.rs
 //! keep_full = 2                 # newest usable backups kept
 //! keep_within_days = 7          # and every backup needed to restore to any point of 7 days

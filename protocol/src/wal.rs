@@ -347,7 +347,8 @@ pub struct WalFileFacts {
 /// Checks that a file is what its name says, given its first bytes and its full length.
 ///
 /// Segments and partial segments: the long header must parse, the file length must equal
-/// `xlp_seg_size`, the header's timeline must equal the name's, and the page address must
+/// `xlp_seg_size`, the header's timeline must be the name's or an earlier one (the first
+/// segment of a timeline that began mid-segment), and the page address must
 /// be the start LSN of the named segment. History and backup-history files must be small
 /// UTF-8 text.
 pub fn validate_wal_file(name: &str, head: &[u8], len: u64) -> Result<WalFileFacts, WalError> {
@@ -361,7 +362,10 @@ pub fn validate_wal_file(name: &str, head: &[u8], len: u64) -> Result<WalFileFac
                     expected: header.segment_size as u64,
                 });
             }
-            if header.timeline != seg.timeline {
+            // The first segment of a new timeline begins with a copy of the old timeline's
+            // last segment up to the switch point (PostgreSQL's XLogInitNewTimeline), so
+            // its first page carries an ancestor's timeline: lower, never higher.
+            if header.timeline.0 == 0 || header.timeline > seg.timeline {
                 return Err(WalError::HeaderContradictsName(format!(
                     "{name}: header timeline {} but the name says {}",
                     header.timeline.0, seg.timeline.0
@@ -507,6 +511,16 @@ mod tests {
         assert_eq!(facts.header.unwrap().system_identifier, 42);
     }
 
+    /// A standby promoted mid-segment starts timeline 2 with a copy of timeline 1's
+    /// segment up to the switch: the file is named for timeline 2, its first page says 1.
+    #[test]
+    fn validation_accepts_a_new_timelines_first_segment_copied_from_its_parent() {
+        let seg_size = 16 << 20;
+        let head = header_bytes(1, 0x0A_FE00_0000, 42, seg_size);
+        let facts = validate_wal_file("000000020000000A000000FE", &head, seg_size as u64).unwrap();
+        assert_eq!(facts.header.unwrap().timeline, TimelineId(1));
+    }
+
     #[test]
     fn validation_refuses_contradictions() {
         let seg_size = 16 << 20;
@@ -515,8 +529,14 @@ mod tests {
             validate_wal_file("000000010000000A000000FE", &head, 8192),
             Err(WalError::Truncated { .. })
         ));
+        let later = header_bytes(3, 0x0A_FE00_0000, 42, seg_size);
         assert!(matches!(
-            validate_wal_file("000000020000000A000000FE", &head, seg_size as u64),
+            validate_wal_file("000000020000000A000000FE", &later, seg_size as u64),
+            Err(WalError::HeaderContradictsName(_))
+        ));
+        let zero = header_bytes(0, 0x0A_FE00_0000, 42, seg_size);
+        assert!(matches!(
+            validate_wal_file("000000010000000A000000FE", &zero, seg_size as u64),
             Err(WalError::HeaderContradictsName(_))
         ));
         assert!(matches!(

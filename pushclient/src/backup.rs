@@ -15,6 +15,15 @@
 //! only those are compressed and sent, [`UPLOAD_CONCURRENCY`] at a time; an upload the
 //! archive transiently refuses is retried (protocol::retry).
 //!
+//! From a standby (PostgreSQL 15 runs BASE_BACKUP there too): the backup ends at the
+//! standby's minimum recovery point, and PostgreSQL does not switch WAL at its end as it
+//! does on a primary, so the segment holding the stop LSN is archived (by the primary)
+//! only once the primary completes it. With `--primary-conninfo`, pushclient checks that
+//! the primary is the same system and runs `pg_switch_wal()` there, as pgBackRest does
+//! for its standby backups; without it, it says so and waits like any backup (the
+//! primary's `archive_timeout` bounds the wait). The archive_mode check is skipped on a
+//! standby: the primary's archiving is what matters, and the wait checks that.
+//!
 //! Memory: at most three [`BATCH_BYTES`] batches of chunks (filling, queued, being
 //! uploaded), [`UPLOAD_CONCURRENCY`] of them compressed at a time, and a bounded set of
 //! recently seen hashes, whatever the database size. The manifest itself grows with the
@@ -38,6 +47,7 @@ use walvault_protocol::pgconn::basebackup::{BaseBackup, BaseBackupOptions, CopyM
 use walvault_protocol::pgconn::{conninfo, ConnectionKind, PgConnection};
 use walvault_protocol::retry::{retry, ArchiveRefusal, RetryPolicy};
 use walvault_protocol::transport::{read_frame, ArchiveConnection};
+use walvault_protocol::wal::{Lsn, SegmentName, TimelineId};
 use walvault_protocol::wire::{Request, Response};
 
 /// Chunks held while the archive is asked which it lacks (one batch being filled, one
@@ -58,6 +68,7 @@ pub(crate) struct BackupArgs {
     pub(crate) label: Option<String>,
     pub(crate) fast: bool,
     pub(crate) conninfo: Option<String>,
+    pub(crate) primary_conninfo: Option<String>,
     pub(crate) wal_timeout: Duration,
     pub(crate) max_rate_kb: Option<u32>,
 }
@@ -90,13 +101,27 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         );
     }
     let system = pg.identify_system().await?;
+    // Reported at connection by PostgreSQL 14+ (and a standby only accepts connections
+    // with hot_standby on).
+    let from_standby = pg.parameters.get("in_hot_standby").map(String::as_str) == Some("on");
+    if from_standby {
+        tracing::info!(
+            "PostgreSQL at {} is a standby: backing up from it; its primary archives the WAL",
+            pg.endpoint
+        );
+    } else if args.primary_conninfo.is_some() {
+        bail!(
+            "--primary-conninfo is for backups of a standby, and PostgreSQL at {} is not in recovery",
+            pg.endpoint
+        );
+    }
     let archive_mode = pg
         .simple_query("SHOW archive_mode")
         .await?
         .first()
         .and_then(|r| r.first().cloned().flatten())
         .unwrap_or_default();
-    if archive_mode == "off" {
+    if archive_mode == "off" && !from_standby {
         bail!(
             "archive_mode is off on PostgreSQL at {}: the backup's WAL would never reach the archive and \
              the backup could not be restored. Set archive_mode = on and archive_command = \
@@ -229,6 +254,35 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         manifest.stop_timeline
     );
 
+    if from_standby {
+        let stop: Lsn = manifest
+            .stop_lsn
+            .parse()
+            .map_err(|_| anyhow!("PostgreSQL gave a bad stop LSN {}", manifest.stop_lsn))?;
+        // The last byte of the backup's WAL is just before the stop LSN.
+        let stop_segment = SegmentName::containing(
+            TimelineId(manifest.stop_timeline),
+            Lsn(stop.0.saturating_sub(1)),
+            segment_size(&archive, cfg).await?,
+        );
+        match &args.primary_conninfo {
+            Some(conninfo) => {
+                switch_primary_wal(conninfo, system.system_identifier).await?;
+                println!(
+                    "asked the primary to switch WAL, so {stop_segment} (holding stop LSN {}) is archived",
+                    manifest.stop_lsn
+                );
+            }
+            None => println!(
+                "backed up a standby: segment {stop_segment} (holding stop LSN {}) is archived when the primary \
+                 completes it; waiting up to {} s (pass --primary-conninfo to have pushclient switch WAL on \
+                 the primary, or set archive_timeout there)",
+                manifest.stop_lsn,
+                args.wal_timeout.as_secs()
+            ),
+        }
+    }
+
     let waited = wait_usable(&archive, cfg, &id, args.wal_timeout).await;
     let archive = Arc::try_unwrap(archive).ok();
     if let Some(a) = archive {
@@ -246,12 +300,58 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         false => bail!(
             "backup {id} is committed but the WAL from {} to {} was not archived within {} s: it is listed as \
              incomplete-wal and becomes usable once PostgreSQL's archive_command has pushed that WAL. \
-             Check pg_stat_archiver on the server and `archived wal list`.",
+             Check pg_stat_archiver on the server and `archived wal list`.{}",
             manifest.start_lsn,
             manifest.stop_lsn,
-            args.wal_timeout.as_secs()
+            args.wal_timeout.as_secs(),
+            if from_standby && args.primary_conninfo.is_none() {
+                " This backup is of a standby: its last segment is archived only once the primary completes \
+                 it (SELECT pg_switch_wal() there, or pass --primary-conninfo next time)."
+            } else {
+                ""
+            }
         ),
     }
+}
+
+/// `pg_switch_wal()` on the primary of a backed-up standby, after checking it is the
+/// same PostgreSQL system.
+async fn switch_primary_wal(conninfo: &str, system_identifier: u64) -> Result<()> {
+    let params = conninfo::resolve(Some(conninfo), &|k| std::env::var(k).ok())?;
+    let mut primary = PgConnection::connect(&params, ConnectionKind::Sql)
+        .await
+        .context("cannot connect to the primary given by --primary-conninfo")?;
+    let rows = primary
+        .simple_query(
+            "SELECT system_identifier::text, pg_is_in_recovery()::text FROM pg_control_system()",
+        )
+        .await
+        .context("asking the primary for its system identifier")?;
+    let field = |i: usize| {
+        rows.first()
+            .and_then(|r| r.get(i).cloned().flatten())
+            .unwrap_or_default()
+    };
+    if field(0) != system_identifier.to_string() {
+        bail!(
+            "--primary-conninfo points at PostgreSQL system {} ({}), not at the primary of the backed-up standby \
+             (system {system_identifier})",
+            field(0),
+            primary.endpoint
+        );
+    }
+    if field(1) == "true" {
+        bail!(
+            "--primary-conninfo points at {}, which is itself a standby: give the primary",
+            primary.endpoint
+        );
+    }
+    primary
+        .simple_query("SELECT pg_switch_wal()")
+        .await
+        .context("pg_switch_wal() on the primary failed (the role needs superuser or EXECUTE on pg_switch_wal)")?;
+    primary.close().await;
+    Ok(())
 }
 
 /// The start LSN from backup_label's `START WAL LOCATION: 0/2000028 (file ...)`.
@@ -307,6 +407,25 @@ async fn check_cluster(archive: &ArchiveConnection, cfg: &ClientConfig, sysid: u
             ),
             _ => Ok(()),
         },
+        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
+        other => bail!("unexpected answer from the archive: {other:?}"),
+    }
+}
+
+/// The cluster's segment size, as the archive knows it from its WAL.
+async fn segment_size(archive: &ArchiveConnection, cfg: &ClientConfig) -> Result<u32> {
+    let (response, _) = archive
+        .call(&Request::ListWal {
+            cluster: cfg.cluster.clone(),
+        })
+        .await?;
+    match response {
+        Response::WalList(l) => l.segment_size.ok_or_else(|| {
+            anyhow!(
+                "cluster '{}' has no WAL in the archive yet: is the primary archiving to it?",
+                cfg.cluster
+            )
+        }),
         Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
         other => bail!("unexpected answer from the archive: {other:?}"),
     }

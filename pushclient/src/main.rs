@@ -62,6 +62,11 @@ enum Command {
         /// Connection string: "host=/var/run/postgresql user=postgres" or postgres://...
         #[arg(long)]
         conninfo: Option<String>,
+        /// When backing up a standby: an SQL connection to its primary, where
+        /// pg_switch_wal() is run after the backup so the WAL up to its stop LSN is
+        /// archived at once (the role needs EXECUTE on pg_switch_wal).
+        #[arg(long)]
+        primary_conninfo: Option<String>,
         /// Seconds to wait for the backup's WAL to be archived.
         #[arg(long, default_value_t = 300)]
         wal_timeout: u64,
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
             label,
             fast,
             conninfo,
+            primary_conninfo,
             wal_timeout,
             max_rate,
         } => runtime.block_on(backup::backup(
@@ -110,6 +116,7 @@ fn main() -> ExitCode {
                 label,
                 fast,
                 conninfo,
+                primary_conninfo,
                 wal_timeout: std::time::Duration::from_secs(wal_timeout),
                 max_rate_kb: max_rate,
             },

@@ -10,6 +10,8 @@
 //!   directory into a temp dir the `postgres` user can execute from.
 //! - [`Archive`]: a running `archived serve` on 127.0.0.1 with a free UDP port.
 //! - [`PgCluster`]: a PostgreSQL 15 cluster in its own temp dir on its own Unix socket.
+//! - [`MotoServer`]: an S3 server (`moto_server`, PyPI `moto[server]`) on a free
+//!   127.0.0.1 TCP port, for archives whose store is `s3://` ([`Archive::start_s3`]).
 //!
 //! PostgreSQL refuses to run as root: when the tests run as root, every PostgreSQL
 //! program (and every client the tests run on PostgreSQL's behalf) runs as the `postgres`
@@ -578,12 +580,54 @@ pub struct Archive {
     ready_cluster: String,
     server: Option<BgProcess>,
     log_prefix: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Archive {
     /// `archived init` + `archived serve`, waiting until it answers `wal list` for
     /// `cluster`.
     pub fn start(cluster: &str) -> Archive {
+        Archive::start_configured(cluster, |_| {}, Vec::new())
+    }
+
+    /// [`start`](Self::start) with the store in `s3://BUCKET/PREFIX` on `moto` (the bucket
+    /// is created): the endpoint and plain HTTP in archived.toml's `[storage_options]`,
+    /// credentials and region in the environment (`AWS_*`) of every archived command, the
+    /// way an operator keeps secrets out of the config file.
+    pub fn start_s3(cluster: &str, moto: &MotoServer, bucket: &str, prefix: &str) -> Archive {
+        moto.create_bucket(bucket);
+        let url = format!("s3://{bucket}/{prefix}");
+        let endpoint = moto.endpoint();
+        Archive::start_configured(
+            cluster,
+            |config| {
+                let text = fs::read_to_string(config).unwrap();
+                assert!(
+                    text.contains("storage = \"\"\n") && text.contains("[storage_options]\n"),
+                    "archived init wrote an archived.toml the harness does not recognise:\n{text}"
+                );
+                let text = text
+                    .replacen("storage = \"\"\n", &format!("storage = \"{url}\"\n"), 1)
+                    .replacen(
+                        "[storage_options]\n",
+                        &format!(
+                            "[storage_options]\naws_endpoint = \"{endpoint}\"\naws_allow_http = \"true\"\n"
+                        ),
+                        1,
+                    );
+                fs::write(config, text).unwrap();
+            },
+            moto.credentials_env(),
+        )
+    }
+
+    /// `archived init`, then `configure(archived.toml)`, then `archived serve` with `env`
+    /// (also given to every admin command).
+    pub fn start_configured(
+        cluster: &str,
+        configure: impl FnOnce(&Path),
+        env: Vec<(String, String)>,
+    ) -> Archive {
         let dir = TestDir::new("archive");
         let bins = Binaries::copy_to(&dir.join("bin"));
         let conf_dir = dir.subdir("conf");
@@ -599,6 +643,7 @@ impl Archive {
                 .args(["--listen", &listen])
                 .current_dir(dir.path()),
         );
+        configure(&data_dir.join("archived.toml"));
         let log_prefix = dir.join("archived");
         let mut a = Archive {
             dir,
@@ -609,6 +654,7 @@ impl Archive {
             ready_cluster: cluster.into(),
             server: None,
             log_prefix,
+            env,
         };
         a.serve();
         a
@@ -628,6 +674,7 @@ impl Archive {
                 .arg("serve")
                 .arg("--data-dir")
                 .arg(&self.data_dir)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .current_dir(self.dir.path()),
             &self.log_prefix,
         );
@@ -739,6 +786,7 @@ impl Archive {
                 .args(args)
                 .arg("--data-dir")
                 .arg(&self.data_dir)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .current_dir(self.dir.path()),
         )
     }
@@ -883,6 +931,194 @@ impl Drop for Archive {
             let _ = p.signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// S3 (moto_server)
+// ---------------------------------------------------------------------------------------
+
+/// The `moto_server` program: `WALVAULT_MOTO_SERVER`, else the first on `PATH`. Panics
+/// (never skips) saying how to install it when it is missing.
+pub fn moto_server_program() -> PathBuf {
+    if let Some(p) = std::env::var_os("WALVAULT_MOTO_SERVER") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("moto_server"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "moto_server is missing: the S3 tests run archived against a local S3 server, \
+                 moto_server from PyPI. Install it with `pip install 'moto[server]'` \
+                 (./scripts/test does), or set WALVAULT_MOTO_SERVER to its path"
+            )
+        })
+}
+
+/// A running `moto_server` (an in-memory S3) on a free 127.0.0.1 TCP port; killed when
+/// dropped.
+pub struct MotoServer {
+    _dir: TestDir,
+    process: BgProcess,
+    port: u16,
+    log_prefix: PathBuf,
+}
+
+impl MotoServer {
+    /// Starts it and waits until it answers HTTP.
+    pub fn start() -> MotoServer {
+        let program = moto_server_program();
+        let dir = TestDir::new("moto");
+        let log_prefix = dir.join("moto");
+        // Bind-and-release, then retry with a new port if moto lost the race for it.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("bind a TCP socket on 127.0.0.1:0")
+                .port();
+            let mut process = BgProcess::spawn(
+                "moto_server",
+                Command::new(&program)
+                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                    .current_dir(dir.path()),
+                &log_prefix,
+            );
+            let deadline = Instant::now() + WAIT_TIMEOUT;
+            loop {
+                if process.try_wait().is_some() {
+                    break;
+                }
+                if http_request(port, "GET", "/", &[]).is_ok_and(|r| r.starts_with("HTTP/1.")) {
+                    return MotoServer {
+                        _dir: dir,
+                        process,
+                        port,
+                        log_prefix,
+                    };
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "moto_server did not answer on 127.0.0.1:{port} within {WAIT_TIMEOUT:?}\n{}",
+                        tail_file(&log_prefix.with_extension("stderr"), 30)
+                    );
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!(
+            "moto_server ({}) keeps exiting at startup\n{}",
+            program.display(),
+            tail_file(&log_prefix.with_extension("stderr"), 30)
+        );
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Credentials and region as the standard AWS variables (moto accepts any).
+    pub fn credentials_env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "walvault-test"),
+            ("AWS_SECRET_ACCESS_KEY", "walvault-test-secret"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Creates a bucket (`PUT /BUCKET`).
+    pub fn create_bucket(&self, bucket: &str) {
+        let answer = http_request(self.port, "PUT", &format!("/{bucket}"), &[])
+            .unwrap_or_else(|e| panic!("creating bucket {bucket} on moto_server: {e}"));
+        let created = answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200");
+        // A second archive on the same bucket (tests of two servers sharing a store).
+        if !created && !answer.contains("BucketAlreadyOwnedByYou") {
+            panic!(
+                "moto_server refused to create bucket {bucket}:\n{}\n{}",
+                tail_str(&answer, 20),
+                self.diag()
+            );
+        }
+    }
+
+    /// An object_store client of `bucket`, to look at what archived stored (or to put
+    /// something behind its back).
+    pub fn bucket_store(&self, bucket: &str) -> std::sync::Arc<dyn object_store::ObjectStore> {
+        walvault_protocol::transport::install_crypto_provider();
+        let mut builder = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true);
+        for (k, v) in self.credentials_env() {
+            let key: object_store::aws::AmazonS3ConfigKey = k.to_ascii_lowercase().parse().unwrap();
+            builder = builder.with_config(key, v);
+        }
+        std::sync::Arc::new(
+            builder
+                .build()
+                .unwrap_or_else(|e| panic!("an S3 client for moto_server: {e}")),
+        )
+    }
+
+    /// Every key in `bucket` under `prefix`, sorted.
+    pub fn list_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        let store = self.bucket_store(bucket);
+        let prefix = object_store::path::Path::from(prefix);
+        let mut keys: Vec<String> = block_on(async {
+            store
+                .list(Some(&prefix))
+                .map_ok(|m| m.location.to_string())
+                .try_collect()
+                .await
+        })
+        .unwrap_or_else(|e| panic!("listing s3://{bucket}/{prefix} on moto_server: {e}"));
+        keys.sort();
+        keys
+    }
+
+    /// Whether the server is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.process.try_wait().is_none()
+    }
+
+    /// Diagnostics for failure messages.
+    pub fn diag(&self) -> String {
+        format!(
+            "--- moto_server stderr (tail) ---\n{}",
+            tail_file(&self.log_prefix.with_extension("stderr"), 30)
+        )
+    }
+}
+
+/// Runs a future to completion on a small current-thread runtime (harness helpers are
+/// synchronous).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the whole answer (status line, headers,
+/// body).
+fn http_request(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(body)?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
 // ---------------------------------------------------------------------------------------
