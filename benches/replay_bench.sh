@@ -33,6 +33,7 @@
 #   SEGS_ON [16]        segments of pgbench WAL in set "on"
 #   RUNS [5]            runs per configuration of set "off" (medians reported)
 #   RUNS_ON [3]         runs per configuration of set "on"
+#   PASSES ["off on"]   which sets' recoveries to run (both sets are always made)
 #   TUNE [0]            1 = also try prefaulter knobs, and the daemon started before PostgreSQL
 #                       (set "off", cold, recovery_prefetch off, 3 runs each; adds ~4 minutes)
 #   PGBIN [/usr/lib/postgresql/15/bin]
@@ -48,6 +49,7 @@ SCALE=${SCALE:-40}
 SEGS_OFF=${SEGS_OFF:-8}
 SEGS_ON=${SEGS_ON:-16}
 RUNS=${RUNS:-5}
+PASSES=${PASSES:-off on}
 RUNS_ON=${RUNS_ON:-3}
 TUNE=${TUNE:-0}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
@@ -68,7 +70,7 @@ BUILD_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release
 INVOCATION=$(printf '%q ' "$0" "$@")
 INVOCATION=${INVOCATION% }
 ENV_USED=""
-for v in SCALE SEGS_OFF SEGS_ON RUNS RUNS_ON TUNE PGBIN BENCH_TMPDIR RECOVERY_TIMEOUT SKIP_BUILD; do
+for v in SCALE SEGS_OFF SEGS_ON RUNS RUNS_ON PASSES TUNE PGBIN BENCH_TMPDIR RECOVERY_TIMEOUT SKIP_BUILD; do
     if printenv "$v" >/dev/null; then ENV_USED+="$v=$(printenv "$v") "; fi
 done
 T_SCRIPT0=$EPOCHREALTIME
@@ -631,7 +633,7 @@ chown postgres: "$WORK"/pull-*.toml
 chmod 0600 "$WORK"/pull-*.toml
 
 T_RUNS0=$(now)
-for pass in off on; do
+for pass in $PASSES; do
     if [[ $pass == off ]]; then cfgs=("${CONFIGS_OFF[@]}"); else cfgs=("${CONFIGS_ON[@]}"); fi
     if [[ $pass == off ]]; then nruns=$RUNS; else nruns=$RUNS_ON; fi
     log "recoveries of set $pass: ${#cfgs[@]} configurations x $nruns runs, interleaved"
