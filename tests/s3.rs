@@ -157,6 +157,24 @@ fn s3_store_archives_backs_up_rebuilds_its_catalog_and_restores() {
         "the restore did not replay the last segment from the S3 archive\n{}",
         restored.diag()
     );
+    restored.stop();
+
+    // Deleting the only backup and running retention collects its packs from the bucket.
+    let id = backups_before[0]["id"].as_str().unwrap().to_string();
+    archive.admin(&["backups", "delete", &id, "--cluster", CLUSTER]);
+    let run = archive.admin(&["retention", "run", "--chunk-grace", "0s", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let c = &report["clusters"][0];
+    assert!(c["collected_packs"].as_u64().unwrap() >= 1, "{report:#}");
+    let keys = moto.list_keys(BUCKET, "archive");
+    assert!(
+        !keys.iter().any(|k| k.contains("/packs/")),
+        "packs left in the bucket after their last backup went: {keys:#?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.contains(&format!("{last}.zst"))),
+        "retention removed WAL with no backup to anchor it: {keys:#?}"
+    );
 }
 
 /// Never overwrite, on S3: moto honours `If-None-Match: *` (checked first, or the rest
