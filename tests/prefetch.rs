@@ -364,6 +364,14 @@ fn replica_recovery_uses_the_spool_and_prefaults_then_lets_go_of_pgdata() {
     );
     assert_eq!(s["postgres_running"].as_bool(), Some(true), "{s:#}");
     assert_eq!(s["prefault"]["decode_errors"].as_u64(), Some(0), "{s:#}");
+    // PostgreSQL 15's default, read over the daemon's SQL connection, and called out.
+    assert_eq!(
+        s["prefault"]["pg_recovery_prefetch"].as_str(),
+        Some("try"),
+        "{s:#}"
+    );
+    let log = fs::read_to_string(spool.join("daemon.log")).unwrap_or_default();
+    assert!(log.contains("set recovery_prefetch = off"), "{log}");
 
     let pid = daemon_pid(&spool);
     replica.stop();

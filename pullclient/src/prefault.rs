@@ -98,6 +98,8 @@ pub(crate) struct PrefaultCounters {
     pub(crate) open_files: u64,
     /// WAL position up to which blocks have been considered.
     pub(crate) warmed_up_to: Option<String>,
+    /// PostgreSQL's `recovery_prefetch`, once a connection told it.
+    pub(crate) pg_recovery_prefetch: Option<String>,
 }
 
 /// What the daemon knows of PostgreSQL.
@@ -275,6 +277,20 @@ impl Prefaulter {
                 client
             }
         };
+        if lock(&self.inner).counters.pg_recovery_prefetch.is_none() {
+            if let Ok(row) = client.query_one("SHOW recovery_prefetch", &[]).await {
+                let setting: String = row.get(0);
+                if setting != "off" {
+                    tracing::warn!(
+                        recovery_prefetch = %setting,
+                        "PostgreSQL's own recovery prefetch is on beside walvault's prefaulter: \
+                         during archive recovery it only adds work (and with full_page_writes on, \
+                         reads of pages replay overwrites); set recovery_prefetch = off"
+                    );
+                }
+                lock(&self.inner).counters.pg_recovery_prefetch = Some(setting);
+            }
+        }
         let lsn = match client
             .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
             .await
