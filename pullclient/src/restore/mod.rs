@@ -209,24 +209,26 @@ thread_local! {
 }
 
 /// Splits a `GetChunks` body into its objects, verifies each against the hash asked for
-/// (size, blake3 of the decompressed bytes) and writes it everywhere it belongs. Nothing
-/// of a chunk is written before it verified. Returns the bytes written.
+/// (size, blake3 of the decompressed bytes), then writes them everywhere they belong,
+/// one file at a time under that file's lock: concurrent buffered writes into one file
+/// spin on its inode lock in the kernel (a third of the CPU of a 2 GiB restore). Nothing
+/// of a batch is written before all of it verified. Returns the bytes written.
 fn write_chunks(
     body: &[u8],
     batch: &[(String, Vec<(usize, u64)>)],
     paths: &[PathBuf],
+    locks: &[std::sync::Mutex<()>],
     chunk_size: u64,
 ) -> Result<u64> {
-    DECODER.with(|cell| {
+    let decoded = DECODER.with(|cell| -> Result<Vec<Vec<u8>>> {
         let mut cell = cell.borrow_mut();
         let decoder = match cell.as_mut() {
             Some(d) => d,
             None => cell.insert(ObjectDecoder::new().context("cannot set up zstd")?),
         };
-        let mut open: HashMap<usize, std::fs::File> = HashMap::new();
         let mut rest = body;
-        let mut written = 0u64;
-        for (hash, at) in batch {
+        let mut out = Vec::with_capacity(batch.len());
+        for (hash, _) in batch {
             let what = format!("chunk {hash}");
             let mut expected = [0u8; 32];
             hex::decode_to_slice(hash, &mut expected)
@@ -237,27 +239,16 @@ fn write_chunks(
                 .get(HEADER_LEN..)
                 .and_then(|r| r.get(..usize::try_from(header.compressed_size).ok()?))
                 .ok_or_else(|| anyhow!("{what}: the archive's answer is cut short"))?;
-            let data = decoder
-                .decode(&header, frame, &expected, chunk_size.min(MAX_CHUNK_SIZE))
-                .with_context(|| {
-                    format!("{what}: archived copy failed verification; nothing of it was written")
-                })?;
+            out.push(
+                decoder
+                    .decode(&header, frame, &expected, chunk_size.min(MAX_CHUNK_SIZE))
+                    .with_context(|| {
+                        format!(
+                            "{what}: archived copy failed verification; nothing of it was written"
+                        )
+                    })?,
+            );
             rest = &rest[HEADER_LEN + frame.len()..];
-            for (file, offset) in at {
-                let path = &paths[*file];
-                let f = match open.entry(*file) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => v.insert(
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(path)
-                            .with_context(|| format!("cannot open {}", path.display()))?,
-                    ),
-                };
-                f.write_all_at(&data, *offset)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                written += data.len() as u64;
-            }
         }
         if !rest.is_empty() {
             bail!(
@@ -266,8 +257,30 @@ fn write_chunks(
                 rest.len()
             );
         }
-        Ok(written)
-    })
+        Ok(out)
+    })?;
+    let mut by_file: BTreeMap<usize, Vec<(u64, &[u8])>> = BTreeMap::new();
+    for ((_, at), data) in batch.iter().zip(&decoded) {
+        for (file, offset) in at {
+            by_file.entry(*file).or_default().push((*offset, data));
+        }
+    }
+    let mut written = 0u64;
+    for (file, mut writes) in by_file {
+        writes.sort_by_key(|(offset, _)| *offset);
+        let path = &paths[file];
+        let _one_writer = locks[file].lock().unwrap_or_else(|p| p.into_inner());
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        for (offset, data) in writes {
+            f.write_all_at(data, offset)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            written += data.len() as u64;
+        }
+    }
+    Ok(written)
 }
 
 fn dir_is_empty(dir: &Path) -> Result<bool> {
@@ -602,6 +615,8 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
     let rewritten_files = needed.iter().filter(|n| !n.is_empty()).count();
     let progress = progress_bar(fetch_bytes);
     let paths: Arc<Vec<PathBuf>> = Arc::new(files.iter().map(|(p, _)| p.clone()).collect());
+    let locks: Arc<Vec<std::sync::Mutex<()>>> =
+        Arc::new(files.iter().map(|_| std::sync::Mutex::new(())).collect());
     let distinct = places.len();
     // In file order, so a batch writes a few files front to back.
     let mut wanted: Vec<(String, Vec<(usize, u64)>)> = places.into_iter().collect();
@@ -613,6 +628,7 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
         let batch: Vec<(String, Vec<(usize, u64)>)> = rest.by_ref().take(per_batch).collect();
         let conn = conn.clone();
         let paths = paths.clone();
+        let locks = locks.clone();
         let cluster = cfg.cluster.clone();
         let progress = progress.clone();
         fetches
@@ -623,7 +639,7 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
                 })
                 .await?;
                 let written = tokio::task::spawn_blocking(move || {
-                    write_chunks(&body, &batch, &paths, chunk_size)
+                    write_chunks(&body, &batch, &paths, &locks, chunk_size)
                 })
                 .await??;
                 progress.inc(written);
