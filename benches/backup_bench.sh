@@ -10,7 +10,8 @@
 #   2. walvault: pushclient backup --fast (waits for its WAL), bytes stored, peak RSS
 #   3. pgBackRest full backups: repo1 plain, repo2 block incremental (repo-bundle=y,
 #      repo-block=y, beta=y); posix repos, compress-type=zst, process-max=PROCESS_MAX
-#   4. restores: pullclient restore, pgbackrest restore (repo1), into empty directories
+#   4. restores: pullclient restore, pgbackrest restore (repo1), into empty directories,
+#      RESTORE_ROUNDS rounds in alternating order, medians
 #   5. UPDATE 1% of pgbench_accounts; walvault second backup; pgBackRest incr on both repos
 #
 # Appends a section to benches/RESULTS.md (the archive benchmark owns the top of the file).
@@ -23,6 +24,7 @@
 #   BENCH_TMPDIR [/tmp] where the work directory is made (its disk is what is measured)
 #   SKIP_BUILD [0]      1 = use the existing release binaries
 #   KEEP_WORK [0]       1 = keep the work directory
+#   RESTORE_ROUNDS [3]  restores of each tool, order alternating; the median is reported
 #   RESULTS [benches/RESULTS.md]
 set -Eeuo pipefail
 
@@ -32,6 +34,7 @@ PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 BENCH_TMPDIR=${BENCH_TMPDIR:-/tmp}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_WORK=${KEEP_WORK:-0}
+RESTORE_ROUNDS=${RESTORE_ROUNDS:-3}
 PGPORT=5432
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
@@ -217,19 +220,45 @@ for repo in 1 2; do
 done
 
 # ---------------------------------------------------------------- restores
+# RESTORE_ROUNDS rounds, the order alternating (walvault first in odd rounds): whichever
+# runs first inherits the kernel's state after the backups (writeback, reclaim), which
+# moved one restore by 2x in single-order runs. Each restore starts after a sync; the
+# table shows the median round, the notes every round.
 mkdir -p "$WORK/restore" && chown postgres: "$WORK/restore"
-log "walvault: pullclient restore"
-A0=$(archived_cpu)
-timed "$LOGS/wv-restore.log" runuser -u postgres -- "$BIN/pullclient" restore --pgdata "$WORK/restore/wv" --config "$WORK/pull.toml"
-row "walvault" "restore" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "" "$((RSS_KIB / 1024)) MiB" "$CPU + archived $(awk -v a="$A0" -v b="$(archived_cpu)" 'BEGIN { printf "%.1f", b - a }')"
-rm -rf "$WORK/restore/wv"
+WV_R=() PGBR_R=()
+wv_restore() {
+    sync
+    log "walvault: pullclient restore (round $1)"
+    A0=$(archived_cpu)
+    timed "$LOGS/wv-restore-$1.log" runuser -u postgres -- "$BIN/pullclient" restore --pgdata "$WORK/restore/wv" --config "$WORK/pull.toml"
+    WV_R+=("$SECS|$((RSS_KIB / 1024)) MiB|$CPU + archived $(awk -v a="$A0" -v b="$(archived_cpu)" 'BEGIN { printf "%.1f", b - a }')")
+    rm -rf "$WORK/restore/wv"
+}
+pgbr_restore() {
+    sync
+    log "pgBackRest restore (repo1, round $1)"
+    mkdir -m 0700 "$WORK/restore/pgbr" && chown postgres: "$WORK/restore/pgbr"
+    timed "$LOGS/pgbr-restore-$1.log" runuser -u postgres -- pgbackrest --config="$PGBR_CONF" --stanza=bench --repo=1 --pg1-path="$WORK/restore/pgbr" restore
+    PGBR_R+=("$SECS|$((RSS_KIB / 1024)) MiB|$CPU")
+    rm -rf "$WORK/restore/pgbr"
+}
+for ((round = 1; round <= RESTORE_ROUNDS; round++)); do
+    if ((round % 2 == 1)); then wv_restore $round; pgbr_restore $round; else pgbr_restore $round; wv_restore $round; fi
+done
 sync
-log "pgBackRest restore (repo1)"
-mkdir -m 0700 "$WORK/restore/pgbr" && chown postgres: "$WORK/restore/pgbr"
-timed "$LOGS/pgbr-restore.log" runuser -u postgres -- pgbackrest --config="$PGBR_CONF" --stanza=bench --repo=1 --pg1-path="$WORK/restore/pgbr" restore
-row "pgBackRest" "restore" "$SECS" "$(rate "$DB_BYTES" "$SECS")" "" "$((RSS_KIB / 1024)) MiB" "$CPU"
-rm -rf "$WORK/restore/pgbr"
-sync
+# median_row NAME ROUNDS...: the row of the median round (by seconds), every round in a note.
+median_row() {
+    local name=$1
+    shift
+    local med
+    med=$(printf '%s\n' "$@" | sort -t'|' -k1,1g | sed -n "$((($# + 1) / 2))p")
+    IFS='|' read -r secs rss cpu <<<"$med"
+    row "$name" "restore" "$secs" "$(rate "$DB_BYTES" "$secs")" "" "$rss" "$cpu"
+    NOTES+=("$name restore, seconds per round (order alternating, walvault first in round 1): $(printf '%s\n' "$@" | cut -d'|' -f1 | paste -sd' ')")
+}
+NOTES=()
+median_row "walvault" "${WV_R[@]}"
+median_row "pgBackRest" "${PGBR_R[@]}"
 
 # ---------------------------------------------------------------- 1% change, second backups
 ROWS_1PCT=$((SCALE * 1000))
@@ -259,7 +288,7 @@ DIRTY=$(cd "$REPO_ROOT" && git status --porcelain --untracked-files=no | grep -q
     echo
     echo "## Backup benchmark, run $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo
-    echo "- command: \`benches/backup_bench.sh\` (as root; SCALE=$SCALE PROCESS_MAX=$PROCESS_MAX), commit $COMMIT$DIRTY, release build"
+    echo "- command: \`benches/backup_bench.sh\` (as root; SCALE=$SCALE PROCESS_MAX=$PROCESS_MAX RESTORE_ROUNDS=$RESTORE_ROUNDS), commit $COMMIT$DIRTY, release build"
     echo "- machine: $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo), $BENCH_TMPDIR on $(df --output=source "$BENCH_TMPDIR" | tail -n 1)"
     echo "- $("$PGBIN/postgres" --version); $PGBR_VERSION: posix repos, compress-type=zst, process-max=$PROCESS_MAX, start-fast=y; repo2 with repo-bundle=y repo-block=y beta=y"
     echo "- database: pgbench -i -s $SCALE, $(mib "$DB_BYTES") MiB (pg_database_size); MB/s = database bytes (10^6) / seconds"
@@ -274,6 +303,7 @@ DIRTY=$(cd "$REPO_ROOT" && git status --porcelain --untracked-files=no | grep -q
     done
     echo
     echo "- archived peak RSS (VmHWM) over the whole run: $((ARCHIVED_HWM_KIB / 1024)) MiB"
+    for n in "${NOTES[@]}"; do echo "- $n"; done
     echo "- second backup stored: walvault $(mib "$WV_INCR_BYTES") MiB, pgBackRest block incremental $(mib "$PGBR_BLOCK_INCR_BYTES") MiB"
 } >>"$RESULTS"
 log "appended to $RESULTS"

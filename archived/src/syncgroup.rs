@@ -11,8 +11,10 @@
 //! final name, and synced again (the name durable) before it is acknowledged or indexed:
 //! a crash at any point leaves either no object or a complete one under its name.
 
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use walvault_protocol::fsutil::FsSync;
 
 use tokio::sync::Notify;
 
@@ -24,11 +26,15 @@ struct Rounds {
     covered: u64,
     /// A syncfs is running.
     running: bool,
+    /// Every ticket up to this one was in a round whose syncfs failed.
+    failed_through: u64,
 }
 
 /// Coalesces durability requests into shared `syncfs` calls on one filesystem.
 pub struct SyncGroup {
-    root: PathBuf,
+    /// Opened when the group is made, before anything it covers is written, so every
+    /// writeback error since then reaches a syncfs.
+    fs: Result<Arc<FsSync>, String>,
     rounds: Mutex<Rounds>,
     done: Notify,
 }
@@ -37,7 +43,9 @@ impl SyncGroup {
     /// For the filesystem holding `root`.
     pub fn new(root: &Path) -> SyncGroup {
         SyncGroup {
-            root: root.to_path_buf(),
+            fs: FsSync::open(root)
+                .map(Arc::new)
+                .map_err(|e| format!("cannot open {} to sync it: {e}", root.display())),
             rounds: Mutex::new(Rounds::default()),
             done: Notify::new(),
         }
@@ -49,6 +57,7 @@ impl SyncGroup {
 
     /// Returns once everything written before this call is durable.
     pub async fn sync(&self) -> std::io::Result<()> {
+        let fs = self.fs.clone().map_err(std::io::Error::other)?;
         let ticket = {
             let mut r = self.lock();
             r.issued += 1;
@@ -60,6 +69,11 @@ impl SyncGroup {
             notified.as_mut().enable();
             let lead = {
                 let mut r = self.lock();
+                if r.failed_through >= ticket {
+                    return Err(std::io::Error::other(
+                        "syncing the store's filesystem failed (a writeback error): what was written may not be durable",
+                    ));
+                }
                 if r.covered >= ticket {
                     return Ok(());
                 }
@@ -74,31 +88,23 @@ impl SyncGroup {
                 notified.await;
                 continue;
             };
-            let root = self.root.clone();
-            let result = tokio::task::spawn_blocking(move || syncfs(&root))
+            let fs = fs.clone();
+            let result = tokio::task::spawn_blocking(move || fs.sync())
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e)));
             {
                 let mut r = self.lock();
                 r.running = false;
-                if result.is_ok() {
-                    r.covered = r.covered.max(target);
+                match &result {
+                    Ok(()) => r.covered = r.covered.max(target),
+                    // Everyone of this round fails, not only the caller that ran it.
+                    Err(_) => r.failed_through = r.failed_through.max(target),
                 }
             }
             self.done.notify_waiters();
             result?;
         }
     }
-}
-
-fn syncfs(root: &Path) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let dir = std::fs::File::open(root)?;
-    // SAFETY: syncfs on a descriptor we own and keep open for the call.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -125,5 +131,14 @@ mod tests {
         let r = group.lock();
         assert_eq!(r.covered, 32);
         assert!(!r.running);
+    }
+
+    #[tokio::test]
+    async fn a_filesystem_that_cannot_be_opened_fails_every_sync() {
+        let group = SyncGroup::new(Path::new("/nonexistent/walvault-store"));
+        for _ in 0..2 {
+            let e = group.sync().await.unwrap_err();
+            assert!(e.to_string().contains("cannot open"), "{e}");
+        }
     }
 }

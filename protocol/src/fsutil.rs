@@ -8,6 +8,34 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// A filesystem to `syncfs(2)`, through a descriptor opened once: Linux (5.8 and later)
+/// reports to it every writeback error on that filesystem since it was opened, so open it
+/// before writing what a later [`sync`](FsSync::sync) must cover.
+pub struct FsSync {
+    dir: File,
+}
+
+impl FsSync {
+    /// The filesystem holding `path`.
+    pub fn open(path: &Path) -> io::Result<FsSync> {
+        Ok(FsSync {
+            dir: File::open(path)?,
+        })
+    }
+
+    /// Every dirty file, directory and inode of the filesystem reaches the disk; an error
+    /// if writeback failed anywhere on it since [`open`](FsSync::open) (or the last error
+    /// this returned).
+    pub fn sync(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs on a descriptor we own and keep open for the call.
+        if unsafe { libc::syncfs(self.dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// fsyncs a directory, making renames and creations inside it durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -3,7 +3,8 @@
 //!
 //! Contract: on success PGDATA (and every tablespace directory) holds exactly the
 //! backup's files, each verified chunk by chunk against the blake3 in the manifest before
-//! it is written, fsynced; PostgreSQL's `backup_manifest` is beside them (so
+//! it is written, durable (one syncfs per filesystem, through a descriptor opened before
+//! the writes, so writeback errors are reported); PostgreSQL's `backup_manifest` is beside them (so
 //! `pg_verifybackup` can check the result); `postgresql.auto.conf` ends with the recovery
 //! settings (`restore_command` running this pullclient with this config, the target, and
 //! for archive recovery with the prefaulter on, `recovery_prefetch = off`) and
@@ -64,8 +65,6 @@ const BATCH_BYTES: u64 = 4 << 20;
 /// Requests in flight at once (hides the round trip and overlaps the archive's reads
 /// with our decompression and writes).
 const BATCHES_IN_FLIGHT: usize = 4;
-/// Files fsynced at once (concurrent fsyncs share the filesystem's journal commits).
-const SYNC_CONCURRENCY: usize = 16;
 
 /// How the restored cluster should come up.
 #[derive(Clone, Debug)]
@@ -274,10 +273,27 @@ fn write_chunks(
             .write(true)
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
+        let (mut lo, mut hi) = (u64::MAX, 0u64);
         for (offset, data) in writes {
             f.write_all_at(data, offset)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             written += data.len() as u64;
+            lo = lo.min(offset);
+            hi = hi.max(offset + data.len() as u64);
+        }
+        // Start writing these pages to disk now, while the rest is fetched and decoded,
+        // so the final syncfs has little left to wait for. Advisory: errors are the
+        // syncfs's to report.
+        if hi > lo {
+            // SAFETY: sync_file_range on a descriptor we hold open, a range we just wrote.
+            unsafe {
+                libc::sync_file_range(
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    lo as i64,
+                    (hi - lo) as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
         }
     }
     Ok(written)
@@ -506,6 +522,19 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
     for dir in layout.tablespaces.values() {
         create_dir(dir, 0o700)?;
     }
+    // One syncfs per filesystem at the end, through descriptors opened before anything is
+    // written, so a writeback error on the way is reported (see fsutil::FsSync).
+    let mut filesystems: Vec<(u64, PathBuf, walvault_protocol::fsutil::FsSync)> = Vec::new();
+    for root in &roots {
+        let dev = std::os::unix::fs::MetadataExt::dev(
+            &std::fs::metadata(root).with_context(|| format!("cannot stat {}", root.display()))?,
+        );
+        if !filesystems.iter().any(|(d, _, _)| *d == dev) {
+            let fs = walvault_protocol::fsutil::FsSync::open(root)
+                .with_context(|| format!("cannot open {}", root.display()))?;
+            filesystems.push((dev, root.clone(), fs));
+        }
+    }
 
     let chunk_size = manifest.chunk_size;
     let mut removed = 0u64;
@@ -651,38 +680,21 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
     progress.finish_and_clear();
 
     tracing::debug!(elapsed = ?started.elapsed(), "chunks written");
-    // Durability: every file, then every directory.
-    let mut syncs = Fanout::new(SYNC_CONCURRENCY);
-    for p in paths.iter() {
-        let p = p.clone();
-        syncs
-            .spawn(async move {
-                tokio::task::spawn_blocking(move || {
-                    std::fs::File::open(&p)
-                        .and_then(|f| f.sync_all())
-                        .with_context(|| format!("cannot fsync {}", p.display()))
-                })
-                .await?
-            })
-            .await?;
-    }
-    syncs.finish().await?;
-    let sync_dirs: Vec<PathBuf> = manifest
-        .files
-        .iter()
-        .filter(|f| f.kind == FileKind::Directory)
-        .map(|f| layout.path_of(f))
-        .chain(roots.iter().cloned().map(Ok))
-        .collect::<Result<_>>()?;
+    // Durability: every file and directory written, one syncfs per filesystem (one call
+    // instead of an fsync per file and directory; the same guarantee).
     tokio::task::spawn_blocking(move || -> Result<()> {
-        for d in &sync_dirs {
-            walvault_protocol::fsutil::fsync_dir(d)
-                .with_context(|| format!("cannot fsync {}", d.display()))?;
+        for (_, root, fs) in &filesystems {
+            fs.sync().with_context(|| {
+                format!(
+                    "syncing the filesystem of {} failed (a write did not reach the disk): \
+                     the restore is not durable; fix the cause and run again with --delta",
+                    root.display()
+                )
+            })?;
         }
         Ok(())
     })
     .await??;
-
     tracing::debug!(elapsed = ?started.elapsed(), "files and directories synced");
     finish_pgdata(&layout.pgdata, &manifest, args, cfg)?;
     if let Ok(c) = Arc::try_unwrap(conn) {
