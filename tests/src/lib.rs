@@ -411,6 +411,17 @@ pub fn b3(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
+/// blake3 of a file, read in pieces (for files too large to hold).
+pub fn b3_file(path: &Path) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(
+            fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display())),
+        )
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    hasher.finalize()
+}
+
 // ---------------------------------------------------------------------------------------
 // Temp dirs and binaries
 // ---------------------------------------------------------------------------------------
