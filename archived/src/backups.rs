@@ -33,6 +33,11 @@ use crate::server::{respond, send_object, stream_body, Refusal, Reply};
 use crate::store::{self, CreateOutcome, ObjectHeader, PendingObject, Store};
 use crate::syncgroup::SyncGroup;
 
+thread_local! {
+    /// One zstd context per blocking thread for verifying pack chunks.
+    static PACK_DECODER: std::cell::RefCell<Option<ObjectDecoder>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Server-side state of the backup service.
 pub struct BackupService {
     /// Read: requests that rely on chunks staying (ChunksMissing, PutBackup). Write:
@@ -87,10 +92,7 @@ pub async fn handle(
             .await
         }
         Request::PutPack { cluster, chunks } => {
-            put_pack(
-                store, catalog, service, identity, &cluster, chunks, &mut recv,
-            )
-            .await
+            put_pack(store, catalog, identity, &cluster, chunks, &mut recv).await
         }
         Request::GetChunks { cluster, hashes } => {
             match get_chunks(store, catalog, &cluster, hashes, &mut send).await {
@@ -267,7 +269,6 @@ async fn get_chunks(
 async fn put_pack(
     store: &Store,
     catalog: &Catalog,
-    service: &BackupService,
     identity: &ClientIdentity,
     cluster: &str,
     chunks: Vec<PackChunk>,
@@ -307,64 +308,100 @@ async fn put_pack(
             format!("a pack of {raw_total} raw bytes exceeds the {MAX_PACK_RAW_BYTES} byte limit"),
         ));
     }
-    let body = recv
-        .read_to_end(body_len as usize + 1)
-        .await
-        .map_err(|e| match e {
-            quinn::ReadToEndError::TooLong => Refusal::new(
-                ErrorCode::Invalid,
-                format!("pack body exceeds the announced {body_len} bytes"),
-            ),
-            other => Refusal::new(
-                ErrorCode::Invalid,
-                format!("pack body stream failed: {other}"),
-            ),
-        })?;
-    if body.len() as u64 != body_len {
-        return Err(Refusal::new(
-            ErrorCode::Invalid,
-            format!(
-                "pack body has {} bytes where its chunks announce {body_len}",
-                body.len()
-            ),
-        ));
-    }
-    let (pack, entries) = tokio::task::spawn_blocking(move || -> Result<_, String> {
-        let mut decoder = ObjectDecoder::new().map_err(|e| e.to_string())?;
-        let mut verified = Vec::with_capacity(chunks.len());
-        let mut at = 0usize;
-        for c in &chunks {
-            let frame = &body[at..at + c.compressed_size as usize];
-            at += frame.len();
-            let mut hash = [0u8; 32];
-            hex::decode_to_slice(&c.blake3, &mut hash).map_err(|e| e.to_string())?;
-            let header = ObjectHeader {
+    // The index goes first (offsets follow from the announced sizes); then each chunk is
+    // read, verified and appended, a few at a time: memory stays at about one 2 MiB group
+    // per upload whatever the pack's size. A chunk that fails verification, or a body
+    // longer or shorter than announced, drops the temporary file: nothing is stored.
+    let headers: Vec<ObjectHeader> = chunks
+        .iter()
+        .map(|c| {
+            let mut blake3 = [0u8; 32];
+            hex::decode_to_slice(&c.blake3, &mut blake3)
+                .map_err(|_| Refusal::new(ErrorCode::Invalid, "blake3 must be 64 hex digits"))?;
+            Ok(ObjectHeader {
                 raw_size: c.raw_size,
-                blake3: hash,
+                blake3,
                 compressed_size: c.compressed_size,
-            };
-            decoder
-                .decode(&header, frame, &hash, MAX_CHUNK_SIZE)
-                .map_err(|e| {
-                    format!(
-                        "chunk {}: body is not the announced content: {e:#}",
-                        c.blake3
-                    )
-                })?;
-            verified.push((header, frame));
-        }
-        Ok(crate::packs::encode(&verified))
-    })
-    .await
-    .map_err(|e| Refusal::internal(e.into()))?
-    .map_err(|e| Refusal::new(ErrorCode::Invalid, e))?;
+            })
+        })
+        .collect::<std::result::Result<_, Refusal>>()?;
+    let (index, entries) = crate::packs::index(&headers);
     let id = crate::packs::new_pack_id();
     let key = crate::packs::pack_key(cluster, &id);
-    let stored_bytes = pack.len() as u64;
-    let outcome = store
-        .put_bytes_grouped(&key, [bytes::Bytes::from(pack)], service.sync_group(store))
+    let mut pending = store.begin_raw(&key).await.map_err(Refusal::internal)?;
+    pending.write(&index).await.map_err(Refusal::internal)?;
+    let invalid = |m: String| Refusal::new(ErrorCode::Invalid, m);
+    let mut next = 0usize;
+    while next < headers.len() {
+        // A group: at least one chunk, up to ~2 MiB of frames.
+        let mut end = next;
+        let mut group_bytes = 0u64;
+        while end < headers.len()
+            && (end == next || group_bytes + headers[end].compressed_size <= 2 << 20)
+        {
+            group_bytes += headers[end].compressed_size;
+            end += 1;
+        }
+        let mut frames = vec![0u8; group_bytes as usize];
+        recv.read_exact(&mut frames).await.map_err(|e| {
+            invalid(format!(
+                "pack body ends before its chunks do ({body_len} bytes announced): {e}"
+            ))
+        })?;
+        let group: Vec<ObjectHeader> = headers[next..end].to_vec();
+        let frames = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+            PACK_DECODER.with(|cell| {
+                let mut cell = cell.borrow_mut();
+                let decoder = match cell.as_mut() {
+                    Some(d) => d,
+                    None => cell.insert(ObjectDecoder::new().map_err(|e| e.to_string())?),
+                };
+                let mut at = 0usize;
+                for h in &group {
+                    let frame = &frames[at..at + h.compressed_size as usize];
+                    at += frame.len();
+                    decoder
+                        .decode(h, frame, &h.blake3, MAX_CHUNK_SIZE)
+                        .map_err(|e| {
+                            format!(
+                                "chunk {}: body is not the announced content: {e:#}",
+                                h.blake3_hex()
+                            )
+                        })?;
+                }
+                Ok(frames)
+            })
+        })
         .await
-        .map_err(Refusal::internal)?;
+        .map_err(|e| Refusal::internal(e.into()))?
+        .map_err(invalid)?;
+        let mut at = 0usize;
+        for h in &headers[next..end] {
+            let len = h.compressed_size as usize;
+            pending
+                .write(&h.encode())
+                .await
+                .map_err(Refusal::internal)?;
+            pending
+                .write(&frames[at..at + len])
+                .await
+                .map_err(Refusal::internal)?;
+            at += len;
+        }
+        next = end;
+    }
+    let mut extra = [0u8; 1];
+    match recv.read(&mut extra).await {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return Err(invalid(format!(
+                "pack body exceeds the announced {body_len} bytes"
+            )))
+        }
+        Err(e) => return Err(invalid(format!("pack body stream failed: {e}"))),
+    }
+    let stored_bytes = pending.written();
+    let outcome = store.commit_raw(pending).await.map_err(Refusal::internal)?;
     if outcome == CreateOutcome::Exists {
         return Err(Refusal::internal(anyhow::anyhow!(
             "pack id {id} collided with an existing pack; send the pack again"

@@ -21,8 +21,10 @@
 //!                  header with raw size and blake3, then its zstd frame), back to back
 //! ```
 //!
-//! The index up front lets a catalog rebuild read one range per pack; the per-chunk
-//! object headers let every reader verify a chunk it took out of a pack on its own.
+//! The index up front lets a catalog rebuild read one range per pack, and lets archived
+//! write it before the chunks arrive (offsets follow from the announced sizes), then
+//! verify and append the chunks a few at a time; the per-chunk object headers let every
+//! reader verify a chunk it took out of a pack on its own.
 //! A pack is written create-only and never changed; the catalog maps each chunk hash to
 //! (pack, offset, length). Retention deletes a pack when no chunk the catalog locates in
 //! it is referenced by a kept backup or within the grace period.
@@ -89,19 +91,19 @@ pub fn new_pack_id() -> String {
     h.finalize().to_hex()[..32].to_string()
 }
 
-/// Lays out a pack of verified chunks (header and zstd frame each): the bytes to store
-/// and the index entries.
-pub fn encode(chunks: &[(ObjectHeader, &[u8])]) -> (Vec<u8>, Vec<PackEntry>) {
-    let index_end = PACK_HEADER_LEN + INDEX_ENTRY_LEN * chunks.len();
-    let body: usize = chunks.iter().map(|(_, f)| HEADER_LEN + f.len()).sum();
-    let mut out = Vec::with_capacity(index_end + body);
+/// The index of a pack of chunks with these object headers, in body order: the bytes
+/// that start the pack, and the entries. Offsets follow from the sizes alone, so the
+/// index can be written before the chunks arrive.
+pub fn index(headers: &[ObjectHeader]) -> (Vec<u8>, Vec<PackEntry>) {
+    let index_end = PACK_HEADER_LEN + INDEX_ENTRY_LEN * headers.len();
+    let mut out = Vec::with_capacity(index_end);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]);
-    let mut entries = Vec::with_capacity(chunks.len());
+    let mut entries = Vec::with_capacity(headers.len());
     let mut offset = index_end as u64;
-    for (h, frame) in chunks {
-        let length = (HEADER_LEN + frame.len()) as u64;
+    for h in headers {
+        let length = HEADER_LEN as u64 + h.compressed_size;
         entries.push(PackEntry {
             blake3: h.blake3,
             offset,
@@ -114,6 +116,14 @@ pub fn encode(chunks: &[(ObjectHeader, &[u8])]) -> (Vec<u8>, Vec<PackEntry>) {
         out.extend_from_slice(&h.raw_size.to_le_bytes());
         offset += length;
     }
+    (out, entries)
+}
+
+/// A whole pack in memory (index, then each chunk's header and frame): for tests.
+#[cfg(test)]
+pub fn encode(chunks: &[(ObjectHeader, &[u8])]) -> (Vec<u8>, Vec<PackEntry>) {
+    let headers: Vec<ObjectHeader> = chunks.iter().map(|(h, _)| h.clone()).collect();
+    let (mut out, entries) = index(&headers);
     for (h, frame) in chunks {
         out.extend_from_slice(&h.encode());
         out.extend_from_slice(frame);

@@ -159,6 +159,8 @@ pub struct PendingObject {
     key: String,
     tmp: PathBuf,
     file: tokio::fs::File,
+    /// Bytes reserved at the start, written at commit (the object header), or 0.
+    reserved: u64,
     written: u64,
 }
 
@@ -236,6 +238,16 @@ impl Store {
 
     /// Starts writing an object; the body is appended after a header-sized gap.
     pub async fn begin(&self, key: &str) -> Result<PendingObject> {
+        self.begin_reserving(key, HEADER_LEN).await
+    }
+
+    /// Starts writing an object whose every byte the writer appends (a pack); commit it
+    /// with [`commit_raw`](Self::commit_raw).
+    pub async fn begin_raw(&self, key: &str) -> Result<PendingObject> {
+        self.begin_reserving(key, 0).await
+    }
+
+    async fn begin_reserving(&self, key: &str, reserved: usize) -> Result<PendingObject> {
         let tmp = match self {
             Store::Local { root } => {
                 let target = Self::local_path(root, key);
@@ -257,11 +269,12 @@ impl Store {
             .open(&tmp)
             .await
             .with_context(|| format!("cannot create {}", tmp.display()))?;
-        file.write_all(&[0u8; HEADER_LEN]).await?;
+        file.write_all(&vec![0u8; reserved]).await?;
         Ok(PendingObject {
             key: key.to_string(),
             tmp,
             file,
+            reserved: reserved as u64,
             written: 0,
         })
     }
@@ -274,6 +287,11 @@ impl Store {
     ) -> Result<CreateOutcome> {
         pending.file.seek(std::io::SeekFrom::Start(0)).await?;
         pending.file.write_all(&header.encode()).await?;
+        self.commit_raw(pending).await
+    }
+
+    /// Makes a pending object durable under its key, create-only, as written.
+    pub async fn commit_raw(&self, mut pending: PendingObject) -> Result<CreateOutcome> {
         pending.file.flush().await?;
         match self {
             Store::Local { root } => {
@@ -295,7 +313,7 @@ impl Store {
                 })
             }
             Store::Remote { store, .. } => {
-                let size = HEADER_LEN as u64 + pending.written;
+                let size = pending.reserved + pending.written;
                 if size <= SINGLE_PUT_MAX {
                     let bytes = tokio::fs::read(&pending.tmp).await?;
                     return self.put_new(&pending.key, bytes.into()).await;
