@@ -80,6 +80,18 @@ fn keep_within_keeps_the_window_and_its_anchor_honours_min_full_and_dry_run() {
         "backups stopped too close together: {:#?}",
         backups_json(&archive)
     );
+    // PostgreSQL archives a backup's history file (.backup) after the backup returns:
+    // wait for all three, or the listing could change under the comparison below.
+    wait_until(
+        "the three backup history files to be archived",
+        Duration::from_secs(60),
+        || {
+            archive.wal_list_json(CLUSTER)["backup_history_files"]
+                .as_array()
+                .is_some_and(|a| a.len() >= 3)
+        },
+        || archive.diag(),
+    );
     let wal_before = archive.wal_list_json(CLUSTER);
 
     // The window starts a second after the second backup stopped (the run follows within
