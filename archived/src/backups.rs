@@ -18,7 +18,7 @@ use walvault_protocol::backup::{
     MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST, MAX_MANIFEST_SIZE, MAX_PACK_RAW_BYTES,
 };
 use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
-use walvault_protocol::object::ObjectDecoder;
+use walvault_protocol::object::with_thread_decoder;
 use walvault_protocol::pki::{ClientIdentity, Role};
 use walvault_protocol::transport::write_frame;
 use walvault_protocol::wire::{ErrorCode, Request, Response};
@@ -32,11 +32,6 @@ use crate::retention::RetentionConfig;
 use crate::server::{respond, send_object, stream_body, Refusal, Reply};
 use crate::store::{self, CreateOutcome, ObjectHeader, PendingObject, Store};
 use crate::syncgroup::SyncGroup;
-
-thread_local! {
-    /// One zstd context per blocking thread for verifying pack chunks.
-    static PACK_DECODER: std::cell::RefCell<Option<ObjectDecoder>> = const { std::cell::RefCell::new(None) };
-}
 
 /// Server-side state of the backup service.
 pub struct BackupService {
@@ -204,6 +199,27 @@ fn require_writer(identity: &ClientIdentity, what: &str) -> std::result::Result<
     }
 }
 
+/// Refuses a list of chunk hashes longer than `limit` or holding one that is not a hash.
+fn validate_hashes(
+    hashes: &[String],
+    limit: usize,
+    what: &str,
+) -> std::result::Result<(), Refusal> {
+    if hashes.len() > limit {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!(
+                "{} {what} in one request; the limit is {limit}",
+                hashes.len()
+            ),
+        ));
+    }
+    for h in hashes {
+        format::validate_chunk_hash(h).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
+    }
+    Ok(())
+}
+
 /// Streams the chunks asked for, whole stored objects back to back in the order asked,
 /// after a `Chunks` frame; a chunk the store lacks refuses the whole request first.
 async fn get_chunks(
@@ -213,18 +229,7 @@ async fn get_chunks(
     hashes: Vec<String>,
     send: &mut quinn::SendStream,
 ) -> std::result::Result<(), Refusal> {
-    if hashes.len() > MAX_CHUNKS_PER_GET {
-        return Err(Refusal::new(
-            ErrorCode::TooLarge,
-            format!(
-                "{} chunks in one request; the limit is {MAX_CHUNKS_PER_GET}",
-                hashes.len()
-            ),
-        ));
-    }
-    for h in &hashes {
-        format::validate_chunk_hash(h).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
-    }
+    validate_hashes(&hashes, MAX_CHUNKS_PER_GET, "chunks")?;
     let not_found = |h: &str| {
         Refusal::new(
             ErrorCode::NotFound,
@@ -350,12 +355,7 @@ async fn put_pack(
         })?;
         let group: Vec<ObjectHeader> = headers[next..end].to_vec();
         let frames = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
-            PACK_DECODER.with(|cell| {
-                let mut cell = cell.borrow_mut();
-                let decoder = match cell.as_mut() {
-                    Some(d) => d,
-                    None => cell.insert(ObjectDecoder::new().map_err(|e| e.to_string())?),
-                };
+            with_thread_decoder(|decoder| {
                 let mut at = 0usize;
                 for h in &group {
                     let frame = &frames[at..at + h.compressed_size as usize];
@@ -371,6 +371,7 @@ async fn put_pack(
                 }
                 Ok(frames)
             })
+            .map_err(|e| e.to_string())?
         })
         .await
         .map_err(|e| Refusal::internal(e.into()))?
@@ -440,18 +441,7 @@ async fn chunks_missing(
     hashes: Vec<String>,
 ) -> Reply {
     require_writer(identity, "store backups")?;
-    if hashes.len() > MAX_HASHES_PER_REQUEST {
-        return Err(Refusal::new(
-            ErrorCode::TooLarge,
-            format!(
-                "{} hashes in one request; the limit is {MAX_HASHES_PER_REQUEST}",
-                hashes.len()
-            ),
-        ));
-    }
-    for h in &hashes {
-        format::validate_chunk_hash(h).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
-    }
+    validate_hashes(&hashes, MAX_HASHES_PER_REQUEST, "hashes")?;
     let _keep = service.gc_lock.read().await;
     let touched = now();
     let mut missing = Vec::new();

@@ -109,6 +109,22 @@ pub fn parse_wal_key(key: &str) -> Option<(String, WalFileName)> {
     Some((cluster.to_string(), name))
 }
 
+/// A whole local file, or `range` of it.
+fn read_part(f: &std::fs::File, range: Option<&std::ops::Range<u64>>) -> std::io::Result<Bytes> {
+    match range {
+        None => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut &*f, &mut buf)?;
+            Ok(Bytes::from(buf))
+        }
+        Some(r) => {
+            let mut buf = vec![0u8; (r.end - r.start) as usize];
+            std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, r.start)?;
+            Ok(Bytes::from(buf))
+        }
+    }
+}
+
 /// Where a chunk is: a whole object, or a byte range of one (a chunk in a pack).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Loc {
@@ -348,25 +364,13 @@ impl Store {
         body: Bytes,
         group: &crate::syncgroup::SyncGroup,
     ) -> Result<CreateOutcome> {
-        let header = Bytes::copy_from_slice(&header.encode());
-        self.put_bytes_grouped(key, [header, body], group).await
-    }
-
-    /// Stores `parts`, concatenated, create-only under `key`, with the durability of
-    /// [`put_grouped`](Self::put_grouped) (a pack: its index, then its chunks).
-    pub async fn put_bytes_grouped<const N: usize>(
-        &self,
-        key: &str,
-        parts: [Bytes; N],
-        group: &crate::syncgroup::SyncGroup,
-    ) -> Result<CreateOutcome> {
+        let header = header.encode();
         let root = match self {
             Store::Local { root } => root,
             Store::Remote { .. } => {
-                let mut object = Vec::with_capacity(parts.iter().map(Bytes::len).sum());
-                for p in &parts {
-                    object.extend_from_slice(p);
-                }
+                let mut object = Vec::with_capacity(HEADER_LEN + body.len());
+                object.extend_from_slice(&header);
+                object.extend_from_slice(&body);
                 return self.put_new(key, object.into()).await;
             }
         };
@@ -382,10 +386,8 @@ impl Store {
                     .write(true)
                     .create_new(true)
                     .open(&t)?;
-                for p in &parts {
-                    std::io::Write::write_all(&mut f, p)?;
-                }
-                Ok(())
+                std::io::Write::write_all(&mut f, &header)?;
+                std::io::Write::write_all(&mut f, &body)
             })();
             if write.is_err() {
                 let _ = std::fs::remove_file(&t);
@@ -494,7 +496,6 @@ impl Store {
                     tokio::sync::oneshot::channel::<Result<Option<usize>>>();
                 let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(4);
                 tokio::task::spawn_blocking(move || {
-                    use std::io::Read;
                     let mut files: Vec<Arc<std::fs::File>> = Vec::with_capacity(paths.len());
                     for (i, p) in paths.iter().enumerate() {
                         if i > 0 && paths[i - 1] == *p {
@@ -520,18 +521,8 @@ impl Store {
                         return;
                     }
                     for ((f, p), loc) in files.iter().zip(&paths).zip(&locs) {
-                        let item = match &loc.range {
-                            None => {
-                                let mut buf = Vec::new();
-                                (&**f).read_to_end(&mut buf).map(|_| Bytes::from(buf))
-                            }
-                            Some(r) => {
-                                let mut buf = vec![0u8; (r.end - r.start) as usize];
-                                std::os::unix::fs::FileExt::read_exact_at(&**f, &mut buf, r.start)
-                                    .map(|_| Bytes::from(buf))
-                            }
-                        }
-                        .with_context(|| format!("cannot read {}", p.display()));
+                        let item = read_part(f, loc.range.as_ref())
+                            .with_context(|| format!("cannot read {}", p.display()));
                         let failed = item.is_err();
                         if tx.blocking_send(item).is_err() || failed {
                             return;
@@ -588,10 +579,9 @@ impl Store {
                             )
                         }
                     };
-                    let mut buf = vec![0u8; (range.end - range.start) as usize];
-                    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, range.start)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    Ok(Some(Bytes::from(buf)))
+                    read_part(&f, Some(&range))
+                        .map(Some)
+                        .with_context(|| format!("cannot read {}", path.display()))
                 })
                 .await?
             }

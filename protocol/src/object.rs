@@ -138,6 +138,24 @@ impl ObjectDecoder {
     }
 }
 
+thread_local! {
+    static THREAD_DECODER: std::cell::RefCell<Option<ObjectDecoder>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's [`ObjectDecoder`] (made at first use): blocking workers
+/// that verify many chunks keep one zstd context each.
+pub fn with_thread_decoder<R>(f: impl FnOnce(&mut ObjectDecoder) -> R) -> std::io::Result<R> {
+    THREAD_DECODER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decoder = match cell.as_mut() {
+            Some(d) => d,
+            None => cell.insert(ObjectDecoder::new()?),
+        };
+        Ok(f(decoder))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,40 +135,22 @@ pub(crate) async fn fetch_to(
                 .open(&tmp)
                 .with_context(|| format!("cannot create {}", tmp.display()))?,
         );
-        let mut decoder = VerifyingDecoder::new(raw_size)?;
-        let mut received = 0u64;
-        while let Some(chunk) = recv
-            .read_chunk(usize::MAX, true)
-            .await
-            .context("download interrupted")?
-        {
-            received += chunk.bytes.len() as u64;
-            if received > compressed_size {
-                bail!("{name}: archive sent more than the announced {compressed_size} bytes");
-            }
-            decoder
-                .write(&chunk.bytes, |raw| file.write_all(raw))
-                .map_err(|e| match e {
-                    DecodeOrSinkError::Decode(d) => {
-                        anyhow::Error::from(d).context(format!("{name}: archived copy is corrupt"))
-                    }
-                    DecodeOrSinkError::Sink(io) => {
-                        anyhow::Error::from(io).context(format!("writing {}", tmp.display()))
-                    }
-                })?;
-        }
-        let summary = decoder
-            .finish()
-            .with_context(|| format!("{name}: archived copy is incomplete"))?;
-        summary.check(raw_size, &blake3).with_context(|| {
-            format!("{name}: archived copy failed verification; not handing it to PostgreSQL")
-        })?;
+        receive_verified(
+            &mut recv,
+            name,
+            raw_size,
+            &blake3,
+            compressed_size,
+            "not handing it to PostgreSQL",
+            |raw| file.write_all(raw),
+        )
+        .await?;
         let file = file.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         drop(file);
         fsutil::durable_rename(&tmp, dest)
             .with_context(|| format!("cannot move the file into {}", dest.display()))?;
-        Ok(())
+        Ok::<(), anyhow::Error>(())
     }
     .await;
     if result.is_err() {
@@ -176,6 +158,50 @@ pub(crate) async fn fetch_to(
     }
     result?;
     Ok(Fetched::Written { raw_size, blake3 })
+}
+
+/// Streams an object's body (what follows its `Object` frame) through decompression and
+/// verification into `sink`. More bytes than announced, a corrupt or short frame, or a
+/// size or blake3 other than announced is an error naming `what`; `consequence` says
+/// what the caller does not do with the bytes then.
+pub(crate) async fn receive_verified(
+    recv: &mut quinn::RecvStream,
+    what: &str,
+    raw_size: u64,
+    blake3: &str,
+    compressed_size: u64,
+    consequence: &str,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<()> {
+    let mut decoder = VerifyingDecoder::new(raw_size)?;
+    let mut received = 0u64;
+    while let Some(chunk) = recv
+        .read_chunk(usize::MAX, true)
+        .await
+        .with_context(|| format!("download of {what} interrupted"))?
+    {
+        received += chunk.bytes.len() as u64;
+        if received > compressed_size {
+            bail!("{what}: archive sent more than the announced {compressed_size} bytes");
+        }
+        decoder
+            .write(&chunk.bytes, &mut sink)
+            .map_err(|e| match e {
+                DecodeOrSinkError::Decode(d) => {
+                    anyhow::Error::from(d).context(format!("{what}: archived copy is corrupt"))
+                }
+                DecodeOrSinkError::Sink(io) => {
+                    anyhow::Error::from(io).context(format!("writing {what}"))
+                }
+            })?;
+    }
+    let summary = decoder
+        .finish()
+        .with_context(|| format!("{what}: archived copy is incomplete"))?;
+    summary
+        .check(raw_size, blake3)
+        .with_context(|| format!("{what}: archived copy failed verification; {consequence}"))?;
+    Ok(())
 }
 
 /// The data directory a restore_command runs in, made absolute.

@@ -50,10 +50,9 @@ use walvault_protocol::backup::{
     chunk_range, format_unix_utc, BackupManifest, BackupSummary, FileEntry, FileKind,
     MAX_CHUNKS_PER_GET, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
 };
-use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder};
 use walvault_protocol::config::ClientConfig;
 use walvault_protocol::fanout::Fanout;
-use walvault_protocol::object::{ObjectDecoder, ObjectHeader, HEADER_LEN};
+use walvault_protocol::object::{with_thread_decoder, ObjectHeader, HEADER_LEN};
 use walvault_protocol::retry::{retry, ArchiveRefusal, RetryPolicy};
 use walvault_protocol::transport::ArchiveConnection;
 use walvault_protocol::wire::{Request, Response};
@@ -128,31 +127,20 @@ async fn fetch_object(
     if raw_size > max || compressed_size > max + max / 8 + 4096 {
         bail!("{what}: the archive announced an impossible size ({raw_size} bytes)");
     }
-    let mut decoder = VerifyingDecoder::new(raw_size)?;
     let mut raw = Vec::with_capacity(raw_size as usize);
-    let mut received = 0u64;
-    while let Some(chunk) = recv
-        .read_chunk(usize::MAX, true)
-        .await
-        .with_context(|| format!("download of {what} interrupted"))?
-    {
-        received += chunk.bytes.len() as u64;
-        if received > compressed_size {
-            bail!("{what}: archive sent more than the announced {compressed_size} bytes");
-        }
-        decoder
-            .write::<std::convert::Infallible>(&chunk.bytes, |b| {
-                raw.extend_from_slice(b);
-                Ok(())
-            })
-            .map_err(|e: DecodeOrSinkError<_>| anyhow!("{what}: archived copy is corrupt: {e}"))?;
-    }
-    decoder
-        .finish()
-        .and_then(|s| s.check(raw_size, &blake3))
-        .with_context(|| {
-            format!("{what}: archived copy failed verification; nothing of it was written")
-        })?;
+    crate::get::receive_verified(
+        &mut recv,
+        what,
+        raw_size,
+        &blake3,
+        compressed_size,
+        "nothing of it was written",
+        |b| {
+            raw.extend_from_slice(b);
+            Ok(())
+        },
+    )
+    .await?;
     Ok(raw)
 }
 
@@ -203,10 +191,6 @@ async fn fetch_chunks(
     Ok(body)
 }
 
-thread_local! {
-    static DECODER: std::cell::RefCell<Option<ObjectDecoder>> = const { std::cell::RefCell::new(None) };
-}
-
 /// Splits a `GetChunks` body into its objects, verifies each against the hash asked for
 /// (size, blake3 of the decompressed bytes), then writes them everywhere they belong,
 /// one file at a time under that file's lock: concurrent buffered writes into one file
@@ -219,12 +203,7 @@ fn write_chunks(
     locks: &[std::sync::Mutex<()>],
     chunk_size: u64,
 ) -> Result<u64> {
-    let decoded = DECODER.with(|cell| -> Result<Vec<Vec<u8>>> {
-        let mut cell = cell.borrow_mut();
-        let decoder = match cell.as_mut() {
-            Some(d) => d,
-            None => cell.insert(ObjectDecoder::new().context("cannot set up zstd")?),
-        };
+    let decoded = with_thread_decoder(|decoder| -> Result<Vec<Vec<u8>>> {
         let mut rest = body;
         let mut out = Vec::with_capacity(batch.len());
         for (hash, _) in batch {
@@ -257,7 +236,8 @@ fn write_chunks(
             );
         }
         Ok(out)
-    })?;
+    })
+    .context("cannot set up zstd")??;
     let mut by_file: BTreeMap<usize, Vec<(u64, &[u8])>> = BTreeMap::new();
     for ((_, at), data) in batch.iter().zip(&decoded) {
         for (file, offset) in at {
