@@ -50,11 +50,9 @@ for v in SEGMENTS PUSHERS PGBENCH_SCALE PGBIN BENCH_TMPDIR CMD_TIMEOUT SKIP_BUIL
     if printenv "$v" >/dev/null; then ENV_USED+="$v=$(printenv "$v") "; fi
 done
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() {
-    printf '\narchive_bench: FAILED: %s\n' "$*" >&2
-    exit 1
-}
+BENCH_NAME=archive_bench
+# shellcheck source=benches/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 
 # ---------------------------------------------------------------- cleanup
 WORK=""
@@ -180,32 +178,11 @@ verify_copies() {
 [[ $SEGMENTS =~ ^[0-9]+$ && $SEGMENTS -ge 1 ]] || die "SEGMENTS must be a positive integer"
 [[ $PUSHERS =~ ^[0-9]+$ && $PUSHERS -ge 1 ]] || die "PUSHERS must be a positive integer"
 ((SEGMENTS >= 64)) || log "warning: SEGMENTS=$SEGMENTS < 64: not a publishable run"
-for tool in initdb pg_ctl pgbench psql postgres; do
-    [[ -x $PGBIN/$tool ]] || die "$PGBIN/$tool missing (install postgresql-15)"
-done
-id postgres >/dev/null 2>&1 || die "no 'postgres' user (install postgresql-15)"
-for tool in runuser timeout python3 awk cmp sync getconf; do
-    command -v "$tool" >/dev/null || die "$tool not found"
-done
-if ! command -v pgbackrest >/dev/null; then
-    log "pgbackrest missing: apt-get install pgbackrest"
-    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbackrest; } >&2 ||
-        die "could not install pgbackrest"
-fi
-PGBR_VERSION=$(pgbackrest version)
-[[ $PGBR_VERSION == "pgBackRest 2.45" ]] ||
-    log "warning: $PGBR_VERSION installed; the reference figures are for 2.45"
+need_pg_tools initdb pg_ctl pgbench psql postgres
+need_commands runuser timeout python3 awk cmp sync getconf
+ensure_pgbackrest
 PG_VERSION=$("$PGBIN/postgres" --version)
-
-if [[ $SKIP_BUILD != 1 ]]; then
-    command -v cargo >/dev/null || die "cargo not found"
-    log "building: cargo build --release --workspace --bins"
-    (cd "$REPO_ROOT" && cargo build --release --workspace --bins) >&2 ||
-        die "cargo build --release --workspace --bins failed"
-fi
-for b in archived pushclient pullclient; do
-    [[ -x $BIN/$b ]] || die "$BIN/$b missing (cargo build --release --workspace --bins)"
-done
+release_build "$BIN"
 
 WORK=$(mktemp -d "$BENCH_TMPDIR/walvault-bench.XXXXXX")
 chmod 0755 "$WORK"

@@ -41,11 +41,9 @@ REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 RESULTS=${RESULTS:-$SCRIPT_DIR/RESULTS.md}
 BUILD_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() {
-    printf '\nbackup_bench: FAILED: %s\n' "$*" >&2
-    exit 1
-}
+BENCH_NAME=backup_bench
+# shellcheck source=benches/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 
 WORK=""
 PG_STARTED=0
@@ -102,18 +100,10 @@ row() { ROWS+=("$1|$2|$3|$4|$5|$6|$7"); log "$1 $2: $3 s, $4 MB/s, stored $5 MiB
 rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.0f", b / 1e6 / s }'; }
 
 [[ $(id -u) == 0 ]] || die "run as root (PostgreSQL and pgBackRest run as 'postgres' via runuser)"
-for tool in initdb pg_ctl pgbench psql pg_basebackup; do
-    [[ -x $PGBIN/$tool ]] || die "$PGBIN/$tool missing (install postgresql-15)"
-done
+need_pg_tools initdb pg_ctl pgbench psql pg_basebackup
 [[ -x /usr/bin/time ]] || { apt-get install -y time >&2 || die "/usr/bin/time missing (apt-get install time)"; }
-command -v pgbackrest >/dev/null || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbackrest >&2; } ||
-    die "could not install pgbackrest"
-PGBR_VERSION=$(pgbackrest version)
-
-if [[ $SKIP_BUILD != 1 ]]; then
-    log "building: cargo build --release --workspace --bins"
-    (cd "$REPO_ROOT" && cargo build --release --workspace --bins) >&2 || die "release build failed"
-fi
+ensure_pgbackrest
+release_build "$BUILD_BIN"
 
 WORK=$(mktemp -d "$BENCH_TMPDIR/walvault-backup-bench.XXXXXX")
 chmod 0755 "$WORK"

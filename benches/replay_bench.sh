@@ -76,11 +76,9 @@ done
 T_SCRIPT0=$EPOCHREALTIME
 LOAD_START=$(cut -d" " -f1-3 /proc/loadavg)
 
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() {
-    printf '\nreplay_bench: FAILED: %s\n' "$*" >&2
-    exit 1
-}
+BENCH_NAME=replay_bench
+# shellcheck source=benches/lib.sh
+source "$SCRIPT_DIR/lib.sh"
 
 # ---------------------------------------------------------------- cleanup
 WORK=""
@@ -161,32 +159,11 @@ for n in SCALE SEGS_OFF SEGS_ON RUNS RUNS_ON; do
 done
 ((SEGS_OFF >= 4)) || log "warning: SEGS_OFF=$SEGS_OFF < 4: not what the issue asks for"
 ((RUNS >= 3 && RUNS_ON >= 3)) || log "warning: RUNS=$RUNS < 3: not a publishable run"
-for tool in initdb pg_ctl pgbench psql postgres pg_basebackup pg_waldump; do
-    [[ -x $PGBIN/$tool ]] || die "$PGBIN/$tool missing (install postgresql-15)"
-done
-id postgres >/dev/null 2>&1 || die "no 'postgres' user (install postgresql-15)"
-for tool in runuser timeout python3 awk pgrep fincore getconf; do
-    command -v "$tool" >/dev/null || die "$tool not found"
-done
-if ! command -v pgbackrest >/dev/null; then
-    log "pgbackrest missing: apt-get install pgbackrest"
-    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbackrest; } >&2 ||
-        die "could not install pgbackrest"
-fi
-PGBR_VERSION=$(pgbackrest version)
-[[ $PGBR_VERSION == "pgBackRest 2.45" ]] ||
-    log "warning: $PGBR_VERSION installed; the issue asks for 2.45"
+need_pg_tools initdb pg_ctl pgbench psql postgres pg_basebackup pg_waldump
+need_commands runuser timeout python3 awk pgrep fincore getconf
+ensure_pgbackrest
 PG_VERSION=$("$PGBIN/postgres" --version)
-
-if [[ $SKIP_BUILD != 1 ]]; then
-    command -v cargo >/dev/null || die "cargo not found"
-    log "building: cargo build --release --workspace --bins"
-    (cd "$REPO_ROOT" && cargo build --release --workspace --bins) >&2 ||
-        die "cargo build --release --workspace --bins failed"
-fi
-for b in archived pushclient pullclient; do
-    [[ -x $BUILD_BIN/$b ]] || die "$BUILD_BIN/$b missing (cargo build --release --workspace --bins)"
-done
+release_build "$BUILD_BIN"
 GIT_REV=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
 GIT_DIRTY=$(git -C "$REPO_ROOT" status --porcelain -- ':!benches' 2>/dev/null | grep -q . &&
     echo " (with uncommitted changes outside benches/)" || true)

@@ -1,0 +1,52 @@
+# benches/lib.sh: what the benchmark scripts share; sourced after they set BENCH_NAME,
+# PGBIN, REPO_ROOT and SKIP_BUILD.
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+    printf '\n%s: FAILED: %s\n' "$BENCH_NAME" "$*" >&2
+    exit 1
+}
+
+# need_pg_tools TOOL...: PostgreSQL 15's programs under $PGBIN and its 'postgres' user.
+need_pg_tools() {
+    local tool
+    for tool in "$@"; do
+        [[ -x $PGBIN/$tool ]] || die "$PGBIN/$tool missing (install postgresql-15)"
+    done
+    id postgres >/dev/null 2>&1 || die "no 'postgres' user (install postgresql-15)"
+}
+
+# need_commands CMD...: programs on PATH.
+need_commands() {
+    local tool
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || die "$tool not found"
+    done
+}
+
+# ensure_pgbackrest: installs pgBackRest (Debian) when missing; sets PGBR_VERSION.
+ensure_pgbackrest() {
+    if ! command -v pgbackrest >/dev/null; then
+        log "pgbackrest missing: apt-get install pgbackrest"
+        { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbackrest; } >&2 ||
+            die "could not install pgbackrest"
+    fi
+    PGBR_VERSION=$(pgbackrest version)
+    [[ $PGBR_VERSION == "pgBackRest 2.45" ]] ||
+        log "warning: $PGBR_VERSION installed; the issues' reference figures are for 2.45"
+}
+
+# release_build BINDIR: cargo build --release (unless SKIP_BUILD=1), then checks that
+# BINDIR holds the three binaries.
+release_build() {
+    local b
+    if [[ $SKIP_BUILD != 1 ]]; then
+        command -v cargo >/dev/null || die "cargo not found"
+        log "building: cargo build --release --workspace --bins"
+        (cd "$REPO_ROOT" && cargo build --release --workspace --bins) >&2 ||
+            die "cargo build --release --workspace --bins failed"
+    fi
+    for b in archived pushclient pullclient; do
+        [[ -x $1/$b ]] || die "$1/$b missing (cargo build --release --workspace --bins)"
+    done
+}
