@@ -522,10 +522,11 @@ EOF
         wv=$(as_pg timeout 10 "$BIN/pullclient" prefetch-status --pgdata "$d" --json --config "$pullconf" 2>>"$LOGS/prefetch-status.err" |
             python3 -c 'import json, sys
 c = json.load(sys.stdin); p = c["prefault"]
-print("hits=%d,misses=%d,fetched=%d,decoded=%d,warmed=%d,fpw=%d,will_init=%d,past_eof=%d,recent=%d,no_file=%d,warmed_up_to=%s" % (
+print("hits=%d,misses=%d,fetched=%d,decoded=%d,warmed=%d,for_pg_prefetch=%d,requests=%d,fpw=%d,will_init=%d,past_eof=%d,recent=%d,no_file=%d,warmed_up_to=%s,pg_recovery_prefetch=%s(%s)" % (
     c["spool_hits"], c["spool_misses"], c["segments_fetched"], p["segments_decoded"], p["blocks_warmed"],
+    p["warmed_for_pg_prefetch"], p["io_requests"],
     p["skipped_fpw"], p["skipped_will_init"], p["skipped_past_eof"], p["skipped_recent"], p["skipped_no_file"],
-    p.get("warmed_up_to")))' 2>/dev/null || echo "status-unavailable")
+    p.get("warmed_up_to"), p.get("pg_recovery_prefetch"), p.get("pg_recovery_prefetch_source")))' 2>/dev/null || echo "status-unavailable")
         cp "$spool/daemon.log" "$LOGS/daemon-r$RUN_SEQ.log" 2>/dev/null || true
     fi
     local pgstat

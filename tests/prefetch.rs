@@ -347,8 +347,10 @@ fn replica_recovery_uses_the_spool_and_prefaults_then_lets_go_of_pgdata() {
         "prefetch counters",
         Duration::from_secs(30),
         || {
-            status(&archive, &pull, &pgdata)
-                .filter(|s| s["prefault"]["blocks_warmed"].as_u64() > Some(0))
+            status(&archive, &pull, &pgdata).filter(|s| {
+                s["prefault"]["blocks_warmed"].as_u64() > Some(0)
+                    && s["prefault"]["pg_recovery_prefetch_source"].as_str() == Some("server")
+            })
         },
         || {
             format!(
@@ -364,10 +366,16 @@ fn replica_recovery_uses_the_spool_and_prefaults_then_lets_go_of_pgdata() {
     );
     assert_eq!(s["postgres_running"].as_bool(), Some(true), "{s:#}");
     assert_eq!(s["prefault"]["decode_errors"].as_u64(), Some(0), "{s:#}");
-    // PostgreSQL 15's default, read over the daemon's SQL connection, and called out.
+    // PostgreSQL 15's default, read over the daemon's SQL connection, and called out. With
+    // full_page_writes off no block is warmed for PostgreSQL's prefetch (no images).
     assert_eq!(
         s["prefault"]["pg_recovery_prefetch"].as_str(),
         Some("try"),
+        "{s:#}"
+    );
+    assert_eq!(
+        s["prefault"]["warmed_for_pg_prefetch"].as_u64(),
+        Some(0),
         "{s:#}"
     );
     let log = fs::read_to_string(spool.join("daemon.log")).unwrap_or_default();
@@ -391,6 +399,83 @@ fn replica_recovery_uses_the_spool_and_prefaults_then_lets_go_of_pgdata() {
         || open_under_pgdata().is_empty(),
         || format!("still open: {:?}", open_under_pgdata()),
     );
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+}
+
+/// With hot_standby off the daemon can never connect during recovery: PostgreSQL's
+/// `recovery_prefetch` comes from its configuration files. With it on and full-page writes
+/// on, the blocks PostgreSQL's prefetcher would read just before replay overwrites them
+/// from an image (a PRUNE with an image, then a HOT update of the same page) are warmed
+/// by walvault first.
+#[test]
+fn settings_come_from_the_files_and_blocks_postgresql_would_read_are_warmed_first() {
+    use crate::pg_archive::{archiving_primary, make_archive_standby, CLUSTER};
+    use walvault_tests::PgCluster;
+
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let dir = TestDir::new("prefetch-pgconf");
+    let spool = dir.join("spool");
+    let pull = pull_config_with_spool(&archive, CLUSTER, &spool, &[]);
+    let primary = archiving_primary(&archive, &push, &["checkpoint_timeout = 1h"]);
+    primary.pgbench_init(2);
+    // Dead tuples on many pages: after the checkpoint, updates prune a page (its image in
+    // the PRUNE record) and then update it in place.
+    primary.pgbench(&["-n", "-t", "500", "-c", "2"]);
+    primary.psql("CHECKPOINT");
+    let mut replica = PgCluster::from_basebackup(&primary, "replica", &["-X", "none"]);
+    for _ in 0..2 {
+        primary.pgbench(&["-n", "-t", "500", "-c", "2"]);
+        primary.switch_wal();
+    }
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+
+    make_archive_standby(&replica, &archive, &pull, None);
+    replica.append_conf(&[
+        "hot_standby = off",
+        "recovery_prefetch = on",
+        "recovery_min_apply_delay = '3s'",
+    ]);
+    replica.start_nowait();
+    let pgdata = fs::canonicalize(replica.data_dir()).unwrap();
+    let s = wait_for(
+        "blocks warmed for PostgreSQL's own prefetch",
+        Duration::from_secs(60),
+        || {
+            status(&archive, &pull, &pgdata)
+                .filter(|s| s["prefault"]["warmed_for_pg_prefetch"].as_u64() > Some(0))
+        },
+        || {
+            format!(
+                "{:?}\n{}\n{}",
+                status(&archive, &pull, &pgdata),
+                fs::read_to_string(spool.join("daemon.log")).unwrap_or_default(),
+                replica.diag()
+            )
+        },
+    );
+    assert_eq!(
+        s["prefault"]["pg_recovery_prefetch"].as_str(),
+        Some("on"),
+        "{s:#}"
+    );
+    assert_eq!(
+        s["prefault"]["pg_recovery_prefetch_source"].as_str(),
+        Some("files"),
+        "{s:#}"
+    );
+    assert!(
+        s["prefault"]["warmed_for_pg_prefetch"].as_u64() <= s["prefault"]["blocks_warmed"].as_u64()
+            && s["prefault"]["io_requests"].as_u64() <= s["prefault"]["blocks_warmed"].as_u64()
+            && s["prefault"]["io_requests"].as_u64() > Some(0),
+        "{s:#}"
+    );
+    let log = fs::read_to_string(spool.join("daemon.log")).unwrap_or_default();
+    assert!(log.contains("set recovery_prefetch = off"), "{log}");
+    let pid = daemon_pid(&spool);
+    replica.stop();
     // SAFETY: signalling a process we started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
 }

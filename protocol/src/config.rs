@@ -27,6 +27,7 @@
 //! prefault_method = "fadvise"    # fadvise (posix_fadvise WILLNEED) or pread
 //! prefault_ahead_bytes = 67108864 # how far past the replay position to warm, in WAL bytes
 //! prefault_concurrency = 16      # blocks warmed at once
+//! prefault_merge_bytes = 32768   # blocks of one file this close are read with one request
 //! ```
 //!
 //! Which file: `--config FILE`, else `$WALVAULT_CONFIG`, else `/etc/walvault/<binary>.toml`.
@@ -92,6 +93,9 @@ pub struct PrefetchConfig {
     pub prefault_ahead_bytes: u64,
     /// Blocks warmed at once.
     pub prefault_concurrency: usize,
+    /// Blocks of one file whose gap is at most this many bytes are warmed with one request
+    /// that covers the gap (0: only adjacent blocks share a request).
+    pub prefault_merge_bytes: u64,
 }
 
 /// How a block is brought into the page cache.
@@ -116,6 +120,7 @@ impl Default for PrefetchConfig {
             prefault_method: PrefaultMethod::Fadvise,
             prefault_ahead_bytes: 64 << 20,
             prefault_concurrency: 16,
+            prefault_merge_bytes: 32 << 10,
         }
     }
 }

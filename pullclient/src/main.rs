@@ -12,6 +12,7 @@
 //! Nothing else above 125 is ever returned: PostgreSQL treats such codes as fatal.
 
 mod get;
+mod pgconf;
 mod pgcontrol;
 mod prefault;
 mod prefetch;

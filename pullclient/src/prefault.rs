@@ -11,6 +11,20 @@
 //!   initialized it or extended its file (a bounded memory of recent blocks: replay has
 //!   such a block in memory when it gets to the later record).
 //!
+//! One exception: when PostgreSQL's own `recovery_prefetch` is on, its prefetcher looks
+//! `4 x maintenance_io_concurrency` block references ahead of replay and calls
+//! `posix_fadvise` for every block not yet in shared buffers, including blocks whose image
+//! is in a record it has decoded but replay has not applied yet. Each such call on a cold
+//! block submits a read from the single startup process. Those blocks (a later reference
+//! within that distance of the image or initialization, main fork only) are warmed too, so
+//! PostgreSQL's call finds them in the page cache; `warmed_for_pg_prefetch` counts them.
+//! The setting comes from the configuration files (see `pgconf`) and, once a connection
+//! works, from `SHOW`.
+//!
+//! Blocks of one file closer than `prefault_merge_bytes` are warmed with one request
+//! covering the gap (at most [`MAX_REQUEST_BYTES`]): a request costs a system call and an
+//! I/O submission whatever its size, a few extra blocks of sequential read cost less.
+//!
 //! # Block to file
 //!
 //! ```text
@@ -28,7 +42,7 @@
 //! (`postmaster.pid` names a live process); the moment it stops they are all closed, so
 //! the daemon never blocks an unmount or holds deleted relation files.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -41,6 +55,7 @@ use walvault_protocol::config::{PrefaultMethod, PrefetchConfig};
 use walvault_protocol::wal::{Lsn, SegmentName};
 use walvault_protocol::waldecode::{self, ForkNumber};
 
+use crate::pgconf;
 use crate::pgcontrol::ControlFacts;
 
 /// Files kept open at once.
@@ -52,6 +67,13 @@ const CONNECT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_milli
 const CONNECT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 /// Blocks handled per batch (a step runs batches up to the horizon).
 const BLOCKS_PER_STEP: usize = 8192;
+/// Largest single warming request after merging neighbouring blocks.
+pub(crate) const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// PostgreSQL's `XLOGPREFETCHER_DISTANCE_MULTIPLIER`: its prefetcher looks this many times
+/// `maintenance_io_concurrency` block references ahead of replay.
+const PG_DISTANCE_MULTIPLIER: u64 = 4;
+/// `maintenance_io_concurrency`'s default.
+const PG_DEFAULT_IO_CONCURRENCY: u64 = 10;
 
 /// One block a record references, reduced to what prefaulting needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +105,11 @@ pub(crate) struct PrefaultCounters {
     pub(crate) decode_errors: u64,
     /// Blocks warmed.
     pub(crate) blocks_warmed: u64,
+    /// Of those, blocks replay writes unread that were warmed only because PostgreSQL's
+    /// own prefetch would otherwise read them (see the module header).
+    pub(crate) warmed_for_pg_prefetch: u64,
+    /// Read requests issued for the warmed blocks (neighbours merged).
+    pub(crate) io_requests: u64,
     /// Skipped: full-page image in the record.
     pub(crate) skipped_fpw: u64,
     /// Skipped: WILL_INIT.
@@ -98,8 +125,11 @@ pub(crate) struct PrefaultCounters {
     pub(crate) open_files: u64,
     /// WAL position up to which blocks have been considered.
     pub(crate) warmed_up_to: Option<String>,
-    /// PostgreSQL's `recovery_prefetch`, once a connection told it.
+    /// PostgreSQL's `recovery_prefetch` as far as the daemon knows it.
     pub(crate) pg_recovery_prefetch: Option<String>,
+    /// Where that came from: `server` (SHOW), `files` (configuration files and command
+    /// line) or `default` (set nowhere the daemon can read: PostgreSQL's default).
+    pub(crate) pg_recovery_prefetch_source: Option<String>,
 }
 
 /// What the daemon knows of PostgreSQL.
@@ -113,11 +143,63 @@ pub(crate) struct PgState {
 
 type BlockKey = (u32, u32, u32, ForkNumber, u32);
 
+/// Why a block is remembered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mark {
+    /// Warmed by the prefaulter.
+    Warmed,
+    /// Imaged or initialized by the record of this block-reference ordinal: replay writes
+    /// it without reading it.
+    Written(u64),
+    /// Past the end of its file: replay extends the file with it.
+    Extended,
+}
+
+/// What the daemon knows of PostgreSQL's own recovery prefetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PgPrefetch {
+    /// It runs (`recovery_prefetch` not off, `maintenance_io_concurrency` > 0).
+    on: bool,
+    /// How many block references it looks ahead of replay.
+    lookahead_refs: u64,
+}
+
+impl PgPrefetch {
+    /// From the two settings (None: PostgreSQL's default).
+    fn from_settings(recovery_prefetch: Option<&str>, io_concurrency: Option<&str>) -> PgPrefetch {
+        let off = recovery_prefetch.is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "off" | "false" | "no" | "0" | "of" | "f" | "n"
+            )
+        });
+        let mic = io_concurrency
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(PG_DEFAULT_IO_CONCURRENCY);
+        PgPrefetch {
+            on: !off && mic > 0,
+            lookahead_refs: mic * PG_DISTANCE_MULTIPLIER,
+        }
+    }
+}
+
+struct OpenFile {
+    file: Arc<File>,
+    /// Length when last looked at (files only grow while replay runs; a block past it
+    /// is looked at again before it is called past the end).
+    len: u64,
+}
+
 struct Inner {
-    files: HashMap<PathBuf, Arc<File>>,
+    files: HashMap<PathBuf, OpenFile>,
     file_order: VecDeque<PathBuf>,
-    recent: HashSet<BlockKey>,
+    recent: HashMap<BlockKey, Mark>,
     recent_order: VecDeque<BlockKey>,
+    /// Ordinal of the last block reference handled.
+    ref_seq: u64,
+    pg_prefetch: PgPrefetch,
+    /// The setting came from the server (SHOW): files are not read again.
+    pg_prefetch_from_server: bool,
     decoded: BTreeMap<SegmentName, Vec<WarmTarget>>,
     /// Targets of the current window not yet handled, and the LSN the window reached.
     done_up_to: Lsn,
@@ -143,13 +225,41 @@ fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Records PostgreSQL's recovery prefetch settings; warns the first time it is seen on.
+fn learn_pg_prefetch(
+    inner: &mut Inner,
+    recovery_prefetch: &str,
+    io_concurrency: Option<&str>,
+    source: &str,
+) {
+    let was = inner.counters.pg_recovery_prefetch.clone();
+    inner.pg_prefetch = PgPrefetch::from_settings(Some(recovery_prefetch), io_concurrency);
+    inner.counters.pg_recovery_prefetch = Some(recovery_prefetch.to_string());
+    inner.counters.pg_recovery_prefetch_source = Some(source.to_string());
+    let seen_on_before = was.is_some_and(|w| PgPrefetch::from_settings(Some(&w), None).on);
+    if inner.pg_prefetch.on && !seen_on_before {
+        tracing::warn!(
+            recovery_prefetch = %recovery_prefetch,
+            source,
+            "PostgreSQL's own recovery prefetch is on beside walvault's prefaulter: during \
+             archive recovery it only adds work (with full_page_writes on it also reads pages \
+             replay overwrites, which walvault then warms first); set recovery_prefetch = off"
+        );
+    }
+}
+
 impl Inner {
     fn new() -> Inner {
         Inner {
             files: HashMap::new(),
             file_order: VecDeque::new(),
-            recent: HashSet::new(),
+            recent: HashMap::new(),
             recent_order: VecDeque::new(),
+            ref_seq: 0,
+            // Read from the settings when PostgreSQL is first seen running (nothing is
+            // warmed before that).
+            pg_prefetch: PgPrefetch::from_settings(Some("off"), None),
+            pg_prefetch_from_server: false,
             decoded: BTreeMap::new(),
             done_up_to: Lsn(0),
             control: None,
@@ -224,6 +334,25 @@ impl Prefaulter {
                     .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "cannot read pg_control; prefaulting waits"))
                     .ok();
             }
+            if !inner.pg_prefetch_from_server {
+                let s = pgconf::read_settings(
+                    &self.pgdata,
+                    &["recovery_prefetch", "maintenance_io_concurrency"],
+                );
+                let source = if s.contains_key("recovery_prefetch") {
+                    "files"
+                } else {
+                    "default"
+                };
+                learn_pg_prefetch(
+                    &mut inner,
+                    s.get("recovery_prefetch")
+                        .map(String::as_str)
+                        .unwrap_or("try"),
+                    s.get("maintenance_io_concurrency").map(String::as_str),
+                    source,
+                );
+            }
         }
         let replay_lsn = match pid_file {
             Some(p) => self.replay_lsn(&p).await,
@@ -277,18 +406,22 @@ impl Prefaulter {
                 client
             }
         };
-        if lock(&self.inner).counters.pg_recovery_prefetch.is_none() {
-            if let Ok(row) = client.query_one("SHOW recovery_prefetch", &[]).await {
-                let setting: String = row.get(0);
-                if setting != "off" {
-                    tracing::warn!(
-                        recovery_prefetch = %setting,
-                        "PostgreSQL's own recovery prefetch is on beside walvault's prefaulter: \
-                         during archive recovery it only adds work (and with full_page_writes on, \
-                         reads of pages replay overwrites); set recovery_prefetch = off"
-                    );
+        if !lock(&self.inner).pg_prefetch_from_server {
+            let setting = |name: &'static str| {
+                let client = &client;
+                async move {
+                    client
+                        .query_one(&format!("SHOW {name}"), &[])
+                        .await
+                        .ok()
+                        .map(|row| row.get::<_, String>(0))
                 }
-                lock(&self.inner).counters.pg_recovery_prefetch = Some(setting);
+            };
+            if let Some(rp) = setting("recovery_prefetch").await {
+                let mic = setting("maintenance_io_concurrency").await;
+                let mut inner = lock(&self.inner);
+                inner.pg_prefetch_from_server = true;
+                learn_pg_prefetch(&mut inner, &rp, mic.as_deref(), "server");
             }
         }
         let lsn = match client
@@ -465,29 +598,44 @@ fn warm(
     targets: &[WarmTarget],
 ) {
     // Filter under the lock (skips, recent memory), then do the I/O without it.
-    let mut jobs: Vec<(Arc<File>, u64, u32)> = Vec::new();
+    let mut jobs: Vec<Job> = Vec::new();
     {
         let mut guard = lock(inner);
         let Some(control) = guard.control.clone() else {
             return;
         };
+        let bs = control.block_size as u64;
         for t in targets {
+            guard.ref_seq += 1;
+            let seq = guard.ref_seq;
             let key = (t.spc, t.db, t.rel, t.fork, t.block);
             // A block replay overwrites or initializes unread is in memory for the
             // records after it: remembered, so their references are not read either.
-            if t.fpw {
-                guard.counters.skipped_fpw += 1;
-                remember(&mut guard, key);
+            if t.fpw || t.will_init {
+                if t.fpw {
+                    guard.counters.skipped_fpw += 1;
+                } else {
+                    guard.counters.skipped_will_init += 1;
+                }
+                remember(&mut guard, key, Mark::Written(seq));
                 continue;
             }
-            if t.will_init {
-                guard.counters.skipped_will_init += 1;
-                remember(&mut guard, key);
-                continue;
-            }
-            if guard.recent.contains(&key) {
-                guard.counters.skipped_recent += 1;
-                continue;
+            let mut for_pg = false;
+            match guard.recent.get(&key).copied() {
+                // ... unless PostgreSQL's prefetcher will see this reference before replay
+                // applies the earlier record, and read the block itself.
+                Some(Mark::Written(at))
+                    if guard.pg_prefetch.on
+                        && t.fork == ForkNumber::Main
+                        && seq - at <= guard.pg_prefetch.lookahead_refs =>
+                {
+                    for_pg = true;
+                }
+                Some(_) => {
+                    guard.counters.skipped_recent += 1;
+                    continue;
+                }
+                None => {}
             }
             if !running.load(Ordering::SeqCst) {
                 return;
@@ -496,61 +644,100 @@ fn warm(
                 guard.counters.skipped_no_file += 1;
                 continue;
             };
-            let file = match open_cached(&mut guard, &path) {
-                Some(f) => f,
-                None => {
-                    guard.counters.skipped_no_file += 1;
-                    continue;
-                }
+            let offset = (t.block % control.relseg_blocks) as u64 * bs;
+            let Some(file) = open_cached(&mut guard, &path, offset + bs) else {
+                guard.counters.skipped_no_file += 1;
+                continue;
             };
-            let offset = (t.block % control.relseg_blocks) as u64 * control.block_size as u64;
-            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            if offset + control.block_size as u64 > len {
+            if file.len < offset + bs {
                 // Replay extends the file with this block: later records find it in memory.
                 guard.counters.skipped_past_eof += 1;
-                remember(&mut guard, key);
+                remember(&mut guard, key, Mark::Extended);
                 continue;
             }
-            remember(&mut guard, key);
-            jobs.push((file, offset, control.block_size));
+            remember(&mut guard, key, Mark::Warmed);
+            if for_pg {
+                guard.counters.warmed_for_pg_prefetch += 1;
+            }
+            jobs.push(Job {
+                file: file.file,
+                offset,
+                len: bs,
+            });
         }
     }
     if jobs.is_empty() {
         return;
     }
-    let threads = cfg.prefault_concurrency.max(1).min(jobs.len());
-    let per = jobs.len().div_ceil(threads);
+    let blocks = jobs.len() as u64;
+    let requests = merge_jobs(jobs, cfg.prefault_merge_bytes);
+    let n_requests = requests.len() as u64;
+    let threads = cfg.prefault_concurrency.max(1).min(requests.len());
     let method = cfg.prefault_method;
     std::thread::scope(|scope| {
-        for part in jobs.chunks(per) {
-            scope.spawn(move || {
-                let mut buf = vec![0u8; part.first().map(|j| j.2 as usize).unwrap_or(8192)];
-                for (file, offset, size) in part {
-                    match method {
-                        PrefaultMethod::Fadvise => {
-                            // SAFETY: fadvise on a descriptor we hold open.
-                            unsafe {
-                                libc::posix_fadvise(
-                                    file.as_raw_fd(),
-                                    *offset as i64,
-                                    *size as i64,
-                                    libc::POSIX_FADV_WILLNEED,
-                                );
-                            }
-                        }
-                        PrefaultMethod::Pread => {
-                            let _ = file.read_at(&mut buf, *offset);
-                        }
-                    }
-                }
-            });
+        for part in requests.chunks(requests.len().div_ceil(threads)) {
+            scope.spawn(move || read_ahead(method, part));
         }
     });
-    lock(inner).counters.blocks_warmed += jobs.len() as u64;
+    let mut guard = lock(inner);
+    guard.counters.blocks_warmed += blocks;
+    guard.counters.io_requests += n_requests;
 }
 
-fn remember(inner: &mut Inner, key: BlockKey) {
-    if inner.recent.insert(key) {
+/// One read request: a byte range of an open file.
+struct Job {
+    file: Arc<File>,
+    offset: u64,
+    len: u64,
+}
+
+/// Brings the requests' byte ranges into the page cache.
+fn read_ahead(method: PrefaultMethod, jobs: &[Job]) {
+    let mut buf = Vec::new();
+    for job in jobs {
+        match method {
+            PrefaultMethod::Fadvise => {
+                // SAFETY: fadvise on a descriptor we hold open.
+                unsafe {
+                    libc::posix_fadvise(
+                        job.file.as_raw_fd(),
+                        job.offset as i64,
+                        job.len as i64,
+                        libc::POSIX_FADV_WILLNEED,
+                    );
+                }
+            }
+            PrefaultMethod::Pread => {
+                buf.resize(job.len as usize, 0);
+                let _ = job.file.read_at(&mut buf, job.offset);
+            }
+        }
+    }
+}
+
+/// Sorts requests by file and offset and merges those of one file whose gap is at most
+/// `gap` bytes, up to [`MAX_REQUEST_BYTES`] per request.
+fn merge_jobs(mut jobs: Vec<Job>, gap: u64) -> Vec<Job> {
+    jobs.sort_by_key(|j| (Arc::as_ptr(&j.file) as usize, j.offset));
+    let mut out: Vec<Job> = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        if let Some(last) = out.last_mut() {
+            let end = last.offset + last.len;
+            if Arc::ptr_eq(&last.file, &j.file)
+                && j.offset <= end + gap
+                && (j.offset + j.len).max(end) - last.offset <= MAX_REQUEST_BYTES
+            {
+                last.len = (j.offset + j.len).max(end) - last.offset;
+                continue;
+            }
+        }
+        out.push(j);
+    }
+    out
+}
+
+fn remember(inner: &mut Inner, key: BlockKey, mark: Mark) {
+    if inner.recent.insert(key, mark).is_none() {
         inner.recent_order.push_back(key);
         if inner.recent_order.len() > RECENT_BLOCKS {
             if let Some(old) = inner.recent_order.pop_front() {
@@ -560,19 +747,34 @@ fn remember(inner: &mut Inner, key: BlockKey) {
     }
 }
 
-fn open_cached(inner: &mut Inner, path: &Path) -> Option<Arc<File>> {
-    if let Some(f) = inner.files.get(path) {
-        return Some(f.clone());
+/// The open file at `path` and its length, looked at again when `need` bytes are more
+/// than the length last seen.
+fn open_cached(inner: &mut Inner, path: &Path, need: u64) -> Option<OpenFile> {
+    if let Some(f) = inner.files.get_mut(path) {
+        if f.len < need {
+            f.len = f.file.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+        return Some(OpenFile {
+            file: f.file.clone(),
+            len: f.len,
+        });
     }
-    let f = Arc::new(File::open(path).ok()?);
-    inner.files.insert(path.to_path_buf(), f.clone());
+    let file = Arc::new(File::open(path).ok()?);
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    inner.files.insert(
+        path.to_path_buf(),
+        OpenFile {
+            file: file.clone(),
+            len,
+        },
+    );
     inner.file_order.push_back(path.to_path_buf());
     if inner.file_order.len() > OPEN_FILES {
         if let Some(old) = inner.file_order.pop_front() {
             inner.files.remove(&old);
         }
     }
-    Some(f)
+    Some(OpenFile { file, len })
 }
 
 /// Path of the file holding a block (see the module header).
@@ -705,26 +907,9 @@ mod tests {
     /// the end of the file (replay extends it) and is remembered the same way.
     #[test]
     fn blocks_replay_writes_unread_are_not_read_later() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("base/5")).unwrap();
-        std::fs::write(dir.path().join("base/5/16384"), vec![0u8; 3 * 8192]).unwrap();
-        let mut inner = Inner::new();
-        inner.control = Some(ControlFacts {
-            block_size: 8192,
-            relseg_blocks: 131072,
-            catalog_version: 202209061,
-            major: 15,
-        });
-        let inner = Mutex::new(inner);
         let t = |lsn, block, fpw, will_init| WarmTarget {
-            lsn: Lsn(lsn),
-            spc: 1663,
-            db: 5,
-            rel: 16384,
-            fork: ForkNumber::Main,
-            block,
-            fpw,
             will_init,
+            ..target(lsn, block, fpw)
         };
         let targets = [
             t(1, 0, true, false),
@@ -736,20 +921,127 @@ mod tests {
             t(7, 9, false, false),
             t(8, 2, false, false),
         ];
-        let running = AtomicBool::new(true);
-        warm(
-            &inner,
-            &running,
-            dir.path(),
-            &PrefetchConfig::default(),
-            &targets,
-        );
-        let c = lock(&inner).counters.clone();
+        let (_dir, c) = warm_counters("off", 3, &PrefetchConfig::default(), &targets);
         assert_eq!(c.blocks_warmed, 1, "{c:?}");
         assert_eq!(c.skipped_fpw, 1, "{c:?}");
         assert_eq!(c.skipped_will_init, 1, "{c:?}");
         assert_eq!(c.skipped_past_eof, 1, "{c:?}");
         assert_eq!(c.skipped_recent, 4, "{c:?}");
+    }
+
+    /// A data directory with one relation file of `blocks` blocks, and PostgreSQL's
+    /// recovery_prefetch as given (maintenance_io_concurrency 1: 4 references ahead).
+    fn test_inner(pg_prefetch: &str, blocks: usize) -> (tempfile::TempDir, Mutex<Inner>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("base/5")).unwrap();
+        std::fs::write(dir.path().join("base/5/16384"), vec![0u8; blocks * 8192]).unwrap();
+        let mut inner = Inner::new();
+        inner.control = Some(ControlFacts {
+            block_size: 8192,
+            relseg_blocks: 131072,
+            catalog_version: 202209061,
+            major: 15,
+        });
+        learn_pg_prefetch(&mut inner, pg_prefetch, Some("1"), "files");
+        (dir, Mutex::new(inner))
+    }
+
+    /// Counters after warming `targets` in a fresh [`test_inner`].
+    fn warm_counters(
+        pg_prefetch: &str,
+        blocks: usize,
+        cfg: &PrefetchConfig,
+        targets: &[WarmTarget],
+    ) -> (tempfile::TempDir, PrefaultCounters) {
+        let (dir, inner) = test_inner(pg_prefetch, blocks);
+        warm(&inner, &AtomicBool::new(true), dir.path(), cfg, targets);
+        let c = lock(&inner).counters.clone();
+        (dir, c)
+    }
+
+    fn target(lsn: u64, block: u32, fpw: bool) -> WarmTarget {
+        WarmTarget {
+            lsn: Lsn(lsn),
+            spc: 1663,
+            db: 5,
+            rel: 16384,
+            fork: ForkNumber::Main,
+            block,
+            fpw,
+            will_init: false,
+        }
+    }
+
+    /// With PostgreSQL's prefetch on (maintenance_io_concurrency 1: 4 references ahead),
+    /// a later reference to an imaged block is warmed when it lies within that distance of
+    /// the image (PostgreSQL would read the block itself), not when it lies further.
+    #[test]
+    fn blocks_postgres_prefetch_would_read_are_warmed_first() {
+        let targets = [
+            target(1, 0, true),
+            target(2, 1, true),
+            target(3, 0, false), // 2 references after block 0's image: PostgreSQL reads it
+            target(4, 7, false),
+            target(5, 8, false),
+            target(6, 9, false),
+            target(7, 1, false), // 5 after block 1's image: in shared buffers by then
+            target(8, 0, false), // warmed already
+        ];
+        let cfg = PrefetchConfig {
+            prefault_merge_bytes: 0,
+            ..PrefetchConfig::default()
+        };
+        let (_dir, c) = warm_counters("try", 64, &cfg, &targets);
+        assert_eq!(c.blocks_warmed, 4, "{c:?}");
+        assert_eq!(c.warmed_for_pg_prefetch, 1, "{c:?}");
+        assert_eq!(c.skipped_recent, 2, "{c:?}");
+        assert_eq!(c.io_requests, 2, "{c:?}"); // 7, 8 and 9 are adjacent
+                                               // The same WAL with PostgreSQL's prefetch off: only never-touched blocks.
+        let (_dir, c) = warm_counters("off", 64, &cfg, &targets);
+        assert_eq!(c.blocks_warmed, 3, "{c:?}");
+        assert_eq!(c.warmed_for_pg_prefetch, 0, "{c:?}");
+        assert_eq!(c.skipped_recent, 3, "{c:?}");
+    }
+
+    /// Blocks 7, 8 and 9 (adjacent) and 12 (gap of two blocks) become one request with a
+    /// 32 KiB merge distance; 40 is too far. Requests never exceed MAX_REQUEST_BYTES.
+    #[test]
+    fn neighbouring_blocks_are_read_with_one_request() {
+        let targets = [
+            target(1, 9, false),
+            target(2, 7, false),
+            target(3, 12, false),
+            target(4, 8, false),
+            target(5, 40, false),
+        ];
+        let (dir, c) = warm_counters("off", 64, &PrefetchConfig::default(), &targets);
+        assert_eq!((c.blocks_warmed, c.io_requests), (5, 2), "{c:?}");
+
+        let f = Arc::new(File::open(dir.path().join("base/5/16384")).unwrap());
+        let jobs = (0..300u64)
+            .map(|b| Job {
+                file: f.clone(),
+                offset: b * 8192,
+                len: 8192,
+            })
+            .collect();
+        let merged = merge_jobs(jobs, 32 << 10);
+        assert!(merged.iter().all(|j| j.len <= MAX_REQUEST_BYTES));
+        assert_eq!(merged.iter().map(|j| j.len).sum::<u64>(), 300 * 8192);
+        assert_eq!(merged.len(), 3);
+    }
+
+    #[test]
+    fn postgres_prefetch_settings() {
+        let p = |rp: Option<&str>, mic: Option<&str>| PgPrefetch::from_settings(rp, mic);
+        assert!(p(None, None).on);
+        assert_eq!(p(None, None).lookahead_refs, 40);
+        assert!(p(Some("try"), Some("20")).on);
+        assert_eq!(p(Some("on"), Some("20")).lookahead_refs, 80);
+        assert!(!p(Some("off"), None).on);
+        assert!(!p(Some("OFF"), None).on);
+        assert!(!p(Some("false"), None).on);
+        assert!(!p(Some("try"), Some("0")).on);
     }
 
     #[test]

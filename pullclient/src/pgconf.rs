@@ -1,0 +1,245 @@
+//! Reads a few PostgreSQL settings from the files PostgreSQL reads them from, so the
+//! prefetch daemon knows them before it can connect (archive recovery accepts no
+//! connections until it is consistent, and never with `hot_standby = off`).
+//!
+//! Sources, later ones winning, as PostgreSQL applies them:
+//!
+//! ```text
+//! <config_file>            PGDATA/postgresql.conf unless postmaster.opts names another
+//!   include 'f'            relative to the including file's directory
+//!   include_if_exists 'f'  the same, silently skipped when missing
+//!   include_dir 'd'        every *.conf in d (not starting with '.'), in name order
+//! PGDATA/postgresql.auto.conf   ALTER SYSTEM (and pullclient restore) write here
+//! postmaster.opts          the running postmaster's command line: -c name=value, --name=value
+//! ```
+//!
+//! A line is `name = value` or `name value`, `#` starts a comment, a value may be
+//! single-quoted with `''` or `\'` for a quote. Names are case-insensitive. What cannot
+//! be read is skipped: the caller falls back to PostgreSQL's default and the daemon
+//! still asks the server with `SHOW` once a connection works.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Include depth PostgreSQL allows (`CONF_FILE_MAX_DEPTH`).
+const MAX_DEPTH: usize = 10;
+
+/// The settings named in `wanted` (lower case) as the configuration files and the
+/// postmaster's command line set them; absent names are not set anywhere readable.
+pub(crate) fn read_settings(pgdata: &Path, wanted: &[&str]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let opts = std::fs::read_to_string(pgdata.join("postmaster.opts"))
+        .map(|s| command_line_settings(&s))
+        .unwrap_or_default();
+    let config_file = opts
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "config_file")
+        .map(|(_, v)| PathBuf::from(v))
+        .unwrap_or_else(|| pgdata.join("postgresql.conf"));
+    let mut all = Vec::new();
+    read_file(&config_file, 0, &mut all);
+    read_file(&pgdata.join("postgresql.auto.conf"), 0, &mut all);
+    all.extend(opts);
+    for (k, v) in all {
+        if wanted.contains(&k.as_str()) {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+fn read_file(path: &Path, depth: usize, out: &mut Vec<(String, String)>) {
+    if depth > MAX_DEPTH {
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for line in text.lines() {
+        let Some((name, value)) = parse_line(line) else {
+            continue;
+        };
+        match name.as_str() {
+            "include" | "include_if_exists" => read_file(&dir.join(&value), depth + 1, out),
+            "include_dir" => {
+                let d = dir.join(&value);
+                let mut files: Vec<PathBuf> = std::fs::read_dir(&d)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        let n = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                        n.is_some_and(|n| !n.starts_with('.') && n.ends_with(".conf"))
+                    })
+                    .collect();
+                files.sort();
+                for f in files {
+                    read_file(&f, depth + 1, out);
+                }
+            }
+            _ => out.push((name, value)),
+        }
+    }
+}
+
+/// `name = value` / `name value`, comments and quotes removed; None for blank lines,
+/// comments and lines that do not parse.
+fn parse_line(line: &str) -> Option<(String, String)> {
+    let line = line.trim_start();
+    let name_end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .unwrap_or(line.len());
+    if name_end == 0 {
+        return None;
+    }
+    let name = line[..name_end].to_ascii_lowercase();
+    let mut rest = line[name_end..].trim_start();
+    if let Some(r) = rest.strip_prefix('=') {
+        rest = r.trim_start();
+    }
+    let value = if let Some(quoted) = rest.strip_prefix('\'') {
+        let mut v = String::new();
+        let mut chars = quoted.chars().peekable();
+        loop {
+            match chars.next()? {
+                '\'' if chars.peek() == Some(&'\'') => {
+                    chars.next();
+                    v.push('\'');
+                }
+                '\'' => break,
+                '\\' => v.push(chars.next()?),
+                c => v.push(c),
+            }
+        }
+        v
+    } else {
+        let end = rest
+            .find(|c: char| c.is_whitespace() || c == '#')
+            .unwrap_or(rest.len());
+        if end == 0 {
+            return None;
+        }
+        rest[..end].to_string()
+    };
+    Some((name, value))
+}
+
+/// `-c name=value` and `--name=value` pairs of postmaster.opts (arguments in double
+/// quotes, as the postmaster writes them).
+fn command_line_settings(opts: &str) -> Vec<(String, String)> {
+    let args: Vec<String> = opts
+        .split('"')
+        .enumerate()
+        .flat_map(|(i, part)| {
+            if i % 2 == 1 {
+                vec![part.to_string()]
+            } else {
+                part.split_whitespace().map(str::to_string).collect()
+            }
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let pair = if args[i] == "-c" {
+            i += 1;
+            args.get(i).map(String::as_str)
+        } else {
+            args[i].strip_prefix("--")
+        };
+        if let Some((k, v)) = pair.and_then(|p| p.split_once('=')) {
+            out.push((k.replace('-', "_").to_ascii_lowercase(), v.to_string()));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines() {
+        let p = |l: &str| parse_line(l);
+        assert_eq!(
+            p("recovery_prefetch = off"),
+            Some(("recovery_prefetch".into(), "off".into()))
+        );
+        assert_eq!(
+            p("  Recovery_Prefetch 'on'  # x"),
+            Some(("recovery_prefetch".into(), "on".into()))
+        );
+        assert_eq!(
+            p("restore_command = 'a ''b'' \\'c'"),
+            Some(("restore_command".into(), "a 'b' 'c".into()))
+        );
+        assert_eq!(p("#recovery_prefetch = off"), None);
+        assert_eq!(p("   "), None);
+        assert_eq!(p("name = 'unterminated"), None);
+        assert_eq!(p("x=1#c"), Some(("x".into(), "1".into())));
+    }
+
+    #[test]
+    fn files_includes_auto_conf_and_command_line_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("conf.d")).unwrap();
+        std::fs::write(
+            d.join("postgresql.conf"),
+            "recovery_prefetch = on\nmaintenance_io_concurrency = 20\n\
+             include 'extra.conf'\ninclude_if_exists 'missing.conf'\ninclude_dir 'conf.d'\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("extra.conf"), "maintenance_io_concurrency = 30\n").unwrap();
+        std::fs::write(d.join("conf.d/b.conf"), "recovery_prefetch = try\n").unwrap();
+        std::fs::write(d.join("conf.d/a.conf"), "recovery_prefetch = off\n").unwrap();
+        std::fs::write(d.join("conf.d/.hidden.conf"), "recovery_prefetch = x\n").unwrap();
+        let want = ["recovery_prefetch", "maintenance_io_concurrency"];
+        let s = read_settings(d, &want);
+        assert_eq!(s["recovery_prefetch"], "try");
+        assert_eq!(s["maintenance_io_concurrency"], "30");
+        std::fs::write(
+            d.join("postgresql.auto.conf"),
+            "recovery_prefetch = 'off'\n",
+        )
+        .unwrap();
+        assert_eq!(read_settings(d, &want)["recovery_prefetch"], "off");
+        std::fs::write(
+            d.join("postmaster.opts"),
+            "/usr/lib/postgresql/15/bin/postgres \"-D\" \"/x\" \"-c\" \"recovery_prefetch=on\" \"--maintenance-io-concurrency=5\"\n",
+        )
+        .unwrap();
+        let s = read_settings(d, &want);
+        assert_eq!(s["recovery_prefetch"], "on");
+        assert_eq!(s["maintenance_io_concurrency"], "5");
+    }
+
+    #[test]
+    fn config_file_named_on_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        std::fs::write(etc.join("postgresql.conf"), "recovery_prefetch = off\n").unwrap();
+        std::fs::write(
+            dir.path().join("postmaster.opts"),
+            format!(
+                "/usr/bin/postgres \"-D\" \"/d\" \"-c\" \"config_file={}\"\n",
+                etc.join("postgresql.conf").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("postgresql.conf"),
+            "recovery_prefetch = on\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_settings(dir.path(), &["recovery_prefetch"])["recovery_prefetch"],
+            "off"
+        );
+    }
+}
