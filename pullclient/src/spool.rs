@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! <spool>/daemon.lock          flock'ed by the one prefetch daemon serving this spool
-//! <spool>/daemon.sock          the daemon's control socket (one JSON line each way)
+//! <spool>/daemon.sock          the daemon's control socket: one JSON line in, one answer
+//!                              line out (archive-get sends its notes and does not wait)
 //! <spool>/daemon.log           log of a daemon started by archive-get
 //! <spool>/ready/<NAME>.b3      blake3 (hex) of NAME as the archive recorded it at push time
 //! <spool>/ready/<NAME>         the segment, written and fsynced before it got this name
@@ -149,25 +150,33 @@ impl Spool {
         Ok(answer)
     }
 
-    /// Tells the daemon PostgreSQL asked for `name`; starts a daemon if none answers.
+    /// Sends one request to the daemon without waiting for its answer: archive-get, which
+    /// PostgreSQL waits for, never waits on the daemon.
+    fn tell(&self, request: &ControlRequest) -> std::io::Result<()> {
+        let mut stream = UnixStream::connect(self.socket())?;
+        stream.set_write_timeout(Some(NOTIFY_TIMEOUT))?;
+        let mut line = serde_json::to_string(request).unwrap_or_default();
+        line.push('\n');
+        stream.write_all(line.as_bytes())
+    }
+
+    /// Tells the daemon PostgreSQL asked for `name`; starts a daemon if none listens.
     /// Never fails: prefetching is an optimization, never a reason to fail a restore.
     pub(crate) fn notify_or_start(&self, cfg: &ClientConfig, config_path: &Path, name: &str) {
         let _ = cfg;
-        match self.send(&ControlRequest::Requested {
+        let told = self.tell(&ControlRequest::Requested {
             name: name.to_string(),
-        }) {
-            Ok(_) => {}
-            Err(_) => {
-                if let Err(e) = self.start_daemon(config_path, name) {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot start the prefetch daemon");
-                }
+        });
+        if told.is_err() {
+            if let Err(e) = self.start_daemon(config_path, name) {
+                tracing::warn!(error = %format!("{e:#}"), "cannot start the prefetch daemon");
             }
         }
     }
 
     /// Reports a served segment (hit or miss) to the daemon's counters.
     pub(crate) fn record_served(&self, name: &str, from_spool: bool) {
-        let _ = self.send(&ControlRequest::Served {
+        let _ = self.tell(&ControlRequest::Served {
             name: name.to_string(),
             from_spool,
         });
@@ -242,14 +251,11 @@ impl Spool {
             let _ = std::fs::remove_file(&hash_path);
             anyhow::bail!("spooled {name} fails verification (blake3 {got}, archive says {expected}); deleted it");
         }
+        // No fsync of the destination's directory: PostgreSQL makes a restored file durable
+        // itself when it keeps it (file, new name and pg_wal), and one lost in a crash is
+        // asked for again (the archive still has it). cp, the floor, does not either.
         match std::fs::rename(&path, dest) {
-            Ok(()) => {
-                fsutil::fsync_dir(
-                    dest.parent()
-                        .filter(|p| !p.as_os_str().is_empty())
-                        .unwrap_or(Path::new(".")),
-                )?;
-            }
+            Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
                 let tmp = fsutil::temp_path_beside(dest);
                 let copied = (|| -> std::io::Result<()> {
@@ -284,8 +290,20 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    // Writable by us? (an existing directory of another user is not usable)
-    let probe = dir.join(format!(".probe.{}", std::process::id()));
-    std::fs::write(&probe, b"")?;
-    std::fs::remove_file(&probe)
+    // Ours and writable by us? (an existing directory of another user is not usable.)
+    // Looked at, not probed with a file: this runs on every archive-get.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)?;
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o700 != 0o700 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a directory owned by uid {uid} with rwx for its owner",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
 }
