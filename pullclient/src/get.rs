@@ -20,9 +20,6 @@ use walvault_protocol::wire::{ErrorCode, Request, Response, MAX_OBJECT_SIZE};
 
 use crate::spool::Spool;
 
-/// Longest wait for the daemon's download of the requested file, already under way.
-const AWAIT_DOWNLOAD: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Outcome of a fetch that did not fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Fetched {
@@ -67,25 +64,17 @@ pub(crate) async fn archive_get(
         _ => None,
     };
     if let Some(spool) = &spool {
-        let daemon_running = spool.notify_or_start(config_path, name);
-        let take = || match spool.take(name, dest) {
-            Ok(Some(outcome)) => Some(outcome),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(file = %name, error = %format!("{e:#}"), "spool copy unusable; fetching directly");
-                None
+        spool.notify_or_start(cfg, config_path, name);
+        match spool.take(name, dest) {
+            Ok(Some(outcome)) => {
+                spool.record_served(name, true);
+                tracing::info!(file = %name, "restored from the prefetch spool");
+                return Ok(outcome);
             }
-        };
-        let mut served = take();
-        // Not spooled yet but on its way (the daemon fetched ahead of an earlier request):
-        // its download is further along than a new one would be.
-        if served.is_none() && daemon_running && spool.wait_for_download(name, AWAIT_DOWNLOAD) {
-            served = take();
-        }
-        if let Some(outcome) = served {
-            spool.record_served(name, true);
-            tracing::info!(file = %name, "restored from the prefetch spool");
-            return Ok(outcome);
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(file = %name, error = %format!("{e:#}"), "spool copy unusable; fetching directly")
+            }
         }
     }
     let conn = ArchiveConnection::connect(cfg)

@@ -371,46 +371,6 @@ async fn fetch_loop(daemon: Arc<Daemon>) {
 }
 
 impl Daemon {
-    /// Whether `name` is spooled, waiting (at most `timeout`) while it is downloaded. A
-    /// segment the daemon is not fetching is fetched now, over the daemon's connection
-    /// (already open, unlike archive-get's), unless the archive is known to end before it.
-    async fn await_download(self: &Arc<Self>, name: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let spooled = || self.spool.hash_file(name).exists() && self.spool.segment(name).exists();
-        let seg = match name.parse::<WalFileName>() {
-            Ok(WalFileName::Segment(seg)) => seg,
-            _ => return false,
-        };
-        {
-            let mut st = lock_state(&self.state);
-            let past_end = st
-                .archive_end
-                .is_some_and(|(end, _, _)| seg >= end && seg.timeline == end.timeline);
-            if !st.inflight.contains(&seg) && !spooled() {
-                if past_end {
-                    return false;
-                }
-                st.inflight.insert(seg);
-                let d = self.clone();
-                tokio::spawn(async move {
-                    d.download(seg).await;
-                    lock_state(&d.state).inflight.remove(&seg);
-                    d.wake.notify_one();
-                });
-            }
-        }
-        loop {
-            if spooled() {
-                return true;
-            }
-            if !lock_state(&self.state).inflight.contains(&seg) || Instant::now() >= deadline {
-                // Finished between the two looks?
-                return spooled();
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
     async fn download(&self, seg: SegmentName) {
         let name = seg.to_string();
         let tmp_dest: PathBuf = self.spool.ready_dir().join(format!("{name}.fetching"));
@@ -499,12 +459,6 @@ async fn control_loop(daemon: Arc<Daemon>, listener: UnixListener) {
                         st.counters.spool_misses += 1;
                     }
                     "{\"ok\":true}".to_string()
-                }
-                Ok(ControlRequest::Await { name, timeout_ms }) => {
-                    let ready = daemon
-                        .await_download(&name, Duration::from_millis(timeout_ms))
-                        .await;
-                    serde_json::json!({ "ready": ready }).to_string()
                 }
                 Ok(ControlRequest::Status) => {
                     serde_json::to_string(&lock_state(&daemon.state).counters).unwrap_or_default()

@@ -56,14 +56,6 @@ pub(crate) enum ControlRequest {
         /// From the spool (a hit) or fetched directly (a miss).
         from_spool: bool,
     },
-    /// Answer once `name` is spooled, or at once when the daemon is not fetching it (or
-    /// after `timeout_ms`): `{"ready":true|false}`.
-    Await {
-        /// WAL file name.
-        name: String,
-        /// Longest wait, in milliseconds.
-        timeout_ms: u64,
-    },
     /// Report counters.
     Status,
 }
@@ -168,10 +160,10 @@ impl Spool {
         stream.write_all(line.as_bytes())
     }
 
-    /// Tells the daemon PostgreSQL asked for `name`; starts a daemon if none listens, and
-    /// returns whether one was listening. Never fails: prefetching is an optimization,
-    /// never a reason to fail a restore.
-    pub(crate) fn notify_or_start(&self, config_path: &Path, name: &str) -> bool {
+    /// Tells the daemon PostgreSQL asked for `name`; starts a daemon if none listens.
+    /// Never fails: prefetching is an optimization, never a reason to fail a restore.
+    pub(crate) fn notify_or_start(&self, cfg: &ClientConfig, config_path: &Path, name: &str) {
+        let _ = cfg;
         let told = self.tell(&ControlRequest::Requested {
             name: name.to_string(),
         });
@@ -180,32 +172,6 @@ impl Spool {
                 tracing::warn!(error = %format!("{e:#}"), "cannot start the prefetch daemon");
             }
         }
-        told.is_ok()
-    }
-
-    /// Whether the daemon has `name` in the spool now, waiting for a download of it already
-    /// under way (at most `timeout`); false at once when it is not fetching it.
-    pub(crate) fn wait_for_download(&self, name: &str, timeout: Duration) -> bool {
-        let request = ControlRequest::Await {
-            name: name.to_string(),
-            timeout_ms: timeout.as_millis() as u64,
-        };
-        let answer = (|| -> std::io::Result<String> {
-            let mut stream = UnixStream::connect(self.socket())?;
-            stream.set_read_timeout(Some(timeout + NOTIFY_TIMEOUT))?;
-            stream.set_write_timeout(Some(NOTIFY_TIMEOUT))?;
-            let mut line = serde_json::to_string(&request).unwrap_or_default();
-            line.push('\n');
-            stream.write_all(line.as_bytes())?;
-            let mut answer = String::new();
-            BufReader::new(stream).read_line(&mut answer)?;
-            Ok(answer)
-        })();
-        answer
-            .ok()
-            .and_then(|a| serde_json::from_str::<serde_json::Value>(&a).ok())
-            .and_then(|v| v["ready"].as_bool())
-            .unwrap_or(false)
     }
 
     /// Reports a served segment (hit or miss) to the daemon's counters.
