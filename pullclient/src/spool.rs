@@ -290,20 +290,14 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    // Ours and writable by us? (an existing directory of another user is not usable.)
-    // Looked at, not probed with a file: this runs on every archive-get.
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir)?;
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o700 != 0o700 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "{} is not a directory owned by uid {uid} with rwx for its owner",
-                dir.display()
-            ),
-        ));
+    // Writable by us? (an existing directory of another user is not usable.) Asked with
+    // access(2), not probed with a file: this runs on every archive-get.
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: access with a NUL-terminated path we own.
+    if unsafe { libc::access(c_path.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
