@@ -599,6 +599,7 @@ fn warm(
 ) {
     // Filter under the lock (skips, recent memory), then do the I/O without it.
     let mut jobs: Vec<Job> = Vec::new();
+    let mut for_pg_blocks = 0u64;
     {
         let mut guard = lock(inner);
         let Some(control) = guard.control.clone() else {
@@ -656,9 +657,7 @@ fn warm(
                 continue;
             }
             remember(&mut guard, key, Mark::Warmed);
-            if for_pg {
-                guard.counters.warmed_for_pg_prefetch += 1;
-            }
+            for_pg_blocks += u64::from(for_pg);
             jobs.push(Job {
                 file: file.file,
                 offset,
@@ -680,7 +679,10 @@ fn warm(
         }
     });
     let mut guard = lock(inner);
+    // Counted together once the reads are issued: a status read meanwhile never shows
+    // more blocks warmed for PostgreSQL's prefetch than blocks warmed.
     guard.counters.blocks_warmed += blocks;
+    guard.counters.warmed_for_pg_prefetch += for_pg_blocks;
     guard.counters.io_requests += n_requests;
 }
 
