@@ -48,6 +48,27 @@ fn pull_config_with_spool(
     conf
 }
 
+/// A running archive for `cluster` with a push config, a test directory `label`, and a
+/// pull config whose spool is `<dir>/spool` (`[prefetch]` settings overridden):
+/// (archive, push config, dir, spool, pull config).
+fn archive_with_spool(
+    cluster: &str,
+    label: &str,
+    settings: &[(&str, &str)],
+) -> (Archive, PathBuf, TestDir, PathBuf, PathBuf) {
+    let archive = Archive::start(cluster);
+    let push = archive.issue(cluster, "push");
+    let dir = TestDir::new(label);
+    let spool = dir.join("spool");
+    let pull = pull_config_with_spool(&archive, cluster, &spool, settings);
+    (archive, push, dir, spool, pull)
+}
+
+/// The log of the daemon serving `spool` (started by archive-get), or "".
+fn daemon_log(spool: &Path) -> String {
+    fs::read_to_string(spool.join("daemon.log")).unwrap_or_default()
+}
+
 /// A directory standing in for PGDATA (the daemon must cope with no PostgreSQL at all).
 fn fake_pgdata(dir: &TestDir) -> PathBuf {
     let pgdata = dir.join("pgdata");
@@ -123,15 +144,10 @@ impl SpoolFixture {
         count: u64,
         sysid: u64,
     ) -> SpoolFixture {
-        let archive = Archive::start(cluster);
-        let push = archive.issue(cluster, "push");
-        let dir = TestDir::new(label);
-        let spool = dir.join("spool");
         let max = spool_max_bytes.to_string();
-        let conf = pull_config_with_spool(
-            &archive,
+        let (archive, push, dir, spool, conf) = archive_with_spool(
             cluster,
-            &spool,
+            label,
             &[("spool_max_bytes", &max), ("idle_exit_secs", "30")],
         );
         let pgdata = fake_pgdata(&dir);
@@ -183,7 +199,7 @@ fn archive_get_starts_a_daemon_that_serves_verified_segments_from_the_spool() {
             format!(
                 "status: {:?}\nlog: {}",
                 status(&archive, &conf, &pgdata),
-                fs::read_to_string(spool.join("daemon.log")).unwrap_or_default()
+                daemon_log(&spool)
             )
         },
     );
@@ -281,7 +297,7 @@ fn a_damaged_spool_file_is_never_served() {
         "segment 2 spooled",
         Duration::from_secs(30),
         || spooled.exists(),
-        || fs::read_to_string(spool.join("daemon.log")).unwrap_or_default(),
+        || daemon_log(&spool),
     );
     let mut bytes = fs::read(&spooled).unwrap();
     bytes[1000] ^= 0xFF;
@@ -304,7 +320,7 @@ fn a_damaged_spool_file_is_never_served() {
         "the daemon to exit after its data directory was removed",
         Duration::from_secs(5),
         || !alive(pid),
-        || fs::read_to_string(spool.join("daemon.log")).unwrap_or_default(),
+        || daemon_log(&spool),
     );
 }
 
@@ -316,16 +332,8 @@ fn replica_recovery_uses_the_spool_and_prefaults_then_lets_go_of_pgdata() {
     use crate::pg_archive::{archiving_primary, make_archive_standby, wait_replayed, CLUSTER};
     use walvault_tests::PgCluster;
 
-    let archive = Archive::start(CLUSTER);
-    let push = archive.issue(CLUSTER, "push");
-    let dir = TestDir::new("prefetch-pg");
-    let spool = dir.join("spool");
-    let pull = pull_config_with_spool(
-        &archive,
-        CLUSTER,
-        &spool,
-        &[("prefault_method", "\"pread\"")],
-    );
+    let (archive, push, _dir, spool, pull) =
+        archive_with_spool(CLUSTER, "prefetch-pg", &[("prefault_method", "\"pread\"")]);
     // Without full-page writes replay reads the blocks it changes: work for the prefaulter.
     let primary = archiving_primary(
         &archive,
@@ -365,7 +373,7 @@ fn replica_recovery_uses_the_spool_and_prefaults_then_lets_go_of_pgdata() {
             format!(
                 "{:?}\n{}",
                 status(&archive, &pull, &pgdata),
-                fs::read_to_string(spool.join("daemon.log")).unwrap_or_default()
+                daemon_log(&spool)
             )
         },
     );
@@ -381,7 +389,7 @@ fn replica_recovery_uses_the_spool_and_prefaults_then_lets_go_of_pgdata() {
         Some("try"),
         "{s:#}"
     );
-    let log = fs::read_to_string(spool.join("daemon.log")).unwrap_or_default();
+    let log = daemon_log(&spool);
     assert!(log.contains("set recovery_prefetch = off"), "{log}");
 
     let pid = daemon_pid(&spool);
@@ -416,11 +424,7 @@ fn settings_come_from_the_files_and_blocks_postgresql_would_read_are_warmed_firs
     use crate::pg_archive::{archiving_primary, make_archive_standby, CLUSTER};
     use walvault_tests::PgCluster;
 
-    let archive = Archive::start(CLUSTER);
-    let push = archive.issue(CLUSTER, "push");
-    let dir = TestDir::new("prefetch-pgconf");
-    let spool = dir.join("spool");
-    let pull = pull_config_with_spool(&archive, CLUSTER, &spool, &[]);
+    let (archive, push, _dir, spool, pull) = archive_with_spool(CLUSTER, "prefetch-pgconf", &[]);
     let primary = archiving_primary(&archive, &push, &["checkpoint_timeout = 1h"]);
     primary.pgbench_init(2);
     // Dead tuples on many pages: after the checkpoint, updates prune a page (its image in
@@ -454,7 +458,7 @@ fn settings_come_from_the_files_and_blocks_postgresql_would_read_are_warmed_firs
             format!(
                 "{:?}\n{}\n{}",
                 status(&archive, &pull, &pgdata),
-                fs::read_to_string(spool.join("daemon.log")).unwrap_or_default(),
+                daemon_log(&spool),
                 replica.diag()
             )
         },
@@ -475,7 +479,7 @@ fn settings_come_from_the_files_and_blocks_postgresql_would_read_are_warmed_firs
             && s["prefault"]["io_requests"].as_u64() > Some(0),
         "{s:#}"
     );
-    let log = fs::read_to_string(spool.join("daemon.log")).unwrap_or_default();
+    let log = daemon_log(&spool);
     assert!(log.contains("set recovery_prefetch = off"), "{log}");
     let pid = daemon_pid(&spool);
     replica.stop();

@@ -10,9 +10,10 @@
 //! Bounds: at most `max_connections` connections, `MAX_STREAMS_PER_CONNECTION`
 //! requests each; a WAL or manifest request buffers at most [`CHUNK_SIZE`] of body (plus
 //! QUIC's per-stream window) however large the object; a backup chunk (at most 1 MiB)
-//! is held whole while it is verified, a pack about 2 MiB of its chunks at a time. SIGTERM/SIGINT: new connections and
-//! requests are refused, in-flight requests get `shutdown_grace_secs` to finish, and
-//! whatever has not finished by then is dropped unacknowledged.
+//! is held whole while it is verified, a pack about 2 MiB of its chunks at a time.
+//! SIGTERM/SIGINT: new connections and requests are refused, in-flight requests get
+//! `shutdown_grace_secs` to finish, and whatever has not finished by then is dropped
+//! unacknowledged.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

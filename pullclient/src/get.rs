@@ -64,7 +64,7 @@ pub(crate) async fn archive_get(
         _ => None,
     };
     if let Some(spool) = &spool {
-        spool.notify_or_start(cfg, config_path, name);
+        spool.notify_or_start(config_path, name);
         match spool.take(name, dest) {
             Ok(Some(outcome)) => {
                 spool.record_served(name, true);

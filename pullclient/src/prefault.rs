@@ -232,12 +232,11 @@ fn learn_pg_prefetch(
     io_concurrency: Option<&str>,
     source: &str,
 ) {
-    let was = inner.counters.pg_recovery_prefetch.clone();
+    let was_on = inner.pg_prefetch.on;
     inner.pg_prefetch = PgPrefetch::from_settings(Some(recovery_prefetch), io_concurrency);
     inner.counters.pg_recovery_prefetch = Some(recovery_prefetch.to_string());
     inner.counters.pg_recovery_prefetch_source = Some(source.to_string());
-    let seen_on_before = was.is_some_and(|w| PgPrefetch::from_settings(Some(&w), None).on);
-    if inner.pg_prefetch.on && !seen_on_before {
+    if inner.pg_prefetch.on && !was_on {
         tracing::warn!(
             recovery_prefetch = %recovery_prefetch,
             source,
@@ -328,6 +327,11 @@ impl Prefaulter {
             };
         }
         if !self.running.swap(true, Ordering::SeqCst) {
+            // Files are read before the lock is taken: warming threads wait on it.
+            let s = pgconf::read_settings(
+                &self.pgdata,
+                &["recovery_prefetch", "maintenance_io_concurrency"],
+            );
             let mut inner = lock(&self.inner);
             if inner.control.is_none() {
                 inner.control = ControlFacts::read(&self.pgdata)
@@ -335,20 +339,13 @@ impl Prefaulter {
                     .ok();
             }
             if !inner.pg_prefetch_from_server {
-                let s = pgconf::read_settings(
-                    &self.pgdata,
-                    &["recovery_prefetch", "maintenance_io_concurrency"],
-                );
-                let source = if s.contains_key("recovery_prefetch") {
-                    "files"
-                } else {
-                    "default"
+                let (setting, source) = match s.get("recovery_prefetch") {
+                    Some(v) => (v.as_str(), "files"),
+                    None => ("try", "default"),
                 };
                 learn_pg_prefetch(
                     &mut inner,
-                    s.get("recovery_prefetch")
-                        .map(String::as_str)
-                        .unwrap_or("try"),
+                    setting,
                     s.get("maintenance_io_concurrency").map(String::as_str),
                     source,
                 );
@@ -407,18 +404,8 @@ impl Prefaulter {
             }
         };
         if !lock(&self.inner).pg_prefetch_from_server {
-            let setting = |name: &'static str| {
-                let client = &client;
-                async move {
-                    client
-                        .query_one(&format!("SHOW {name}"), &[])
-                        .await
-                        .ok()
-                        .map(|row| row.get::<_, String>(0))
-                }
-            };
-            if let Some(rp) = setting("recovery_prefetch").await {
-                let mic = setting("maintenance_io_concurrency").await;
+            if let Some(rp) = show(&client, "recovery_prefetch").await {
+                let mic = show(&client, "maintenance_io_concurrency").await;
                 let mut inner = lock(&self.inner);
                 inner.pg_prefetch_from_server = true;
                 learn_pg_prefetch(&mut inner, &rp, mic.as_deref(), "server");
@@ -829,6 +816,12 @@ pub(crate) fn relation_file_name(
     } else {
         format!("{rel}{suffix}.{segment}")
     }
+}
+
+/// A setting as the server reports it (`SHOW`), or None when the query fails.
+async fn show(client: &tokio_postgres::Client, name: &str) -> Option<String> {
+    let row = client.query_one(&format!("SHOW {name}"), &[]).await.ok()?;
+    row.try_get(0).ok()
 }
 
 struct PostmasterPid {

@@ -162,8 +162,7 @@ impl Spool {
 
     /// Tells the daemon PostgreSQL asked for `name`; starts a daemon if none listens.
     /// Never fails: prefetching is an optimization, never a reason to fail a restore.
-    pub(crate) fn notify_or_start(&self, cfg: &ClientConfig, config_path: &Path, name: &str) {
-        let _ = cfg;
+    pub(crate) fn notify_or_start(&self, config_path: &Path, name: &str) {
         let told = self.tell(&ControlRequest::Requested {
             name: name.to_string(),
         });
