@@ -432,7 +432,10 @@ fn settings_come_from_the_files_and_blocks_postgresql_would_read_are_warmed_firs
     primary.pgbench(&["-n", "-t", "500", "-c", "2"]);
     primary.psql("CHECKPOINT");
     let mut replica = PgCluster::from_basebackup(&primary, "replica", &["-X", "none"]);
-    for _ in 0..2 {
+    // A checkpoint before each round: every round's WAL has the pattern, so the segments
+    // still in the spool while replay waits have it too.
+    for _ in 0..3 {
+        primary.psql("CHECKPOINT");
         primary.pgbench(&["-n", "-t", "500", "-c", "2"]);
         primary.switch_wal();
     }
@@ -440,10 +443,13 @@ fn settings_come_from_the_files_and_blocks_postgresql_would_read_are_warmed_firs
     primary.wait_archived(&last, || archive.diag());
 
     make_archive_standby(&replica, &archive, &pull, None);
+    // The apply delay parks replay at its first commit (all are younger than 10 minutes):
+    // the later segments stay in the spool for the prefaulter, however late its turn comes
+    // on a loaded machine (with replay running free it could find them taken already).
     replica.append_conf(&[
         "hot_standby = off",
         "recovery_prefetch = on",
-        "recovery_min_apply_delay = '3s'",
+        "recovery_min_apply_delay = '10min'",
     ]);
     replica.start_nowait();
     let pgdata = fs::canonicalize(replica.data_dir()).unwrap();
