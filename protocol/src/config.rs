@@ -26,7 +26,7 @@
 //! prefault = true                # warm heap blocks replay is about to read
 //! prefault_method = "fadvise"    # fadvise (posix_fadvise WILLNEED) or pread
 //! prefault_ahead_bytes = 67108864 # how far past the replay position to warm, in WAL bytes
-//! prefault_concurrency = 16      # blocks warmed at once
+//! prefault_concurrency = 16      # preads in flight (fadvise: threads, at most the CPUs)
 //! prefault_merge_bytes = 32768   # blocks of one file this close are read with one request
 //! ```
 //!
@@ -91,7 +91,8 @@ pub struct PrefetchConfig {
     pub prefault_method: PrefaultMethod,
     /// WAL bytes past the replay position whose blocks are warmed.
     pub prefault_ahead_bytes: u64,
-    /// Blocks warmed at once.
+    /// Reads in flight with `pread`; with `fadvise`, threads submitting (at most the CPUs:
+    /// a `posix_fadvise` returns once the read is submitted).
     pub prefault_concurrency: usize,
     /// Blocks of one file whose gap is at most this many bytes are warmed with one request
     /// that covers the gap (0: only adjacent blocks share a request).

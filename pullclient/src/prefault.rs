@@ -3,7 +3,8 @@
 //! Spooled segments are decoded natively (no pg_waldump) into block references. Between
 //! the replay position and `prefault_ahead_bytes` past it, each referenced block is
 //! brought into the page cache with `posix_fadvise(WILLNEED)` (or a `pread`), by up to
-//! `prefault_concurrency` threads, unless:
+//! `prefault_concurrency` threads (no more than the CPUs for `posix_fadvise`, which does
+//! not wait for the read), unless:
 //! - the record carries a full-page image of it (replay overwrites the page unread),
 //! - it is WILL_INIT (replay initializes the page unread),
 //! - it lies past the end of its file (replay extends the file),
@@ -658,8 +659,8 @@ fn warm(
     let blocks = jobs.len() as u64;
     let requests = merge_jobs(jobs, cfg.prefault_merge_bytes);
     let n_requests = requests.len() as u64;
-    let threads = cfg.prefault_concurrency.max(1).min(requests.len());
     let method = cfg.prefault_method;
+    let threads = warming_threads(method, cfg.prefault_concurrency).min(requests.len());
     std::thread::scope(|scope| {
         for part in requests.chunks(requests.len().div_ceil(threads)) {
             scope.spawn(move || read_ahead(method, part));
@@ -671,6 +672,21 @@ fn warm(
     guard.counters.blocks_warmed += blocks;
     guard.counters.warmed_for_pg_prefetch += for_pg_blocks;
     guard.counters.io_requests += n_requests;
+}
+
+/// Threads that issue one batch of requests. A `pread` holds its thread until the data
+/// is in, so threads are the reads in flight: `prefault_concurrency` of them. A
+/// `posix_fadvise` only submits the read and returns; more threads than CPUs add CPU
+/// time taken from replay (and thread start-ups per batch) without more reads in flight.
+fn warming_threads(method: PrefaultMethod, concurrency: usize) -> usize {
+    let concurrency = concurrency.max(1);
+    match method {
+        PrefaultMethod::Pread => concurrency,
+        PrefaultMethod::Fadvise => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            concurrency.min(cpus)
+        }
+    }
 }
 
 /// One read request: a byte range of an open file.
@@ -996,6 +1012,18 @@ mod tests {
         assert_eq!(c.blocks_warmed, 3, "{c:?}");
         assert_eq!(c.warmed_for_pg_prefetch, 0, "{c:?}");
         assert_eq!(c.skipped_recent, 3, "{c:?}");
+    }
+
+    /// preads wait for their data: one thread per read in flight. fadvise returns at
+    /// submission: never more threads than CPUs, never fewer than one.
+    #[test]
+    fn warming_threads_by_method() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(warming_threads(PrefaultMethod::Pread, 16), 16);
+        assert_eq!(warming_threads(PrefaultMethod::Pread, 0), 1);
+        assert_eq!(warming_threads(PrefaultMethod::Fadvise, 1000), cpus);
+        assert_eq!(warming_threads(PrefaultMethod::Fadvise, 1), 1);
+        assert_eq!(warming_threads(PrefaultMethod::Fadvise, 0), 1);
     }
 
     /// Blocks 7, 8 and 9 (adjacent) and 12 (gap of two blocks) become one request with a
