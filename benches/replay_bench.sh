@@ -443,6 +443,15 @@ for phase in off on; do
 done
 BASE_BYTES=$(du -sb "$WORK/base-off" | awk '{ print $1 }')
 
+# The block device under the work directory: its read counter (/proc/diskstats, sectors
+# read) gives the bytes each recovery made the disk read, whoever asked for them.
+DISK_SRC=$(findmnt -no SOURCE -T "$BENCH_TMPDIR" 2>/dev/null | head -1)
+DISK_FS=$(findmnt -no FSTYPE -T "$BENCH_TMPDIR" 2>/dev/null | head -1)
+DISK_DEV=$(basename "${DISK_SRC%%[*}")
+disk_read_sectors() {
+    awk -v dev="$DISK_DEV" '$3 == dev { print $6; found = 1 } END { if (!found) print "-" }' /proc/diskstats
+}
+
 # ---------------------------------------------------------------- one recovery
 # replay_run PASS CONFIG RUN CACHE TOOL PG_PREFETCH [PULLCONF]
 #   CACHE warm|cold; TOOL cp|walvault|pgbackrest; PG_PREFETCH off|try
@@ -488,6 +497,9 @@ EOF
     local resident
     resident=$(find "$d/base" -type f -size +1M -print0 | xargs -0 -r fincore -b -n -o RES | awk '{ s += $1 } END { printf "%d", s / 1048576 }')
 
+    # Device reads from here to the end of recovery (the daemon started first included).
+    local rd0 rd1 disk_mib="-"
+    rd0=$(disk_read_sectors)
     if [[ $tool == walvault-first ]]; then
         # The daemon as a service would run it: started before PostgreSQL, told where the
         # restore begins; PostgreSQL starts once it has spooled 4 segments (at most 10 s).
@@ -510,6 +522,8 @@ EOF
         tail -40 "$pglog" >&2
         die "recovery of run $RUN_SEQ ($pass/$config) did not finish (log tail above: $pglog)"
     fi
+    rd1=$(disk_read_sectors)
+    [[ $rd0 != - && $rd1 != - ]] && disk_mib=$(((rd1 - rd0) * 512 / 1048576))
 
     # Counters and the daemon's peak RSS while everything is still up.
     local hwm="-" wv="-" daemon_pid=""
@@ -552,9 +566,9 @@ print("hits=%d,misses=%d,fetched=%d,decoded=%d,warmed=%d,for_pg_prefetch=%d,requ
     local nfail
     nfail=$(awk -v last="${SET_LAST[$pass]}" 'length($1) == 24 && $1 ~ /^[0-9A-F]+$/ && $3 != 0 && ($1 "") <= (last "")' "$times" | wc -l)
     ((nfail == 0)) || { cat "$times" >&2; die "run $RUN_SEQ ($pass/$config): $nfail restores of segments of the set failed"; }
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$pass" "$config" "$run" "$cache" "$tool" \
-        "$pgpf" "$redo" "$total" "$pg_el" "$resident" "$hwm" "$wv" "$pgstat" "$times" "$RUN_SEQ" "$early" >>"$WORK/runs.tsv"
-    log "  $pass/$config run $run: redo ${redo}s (recovery ${total}s, PG says ${pg_el}s, load segments 1-2 ${early}s), resident before start ${resident} MiB$([[ $hwm != - ]] && echo ", daemon VmHWM $hwm kB") ${wv#-} ${pgstat#-}"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$pass" "$config" "$run" "$cache" "$tool" \
+        "$pgpf" "$redo" "$total" "$pg_el" "$resident" "$hwm" "$wv" "$pgstat" "$times" "$RUN_SEQ" "$early" "$disk_mib" >>"$WORK/runs.tsv"
+    log "  $pass/$config run $run: redo ${redo}s (recovery ${total}s, PG says ${pg_el}s, load segments 1-2 ${early}s), disk read ${disk_mib} MiB, resident before start ${resident} MiB$([[ $hwm != - ]] && echo ", daemon VmHWM $hwm kB") ${wv#-} ${pgstat#-}"
     if [[ $KEEP_WORK != 1 ]]; then
         rm -rf -- "$d" "$d.walvault-spool"
     else
@@ -659,9 +673,6 @@ done
 # ---------------------------------------------------------------- report
 CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 MEM_TOTAL=$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
-DISK_SRC=$(findmnt -no SOURCE -T "$BENCH_TMPDIR" 2>/dev/null | head -1)
-DISK_FS=$(findmnt -no FSTYPE -T "$BENCH_TMPDIR" 2>/dev/null | head -1)
-DISK_DEV=$(basename "${DISK_SRC%%[*}")
 DISK_RA=$(cat "/sys/class/block/$DISK_DEV/queue/read_ahead_kb" 2>/dev/null || echo "?")
 DISK_ROT=$(cat "/sys/class/block/$DISK_DEV/queue/rotational" 2>/dev/null || echo "?")
 case $DISK_ROT in 0) DISK_KIND="non-rotational" ;; 1) DISK_KIND="rotational" ;; *) DISK_KIND="unknown kind" ;; esac
@@ -708,8 +719,8 @@ for p in ("off", "on"):
     out.append("")
     out.append("**Set `%s`** (full_page_writes = %s; %d block references in its WAL): redo time, `redo starts at` -> `redo done at` from PostgreSQL's log timestamps" % (p, p, nrefs))
     out.append("")
-    out.append("| configuration | cache | restore_command | recovery_prefetch | runs | redo s, median | min .. max | vs warm, same recovery_prefetch | vs best warm | first 2 load segments s, median | prefaulter: block refs considered, median (share of the set's) | walvault counters (last run) | pg_stat_recovery_prefetch (last run) |")
-    out.append("|---|---|---|---|---:|---:|---|---:|---:|---:|---|---|---|")
+    out.append("| configuration | cache | restore_command | recovery_prefetch | runs | redo s, median | min .. max | vs warm, same recovery_prefetch | vs best warm | first 2 load segments s, median | disk read MiB, median | prefaulter: block refs considered, median (share of the set's) | walvault counters (last run) | pg_stat_recovery_prefetch (last run) |")
+    out.append("|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|---|---|")
     for k in keys:
         rs = by[k]
         r0 = rs[-1]
@@ -724,9 +735,10 @@ for p in ("off", "on"):
                 cons.append(sum(int(c[x]) for x in ("warmed", "fpw", "will_init", "past_eof", "recent", "no_file")))
         cov = ("%d (%.0f%%)" % (med(cons), 100.0 * med(cons) / nrefs)) if cons and nrefs and med(cons) > 0 else ""
         ea = [float(r[15]) for r in rs if len(r) > 15 and r[15] != "-"]
-        out.append("| %s | %s | %s | %s | %d | **%.2f** | %.2f .. %.2f | %s | %.2fx | %s | %s | %s | %s |" % (
+        dr = [int(r[16]) for r in rs if len(r) > 16 and r[16] != "-"]
+        out.append("| %s | %s | %s | %s | %d | **%.2f** | %.2f .. %.2f | %s | %.2fx | %s | %s | %s | %s | %s |" % (
             k[1], r0[3], rc, pf, len(rs), m, min(xs), max(xs), ("%.2fx" % (m / ws)) if ws else "-", m / best_warm,
-            ("%.2f" % med(ea)) if ea else "-", cov,
+            ("%.2f" % med(ea)) if ea else "-", ("%d" % med(dr)) if dr else "-", cov,
             r0[11].replace(",", ", ") if r0[11] != "-" else "", r0[12].replace(",", ", ") if r0[12] != "-" else ""))
 # goals
 out.append("")
