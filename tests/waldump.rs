@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use walvault_protocol::wal::Lsn;
 use walvault_protocol::waldecode::{
-    DecodedRecord, EndReason, ForkNumber, ImageCompression, Next, WalDecoder, WaldumpLsn,
+    DecodedRecord, EndReason, ForkNumber, ImageCompression, Next, WalDecoder,
 };
 use walvault_tests::*;
 
@@ -89,7 +89,7 @@ fn waldump_decoder_agrees_with_pg_waldump_record_by_record() {
     let (records, end) = decode(&segments);
 
     // Record by record, the whole sequence.
-    let ours: Vec<String> = records.iter().flat_map(waldump_lines).collect();
+    let ours: Vec<String> = records.iter().flat_map(|r| r.waldump_lines(8192)).collect();
     for (i, (a, b)) in ours.iter().zip(&dump.lines).enumerate() {
         assert_eq!(a, b, "line {} of pg_waldump's output differs", i + 1);
     }
@@ -280,40 +280,4 @@ fn decode(segments: &[PathBuf]) -> (Vec<DecodedRecord>, walvault_protocol::walde
             other => panic!("{other:?} after finish()"),
         }
     }
-}
-
-/// A record as `pg_waldump -b` (PostgreSQL 15) prints it, without the description.
-fn waldump_lines(r: &DecodedRecord) -> Vec<String> {
-    let name = r.rmgr_name().unwrap_or("custom");
-    let mut lines = vec![format!(
-        "rmgr: {name:<11} len (rec/tot): {:>6}/{:>6}, tx: {:>10}, lsn: {}, prev {}",
-        r.total_len - r.image_len(),
-        r.total_len,
-        r.xid,
-        WaldumpLsn(r.lsn),
-        WaldumpLsn(r.prev_lsn)
-    )];
-    for b in &r.blocks {
-        let mut line = format!(
-            "\tblkref #{}: rel {} fork {} blk {}",
-            b.id, b.rel, b.fork, b.block
-        );
-        if let Some(image) = b.image {
-            let verification = if image.apply {
-                ""
-            } else {
-                " for WAL verification"
-            };
-            line += &format!(
-                " (FPW{verification}); hole: offset: {}, length: {}",
-                image.hole_offset, image.hole_length
-            );
-            if let Some(method) = image.compression {
-                let saved = 8192 - image.len as u32 - image.hole_length as u32;
-                line += &format!(", compression saved: {saved}, method: {method}");
-            }
-        }
-        lines.push(line);
-    }
-    lines
 }

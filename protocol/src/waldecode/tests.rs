@@ -56,47 +56,8 @@ fn decode_all(start: u64, chunks: &[&[u8]]) -> Result<(Vec<DecodedRecord>, WalEn
     }
 }
 
-/// A record as `pg_waldump -b` prints it, without the description.
-pub(super) fn waldump_lines(r: &DecodedRecord) -> Vec<String> {
-    let name = r
-        .rmgr_name()
-        .map(String::from)
-        .unwrap_or_else(|| format!("custom{:03}", r.rmid));
-    let mut lines = vec![format!(
-        "rmgr: {name:<11} len (rec/tot): {:>6}/{:>6}, tx: {:>10}, lsn: {}, prev {}",
-        r.total_len - r.image_len(),
-        r.total_len,
-        r.xid,
-        WaldumpLsn(r.lsn),
-        WaldumpLsn(r.prev_lsn)
-    )];
-    for b in &r.blocks {
-        let mut line = format!(
-            "\tblkref #{}: rel {} fork {} blk {}",
-            b.id, b.rel, b.fork, b.block
-        );
-        if let Some(image) = b.image {
-            let verification = if image.apply {
-                ""
-            } else {
-                " for WAL verification"
-            };
-            line += &format!(
-                " (FPW{verification}); hole: offset: {}, length: {}",
-                image.hole_offset, image.hole_length
-            );
-            if let Some(method) = image.compression {
-                let saved = 8192 - image.len as u32 - image.hole_length as u32;
-                line += &format!(", compression saved: {saved}, method: {method}");
-            }
-        }
-        lines.push(line);
-    }
-    lines
-}
-
 fn render(records: &[DecodedRecord]) -> Vec<String> {
-    records.iter().flat_map(waldump_lines).collect()
+    records.iter().flat_map(|r| r.waldump_lines(8192)).collect()
 }
 
 #[test]
