@@ -24,8 +24,8 @@ use walvault_protocol::wire::{Request, Response, WalListing};
 
 use settings::DataDir;
 
-/// The walvault archive: keeps PostgreSQL WAL (and, later, base backups and activity
-/// statistics) for any number of clusters, served over QUIC with mutual TLS.
+/// The walvault archive: keeps PostgreSQL WAL and base backups for any number of
+/// clusters, served over QUIC with mutual TLS.
 #[derive(Parser)]
 #[command(name = "archived", version, about, long_about = None)]
 struct Cli {
