@@ -427,10 +427,9 @@ fn settings_come_from_the_files_and_blocks_postgresql_would_read_are_warmed_firs
     let (archive, push, _dir, spool, pull) = archive_with_spool(CLUSTER, "prefetch-pgconf", &[]);
     let primary = archiving_primary(&archive, &push, &["checkpoint_timeout = 1h"]);
     primary.pgbench_init(2);
-    // Dead tuples on many pages: after the checkpoint, updates prune a page (its image in
+    // Dead tuples on many pages: after a checkpoint, updates prune a page (its image in
     // the PRUNE record) and then update it in place.
     primary.pgbench(&["-n", "-t", "500", "-c", "2"]);
-    primary.psql("CHECKPOINT");
     let mut replica = PgCluster::from_basebackup(&primary, "replica", &["-X", "none"]);
     // A checkpoint before each round: every round's WAL has the pattern, so the segments
     // still in the spool while replay waits have it too.

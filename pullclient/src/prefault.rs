@@ -147,13 +147,12 @@ type BlockKey = (u32, u32, u32, ForkNumber, u32);
 /// Why a block is remembered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mark {
-    /// Warmed by the prefaulter.
-    Warmed,
+    /// Warmed by the prefaulter, or past the end of its file (replay extends the file
+    /// with it): later references need no read.
+    Handled,
     /// Imaged or initialized by the record of this block-reference ordinal: replay writes
     /// it without reading it.
     Written(u64),
-    /// Past the end of its file: replay extends the file with it.
-    Extended,
 }
 
 /// What the daemon knows of PostgreSQL's own recovery prefetch.
@@ -641,10 +640,10 @@ fn warm(
             if file.len < offset + bs {
                 // Replay extends the file with this block: later records find it in memory.
                 guard.counters.skipped_past_eof += 1;
-                remember(&mut guard, key, Mark::Extended);
+                remember(&mut guard, key, Mark::Handled);
                 continue;
             }
-            remember(&mut guard, key, Mark::Warmed);
+            remember(&mut guard, key, Mark::Handled);
             for_pg_blocks += u64::from(for_pg);
             jobs.push(Job {
                 file: file.file,
@@ -682,11 +681,14 @@ fn warming_threads(method: PrefaultMethod, concurrency: usize) -> usize {
     let concurrency = concurrency.max(1);
     match method {
         PrefaultMethod::Pread => concurrency,
-        PrefaultMethod::Fadvise => {
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            concurrency.min(cpus)
-        }
+        PrefaultMethod::Fadvise => concurrency.min(cpus()),
     }
+}
+
+/// CPUs this process may use, asked once (the answer reads cgroup files).
+fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// One read request: a byte range of an open file.
@@ -1006,8 +1008,9 @@ mod tests {
         assert_eq!(c.blocks_warmed, 4, "{c:?}");
         assert_eq!(c.warmed_for_pg_prefetch, 1, "{c:?}");
         assert_eq!(c.skipped_recent, 2, "{c:?}");
-        assert_eq!(c.io_requests, 2, "{c:?}"); // 7, 8 and 9 are adjacent
-                                               // The same WAL with PostgreSQL's prefetch off: only never-touched blocks.
+        // 7, 8 and 9 are adjacent: one request.
+        assert_eq!(c.io_requests, 2, "{c:?}");
+        // The same WAL with PostgreSQL's prefetch off: only never-touched blocks.
         let (_dir, c) = warm_counters("off", 64, &cfg, &targets);
         assert_eq!(c.blocks_warmed, 3, "{c:?}");
         assert_eq!(c.warmed_for_pg_prefetch, 0, "{c:?}");

@@ -139,25 +139,23 @@ impl Spool {
 
     /// Sends one request to the daemon and returns its answer line.
     pub(crate) fn send(&self, request: &ControlRequest) -> std::io::Result<String> {
-        let mut stream = UnixStream::connect(self.socket())?;
+        let stream = self.tell(request)?;
         stream.set_read_timeout(Some(NOTIFY_TIMEOUT))?;
-        stream.set_write_timeout(Some(NOTIFY_TIMEOUT))?;
-        let mut line = serde_json::to_string(request).unwrap_or_default();
-        line.push('\n');
-        stream.write_all(line.as_bytes())?;
         let mut answer = String::new();
         BufReader::new(stream).read_line(&mut answer)?;
         Ok(answer)
     }
 
-    /// Sends one request to the daemon without waiting for its answer: archive-get, which
-    /// PostgreSQL waits for, never waits on the daemon.
-    fn tell(&self, request: &ControlRequest) -> std::io::Result<()> {
+    /// Sends one request to the daemon without waiting for its answer (archive-get, which
+    /// PostgreSQL waits for, never waits on the daemon); the stream is returned for a
+    /// caller that wants the answer line.
+    fn tell(&self, request: &ControlRequest) -> std::io::Result<UnixStream> {
         let mut stream = UnixStream::connect(self.socket())?;
         stream.set_write_timeout(Some(NOTIFY_TIMEOUT))?;
         let mut line = serde_json::to_string(request).unwrap_or_default();
         line.push('\n');
-        stream.write_all(line.as_bytes())
+        stream.write_all(line.as_bytes())?;
+        Ok(stream)
     }
 
     /// Tells the daemon PostgreSQL asked for `name`; starts a daemon if none listens.
