@@ -3,12 +3,12 @@
 //! paths outside PGDATA, wrong roles and clusters. Each gets a clear error and changes
 //! nothing.
 
-use walvault_protocol::backup::{
+use walvault_protocol::core::format::manifest::{
     BackupManifest, BackupStats, FileEntry, FileKind, MANIFEST_FORMAT,
 };
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::transport::{read_frame, ArchiveConnection};
-use walvault_protocol::wire::{ErrorCode, Request, Response};
+use walvault_protocol::core::wire::{ErrorCode, Request, Response};
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::transport::{read_frame, ArchiveConnection};
 use walvault_tests::Archive;
 
 fn b3(bytes: &[u8]) -> String {
@@ -117,7 +117,7 @@ async fn list(conn: &ArchiveConnection) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_requests_refuse_bad_input_and_change_nothing() {
     let archive = Archive::start("main");
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let push = connect(&archive, "main", "push").await;
     let pull = connect(&archive, "main", "pull").await;
     let stranger = connect(&archive, "other", "push").await;
@@ -349,12 +349,12 @@ async fn restore_verifies_every_chunk_and_writes_nothing_unverified() {
     assert_eq!(answer, Response::Chunks { count: 3 });
     let body = recv.read_to_end(1 << 20).await.unwrap();
     let mut rest = &body[..];
-    let mut decoder = walvault_protocol::object::ObjectDecoder::new().unwrap();
+    let mut decoder = walvault_protocol::core::format::object::ObjectDecoder::new().unwrap();
     for (h, want) in hashes
         .iter()
         .zip([&small[..], &big[..128 << 10], &small[..]])
     {
-        let header = walvault_protocol::object::ObjectHeader::decode(rest).unwrap();
+        let header = walvault_protocol::core::format::object::ObjectHeader::decode(rest).unwrap();
         assert_eq!(&header.blake3_hex(), h);
         let end = 64 + header.compressed_size as usize;
         let raw = decoder
@@ -481,7 +481,7 @@ async fn put_pack(conn: &ArchiveConnection, cluster: &str, chunks: &[(&[u8], &[u
     let mut body = Vec::new();
     for (announced, actual) in chunks {
         let frame = zstd::bulk::compress(actual, 3).unwrap();
-        listed.push(walvault_protocol::backup::PackChunk {
+        listed.push(walvault_protocol::core::wire::backup::PackChunk {
             blake3: b3(announced),
             raw_size: announced.len() as u64,
             compressed_size: frame.len() as u64,
@@ -505,11 +505,14 @@ async fn read_chunks(conn: &ArchiveConnection, get: &Request) -> Vec<anyhow::Res
     let body = recv.read_to_end(1 << 20).await.unwrap();
     let mut rest = &body[..];
     let mut out = Vec::new();
-    let mut d = walvault_protocol::object::ObjectDecoder::new().unwrap();
+    let mut d = walvault_protocol::core::format::object::ObjectDecoder::new().unwrap();
     while !rest.is_empty() {
-        let h = walvault_protocol::object::ObjectHeader::decode(rest).unwrap();
+        let h = walvault_protocol::core::format::object::ObjectHeader::decode(rest).unwrap();
         let end = 64 + h.compressed_size as usize;
-        out.push(d.decode(&h, &rest[64..end], &h.blake3, 1 << 20));
+        out.push(
+            d.decode(&h, &rest[64..end], &h.blake3, 1 << 20)
+                .map_err(anyhow::Error::from),
+        );
         rest = &rest[end..];
     }
     out
@@ -561,7 +564,7 @@ async fn packs_are_verified_whole_and_serve_their_chunks() {
     let frame = zstd::bulk::compress(&a, 3).unwrap();
     let request = Request::PutPack {
         cluster: "main".into(),
-        chunks: vec![walvault_protocol::backup::PackChunk {
+        chunks: vec![walvault_protocol::core::wire::backup::PackChunk {
             blake3: b3(&a),
             raw_size: a.len() as u64,
             compressed_size: frame.len() as u64,

@@ -5,9 +5,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::transport::{read_frame, write_frame, ArchiveConnection};
-use walvault_protocol::wire::{self, ErrorCode, Request, Response};
+use walvault_protocol::core::wire::{self, ErrorCode, Request, Response};
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::transport::{read_frame, write_frame, ArchiveConnection};
 use walvault_tests::{chown_pg, Archive, TestDir};
 
 const SEG: usize = 16 << 20;
@@ -213,7 +213,7 @@ fn bad_files_are_refused_and_nothing_is_stored() {
 async fn server_refuses_lies_from_a_raw_client() {
     let archive = Archive::start("main");
     let cfg = ClientConfig::load(&archive.issue("main", "push")).unwrap();
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let conn = ArchiveConnection::connect(&cfg).await.unwrap();
     let seg = fake_segment(1, 4, 5);
 
@@ -293,7 +293,7 @@ async fn server_refuses_lies_from_a_raw_client() {
 async fn malformed_and_oversized_frames_get_errors_and_the_server_keeps_serving() {
     let archive = Archive::start("main");
     let cfg = ClientConfig::load(&archive.issue("main", "pull")).unwrap();
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let conn = ArchiveConnection::connect(&cfg).await.unwrap();
 
     let raw = |bytes: Vec<u8>| {
@@ -446,9 +446,9 @@ fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
 async fn an_unknown_protocol_version_is_refused_at_the_handshake() {
     let archive = Archive::start("main");
     let cfg = ClientConfig::load(&archive.issue("main", "pull")).unwrap();
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let addr = format!("127.0.0.1:{}", archive.port()).parse().unwrap();
-    let endpoint = walvault_protocol::transport::client_endpoint_with_alpn(
+    let endpoint = walvault_protocol::net::transport::client_endpoint_with_alpn(
         &cfg,
         addr,
         vec![b"walvault/999".to_vec()],
@@ -635,7 +635,7 @@ fn a_one_gib_segment_streams_with_bounded_memory() {
 fn shutdown_is_not_held_by_a_vanished_client() {
     let mut archive = Archive::start("main");
     let cfg = ClientConfig::load(&archive.issue("main", "pull")).unwrap();
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

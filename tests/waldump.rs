@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use walvault_protocol::wal::Lsn;
-use walvault_protocol::waldecode::{
+use walvault_protocol::core::pg::wal::Lsn;
+use walvault_protocol::core::pg::waldecode::{
     DecodedRecord, EndReason, ForkNumber, ImageCompression, Next, WalDecoder,
 };
 use walvault_tests::*;
@@ -256,7 +256,12 @@ fn pg_waldump(wal_dir: &Path, first: &str, last: &str) -> Dump {
 }
 
 /// Every segment through one decoder, as the prefetcher feeds them.
-fn decode(segments: &[PathBuf]) -> (Vec<DecodedRecord>, walvault_protocol::waldecode::WalEnd) {
+fn decode(
+    segments: &[PathBuf],
+) -> (
+    Vec<DecodedRecord>,
+    walvault_protocol::core::pg::waldecode::WalEnd,
+) {
     let first = fs::read(&segments[0]).unwrap();
     let start = u64::from_le_bytes(first[8..16].try_into().unwrap());
     let mut decoder = WalDecoder::new(Lsn(start)).unwrap();

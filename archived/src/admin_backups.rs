@@ -5,10 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use walvault_protocol::backup::{format_unix_utc, BackupSummary, RetentionReport};
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::transport::ArchiveConnection;
-use walvault_protocol::wire::{Request, Response};
+use walvault_protocol::core::format::names::format_unix_utc;
+use walvault_protocol::core::wire::admin::RetentionReport;
+use walvault_protocol::core::wire::backup::BackupSummary;
+use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::transport::ArchiveConnection;
 
 use crate::admin_config;
 
@@ -117,7 +119,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
 
 async fn ask(target: &Target, request: Request) -> Result<Response> {
     let cfg: ClientConfig = admin_config(target.data_dir.as_deref(), target.config.as_deref())?;
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let conn = ArchiveConnection::connect(&cfg).await?;
     let (response, _) = conn.call(&request).await?;
     conn.close().await;

@@ -37,11 +37,11 @@
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use walvault_protocol::backup::{
-    self as format, BackupManifest, BackupState, BackupSummary, FileKind, MAX_MANIFEST_SIZE,
-};
-use walvault_protocol::codec::VerifyingDecoder;
-use walvault_protocol::wal::{Lsn, SegmentName, TimelineId, WalFileName};
+use walvault_protocol::core::format::codec::VerifyingDecoder;
+use walvault_protocol::core::format::manifest::{BackupManifest, FileKind, MAX_MANIFEST_SIZE};
+use walvault_protocol::core::format::names;
+use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId, WalFileName};
+use walvault_protocol::core::wire::backup::{BackupState, BackupSummary};
 
 use crate::catalog::{Catalog, RebuildSummary};
 use crate::store::{self, Store};
@@ -67,7 +67,7 @@ pub fn parse_chunk_key(key: &str) -> Option<(String, String)> {
         return None;
     }
     let hash = file.strip_suffix(".zst")?;
-    format::validate_chunk_hash(hash).ok()?;
+    names::validate_chunk_hash(hash).ok()?;
     (chunk_key(cluster, hash) == key).then(|| (cluster.to_string(), hash.to_string()))
 }
 
@@ -78,7 +78,7 @@ pub fn parse_manifest_key(key: &str) -> Option<(String, String)> {
     if kind != "backups" || file != "manifest.zst" || parts.next().is_some() {
         return None;
     }
-    format::validate_backup_id(id).ok()?;
+    names::validate_backup_id(id).ok()?;
     Some((cluster.to_string(), id.to_string()))
 }
 

@@ -13,15 +13,20 @@
 
 use std::collections::BTreeSet;
 
-use walvault_protocol::backup::{
-    self as format, BackupManifest, PackChunk, MAX_CHUNKS_PER_GET, MAX_CHUNKS_PER_PACK,
-    MAX_CHUNK_SIZE, MAX_HASHES_PER_REQUEST, MAX_MANIFEST_SIZE, MAX_PACK_RAW_BYTES,
+use walvault_protocol::core::format::manifest::{
+    BackupManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
 };
-use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
-use walvault_protocol::object::with_thread_decoder;
-use walvault_protocol::pki::{ClientIdentity, Role};
-use walvault_protocol::transport::write_frame;
-use walvault_protocol::wire::{ErrorCode, Request, Response};
+
+use walvault_protocol::core::wire::backup::{
+    PackChunk, MAX_CHUNKS_PER_GET, MAX_CHUNKS_PER_PACK, MAX_HASHES_PER_REQUEST, MAX_PACK_RAW_BYTES,
+};
+
+use walvault_protocol::core::format::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
+use walvault_protocol::core::format::names;
+use walvault_protocol::core::format::object::with_thread_decoder;
+use walvault_protocol::core::wire::{ErrorCode, Request, Response};
+use walvault_protocol::net::pki::{ClientIdentity, Role};
+use walvault_protocol::net::transport::write_frame;
 
 use crate::backup_index::{
     chunk_entry, chunk_key, list_backups, manifest_key, now, put_backup_record, put_chunk_entry,
@@ -115,7 +120,7 @@ pub async fn handle(
             reply
         }
         Request::GetBackup { cluster, backup_id } => {
-            let sent = match format::validate_backup_id(&backup_id) {
+            let sent = match names::validate_backup_id(&backup_id) {
                 Err(m) => Err(Refusal::new(ErrorCode::Invalid, m)),
                 Ok(()) => {
                     send_object(
@@ -215,7 +220,7 @@ fn validate_hashes(
         ));
     }
     for h in hashes {
-        format::validate_chunk_hash(h).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
+        names::validate_chunk_hash(h).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
     }
     Ok(())
 }
@@ -292,7 +297,7 @@ async fn put_pack(
     let mut raw_total = 0u64;
     let mut body_len = 0u64;
     for c in &chunks {
-        format::validate_chunk_hash(&c.blake3).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
+        names::validate_chunk_hash(&c.blake3).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
         if c.raw_size > MAX_CHUNK_SIZE
             || c.compressed_size > ObjectHeader::max_compressed_size(c.raw_size)
         {
@@ -524,7 +529,7 @@ async fn put_chunk(
     recv: &mut quinn::RecvStream,
 ) -> Reply {
     require_writer(identity, "store backups")?;
-    format::validate_chunk_hash(blake3).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
+    names::validate_chunk_hash(blake3).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
     if raw_size > MAX_CHUNK_SIZE {
         return Err(Refusal::new(
             ErrorCode::TooLarge,
@@ -630,7 +635,7 @@ async fn put_backup(
     recv: &mut quinn::RecvStream,
 ) -> Reply {
     require_writer(identity, "store backups")?;
-    format::validate_backup_id(backup_id).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
+    names::validate_backup_id(backup_id).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
     if raw_size > MAX_MANIFEST_SIZE {
         return Err(Refusal::new(
             ErrorCode::TooLarge,
@@ -731,7 +736,7 @@ async fn delete_backup(
             "deleting a backup needs an admin certificate (archived backups delete uses DIR/admin.toml)",
         ));
     }
-    format::validate_backup_id(backup_id).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
+    names::validate_backup_id(backup_id).map_err(|m| Refusal::new(ErrorCode::Invalid, m))?;
     let _gc = service.gc_lock.write().await;
     let key = manifest_key(cluster, backup_id);
     if store

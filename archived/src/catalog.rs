@@ -27,8 +27,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use walvault_protocol::wal::{SegmentName, TimelineId, WalFileName};
-use walvault_protocol::wire::{TimelineListing, WalListing};
+use walvault_protocol::core::pg::wal::{SegmentName, TimelineId, WalFileName};
+use walvault_protocol::core::wire::{TimelineListing, WalListing};
 
 use crate::store::{self, Store};
 
@@ -305,7 +305,7 @@ impl Catalog {
                     tl.gaps.push((pair[0].next(seg_size).to_string(), {
                         let last_missing = SegmentName::containing(
                             pair[0].timeline,
-                            walvault_protocol::wal::Lsn((b - 1) * seg_size as u64),
+                            walvault_protocol::core::pg::wal::Lsn((b - 1) * seg_size as u64),
                             seg_size,
                         );
                         last_missing.to_string()

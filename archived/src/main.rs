@@ -16,11 +16,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::logging::{self, LogFormat};
-use walvault_protocol::pki::Role;
-use walvault_protocol::transport::ArchiveConnection;
-use walvault_protocol::wire::{Request, Response, WalListing};
+use walvault_protocol::core::wire::{Request, Response, WalListing};
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::logging::{self, LogFormat};
+use walvault_protocol::net::pki::Role;
+use walvault_protocol::net::transport::ArchiveConnection;
 
 use settings::DataDir;
 
@@ -224,7 +224,7 @@ pub(crate) fn admin_config(data_dir: Option<&Path>, config: Option<&Path>) -> Re
 }
 
 async fn list_wal(cfg: &ClientConfig, cluster: &str) -> Result<WalListing> {
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let conn = ArchiveConnection::connect(cfg).await?;
     let (response, _) = conn
         .call(&Request::ListWal {

@@ -17,7 +17,7 @@
 //!  16      56 x N  index, one entry per chunk in body order:
 //!                    blake3 of the raw chunk (32), offset of its object from the start
 //!                    of the pack (u64 LE), object length (u64 LE), raw size (u64 LE)
-//!  16+56N       .  the chunks, each a whole object (walvault_protocol::object: 64-byte
+//!  16+56N       .  the chunks, each a whole object (walvault_protocol::core::format::object: 64-byte
 //!                  header with raw size and blake3, then its zstd frame), back to back
 //! ```
 //!
@@ -30,7 +30,7 @@
 //! it is referenced by a kept backup or within the grace period.
 
 use anyhow::{bail, Result};
-use walvault_protocol::object::{ObjectHeader, HEADER_LEN};
+use walvault_protocol::core::format::object::{ObjectHeader, HEADER_LEN};
 
 const MAGIC: &[u8; 8] = b"WVPACK\0\x01";
 /// Bytes before the index.
@@ -197,7 +197,7 @@ mod tests {
         let (pack, entries) = encode(&refs);
         let index = decode_index(&pack, pack.len() as u64).unwrap();
         assert_eq!(index, entries);
-        let mut d = walvault_protocol::object::ObjectDecoder::new().unwrap();
+        let mut d = walvault_protocol::core::format::object::ObjectDecoder::new().unwrap();
         for (e, raw) in index.iter().zip(&raws) {
             let obj = &pack[e.offset as usize..(e.offset + e.length) as usize];
             let h = ObjectHeader::decode(obj).unwrap();

@@ -36,8 +36,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use walvault_protocol::backup::{BackupState, ClusterRetention, RetentionReport};
-use walvault_protocol::wal::WalFileName;
+use walvault_protocol::core::pg::wal::WalFileName;
+use walvault_protocol::core::wire::admin::{ClusterRetention, RetentionReport};
+use walvault_protocol::core::wire::backup::BackupState;
 
 use crate::backup_index;
 use crate::backups::BackupService;

@@ -25,11 +25,13 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::{Mutex, Notify, Semaphore};
-use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
-use walvault_protocol::pki::{client_identity, ClientIdentity, Role};
-use walvault_protocol::transport::{read_frame, write_frame, ReadFrameError};
-use walvault_protocol::wal::{validate_wal_file, LongPageHeader, WalFileName};
-use walvault_protocol::wire::{self, ErrorCode, FrameError, Request, Response, MAX_OBJECT_SIZE};
+use walvault_protocol::core::format::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
+use walvault_protocol::core::pg::wal::{validate_wal_file, LongPageHeader, WalFileName};
+use walvault_protocol::core::wire::{
+    self, ErrorCode, FrameError, Request, Response, MAX_OBJECT_SIZE,
+};
+use walvault_protocol::net::pki::{client_identity, ClientIdentity, Role};
+use walvault_protocol::net::transport::{read_frame, write_frame, ReadFrameError};
 
 use crate::catalog::{Catalog, ClusterBinding, WalEntry};
 use crate::settings::DataDir;
@@ -108,7 +110,7 @@ pub struct ArchiveState {
 
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn serve(dir: &DataDir) -> Result<()> {
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let cfg = dir.load_config()?;
     let options: Vec<(String, String)> = cfg.storage_options.clone().into_iter().collect();
     let store = Store::open(&cfg.storage, &options, &dir.store(), &dir.spool())?;
@@ -124,8 +126,12 @@ pub async fn serve(dir: &DataDir) -> Result<()> {
     let ca_pem =
         std::fs::read_to_string(dir.tls().join("ca.pem")).context("cannot read tls/ca.pem")?;
     let addr: SocketAddr = cfg.listen.parse()?;
-    let endpoint =
-        walvault_protocol::transport::server_endpoint(addr, &tls.cert_pem, &tls.key_pem, &ca_pem)?;
+    let endpoint = walvault_protocol::net::transport::server_endpoint(
+        addr,
+        &tls.cert_pem,
+        &tls.key_pem,
+        &ca_pem,
+    )?;
     tracing::info!(listen = %endpoint.local_addr()?, store = %store.describe(), "archived is serving");
 
     let state = Arc::new(ArchiveState {
@@ -283,7 +289,7 @@ async fn handle_stream(
     }
     let op = request.op();
     if let Some(cluster) = request.cluster() {
-        if let Err(m) = wire::validate_cluster_name(cluster) {
+        if let Err(m) = walvault_protocol::core::format::names::validate_cluster_name(cluster) {
             respond(send, Some(recv), Err(Refusal::new(ErrorCode::Invalid, m))).await;
             return;
         }

@@ -33,8 +33,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use walvault_protocol::config::{write_private_file, ClientConfig};
-use walvault_protocol::pki::{self, PemPair, Role};
+use walvault_protocol::net::config::{write_private_file, ClientConfig};
+use walvault_protocol::net::pki::{self, PemPair, Role};
 
 /// Default UDP address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7433";
@@ -237,7 +237,8 @@ fn client_config(
 
 /// `archived issue`: writes a client config for a cluster and role.
 pub fn issue(dir: &DataDir, cluster: &str, role: Role, out: &Path) -> Result<()> {
-    walvault_protocol::wire::validate_cluster_name(cluster).map_err(anyhow::Error::msg)?;
+    walvault_protocol::core::format::names::validate_cluster_name(cluster)
+        .map_err(anyhow::Error::msg)?;
     let cfg = dir.load_config()?;
     let ca = dir.ca()?;
     let client = client_config(dir, &cfg, &ca, cluster, role)?;

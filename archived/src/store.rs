@@ -17,7 +17,7 @@
 //! # Object format
 //!
 //! Every object is a 64-byte header (raw size, blake3, compressed size) followed by one
-//! zstd frame of the raw file: [`walvault_protocol::object`] owns the format. The header
+//! zstd frame of the raw file: [`walvault_protocol::core::format::object`] owns the format. The header
 //! makes objects self-describing: a catalog rebuild needs a listing and one 64-byte
 //! ranged read per object, and every reader can verify what it decompresses.
 //!
@@ -61,10 +61,10 @@ use object_store::{
     WriteMultipart,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use walvault_protocol::fsutil;
-use walvault_protocol::wal::WalFileName;
+use walvault_protocol::core::pg::wal::WalFileName;
+use walvault_protocol::net::fsutil;
 
-pub use walvault_protocol::object::{ObjectHeader, HEADER_LEN};
+pub use walvault_protocol::core::format::object::{ObjectHeader, HEADER_LEN};
 
 /// Remote objects up to this size (header included) are uploaded in one PUT, read whole
 /// into memory; larger ones stream as multipart uploads (see the module header).
@@ -663,7 +663,7 @@ impl Store {
                         }
                         let mut buf = vec![
                             0u8;
-                            (walvault_protocol::codec::CHUNK_SIZE as u64).min(left)
+                            (walvault_protocol::core::format::codec::CHUNK_SIZE as u64).min(left)
                                 as usize
                         ];
                         let n = f.read(&mut buf).await?;
@@ -988,7 +988,7 @@ mod tests {
 
     #[test]
     fn object_store_urls_are_accepted_and_bad_ones_explained() {
-        walvault_protocol::transport::install_crypto_provider();
+        walvault_protocol::net::transport::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let opts = vec![
             ("aws_region".to_string(), "us-east-1".to_string()),

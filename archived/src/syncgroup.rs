@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use walvault_protocol::fsutil::FsSync;
+use walvault_protocol::net::fsutil::FsSync;
 
 use tokio::sync::Notify;
 

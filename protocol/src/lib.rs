@@ -1,40 +1,23 @@
-//! walvault's shared library: everything the binaries speak.
+//! walvault's shared library: everything the binaries speak, in two halves.
 //!
-//! The pure core has no sockets and no files and never panics on input:
-//! - [`wal`]: WAL file names, LSNs, timelines, the long page header and the check that a
-//!   file is what its name says;
-//! - [`wire`]: the archive protocol's messages and framing;
-//! - [`codec`]: streaming zstd + blake3 with verification;
-//! - [`object`]: the stored object format (header + zstd frame) and its verifier;
-//! - [`backup`]: base backup manifests, chunking, and PostgreSQL's tar stream.
+//! [`core`] is pure code (PostgreSQL's formats, walvault's formats, the wire protocol):
+//! no sockets, no files, no tokio, quinn or rustls, and no panic on any input. It builds
+//! without the default `net` feature, for fuzz targets and pure tests.
 //!
-//! Beside it, the I/O every binary shares: [`transport`] (QUIC + mutual TLS endpoints,
-//! frames on streams), [`pki`] (the archive CA and client certificates), [`config`]
-//! (client config files), [`fsutil`] (durable writes), [`fanout`] (bounded parallelism),
-//! [`retry`] (one retry policy for transient failures),
-//! [`pgconn`] (PostgreSQL connections: SQL and BASE_BACKUP) and [`logging`].
+//! [`net`] is the I/O every binary shares: QUIC + mutual TLS transport, PKI, client
+//! config, the PostgreSQL connection, durable file writes, bounded fan-out, retry and
+//! logging.
 //!
 //! ```
-//! use walvault_protocol::wal::{WalFileName, Lsn};
+//! use walvault_protocol::core::pg::wal::{Lsn, WalFileName};
 //! let name: WalFileName = "000000010000000A000000FE".parse().unwrap();
 //! assert_eq!(name.segment().unwrap().start_lsn(16 << 20), "A/FE000000".parse::<Lsn>().unwrap());
 //! ```
 #![warn(missing_docs, unreachable_pub)]
 
-pub mod backup;
-pub mod codec;
-pub mod config;
-pub mod fanout;
-pub mod fsutil;
-pub mod logging;
-pub mod object;
-pub mod pgconn;
-pub mod pki;
-pub mod retry;
-pub mod transport;
-pub mod wal;
-pub mod waldecode;
-pub mod wire;
+pub mod core;
+#[cfg(feature = "net")]
+pub mod net;
 
 /// Version of walvault, reported by every binary and by the server.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -11,12 +11,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use walvault_protocol::codec::{DecodeOrSinkError, VerifyingDecoder};
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::fsutil;
-use walvault_protocol::transport::ArchiveConnection;
-use walvault_protocol::wal::WalFileName;
-use walvault_protocol::wire::{ErrorCode, Request, Response, MAX_OBJECT_SIZE};
+use walvault_protocol::core::format::codec::{DecodeOrSinkError, VerifyingDecoder};
+use walvault_protocol::core::pg::wal::WalFileName;
+use walvault_protocol::core::wire::{ErrorCode, Request, Response, MAX_OBJECT_SIZE};
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::fsutil;
+use walvault_protocol::net::transport::ArchiveConnection;
 
 use crate::spool::Spool;
 

@@ -24,8 +24,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use walvault_protocol::config::{config_path, ClientConfig};
-use walvault_protocol::logging::{self, LogFormat};
+use walvault_protocol::net::config::{config_path, ClientConfig};
+use walvault_protocol::net::logging::{self, LogFormat};
 
 /// Exit code for a configuration that cannot work (aborts PostgreSQL's recovery).
 const EXIT_FATAL_CONFIG: u8 = 126;
@@ -127,7 +127,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let code = match cli.command {
         // Offline: no configuration, no archive.
         Command::WalBlocks { files } => walblocks::run(&files),

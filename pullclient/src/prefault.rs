@@ -52,9 +52,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use walvault_protocol::config::{PrefaultMethod, PrefetchConfig};
-use walvault_protocol::wal::{Lsn, SegmentName};
-use walvault_protocol::waldecode::{self, ForkNumber};
+use walvault_protocol::core::pg::wal::{Lsn, SegmentName};
+use walvault_protocol::core::pg::waldecode::{self, ForkNumber};
+use walvault_protocol::net::config::{PrefaultMethod, PrefetchConfig};
 
 use crate::pgconf;
 use crate::pgcontrol::ControlFacts;
@@ -300,7 +300,7 @@ impl Prefaulter {
 
     /// Drops what was decoded of a segment that left the spool.
     pub(crate) fn forget(&self, name: &str) {
-        if let Ok(walvault_protocol::wal::WalFileName::Segment(seg)) = name.parse() {
+        if let Ok(walvault_protocol::core::pg::wal::WalFileName::Segment(seg)) = name.parse() {
             let mut inner = lock(&self.inner);
             // Keep the segment replay is in: its blocks may still be ahead.
             if inner.decoded.len() > 64 {
@@ -522,7 +522,7 @@ fn decode_window(
 pub(crate) fn warm_targets(bytes: &[u8]) -> Result<Vec<WarmTarget>, String> {
     // Records are turned into targets one at a time and dropped: memory stays at the
     // segment plus its targets, never a segment's worth of decoded records.
-    let start = walvault_protocol::wal::LongPageHeader::parse(bytes)
+    let start = walvault_protocol::core::pg::wal::LongPageHeader::parse(bytes)
         .map_err(|e| e.to_string())?
         .page_address;
     let mut decoder = waldecode::WalDecoder::new(start).map_err(|e| e.to_string())?;

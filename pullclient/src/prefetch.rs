@@ -26,10 +26,10 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, Semaphore};
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::transport::ArchiveConnection;
-use walvault_protocol::wal::{SegmentName, WalFileName};
-use walvault_protocol::wire::{Request, Response};
+use walvault_protocol::core::pg::wal::{SegmentName, WalFileName};
+use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::transport::ArchiveConnection;
 
 use crate::get::{fetch_to, Fetched};
 use crate::prefault::{PgState, Prefaulter};

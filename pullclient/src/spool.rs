@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::fsutil;
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::fsutil;
 
 use crate::get::Fetched;
 

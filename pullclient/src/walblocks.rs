@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use walvault_protocol::wal::{LongPageHeader, LONG_PAGE_HEADER_LEN};
-use walvault_protocol::waldecode::{DecodedRecord, Next, WalDecoder, WaldumpLsn};
+use walvault_protocol::core::pg::wal::{LongPageHeader, LONG_PAGE_HEADER_LEN};
+use walvault_protocol::core::pg::waldecode::{DecodedRecord, Next, WalDecoder, WaldumpLsn};
 
 /// Bytes read from a file at a time (memory stays near this, whatever the segment size).
 const READ_CHUNK: usize = 1 << 20;

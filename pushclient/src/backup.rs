@@ -36,19 +36,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use walvault_protocol::backup::{
-    backup_id_at, format_unix_utc, BackupManifest, BackupState, BackupStats, FileEntry, FileKind,
-    PackChunk, TablespaceEntry, TarError, TarEvent, TarReader, BACKUP_CHUNK_SIZE, MANIFEST_FORMAT,
-    MAX_CHUNKS_PER_PACK, MAX_HASHES_PER_REQUEST,
+use walvault_protocol::core::format::manifest::{
+    BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry, BACKUP_CHUNK_SIZE,
+    MANIFEST_FORMAT,
 };
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::fanout::Fanout;
-use walvault_protocol::pgconn::basebackup::{BaseBackup, BaseBackupOptions, CopyMessage};
-use walvault_protocol::pgconn::{conninfo, ConnectionKind, PgConnection};
-use walvault_protocol::retry::{retry, ArchiveRefusal, RetryPolicy};
-use walvault_protocol::transport::{read_frame, ArchiveConnection};
-use walvault_protocol::wal::{Lsn, SegmentName, TimelineId};
-use walvault_protocol::wire::{Request, Response};
+use walvault_protocol::core::format::names::{backup_id_at, format_unix_utc};
+use walvault_protocol::core::pg::tar::{TarError, TarEvent, TarReader};
+use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId};
+use walvault_protocol::core::wire::backup::{
+    BackupState, PackChunk, MAX_CHUNKS_PER_PACK, MAX_HASHES_PER_REQUEST,
+};
+use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::fanout::Fanout;
+use walvault_protocol::net::pg::basebackup::{BaseBackup, BaseBackupOptions, CopyMessage};
+use walvault_protocol::net::pg::{conninfo, ConnectionKind, PgConnection};
+use walvault_protocol::net::retry::{retry, ArchiveRefusal, RetryPolicy};
+use walvault_protocol::net::transport::{read_frame, ArchiveConnection};
 
 /// Chunks held while the archive is asked which it lacks (one batch being filled, one
 /// queued, one being uploaded: 3 x 8 MiB at most).
@@ -183,11 +187,11 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
             }
             CopyMessage::Data(bytes) if in_manifest => {
                 if pg_manifest.len() + bytes.len()
-                    > walvault_protocol::backup::MAX_MANIFEST_SIZE as usize
+                    > walvault_protocol::core::format::manifest::MAX_MANIFEST_SIZE as usize
                 {
                     bail!(
                         "PostgreSQL's backup manifest exceeds {} bytes",
-                        walvault_protocol::backup::MAX_MANIFEST_SIZE
+                        walvault_protocol::core::format::manifest::MAX_MANIFEST_SIZE
                     );
                 }
                 pg_manifest.extend_from_slice(&bytes);

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use walvault_protocol::config::{config_path, ClientConfig};
-use walvault_protocol::logging::{self, LogFormat};
+use walvault_protocol::net::config::{config_path, ClientConfig};
+use walvault_protocol::net::logging::{self, LogFormat};
 
 /// walvault primary-side client: archives WAL into archived.
 ///
@@ -99,7 +99,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    walvault_protocol::transport::install_crypto_provider();
+    walvault_protocol::net::transport::install_crypto_provider();
     let result = match cli.command {
         Command::ArchivePush { path } => runtime.block_on(push::archive_push(&cfg, &path)),
         Command::Check => runtime.block_on(push::check(&cfg)),

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use walvault_protocol::codec::{Encoder, CHUNK_SIZE, HEAD_LEN};
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::transport::{read_frame, ArchiveConnection};
-use walvault_protocol::wal::validate_wal_file;
-use walvault_protocol::wire::{Request, Response};
+use walvault_protocol::core::format::codec::{Encoder, CHUNK_SIZE, HEAD_LEN};
+use walvault_protocol::core::pg::wal::validate_wal_file;
+use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::transport::{read_frame, ArchiveConnection};
 
 /// Compressed chunks queued between the compressing thread and the network.
 const SEND_QUEUE: usize = 4;

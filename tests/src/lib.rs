@@ -1059,7 +1059,7 @@ impl MotoServer {
     /// An object_store client of `bucket`, to look at what archived stored (or to put
     /// something behind its back).
     pub fn bucket_store(&self, bucket: &str) -> std::sync::Arc<dyn object_store::ObjectStore> {
-        walvault_protocol::transport::install_crypto_provider();
+        walvault_protocol::net::transport::install_crypto_provider();
         let mut builder = object_store::aws::AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_endpoint(self.endpoint())

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
-use walvault_protocol::config::ClientConfig;
+use walvault_protocol::net::config::ClientConfig;
 
 use super::target::{parse_tablespace_mapping, parse_target_time, RecoveryTarget};
 use super::{restore, Mode, RestoreArgs};
@@ -97,7 +97,7 @@ pub(crate) fn command(
     config: Option<&Path>,
     runtime: &tokio::runtime::Runtime,
 ) -> std::process::ExitCode {
-    let config_path = walvault_protocol::config::config_path(config, "pullclient");
+    let config_path = walvault_protocol::net::config::config_path(config, "pullclient");
     let cfg = match ClientConfig::load(&config_path) {
         Ok(c) => c,
         Err(e) => {

@@ -46,16 +46,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use walvault_protocol::backup::{
-    chunk_range, format_unix_utc, BackupManifest, BackupSummary, FileEntry, FileKind,
-    MAX_CHUNKS_PER_GET, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
+use walvault_protocol::core::format::manifest::{
+    chunk_range, BackupManifest, FileEntry, FileKind, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
 };
-use walvault_protocol::config::ClientConfig;
-use walvault_protocol::fanout::Fanout;
-use walvault_protocol::object::{with_thread_decoder, ObjectHeader, HEADER_LEN};
-use walvault_protocol::retry::{retry, ArchiveRefusal, RetryPolicy};
-use walvault_protocol::transport::ArchiveConnection;
-use walvault_protocol::wire::{Request, Response};
+use walvault_protocol::core::format::names::format_unix_utc;
+use walvault_protocol::core::format::object::{with_thread_decoder, ObjectHeader, HEADER_LEN};
+use walvault_protocol::core::wire::backup::{BackupSummary, MAX_CHUNKS_PER_GET};
+use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::fanout::Fanout;
+use walvault_protocol::net::retry::{retry, ArchiveRefusal, RetryPolicy};
+use walvault_protocol::net::transport::ArchiveConnection;
 
 use target::choose;
 
@@ -504,13 +505,13 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
     }
     // One syncfs per filesystem at the end, through descriptors opened before anything is
     // written, so a writeback error on the way is reported (see fsutil::FsSync).
-    let mut filesystems: Vec<(u64, PathBuf, walvault_protocol::fsutil::FsSync)> = Vec::new();
+    let mut filesystems: Vec<(u64, PathBuf, walvault_protocol::net::fsutil::FsSync)> = Vec::new();
     for root in &roots {
         let dev = std::os::unix::fs::MetadataExt::dev(
             &std::fs::metadata(root).with_context(|| format!("cannot stat {}", root.display()))?,
         );
         if !filesystems.iter().any(|(d, _, _)| *d == dev) {
-            let fs = walvault_protocol::fsutil::FsSync::open(root)
+            let fs = walvault_protocol::net::fsutil::FsSync::open(root)
                 .with_context(|| format!("cannot open {}", root.display()))?;
             filesystems.push((dev, root.clone(), fs));
         }
@@ -784,6 +785,6 @@ fn finish_pgdata(
     f.write_all(conf.as_bytes())?;
     f.sync_all()?;
     write_new(signal, b"")?;
-    walvault_protocol::fsutil::fsync_dir(pgdata)?;
+    walvault_protocol::net::fsutil::fsync_dir(pgdata)?;
     Ok(())
 }

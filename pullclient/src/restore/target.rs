@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
-use walvault_protocol::backup::{BackupState, BackupSummary};
-use walvault_protocol::wal::Lsn;
+use walvault_protocol::core::pg::wal::Lsn;
+use walvault_protocol::core::wire::backup::{BackupState, BackupSummary};
 
 /// Where recovery should stop.
 #[derive(Clone, Debug, PartialEq)]
@@ -112,7 +112,7 @@ pub(crate) fn choose<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use walvault_protocol::backup::BackupState;
+    use walvault_protocol::core::wire::backup::BackupState;
 
     fn summary(id: &str, stop_time: i64, stop_lsn: &str, usable: bool) -> BackupSummary {
         BackupSummary {

@@ -1,7 +1,7 @@
 //! WAL page headers: the short header on every page, the long one that opens a segment,
 //! and the checks PostgreSQL's reader (`XLogReaderValidatePageHeader`) applies to them.
 
-use crate::wal::{
+use crate::core::pg::wal::{
     pg_major_for_magic, Lsn, LONG_PAGE_HEADER_LEN, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
     XLP_LONG_HEADER,
 };

@@ -2,7 +2,7 @@
 //! (block references, origin, top-level xid, main data), checked the way PostgreSQL's
 //! `ValidXLogRecordHeader`, `ValidXLogRecord` and `DecodeXLogRecord` check them.
 
-use crate::wal::Lsn;
+use crate::core::pg::wal::Lsn;
 
 use super::blocks::{BlockRef, RelFileLocator};
 

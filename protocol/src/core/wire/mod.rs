@@ -19,9 +19,12 @@
 //! The protocol version is negotiated by ALPN ([`ALPN`]); an incompatible change gets a
 //! new ALPN string, so an old peer is refused at the handshake, not mid-stream.
 
+pub mod admin;
+pub mod backup;
+
 use serde::{Deserialize, Serialize};
 
-use crate::wal::TimelineId;
+use crate::core::pg::wal::TimelineId;
 
 /// ALPN protocol name for this version of the wire protocol.
 pub const ALPN: &[u8] = b"walvault/1";
@@ -61,7 +64,7 @@ pub enum Request {
     /// Who am I, and is the server alive.
     Ping,
     /// Which of these backup chunks does the archive lack? Answer: [`Response::Missing`].
-    /// At most [`crate::backup::MAX_HASHES_PER_REQUEST`] hashes.
+    /// At most [`crate::core::wire::backup::MAX_HASHES_PER_REQUEST`] hashes.
     ChunksMissing {
         /// Cluster name.
         cluster: String,
@@ -70,13 +73,13 @@ pub enum Request {
     },
     /// Store many backup chunks as one pack (one object in the store). Body: each chunk's
     /// zstd frame, back to back, in the order listed. Answer: [`Response::PackStored`].
-    /// At most [`crate::backup::MAX_CHUNKS_PER_PACK`] chunks and
-    /// [`crate::backup::MAX_PACK_RAW_BYTES`] raw bytes.
+    /// At most [`crate::core::wire::backup::MAX_CHUNKS_PER_PACK`] chunks and
+    /// [`crate::core::wire::backup::MAX_PACK_RAW_BYTES`] raw bytes.
     PutPack {
         /// Cluster name.
         cluster: String,
         /// The chunks, in body order.
-        chunks: Vec<crate::backup::PackChunk>,
+        chunks: Vec<crate::core::wire::backup::PackChunk>,
     },
     /// Store a backup chunk (content-addressed). Body: one zstd frame of the raw chunk.
     PutChunk {
@@ -88,8 +91,8 @@ pub enum Request {
         raw_size: u64,
     },
     /// Fetch several backup chunks on one stream. Answer: [`Response::Chunks`], then the
-    /// stored objects (header + zstd frame, see [`crate::object`]) back to back, in the
-    /// order asked. At most [`crate::backup::MAX_CHUNKS_PER_GET`] hashes.
+    /// stored objects (header + zstd frame, see [`crate::core::format::object`]) back to back, in the
+    /// order asked. At most [`crate::core::wire::backup::MAX_CHUNKS_PER_GET`] hashes.
     GetChunks {
         /// Cluster name.
         cluster: String,
@@ -232,12 +235,12 @@ pub enum Response {
     /// Answer to [`Request::ListBackups`], oldest first.
     Backups {
         /// The backups.
-        backups: Vec<crate::backup::BackupSummary>,
+        backups: Vec<crate::core::wire::backup::BackupSummary>,
     },
     /// The object was deleted.
     Deleted,
     /// Answer to [`Request::Retention`].
-    Retention(crate::backup::RetentionReport),
+    Retention(crate::core::wire::admin::RetentionReport),
     /// The request failed; nothing was changed.
     Error {
         /// Machine-readable class.
@@ -352,25 +355,6 @@ pub enum FrameError {
     Truncated,
 }
 
-/// Cluster names become the first component of every storage key, so they are kept to
-/// a conservative alphabet: 1-63 of `[A-Za-z0-9_-]`, not starting with `-`.
-pub fn validate_cluster_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid cluster name {:?}: use 1-63 letters, digits, '_' or '-' (not starting with '-')",
-            name.escape_debug().to_string()
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,14 +388,6 @@ mod tests {
             decode_frame::<Request>(b"\xff\xfe"),
             Err(FrameError::Malformed(_))
         ));
-    }
-
-    #[test]
-    fn cluster_names() {
-        assert!(validate_cluster_name("main-db_1").is_ok());
-        for bad in ["", "../x", "a/b", "-x", "a\0b", ".", "..", &"x".repeat(64)] {
-            assert!(validate_cluster_name(bad).is_err(), "{bad:?}");
-        }
     }
 
     proptest! {

@@ -5,7 +5,8 @@
 //! and two zero blocks at the end of each archive. Anything else is refused with a typed
 //! error, as are paths that could leave the directory they are restored into.
 
-use super::{validate_relative_path, FileKind};
+use crate::core::format::manifest::FileKind;
+use crate::core::format::names::validate_relative_path;
 
 /// Tar block size.
 const BLOCK: usize = 512;
@@ -269,7 +270,8 @@ fn parse_header(b: &[u8], at: u64) -> Result<TarEntry, TarError> {
     })
 }
 
-/// Builds a ustar header (for tests of readers of PostgreSQL's format).
+/// Builds a ustar header (for tests of readers of PostgreSQL's format; not used by walvault itself).
+#[doc(hidden)]
 pub fn tar_header(path: &str, kind: FileKind, mode: u32, size: u64, link: &str) -> [u8; BLOCK] {
     let mut b = [0u8; BLOCK];
     let name = if kind == FileKind::Directory {
@@ -308,7 +310,6 @@ pub fn tar_header(path: &str, kind: FileKind, mode: u32, size: u64, link: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::FileKind;
     use proptest::prelude::*;
 
     fn archive() -> Vec<u8> {

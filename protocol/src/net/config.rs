@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pki::Role;
+use crate::net::pki::Role;
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "WALVAULT_CONFIG";
@@ -127,7 +127,7 @@ impl Default for PrefetchConfig {
 }
 
 fn default_server_name() -> String {
-    crate::pki::SERVER_NAME.to_string()
+    crate::net::pki::SERVER_NAME.to_string()
 }
 fn default_zstd_level() -> i32 {
     3
@@ -180,7 +180,7 @@ impl ClientConfig {
             message,
         };
         let cfg: ClientConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        crate::wire::validate_cluster_name(&cfg.cluster).map_err(invalid)?;
+        crate::core::format::names::validate_cluster_name(&cfg.cluster).map_err(invalid)?;
         if cfg.prefetch.fetch_concurrency == 0 || cfg.prefetch.prefault_concurrency == 0 {
             return Err(invalid(
                 "prefetch concurrency settings must be at least 1".into(),

@@ -16,7 +16,65 @@
 //! of a `GetChunks` answer is the requested objects, whole and in the requested order,
 //! back to back; the headers delimit them.
 
-use anyhow::{bail, Result};
+/// Why bytes are not the object they should be.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The bytes do not start with an object header.
+    #[error("not a walvault object (bad magic or short header)")]
+    NotAnObject,
+    /// The header names another object than the one asked for.
+    #[error("the archive sent object {got} where {expected} was asked for")]
+    WrongObject {
+        /// blake3 in the header, hex.
+        got: String,
+        /// blake3 asked for, hex.
+        expected: String,
+    },
+    /// The header announces more raw bytes than allowed.
+    #[error("object {object} announces {raw_size} bytes, more than the {max} allowed")]
+    TooLarge {
+        /// blake3, hex.
+        object: String,
+        /// Announced raw size.
+        raw_size: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// The frame is not as long as the header says.
+    #[error("object {object}: {got} compressed bytes where its header says {announced}")]
+    FrameLength {
+        /// blake3, hex.
+        object: String,
+        /// Bytes received.
+        got: u64,
+        /// Bytes announced.
+        announced: u64,
+    },
+    /// The frame does not decompress.
+    #[error("object {object} does not decompress: {source}")]
+    Corrupt {
+        /// blake3, hex.
+        object: String,
+        /// zstd's error.
+        source: std::io::Error,
+    },
+    /// The frame decompresses to another size than announced.
+    #[error("object {object} decompresses to {got} bytes where its header says {announced}")]
+    RawLength {
+        /// blake3, hex.
+        object: String,
+        /// Bytes decompressed.
+        got: u64,
+        /// Bytes announced.
+        announced: u64,
+    },
+    /// The decompressed bytes have another blake3.
+    #[error("object {object}: the decompressed bytes do not have that blake3 (damaged copy)")]
+    HashMismatch {
+        /// blake3 announced, hex.
+        object: String,
+    },
+}
 
 /// Object header length.
 pub const HEADER_LEN: usize = 64;
@@ -45,9 +103,9 @@ impl ObjectHeader {
     }
 
     /// Decodes a header, refusing anything that is not one.
-    pub fn decode(b: &[u8]) -> Result<ObjectHeader> {
+    pub fn decode(b: &[u8]) -> Result<ObjectHeader, ObjectError> {
         if b.len() < HEADER_LEN || &b[0..8] != MAGIC {
-            bail!("not a walvault object (bad magic or short header)");
+            return Err(ObjectError::NotAnObject);
         }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
         let mut blake3 = [0u8; 32];
@@ -93,46 +151,44 @@ impl ObjectDecoder {
         frame: &[u8],
         expected: &[u8; 32],
         max_raw: u64,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<Vec<u8>, ObjectError> {
+        let object = || header.blake3_hex();
         if &header.blake3 != expected {
-            bail!(
-                "the archive sent object {} where {} was asked for",
-                header.blake3_hex(),
-                hex::encode(expected)
-            );
+            return Err(ObjectError::WrongObject {
+                got: object(),
+                expected: hex::encode(expected),
+            });
         }
         if header.raw_size > max_raw {
-            bail!(
-                "object {} announces {} bytes, more than the {max_raw} allowed",
-                header.blake3_hex(),
-                header.raw_size
-            );
+            return Err(ObjectError::TooLarge {
+                object: object(),
+                raw_size: header.raw_size,
+                max: max_raw,
+            });
         }
         if frame.len() as u64 != header.compressed_size {
-            bail!(
-                "object {}: {} compressed bytes where its header says {}",
-                header.blake3_hex(),
-                frame.len(),
-                header.compressed_size
-            );
+            return Err(ObjectError::FrameLength {
+                object: object(),
+                got: frame.len() as u64,
+                announced: header.compressed_size,
+            });
         }
-        let raw = match self.dctx.decompress(frame, header.raw_size as usize) {
-            Ok(raw) => raw,
-            Err(e) => bail!("object {} does not decompress: {e}", header.blake3_hex()),
-        };
+        let raw = self
+            .dctx
+            .decompress(frame, header.raw_size as usize)
+            .map_err(|source| ObjectError::Corrupt {
+                object: object(),
+                source,
+            })?;
         if raw.len() as u64 != header.raw_size {
-            bail!(
-                "object {} decompresses to {} bytes where its header says {}",
-                header.blake3_hex(),
-                raw.len(),
-                header.raw_size
-            );
+            return Err(ObjectError::RawLength {
+                object: object(),
+                got: raw.len() as u64,
+                announced: header.raw_size,
+            });
         }
         if blake3::hash(&raw).as_bytes() != expected {
-            bail!(
-                "object {}: the decompressed bytes do not have that blake3 (damaged copy)",
-                header.blake3_hex()
-            );
+            return Err(ObjectError::HashMismatch { object: object() });
         }
         Ok(raw)
     }

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::wire::ErrorCode;
+use crate::core::wire::ErrorCode;
 
 /// An error that knows whether trying again may succeed.
 pub trait Transient {

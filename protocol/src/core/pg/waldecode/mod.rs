@@ -84,7 +84,7 @@ mod tests;
 
 use std::fmt;
 
-use crate::wal::Lsn;
+use crate::core::pg::wal::Lsn;
 
 pub use blocks::{BlockImage, BlockRef, ForkNumber, ImageCompression, RelFileLocator};
 pub use decoder::{WalDecoder, MAX_START_LSN};
@@ -276,7 +276,7 @@ pub fn decode_segment(segment: &[u8]) -> Result<SegmentRecords, DecodeError> {
     let mut address = [0u8; 8];
     address.copy_from_slice(&header[8..16]);
     let start = Lsn(u64::from_le_bytes(address));
-    if magic != 0 && crate::wal::pg_major_for_magic(magic).is_none() {
+    if magic != 0 && crate::core::pg::wal::pg_major_for_magic(magic).is_none() {
         return Err(DecodeError::BadFirstPage {
             lsn: start,
             problem: PageProblem::BadMagic {

@@ -1,7 +1,7 @@
 //! QUIC + mutual TLS endpoints and frame I/O on streams, shared by every binary.
 //!
 //! TLS 1.3 only, ring as the one crypto provider of the workspace (see
-//! [`install_crypto_provider`]), ALPN [`crate::wire::ALPN`]. The server requires a client
+//! [`install_crypto_provider`]), ALPN [`crate::core::wire::ALPN`]. The server requires a client
 //! certificate signed by the archive's CA; a certificate from anywhere else fails the
 //! handshake.
 
@@ -14,8 +14,8 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::config::ClientConfig;
-use crate::wire::{self, FrameError};
+use crate::core::wire::{self, FrameError};
+use crate::net::config::ClientConfig;
 
 /// Concurrent requests (bidirectional streams) one connection may have open. With the
 /// per-stream window below this bounds what one client can make the server buffer.

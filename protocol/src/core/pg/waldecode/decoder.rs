@@ -6,7 +6,7 @@
 //! or segments is checked (CRC) as its pieces pass, never buffered whole. Feed a segment,
 //! drain [`WalDecoder::next_record`] until it asks for input, feed the next.
 
-use crate::wal::Lsn;
+use crate::core::pg::wal::Lsn;
 
 use super::page::{
     HeaderRead, PageHeader, PageProblem, PageRules, WalGeometry, XLP_FIRST_IS_CONTRECORD,
@@ -25,8 +25,8 @@ pub const MAX_START_LSN: u64 = 1 << 62;
 /// A WAL decoder fed with consecutive bytes starting at a known LSN.
 ///
 /// ```
-/// use walvault_protocol::waldecode::{WalDecoder, Next};
-/// use walvault_protocol::wal::Lsn;
+/// use walvault_protocol::core::pg::waldecode::{WalDecoder, Next};
+/// use walvault_protocol::core::pg::wal::Lsn;
 ///
 /// # fn segments() -> Vec<Vec<u8>> { Vec::new() }
 /// let mut decoder = WalDecoder::new(Lsn(0x0100_0000)).unwrap();
@@ -202,7 +202,8 @@ impl WalDecoder {
 
     /// PostgreSQL major version of the WAL, once its first page has been read.
     pub fn pg_major(&self) -> Option<u32> {
-        self.magic.and_then(crate::wal::pg_major_for_magic)
+        self.magic
+            .and_then(crate::core::pg::wal::pg_major_for_magic)
     }
 
     /// The next record; [`Next::NeedInput`] when the bytes fed so far are not enough
@@ -322,7 +323,7 @@ impl WalDecoder {
                 }));
                 return Flow::Continue;
             }
-            if crate::wal::pg_major_for_magic(h.magic).is_none() {
+            if crate::core::pg::wal::pg_major_for_magic(h.magic).is_none() {
                 return self.bad_first_page(PageProblem::BadMagic {
                     found: h.magic,
                     expected: 0,

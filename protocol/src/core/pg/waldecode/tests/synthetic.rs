@@ -3,7 +3,7 @@
 //! headers split across pages, and each of the decoder's record checks.
 
 use super::*;
-use crate::waldecode::record::MAX_HEADERS_LEN;
+use crate::core::pg::waldecode::record::MAX_HEADERS_LEN;
 
 const SEG: u64 = 1 << 20;
 const PAGE: u64 = 8192;

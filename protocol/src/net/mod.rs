@@ -1,0 +1,18 @@
+//! The I/O half of walvault's shared library (cargo feature `net`, on by default): what
+//! every binary needs to talk to the archive, to PostgreSQL and to the disk.
+//!
+//! - [`transport`]: QUIC + mutual TLS endpoints and frames on streams;
+//! - [`pki`]: the archive CA and the certificates that name a cluster and a role;
+//! - [`config`]: client config files;
+//! - [`pg`]: PostgreSQL connections (replication protocol, BASE_BACKUP);
+//! - [`fsutil`]: durable file writes; [`fanout`]: bounded parallelism; [`retry`]: one
+//!   retry policy for failures that classify themselves; [`logging`].
+
+pub mod config;
+pub mod fanout;
+pub mod fsutil;
+pub mod logging;
+pub mod pg;
+pub mod pki;
+pub mod retry;
+pub mod transport;
