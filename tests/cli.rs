@@ -1,11 +1,15 @@
 //! The command-line contract: init refuses to replace a CA, issued configs are private,
-//! and clients find their configuration the documented way.
+//! clients find their configuration the documented way, and serve reports the address it
+//! bound.
 
 use std::fs;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use walvault_tests::{try_run, Archive, TestDir};
+use walvault_tests::{
+    run, tail_file, try_run, wait_for, Archive, BgProcess, Binaries, TestDir, WAIT_TIMEOUT,
+};
 
 #[test]
 fn init_refuses_to_overwrite_a_ca_and_issued_configs_are_private() {
@@ -115,4 +119,60 @@ fn clients_find_their_config_by_flag_environment_or_default_path() {
         "{}",
         none.describe()
     );
+}
+
+/// `archived serve --listen-address-file`: with `listen` port 0 the kernel picks the
+/// port, and the file says which, once the socket is bound. This is how the harness
+/// starts every archive, so concurrent test runs never race for a port.
+#[test]
+fn serve_reports_the_address_it_bound_when_the_kernel_picks_the_port() {
+    let dir = TestDir::new("listenfile");
+    let bins = Binaries::copy_to(&dir.join("bin"));
+    let data = dir.join("data");
+    run(
+        "archived init --listen 127.0.0.1:0",
+        Command::new(bins.archived())
+            .args(["init", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0"]),
+    );
+    let address_file = dir.join("listen-address");
+    let stderr = dir.join("archived.stderr");
+    let mut server = BgProcess::spawn(
+        "archived serve",
+        Command::new(bins.archived())
+            .args(["serve", "--data-dir"])
+            .arg(&data)
+            .arg("--listen-address-file")
+            .arg(&address_file),
+        &dir.join("archived"),
+    );
+    let addr: SocketAddr = wait_for(
+        "archived serve to write its listen address file",
+        WAIT_TIMEOUT,
+        || {
+            assert!(
+                server.try_wait().is_none(),
+                "archived serve exited\n{}",
+                tail_file(&stderr, 30)
+            );
+            fs::read_to_string(&address_file).ok()
+        },
+        || tail_file(&stderr, 30),
+    )
+    .trim_end()
+    .parse()
+    .unwrap_or_else(|e| panic!("{} does not hold an IP:port: {e}", address_file.display()));
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    assert_ne!(
+        addr.port(),
+        0,
+        "the file holds the configured port 0, not the bound one"
+    );
+    let taken = std::net::UdpSocket::bind(addr);
+    assert!(
+        taken.is_err(),
+        "{addr} is not bound by archived serve (a bind to it succeeded)"
+    );
+    assert!(server.try_wait().is_none(), "{}", server.stderr_tail(30));
 }

@@ -73,6 +73,11 @@ enum Command {
         /// Data directory.
         #[arg(long)]
         data_dir: PathBuf,
+        /// Once the UDP socket is bound, write the address it is bound to (IP:port and a
+        /// newline) to this file, replacing it atomically. With `listen` port 0 the
+        /// kernel picks a free port; this is how a caller (the test harness) learns it.
+        #[arg(long)]
+        listen_address_file: Option<PathBuf>,
     },
     /// WAL held in the archive.
     Wal {
@@ -173,7 +178,10 @@ async fn run(command: Command) -> Result<()> {
             println!("wrote {} ({role} for cluster {cluster})", out.display());
             Ok(())
         }
-        Command::Serve { data_dir } => server::serve(&DataDir::new(&data_dir)).await,
+        Command::Serve {
+            data_dir,
+            listen_address_file,
+        } => server::serve(&DataDir::new(&data_dir), listen_address_file.as_deref()).await,
         Command::Wal {
             command:
                 WalCommand::List {

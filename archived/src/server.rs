@@ -16,6 +16,7 @@
 //! unacknowledged.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,8 +109,11 @@ pub struct ArchiveState {
     backups: crate::backups::BackupService,
 }
 
-/// Runs the server until SIGTERM/SIGINT.
-pub async fn serve(dir: &DataDir) -> Result<()> {
+/// Runs the server until SIGTERM/SIGINT. With `listen_address_file`, the bound address
+/// is written there (atomically: a temp file renamed over it) before the first connection
+/// is accepted, so a caller that let the kernel pick the port (`listen` port 0) can wait
+/// for the file instead of guessing a free port.
+pub async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> Result<()> {
     walvault_protocol::net::transport::install_crypto_provider();
     let cfg = dir.load_config()?;
     let options: Vec<(String, String)> = cfg.storage_options.clone().into_iter().collect();
@@ -132,7 +136,11 @@ pub async fn serve(dir: &DataDir) -> Result<()> {
         &tls.key_pem,
         &ca_pem,
     )?;
-    tracing::info!(listen = %endpoint.local_addr()?, store = %store.describe(), "archived is serving");
+    let bound = endpoint.local_addr()?;
+    if let Some(path) = listen_address_file {
+        write_listen_address(path, bound)?;
+    }
+    tracing::info!(listen = %bound, store = %store.describe(), "archived is serving");
 
     let state = Arc::new(ArchiveState {
         store,
@@ -181,6 +189,23 @@ pub async fn serve(dir: &DataDir) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     tracing::info!("archived stopped");
     Ok(())
+}
+
+/// Writes `addr` and a newline to `path` through a temp file beside it, so a reader sees
+/// either no file, the previous content or the whole address, never a partial line.
+fn write_listen_address(path: &Path, addr: SocketAddr) -> Result<()> {
+    let tmp = walvault_protocol::net::fsutil::temp_path_beside(path);
+    let written =
+        std::fs::write(&tmp, format!("{addr}\n")).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| {
+        format!(
+            "cannot write the listen address to {} (--listen-address-file): is its directory writable?",
+            path.display()
+        )
+    })
 }
 
 async fn handle_connection(state: Arc<ArchiveState>, incoming: quinn::Incoming) {
