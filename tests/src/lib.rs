@@ -8,10 +8,11 @@
 //!   is set, for post-mortems).
 //! - [`Binaries`]: `archived`, `pushclient` and `pullclient` copied from the cargo target
 //!   directory into a temp dir the `postgres` user can execute from.
-//! - [`Archive`]: a running `archived serve` on 127.0.0.1 with a free UDP port.
+//! - [`Archive`]: a running `archived serve` on 127.0.0.1, on a UDP port the kernel picked.
 //! - [`PgCluster`]: a PostgreSQL 15 cluster in its own temp dir on its own Unix socket.
-//! - [`MotoServer`]: an S3 server (`moto_server`, PyPI `moto[server]`) on a free
-//!   127.0.0.1 TCP port, for archives whose store is `s3://` ([`Archive::start_s3`]).
+//! - [`MotoServer`]: an S3 server (`moto_server`, PyPI `moto[server]`) on a 127.0.0.1
+//!   TCP port the kernel picked, for archives whose store is `s3://`
+//!   ([`Archive::start_s3`]).
 //!
 //! PostgreSQL refuses to run as root: when the tests run as root, every PostgreSQL
 //! program (and every client the tests run on PostgreSQL's behalf) runs as the `postgres`
@@ -571,22 +572,26 @@ pub fn processes_running(program: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// A UDP port free right now on 127.0.0.1.
-pub fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket on 127.0.0.1:0");
-    s.local_addr().unwrap().port()
-}
-
 // ---------------------------------------------------------------------------------------
 // archived
 // ---------------------------------------------------------------------------------------
 
+/// What the harness gives `archived init --listen`: port 0, the kernel picks at `serve`.
+const UNBOUND_LISTEN: &str = "127.0.0.1:0";
+
 /// A running `archived serve` with its own data dir and port; killed when dropped.
+///
+/// The port is the kernel's pick: `archived init --listen 127.0.0.1:0`, then `serve
+/// --listen-address-file` reports the bound address, which the harness writes into
+/// `archived.toml` (so restarts keep the port, and `issue` writes it into client
+/// configs) and `admin.toml`. No port is ever chosen by binding and releasing, which
+/// races with every other test run on the machine.
 pub struct Archive {
     dir: TestDir,
     bins: Binaries,
     data_dir: PathBuf,
     conf_dir: PathBuf,
+    /// 0 until the first `serve` has bound.
     port: u16,
     ready_cluster: String,
     server: Option<BgProcess>,
@@ -643,15 +648,13 @@ impl Archive {
         let bins = Binaries::copy_to(&dir.join("bin"));
         let conf_dir = dir.subdir("conf");
         let data_dir = dir.join("data");
-        let port = free_udp_port();
-        let listen = format!("127.0.0.1:{port}");
         run(
             "archived init",
             Command::new(bins.archived())
                 .arg("init")
                 .arg("--data-dir")
                 .arg(&data_dir)
-                .args(["--listen", &listen])
+                .args(["--listen", UNBOUND_LISTEN])
                 .current_dir(dir.path()),
         );
         configure(&data_dir.join("archived.toml"));
@@ -661,7 +664,7 @@ impl Archive {
             bins,
             data_dir,
             conf_dir,
-            port,
+            port: 0,
             ready_cluster: cluster.into(),
             server: None,
             log_prefix,
@@ -672,25 +675,94 @@ impl Archive {
     }
 
     /// Starts `archived serve` (after [`stop`](Self::stop) or [`kill9`](Self::kill9)),
-    /// same data dir and port, and waits until it is ready.
+    /// same data dir and port, and waits until it has bound its socket and is ready.
     pub fn serve(&mut self) {
         assert!(self.server.is_none(), "archived is already running");
         let _ = writeln!(
             open_append(&self.log_prefix.with_extension("stderr")),
             "=== harness: archived serve ==="
         );
+        let address_file = self.dir.join("listen-address");
+        match fs::remove_file(&address_file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("remove {}: {e}", address_file.display()),
+        }
         let p = BgProcess::spawn(
             "archived serve",
             Command::new(self.bins.archived())
                 .arg("serve")
                 .arg("--data-dir")
                 .arg(&self.data_dir)
+                .arg("--listen-address-file")
+                .arg(&address_file)
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .current_dir(self.dir.path()),
             &self.log_prefix,
         );
         self.server = Some(p);
+        let bound = self.wait_bound(&address_file);
+        if self.port == 0 {
+            self.port = bound;
+            self.pin_port();
+        } else if bound != self.port {
+            panic!(
+                "archived serve bound port {bound}, not {} as archived.toml says\n{}",
+                self.port,
+                self.diag()
+            );
+        }
         self.wait_ready();
+    }
+
+    /// Waits until `serve` has written its bound address to `address_file`; its port.
+    fn wait_bound(&mut self, address_file: &Path) -> u16 {
+        let deadline = Instant::now() + WAIT_TIMEOUT;
+        loop {
+            if let Some(status) = self.server.as_mut().and_then(|s| s.try_wait()) {
+                panic!(
+                    "archived serve exited ({status}) before it had bound its socket\n{}",
+                    self.diag()
+                );
+            }
+            if let Ok(text) = fs::read_to_string(address_file) {
+                let addr: std::net::SocketAddr = text.trim_end().parse().unwrap_or_else(|e| {
+                    panic!(
+                        "{} holds {text:?}, not an IP:port ({e})\n{}",
+                        address_file.display(),
+                        self.diag()
+                    )
+                });
+                return addr.port();
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "archived serve did not write {} within {WAIT_TIMEOUT:?}\n{}",
+                    address_file.display(),
+                    self.diag()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Writes the port the first `serve` bound into `archived.toml` (restarts bind it
+    /// again; `issue` writes it into client configs) and `admin.toml` (admin commands).
+    fn pin_port(&self) {
+        let listen = format!("127.0.0.1:{}", self.port);
+        for (file, key) in [("archived.toml", "listen"), ("admin.toml", "server")] {
+            let path = self.data_dir.join(file);
+            let text = fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            let line = format!("{key} = \"{UNBOUND_LISTEN}\"\n");
+            assert!(
+                text.contains(&line),
+                "{} has no line {line:?}; the harness cannot give it the bound port:\n{text}",
+                path.display()
+            );
+            let text = text.replacen(&line, &format!("{key} = \"{listen}\"\n"), 1);
+            fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        }
     }
 
     /// Waits until `archived wal list` for the readiness cluster exits 0.
@@ -967,8 +1039,8 @@ pub fn moto_server_program() -> PathBuf {
         })
 }
 
-/// A running `moto_server` (an in-memory S3) on a free 127.0.0.1 TCP port; killed when
-/// dropped.
+/// A running `moto_server` (an in-memory S3) on a 127.0.0.1 TCP port the kernel picked;
+/// killed when dropped.
 pub struct MotoServer {
     _dir: TestDir,
     process: BgProcess,
@@ -977,51 +1049,48 @@ pub struct MotoServer {
 }
 
 impl MotoServer {
-    /// Starts it and waits until it answers HTTP.
+    /// Starts it on port 0 (the kernel picks a free port, so concurrent test runs never
+    /// race for one), learns the port from the line werkzeug logs once it listens
+    /// (` * Running on http://127.0.0.1:PORT`), and waits until it answers HTTP.
     pub fn start() -> MotoServer {
         let program = moto_server_program();
         let dir = TestDir::new("moto");
         let log_prefix = dir.join("moto");
-        // Bind-and-release, then retry with a new port if moto lost the race for it.
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("bind a TCP socket on 127.0.0.1:0")
-                .port();
-            let mut process = BgProcess::spawn(
-                "moto_server",
-                Command::new(&program)
-                    .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                    .current_dir(dir.path()),
-                &log_prefix,
-            );
-            let deadline = Instant::now() + WAIT_TIMEOUT;
-            loop {
-                if process.try_wait().is_some() {
-                    break;
-                }
-                if http_request(port, "GET", "/", &[]).is_ok_and(|r| r.starts_with("HTTP/1.")) {
-                    return MotoServer {
-                        _dir: dir,
-                        process,
-                        port,
-                        log_prefix,
-                    };
-                }
-                if Instant::now() >= deadline {
+        let stderr = log_prefix.with_extension("stderr");
+        let mut process = BgProcess::spawn(
+            "moto_server",
+            Command::new(&program)
+                .args(["-H", "127.0.0.1", "-p", "0"])
+                .current_dir(dir.path()),
+            &log_prefix,
+        );
+        let port = wait_for(
+            "moto_server to log the port it listens on (\" * Running on http://127.0.0.1:PORT\")",
+            WAIT_TIMEOUT,
+            || {
+                if let Some(status) = process.try_wait() {
                     panic!(
-                        "moto_server did not answer on 127.0.0.1:{port} within {WAIT_TIMEOUT:?}\n{}",
-                        tail_file(&log_prefix.with_extension("stderr"), 30)
+                        "moto_server ({}) exited ({status}) at startup\n{}",
+                        program.display(),
+                        tail_file(&stderr, 30)
                     );
                 }
-                thread::sleep(Duration::from_millis(100));
-            }
-        }
-        panic!(
-            "moto_server ({}) keeps exiting at startup\n{}",
-            program.display(),
-            tail_file(&log_prefix.with_extension("stderr"), 30)
+                moto_listen_port(&read_lossy(&stderr))
+            },
+            || tail_file(&stderr, 30),
         );
+        wait_until(
+            &format!("moto_server to answer HTTP on 127.0.0.1:{port}"),
+            WAIT_TIMEOUT,
+            || http_request(port, "GET", "/", &[]).is_ok_and(|r| r.starts_with("HTTP/1.")),
+            || tail_file(&stderr, 30),
+        );
+        MotoServer {
+            _dir: dir,
+            process,
+            port,
+            log_prefix,
+        }
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -1104,6 +1173,15 @@ impl MotoServer {
             tail_file(&self.log_prefix.with_extension("stderr"), 30)
         )
     }
+}
+
+/// The port in werkzeug's ` * Running on http://127.0.0.1:PORT` line, once logged.
+fn moto_listen_port(log: &str) -> Option<u16> {
+    log.lines().find_map(|line| {
+        let rest = line.split("Running on http://127.0.0.1:").nth(1)?;
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok().filter(|&port| port != 0)
+    })
 }
 
 /// Runs a future to completion on a small current-thread runtime (harness helpers are
