@@ -1,0 +1,90 @@
+//! Temp dirs and file helpers: [`TestDir`] (world-traversable, kept for post-mortems
+//! when `WALVAULT_KEEP_TMP` is set), log tails for failure messages, blake3 of files.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::cmd::tail_str;
+use super::users::chmod;
+
+/// A temp dir under /tmp, mode 0755 so the `postgres` user can traverse it. Removed on
+/// drop unless `WALVAULT_KEEP_TMP` is set.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TestDir {
+    /// Creates `/tmp/walvault-<label>-XXXXXX`.
+    pub fn new(label: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("walvault-{label}-"))
+            .tempdir_in("/tmp")
+            .unwrap_or_else(|e| panic!("cannot create a temp dir in /tmp: {e}"));
+        let path = dir.path().to_path_buf();
+        chmod(&path, 0o755);
+        TestDir {
+            dir: Some(dir),
+            path,
+        }
+    }
+
+    /// The dir.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside.
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.path.join(p)
+    }
+
+    /// Creates a subdir (mode 0755) and returns it.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        chmod(&p, 0o755);
+        p
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("WALVAULT_KEEP_TMP").is_some() {
+            if let Some(d) = self.dir.take() {
+                eprintln!("keeping {}", d.keep().display());
+            }
+        }
+    }
+}
+
+/// A file's content, lossily decoded; empty if it cannot be read.
+pub fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// The last `lines` lines of a file (or a note that it cannot be read).
+pub fn tail_file(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(b) => tail_str(&String::from_utf8_lossy(&b), lines),
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// blake3 of some bytes, as hex.
+pub fn b3(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// blake3 of a file, read in pieces (for files too large to hold).
+pub fn b3_file(path: &Path) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_reader(
+            fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display())),
+        )
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    hasher.finalize()
+}

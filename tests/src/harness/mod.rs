@@ -1,0 +1,9 @@
+//! The harness's modules; `lib.rs` re-exports what the tests use.
+
+pub mod archive;
+pub mod bins;
+pub mod cmd;
+pub mod files;
+pub mod moto;
+pub mod pg;
+pub mod users;
