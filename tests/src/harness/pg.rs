@@ -1,5 +1,7 @@
 //! PostgreSQL 15 clusters ([`PgCluster`]), each in its own temp dir on its own Unix
-//! socket, run as the `postgres` user when the tests run as root.
+//! socket, run as the `postgres` user when the tests run as root. Under nextest, a
+//! cluster can only be started by a test in the `postgres` test group
+//! (`.config/nextest.toml`).
 
 use std::fs;
 use std::io::Write;
@@ -60,8 +62,31 @@ pub struct PgCluster {
     running: bool,
 }
 
+/// The nextest test group of the tests that start PostgreSQL (`.config/nextest.toml`).
+pub const POSTGRES_TEST_GROUP: &str = "postgres";
+
+/// Under nextest, panics unless the running test is in [`POSTGRES_TEST_GROUP`]: the
+/// group's filter is a list of names, and a test that starts PostgreSQL outside it would
+/// be scheduled as a light test (one slot, no cap on how many run at once).
+fn check_postgres_test_group() {
+    if std::env::var_os("NEXTEST").is_none() {
+        return;
+    }
+    let group = std::env::var("NEXTEST_TEST_GROUP").unwrap_or_default();
+    if group != POSTGRES_TEST_GROUP {
+        panic!(
+            "test {} starts PostgreSQL but nextest runs it in test group {group:?}, not \
+             {POSTGRES_TEST_GROUP:?}: add it to the `{POSTGRES_TEST_GROUP}` override's filter \
+             in .config/nextest.toml (or put it in a module named pg_*), so it gets its two \
+             slots and counts against the cap on concurrent PostgreSQL tests",
+            std::env::var("NEXTEST_TEST_NAME").unwrap_or_default()
+        );
+    }
+}
+
 impl PgCluster {
     fn new_dirs(name: &str) -> PgCluster {
+        check_postgres_test_group();
         let dir = TestDir::new(&format!("pg-{name}"));
         let sock = dir.subdir("sock");
         let data = dir.join("data");
