@@ -174,6 +174,42 @@ fn harness_runs_postgres() {
     );
 }
 
+/// Clusters are copies of one cached initdb (harness/pgdata_template.rs), yet each is a
+/// system of its own, as a real initdb makes it: PostgreSQL accepts the rewritten
+/// pg_control and WAL headers, reports distinct system identifiers, and its WAL starts
+/// where initdb's does; other initdb options get their own template.
+#[test]
+fn initdb_clusters_are_distinct_systems() {
+    let mut a = PgCluster::initdb("distinct-a", &[]);
+    let mut b = PgCluster::initdb("distinct-b", &[]);
+    let mut small = PgCluster::initdb("distinct-small", &["--wal-segsize", "1"]);
+    let mut ids = Vec::new();
+    for c in [&mut a, &mut b, &mut small] {
+        c.start();
+        ids.push(c.psql("SELECT system_identifier FROM pg_control_system()"));
+    }
+    // initdb's WAL fits in the first 16 MiB segment (with 1 MiB segments it spans several).
+    for c in [&a, &b] {
+        assert_eq!(
+            c.psql("SELECT pg_walfile_name(pg_current_wal_lsn())"),
+            "000000010000000000000001",
+            "{}",
+            c.diag()
+        );
+    }
+    assert_eq!(small.psql("SHOW wal_segment_size"), "1MB");
+    assert_eq!(a.psql("SHOW wal_segment_size"), "16MB");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "system identifiers repeat: {ids:?}");
+    b.psql("CREATE TABLE only_in_b (x int)");
+    assert_eq!(
+        a.psql("SELECT count(*) FROM pg_class WHERE relname = 'only_in_b'"),
+        "0",
+        "a write to one copy shows in another"
+    );
+}
+
 /// A standby built from a base backup without WAL replays everything from the archive.
 #[test]
 fn replica_replays_from_archive() {

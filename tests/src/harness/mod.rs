@@ -6,4 +6,5 @@ pub mod cmd;
 pub mod files;
 pub mod moto;
 pub mod pg;
+mod pgdata_template;
 pub mod users;

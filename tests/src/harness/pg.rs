@@ -1,7 +1,7 @@
 //! PostgreSQL 15 clusters ([`PgCluster`]), each in its own temp dir on its own Unix
-//! socket, run as the `postgres` user when the tests run as root. Under nextest, a
-//! cluster can only be started by a test in the `postgres` test group
-//! (`.config/nextest.toml`).
+//! socket, run as the `postgres` user when the tests run as root. New data directories
+//! are copies of a cached initdb (`pgdata_template`). Under nextest, a cluster can only
+//! be started by a test in the `postgres` test group (`.config/nextest.toml`).
 
 use std::fs;
 use std::io::Write;
@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::cmd::{run, try_run, try_run_timeout, wait_until, BgProcess, Output, WAIT_TIMEOUT};
+use super::cmd::{try_run, try_run_timeout, wait_until, BgProcess, Output, WAIT_TIMEOUT};
 use super::files::{read_lossy, tail_file, TestDir};
+use super::pgdata_template::copy_fresh_pgdata;
 use super::users::{as_pg_user, chown_pg};
 
 /// Where PostgreSQL 15 lives (override with `WALVAULT_PG_BIN`).
@@ -108,25 +109,21 @@ impl PgCluster {
         PgCluster::new_dirs(name)
     }
 
-    /// `initdb` (trust auth, C locale, no sync) plus `extra_args` (e.g.
-    /// `["--wal-segsize", "1"]`). Not started.
+    /// A new data directory as `initdb` (trust auth, C locale, no sync) plus `extra_args`
+    /// (e.g. `["--wal-segsize", "1"]`) makes it: a copy of a cached initdb, with a system
+    /// identifier of its own (see `pgdata_template`). Not started.
     pub fn initdb(name: &str, extra_args: &[&str]) -> PgCluster {
         let c = PgCluster::new_dirs(name);
-        run(
-            &format!("initdb of cluster {name}"),
-            pg_command("initdb")
-                .arg("-D")
-                .arg(&c.data)
-                .args([
-                    "--auth=trust",
-                    "--no-locale",
-                    "-E",
-                    "UTF8",
-                    "--no-sync",
-                    "--no-instructions",
-                ])
-                .args(extra_args),
-        );
+        let mut args = vec![
+            "--auth=trust",
+            "--no-locale",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        ];
+        args.extend_from_slice(extra_args);
+        copy_fresh_pgdata(&args, &c.data);
         c.append_conf(&[
             "fsync = off",
             "log_line_prefix = '%m [%p] %b '",
