@@ -13,7 +13,6 @@
 
 mod get;
 mod pgconf;
-mod pgcontrol;
 mod prefault;
 mod prefetch;
 mod restore;

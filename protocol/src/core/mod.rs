@@ -5,7 +5,8 @@
 //!
 //! - [`pg`]: PostgreSQL's formats: LSNs, timelines, WAL file names and the long page
 //!   header ([`pg::wal`]), WAL page and record decoding ([`pg::waldecode`]), the ustar
-//!   stream of BASE_BACKUP ([`pg::tar`]).
+//!   stream of BASE_BACKUP ([`pg::tar`]), the control file ([`pg::control`]) and where a
+//!   relation block lives under PGDATA ([`pg::relpath`]).
 //! - [`format`]: walvault's own formats: the stored object ([`format::object`]),
 //!   streaming zstd + blake3 ([`format::codec`]), backup manifests
 //!   ([`format::manifest`]) and the names clients may use ([`format::names`]).

@@ -1,5 +1,7 @@
 //! PostgreSQL's own formats, read as PostgreSQL writes them.
 
+pub mod control;
+pub mod relpath;
 pub mod tar;
 pub mod wal;
 pub mod waldecode;

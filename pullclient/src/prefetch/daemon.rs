@@ -1,20 +1,6 @@
-//! The prefetch daemon: keeps the segments PostgreSQL will ask for next fetched and
-//! verified in the spool, and warms the heap blocks their records touch.
-//!
-//! Contract: the daemon is an optimization. Nothing it does can make a restore return
-//! wrong bytes (archive-get re-verifies every spool hit against the archive's blake3) or
-//! fail (archive-get falls back to fetching directly). It never runs inside PGDATA (its
-//! working directory is the spool), runs no child processes, closes every file under
-//! PGDATA as soon as PostgreSQL is not running, and exits within a second of SIGTERM.
-//!
-//! What it knows of replay: the last segment archive-get was asked for (PostgreSQL asks
-//! for segment N once it has replayed N-1), and, when it can connect through the
-//! socket named in `postmaster.pid`, `pg_last_wal_replay_lsn()`.
-//!
-//! Bounds: at most `spool_max_bytes` of segments ahead of the requested one and
-//! `fetch_concurrency` downloads at once. When the archive does not have the next
-//! segment yet, it asks again after 1, 2, 4 ... 30 seconds, or at once when PostgreSQL
-//! asks for something new: never a busy loop.
+//! The daemon's life: the spool lock, the control socket, the loop that watches
+//! PostgreSQL and steps the prefaulter, and the downloads that keep the spool ahead of
+//! replay (see the [module header](super) for the contract and bounds).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -23,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, Semaphore};
 use walvault_protocol::core::pg::wal::{SegmentName, WalFileName};
@@ -33,7 +18,9 @@ use walvault_protocol::net::transport::ArchiveConnection;
 
 use crate::get::{fetch_to, Fetched};
 use crate::prefault::{PgState, Prefaulter};
-use crate::spool::{ControlRequest, Spool};
+use crate::spool::Spool;
+
+use super::control::control_loop;
 
 /// Longest wait before asking the archive again for a segment it did not have.
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -81,7 +68,7 @@ struct State {
     counters: Counters,
 }
 
-struct Daemon {
+pub(super) struct Daemon {
     cfg: ClientConfig,
     spool: Spool,
     state: Mutex<State>,
@@ -210,7 +197,7 @@ fn clean_partial_downloads(ready: &Path) {
 }
 
 impl Daemon {
-    fn requested(&self, name: &str) {
+    pub(super) fn requested(&self, name: &str) {
         let mut st = lock_state(&self.state);
         st.counters.requests += 1;
         st.counters.last_requested = Some(name.to_string());
@@ -226,6 +213,21 @@ impl Daemon {
         }
         drop(st);
         self.wake.notify_one();
+    }
+
+    /// archive-get served a file, from the spool or fetched directly.
+    pub(super) fn served(&self, from_spool: bool) {
+        let mut st = lock_state(&self.state);
+        if from_spool {
+            st.counters.spool_hits += 1;
+        } else {
+            st.counters.spool_misses += 1;
+        }
+    }
+
+    /// The counters now.
+    pub(super) fn counters(&self) -> Counters {
+        lock_state(&self.state).counters.clone()
     }
 
     async fn connection(&self) -> Result<Arc<ArchiveConnection>> {
@@ -336,14 +338,12 @@ async fn fetch_loop(daemon: Arc<Daemon>) {
                 None
             }
         };
-        let mut started = false;
         if let Some(seg_size) = seg_size {
             for seg in daemon.plan(seg_size) {
                 let Ok(permit) = daemon.downloads.clone().try_acquire_owned() else {
                     break;
                 };
                 lock_state(&daemon.state).inflight.insert(seg);
-                started = true;
                 let d = daemon.clone();
                 tokio::spawn(async move {
                     d.download(seg).await;
@@ -353,7 +353,6 @@ async fn fetch_loop(daemon: Arc<Daemon>) {
                 });
             }
         }
-        let _ = started;
         let sleep = {
             let st = lock_state(&daemon.state);
             match st.archive_end {
@@ -432,42 +431,3 @@ impl Daemon {
         }
     }
 }
-
-async fn control_loop(daemon: Arc<Daemon>, listener: UnixListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut line = String::new();
-            let mut reader = BufReader::new(read).take(64 * 1024);
-            if reader.read_line(&mut line).await.is_err() {
-                return;
-            }
-            let answer = match serde_json::from_str::<ControlRequest>(line.trim()) {
-                Ok(ControlRequest::Requested { name }) => {
-                    daemon.requested(&name);
-                    "{\"ok\":true}".to_string()
-                }
-                Ok(ControlRequest::Served { from_spool, .. }) => {
-                    let mut st = lock_state(&daemon.state);
-                    if from_spool {
-                        st.counters.spool_hits += 1;
-                    } else {
-                        st.counters.spool_misses += 1;
-                    }
-                    "{\"ok\":true}".to_string()
-                }
-                Ok(ControlRequest::Status) => {
-                    serde_json::to_string(&lock_state(&daemon.state).counters).unwrap_or_default()
-                }
-                Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
-            };
-            let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
-        });
-    }
-}
-
-use tokio::io::AsyncReadExt as _;

@@ -1,4 +1,4 @@
-//! The few facts the prefaulter needs from `global/pg_control` and `PG_VERSION`.
+//! The few facts walvault needs from `global/pg_control` and `PG_VERSION`.
 //!
 //! `ControlFileData` (PostgreSQL 13-16 share this layout up to these fields; native
 //! endianness, which is little-endian on every platform walvault supports):
@@ -12,49 +12,59 @@
 //! 228     4  xlog_seg_size        WAL segment size
 //! ```
 //!
-//! Every value is checked for plausibility; a file that fails the check is reported and
-//! prefaulting is skipped rather than guessed.
+//! Every value is checked for plausibility; a file that fails the check is an error,
+//! never a guess.
 
-use std::path::Path;
+use super::relpath::RelationLayout;
 
-use anyhow::{bail, Context, Result};
-
-/// What the prefaulter needs to map a block to a file offset.
+/// What maps a block to a file offset.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ControlFacts {
+pub struct ControlFacts {
     /// Relation block size.
-    pub(crate) block_size: u32,
+    pub block_size: u32,
     /// Blocks per relation segment file.
-    pub(crate) relseg_blocks: u32,
+    pub relseg_blocks: u32,
     /// `catalog_version_no`.
-    pub(crate) catalog_version: u32,
+    pub catalog_version: u32,
     /// PostgreSQL major version (PG_VERSION).
-    pub(crate) major: u32,
+    pub major: u32,
+}
+
+/// Why a control file (or `PG_VERSION`) cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// `PG_VERSION` does not hold a major version number.
+    #[error("PG_VERSION holds {0:?}, not a PostgreSQL major version number")]
+    BadVersionFile(String),
+    /// A major version whose layout this version of walvault does not know.
+    #[error("PostgreSQL {0}: control file layout not known to this version of walvault")]
+    UnsupportedVersion(u32),
+    /// Fewer bytes than the layout needs.
+    #[error("control file too short ({0} bytes)")]
+    Truncated(usize),
+    /// Values no PostgreSQL writes.
+    #[error("implausible control file values {0}")]
+    Implausible(String),
+}
+
+/// The major version in `PG_VERSION`'s text ("15\n").
+pub fn parse_pg_version(text: &str) -> Result<u32, ControlError> {
+    text.trim()
+        .parse()
+        .map_err(|_| ControlError::BadVersionFile(text.trim().chars().take(32).collect()))
 }
 
 impl ControlFacts {
-    /// Reads `PGDATA/global/pg_control` and `PGDATA/PG_VERSION`.
-    pub(crate) fn read(pgdata: &Path) -> Result<ControlFacts> {
-        let path = pgdata.join("global").join("pg_control");
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let version_path = pgdata.join("PG_VERSION");
-        let major: u32 = std::fs::read_to_string(&version_path)
-            .with_context(|| format!("cannot read {}", version_path.display()))?
-            .trim()
-            .parse()
-            .with_context(|| format!("{} is not a version number", version_path.display()))?;
-        Self::parse(&bytes, major).with_context(|| format!("{}", path.display()))
-    }
-
-    /// Parses the control file bytes.
-    pub(crate) fn parse(bytes: &[u8], major: u32) -> Result<ControlFacts> {
-        let u32_at = |o: usize| -> Result<u32> {
-            let b = bytes.get(o..o + 4).context("control file too short")?;
+    /// Parses the control file bytes of a cluster of major version `major`.
+    pub fn parse(bytes: &[u8], major: u32) -> Result<ControlFacts, ControlError> {
+        let u32_at = |o: usize| -> Result<u32, ControlError> {
+            let b = bytes
+                .get(o..o + 4)
+                .ok_or(ControlError::Truncated(bytes.len()))?;
             Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         };
         if !(13..=16).contains(&major) {
-            bail!("PostgreSQL {major}: control file layout not known to this version of walvault");
+            return Err(ControlError::UnsupportedVersion(major));
         }
         let facts = ControlFacts {
             catalog_version: u32_at(12)?,
@@ -72,9 +82,19 @@ impl ControlFacts {
             && (1 << 20..=1 << 30).contains(&seg_size)
             && facts.catalog_version > 200_000_000;
         if !plausible {
-            bail!("implausible control file values {facts:?}; not prefaulting");
+            return Err(ControlError::Implausible(format!("{facts:?}")));
         }
         Ok(facts)
+    }
+
+    /// The block-to-file mapping these facts give.
+    pub fn relation_layout(&self) -> RelationLayout {
+        RelationLayout {
+            block_size: self.block_size,
+            relseg_blocks: self.relseg_blocks,
+            major: self.major,
+            catalog_version: self.catalog_version,
+        }
     }
 }
 
@@ -98,5 +118,11 @@ mod tests {
         assert!(ControlFacts::parse(&b[..100], 15).is_err());
         assert!(ControlFacts::parse(&vec![0xFF; 8192], 15).is_err());
         assert!(ControlFacts::parse(&b, 12).is_err());
+    }
+
+    #[test]
+    fn pg_version_file() {
+        assert_eq!(parse_pg_version("15\n"), Ok(15));
+        assert!(parse_pg_version("fifteen").is_err());
     }
 }

@@ -1,0 +1,202 @@
+//! Watching PostgreSQL: is it running (`postmaster.pid` names a live process), where is
+//! replay (`pg_last_wal_replay_lsn()` over a connection through the socket named in
+//! `postmaster.pid`), and the facts the prefaulter needs before its first read: the
+//! control file and PostgreSQL's own recovery prefetch settings (configuration files
+//! first, `SHOW` once a connection works).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+use walvault_protocol::core::pg::control::{parse_pg_version, ControlFacts};
+use walvault_protocol::core::pg::wal::Lsn;
+
+use super::{
+    learn_pg_prefetch, lock, PgState, Prefaulter, CONNECT_BACKOFF_MAX, CONNECT_BACKOFF_MIN,
+};
+use crate::pgconf;
+
+impl Prefaulter {
+    /// Is PostgreSQL running, and where is replay? Closes files when it stopped.
+    pub(crate) async fn watch_postgres(&self, previous: PgState) -> PgState {
+        let pid_file = read_postmaster_pid(&self.pgdata);
+        let running = pid_file
+            .as_ref()
+            .map(|p| process_alive(p.pid))
+            .unwrap_or(false);
+        if !running {
+            if previous.running || self.running.load(Ordering::SeqCst) {
+                tracing::info!("PostgreSQL is not running; closed every file under PGDATA");
+            }
+            self.close_all();
+            return PgState {
+                running: false,
+                replay_lsn: None,
+            };
+        }
+        if !self.running.swap(true, Ordering::SeqCst) {
+            // Files are read before the lock is taken: warming threads wait on it.
+            let s = pgconf::read_settings(
+                &self.pgdata,
+                &["recovery_prefetch", "maintenance_io_concurrency"],
+            );
+            let mut inner = lock(&self.inner);
+            if inner.control.is_none() {
+                inner.control = read_control(&self.pgdata)
+                    .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "cannot read pg_control; prefaulting waits"))
+                    .ok();
+            }
+            if !inner.pg_prefetch_from_server {
+                let (setting, source) = match s.get("recovery_prefetch") {
+                    Some(v) => (v.as_str(), "files"),
+                    None => ("try", "default"),
+                };
+                learn_pg_prefetch(
+                    &mut inner,
+                    setting,
+                    s.get("maintenance_io_concurrency").map(String::as_str),
+                    source,
+                );
+            }
+        }
+        let replay_lsn = match pid_file {
+            Some(p) => self.replay_lsn(&p).await,
+            None => None,
+        };
+        PgState {
+            running: true,
+            replay_lsn,
+        }
+    }
+
+    async fn replay_lsn(&self, pid: &PostmasterPid) -> Option<Lsn> {
+        let client = lock(&self.inner).pg_client.take();
+        let client = match client {
+            Some(c) if !c.is_closed() => c,
+            _ => {
+                // Every refused attempt is a FATAL line in PostgreSQL's log (not yet
+                // consistent, hot_standby off): back off instead of trying every tick.
+                {
+                    let inner = lock(&self.inner);
+                    if std::time::Instant::now() < inner.next_connect {
+                        return None;
+                    }
+                }
+                let socket_dir = pid.socket_dir.clone()?;
+                let user = current_user_name()?;
+                let mut config = tokio_postgres::Config::new();
+                config
+                    .host_path(socket_dir)
+                    .port(pid.port)
+                    .user(&user)
+                    .dbname("postgres")
+                    .application_name("walvault-prefetch")
+                    .connect_timeout(std::time::Duration::from_millis(500));
+                let (client, connection) = match config.connect(tokio_postgres::NoTls).await {
+                    Ok(c) => {
+                        lock(&self.inner).connect_backoff = CONNECT_BACKOFF_MIN;
+                        c
+                    }
+                    Err(_) => {
+                        let mut inner = lock(&self.inner);
+                        inner.next_connect = std::time::Instant::now() + inner.connect_backoff;
+                        inner.connect_backoff =
+                            (inner.connect_backoff * 2).min(CONNECT_BACKOFF_MAX);
+                        return None;
+                    }
+                };
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                client
+            }
+        };
+        if !lock(&self.inner).pg_prefetch_from_server {
+            if let Some(rp) = show(&client, "recovery_prefetch").await {
+                let mic = show(&client, "maintenance_io_concurrency").await;
+                let mut inner = lock(&self.inner);
+                inner.pg_prefetch_from_server = true;
+                learn_pg_prefetch(&mut inner, &rp, mic.as_deref(), "server");
+            }
+        }
+        let lsn = match client
+            .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+            .await
+        {
+            Ok(row) => row
+                .get::<_, Option<String>>(0)
+                .and_then(|s| s.parse::<Lsn>().ok()),
+            Err(_) => None,
+        };
+        if self.running.load(Ordering::SeqCst) {
+            lock(&self.inner).pg_client = Some(client);
+        }
+        lsn
+    }
+}
+
+/// Reads `PGDATA/global/pg_control` and `PGDATA/PG_VERSION`.
+fn read_control(pgdata: &Path) -> Result<ControlFacts> {
+    let path = pgdata.join("global").join("pg_control");
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let version_path = pgdata.join("PG_VERSION");
+    let text = std::fs::read_to_string(&version_path)
+        .with_context(|| format!("cannot read {}", version_path.display()))?;
+    let major = parse_pg_version(&text).with_context(|| format!("{}", version_path.display()))?;
+    ControlFacts::parse(&bytes, major).with_context(|| format!("{}", path.display()))
+}
+
+/// A setting as the server reports it (`SHOW`), or None when the query fails.
+async fn show(client: &tokio_postgres::Client, name: &str) -> Option<String> {
+    let row = client.query_one(&format!("SHOW {name}"), &[]).await.ok()?;
+    row.try_get(0).ok()
+}
+
+struct PostmasterPid {
+    pid: i32,
+    port: u16,
+    socket_dir: Option<PathBuf>,
+}
+
+/// `postmaster.pid`: line 1 PID, 4 port, 5 first socket directory.
+fn read_postmaster_pid(pgdata: &Path) -> Option<PostmasterPid> {
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let pid: i32 = lines.first()?.trim().parse().ok()?;
+    let port: u16 = lines
+        .get(3)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(5432);
+    let socket_dir = lines
+        .get(4)
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from);
+    Some(PostmasterPid {
+        pid,
+        port,
+        socket_dir,
+    })
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+fn current_user_name() -> Option<String> {
+    // SAFETY: getpwuid returns a pointer into static storage or null; we copy at once.
+    unsafe {
+        let pw = libc::getpwuid(libc::getuid());
+        if pw.is_null() {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr((*pw).pw_name)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
