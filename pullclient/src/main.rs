@@ -17,7 +17,7 @@ mod prefault;
 mod prefetch;
 mod restore;
 mod spool;
-mod walblocks;
+mod tools;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     walvault_protocol::net::transport::install_crypto_provider();
     let code = match cli.command {
         // Offline: no configuration, no archive.
-        Command::WalBlocks { files } => walblocks::run(&files),
+        Command::WalBlocks { files } => tools::walblocks::run(&files),
         Command::Restore(c) => restore::command(
             restore::Invocation::Restore(c),
             cli.config.as_deref(),

@@ -1,0 +1,3 @@
+//! Offline tools: commands that need no configuration and no archive.
+
+pub(crate) mod walblocks;
