@@ -9,11 +9,9 @@
 //! usable as soon as the WAL is archived) and the command fails saying so.
 //!
 //! Flow: IDENTIFY_SYSTEM, then BASE_BACKUP (PostgreSQL's manifest, no WAL, fast or spread
-//! checkpoint). The tar stream of each tablespace is parsed as it arrives; every file is
-//! cut into `BACKUP_CHUNK_SIZE` chunks (protocol::backup), each hashed with blake3.
-//! Chunks are batched ([`BATCH_BYTES`]), the archive says which of a batch it lacks, and
-//! only those are compressed and sent, [`UPLOAD_CONCURRENCY`] at a time; an upload the
-//! archive transiently refuses is retried (protocol::retry).
+//! checkpoint). The tar stream of each tablespace is parsed as it arrives and cut into
+//! chunks ([`collector`]); only the chunks the archive lacks are sent ([`uploader`]); the
+//! manifest is written last, and its commit is the backup's.
 //!
 //! From a standby (PostgreSQL 15 runs BASE_BACKUP there too): the backup ends at the
 //! standby's minimum recovery point, and PostgreSQL does not switch WAL at its end as it
@@ -24,48 +22,31 @@
 //! primary's `archive_timeout` bounds the wait). The archive_mode check is skipped on a
 //! standby: the primary's archiving is what matters, and the wait checks that.
 //!
-//! Memory: at most three [`BATCH_BYTES`] batches of chunks (filling, queued, being
-//! uploaded), [`UPLOAD_CONCURRENCY`] of them compressed at a time, and a bounded set of
-//! recently seen hashes, whatever the database size. The manifest itself grows with the
-//! database: 64 bytes per 128 KiB chunk (about 0.5 MiB per GiB).
+//! Memory: bounded by the uploader's batches and packs in flight (see [`uploader`]),
+//! whatever the database size. The manifest itself grows with the database: 64 bytes per
+//! 128 KiB chunk (about 0.5 MiB per GiB).
 
-use std::collections::HashSet;
+mod collector;
+mod uploader;
+
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Bytes;
 use walvault_protocol::core::format::manifest::{
-    BackupManifest, BackupStats, FileEntry, FileKind, TablespaceEntry, BACKUP_CHUNK_SIZE,
-    MANIFEST_FORMAT,
+    BackupManifest, BackupStats, FileKind, TablespaceEntry, BACKUP_CHUNK_SIZE, MANIFEST_FORMAT,
 };
 use walvault_protocol::core::format::names::{backup_id_at, format_unix_utc};
-use walvault_protocol::core::pg::tar::{TarError, TarEvent, TarReader};
 use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId};
-use walvault_protocol::core::wire::backup::{
-    BackupState, PackChunk, MAX_CHUNKS_PER_PACK, MAX_HASHES_PER_REQUEST,
-};
+use walvault_protocol::core::wire::backup::BackupState;
 use walvault_protocol::core::wire::{Request, Response};
 use walvault_protocol::net::config::ClientConfig;
-use walvault_protocol::net::fanout::Fanout;
 use walvault_protocol::net::pg::basebackup::{BaseBackup, BaseBackupOptions, CopyMessage};
 use walvault_protocol::net::pg::{conninfo, ConnectionKind, PgConnection};
-use walvault_protocol::net::retry::{retry, ArchiveRefusal, RetryPolicy};
 use walvault_protocol::net::transport::{read_frame, ArchiveConnection};
 
-/// Chunks held while the archive is asked which it lacks (one batch being filled, one
-/// queued, one being uploaded: 3 x 8 MiB at most).
-const BATCH_BYTES: usize = 8 << 20;
-/// Raw bytes of chunks per pack (one `PutPack` request, one object in the store): one
-/// file or PUT per 8 MiB instead of one per 128 KiB chunk.
-const PACK_RAW_BYTES: usize = 8 << 20;
-/// Packs compressed and sent at once (compression of one overlaps the upload and the
-/// archive's verification of the others): at most 3 x 8 MiB raw plus their frames.
-const PACKS_IN_FLIGHT: usize = 3;
-/// Hashes remembered to skip repeats within one backup (mostly all-zero chunks) without
-/// asking the archive again: ~10 MiB at most, whatever the database size.
-const KNOWN_HASHES: usize = 65_536;
+use collector::Collector;
 
 /// What `pushclient backup` was asked.
 pub(crate) struct BackupArgs {
@@ -504,326 +485,6 @@ async fn wait_usable(
             return Ok(false);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Turns tar streams into manifest entries and chunk uploads.
-struct Collector {
-    uploader: Uploader,
-    tablespace: Option<u32>,
-    tar: Option<TarReader>,
-    tablespaces: Vec<TablespaceEntry>,
-    files: Vec<FileEntry>,
-    current: Option<FileEntry>,
-    chunk: Vec<u8>,
-    ready: Vec<(String, Bytes)>,
-    backup_label: Option<String>,
-    capture_label: bool,
-}
-
-impl Collector {
-    fn new(
-        archive: Arc<ArchiveConnection>,
-        cluster: String,
-        level: i32,
-        tablespaces: Vec<TablespaceEntry>,
-    ) -> Collector {
-        Collector {
-            uploader: Uploader::new(archive, cluster, level),
-            tablespace: None,
-            tar: None,
-            tablespaces,
-            files: Vec::new(),
-            current: None,
-            chunk: Vec::with_capacity(BACKUP_CHUNK_SIZE as usize),
-            ready: Vec::new(),
-            backup_label: None,
-            capture_label: false,
-        }
-    }
-
-    fn begin_archive(&mut self, tablespace: Option<(u32, String)>) {
-        if let Some((oid, location)) = &tablespace {
-            if !self.tablespaces.iter().any(|t| t.oid == *oid) {
-                self.tablespaces.push(TablespaceEntry {
-                    oid: *oid,
-                    location: location.clone(),
-                });
-            }
-        }
-        self.tablespace = tablespace.map(|(oid, _)| oid);
-        self.tar = Some(TarReader::new());
-    }
-
-    fn end_archive(&mut self) -> Result<()> {
-        if let Some(tar) = self.tar.take() {
-            tar.finish()
-                .context("PostgreSQL's backup archive ended early")?;
-        }
-        Ok(())
-    }
-
-    fn seal_chunk(&mut self) {
-        if self.chunk.is_empty() {
-            return;
-        }
-        let data = Bytes::from(std::mem::replace(
-            &mut self.chunk,
-            Vec::with_capacity(BACKUP_CHUNK_SIZE as usize),
-        ));
-        let hash = blake3::hash(&data).to_hex().to_string();
-        if let Some(f) = self.current.as_mut() {
-            f.chunks.push(hash.clone());
-        }
-        self.ready.push((hash, data));
-    }
-
-    fn on_event(&mut self, event: TarEvent<'_>) -> Result<(), TarError> {
-        match event {
-            TarEvent::Entry(e) => {
-                self.capture_label = self.tablespace.is_none() && e.path == "backup_label";
-                self.current = Some(FileEntry {
-                    tablespace: self.tablespace,
-                    path: e.path,
-                    kind: e.kind,
-                    mode: e.mode,
-                    size: e.size,
-                    mtime: e.mtime,
-                    link: e.link,
-                    chunks: Vec::new(),
-                });
-            }
-            TarEvent::Data(mut data) => {
-                if self.capture_label {
-                    self.backup_label
-                        .get_or_insert_with(String::new)
-                        .push_str(&String::from_utf8_lossy(data));
-                }
-                while !data.is_empty() {
-                    let room = BACKUP_CHUNK_SIZE as usize - self.chunk.len();
-                    let take = room.min(data.len());
-                    self.chunk.extend_from_slice(&data[..take]);
-                    data = &data[take..];
-                    if self.chunk.len() == BACKUP_CHUNK_SIZE as usize {
-                        self.seal_chunk();
-                    }
-                }
-            }
-            TarEvent::EntryEnd => {
-                self.seal_chunk();
-                if let Some(f) = self.current.take() {
-                    self.files.push(f);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn feed(&mut self, bytes: &[u8]) -> Result<()> {
-        let mut tar = self
-            .tar
-            .take()
-            .ok_or_else(|| anyhow!("PostgreSQL sent backup data before naming an archive"))?;
-        let result = tar.feed::<TarError>(bytes, |e| self.on_event(e));
-        self.tar = Some(tar);
-        result.context("PostgreSQL's backup archive is not a tar stream walvault can read")?;
-        for (hash, data) in std::mem::take(&mut self.ready) {
-            self.uploader.add(hash, data).await?;
-        }
-        Ok(())
-    }
-
-    async fn finish(self) -> Result<(Vec<FileEntry>, Vec<TablespaceEntry>, String, BackupStats)> {
-        let stats = self.uploader.finish().await?;
-        let label = self
-            .backup_label
-            .ok_or_else(|| anyhow!("PostgreSQL's backup has no backup_label"))?;
-        let mut stats = stats;
-        stats.chunks = self.files.iter().map(|f| f.chunks.len() as u64).sum();
-        Ok((self.files, self.tablespaces, label, stats))
-    }
-}
-
-/// Sends the chunks the archive lacks. Batches go to a worker task that asks the archive
-/// which chunks it lacks and uploads those, while the tar stream keeps being read: at
-/// most one batch waits in the channel and one is being worked on.
-struct Uploader {
-    known: HashSet<String>,
-    pending: Vec<(String, Bytes)>,
-    pending_bytes: usize,
-    batches: Option<tokio::sync::mpsc::Sender<Vec<(String, Bytes)>>>,
-    worker: tokio::task::JoinHandle<Result<BackupStats>>,
-}
-
-impl Uploader {
-    fn new(archive: Arc<ArchiveConnection>, cluster: String, level: i32) -> Uploader {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        Uploader {
-            known: HashSet::new(),
-            pending: Vec::new(),
-            pending_bytes: 0,
-            batches: Some(tx),
-            worker: tokio::spawn(upload_batches(archive, cluster, level, rx)),
-        }
-    }
-
-    async fn add(&mut self, hash: String, data: Bytes) -> Result<()> {
-        if self.known.len() >= KNOWN_HASHES {
-            self.known.clear();
-        }
-        if !self.known.insert(hash.clone()) {
-            return Ok(());
-        }
-        self.pending_bytes += data.len();
-        self.pending.push((hash, data));
-        if self.pending_bytes >= BATCH_BYTES || self.pending.len() >= MAX_HASHES_PER_REQUEST {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let batch = std::mem::take(&mut self.pending);
-        self.pending_bytes = 0;
-        let sent = match &self.batches {
-            Some(tx) => tx.send(batch).await.is_ok(),
-            None => false,
-        };
-        if !sent {
-            // The worker stopped: its result says why.
-            self.batches = None;
-            return match (&mut self.worker).await {
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(_)) => Err(anyhow!("chunk uploads stopped early")),
-                Err(e) => Err(anyhow!("chunk upload task failed: {e}")),
-            };
-        }
-        Ok(())
-    }
-
-    async fn finish(mut self) -> Result<BackupStats> {
-        self.flush().await?;
-        self.batches = None;
-        self.worker
-            .await
-            .map_err(|e| anyhow!("chunk upload task failed: {e}"))?
-    }
-}
-
-async fn upload_batches(
-    archive: Arc<ArchiveConnection>,
-    cluster: String,
-    level: i32,
-    mut batches: tokio::sync::mpsc::Receiver<Vec<(String, Bytes)>>,
-) -> Result<BackupStats> {
-    let mut uploads: Fanout<(u64, u32)> = Fanout::new(PACKS_IN_FLIGHT);
-    while let Some(batch) = batches.recv().await {
-        let (response, _) = archive
-            .call(&Request::ChunksMissing {
-                cluster: cluster.clone(),
-                hashes: batch.iter().map(|(h, _)| h.clone()).collect(),
-            })
-            .await?;
-        let missing: HashSet<String> = match response {
-            Response::Missing { hashes } => hashes.into_iter().collect(),
-            Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-            other => bail!("unexpected answer from the archive: {other:?}"),
-        };
-        let mut packs: Vec<Vec<(String, Bytes)>> = vec![Vec::new()];
-        let mut raw = 0usize;
-        for (hash, data) in batch.into_iter().filter(|(h, _)| missing.contains(h)) {
-            let full = packs.last().is_some_and(|p| {
-                p.len() >= MAX_CHUNKS_PER_PACK || raw + data.len() > PACK_RAW_BYTES
-            });
-            if full {
-                packs.push(Vec::new());
-                raw = 0;
-            }
-            raw += data.len();
-            if let Some(p) = packs.last_mut() {
-                p.push((hash, data));
-            }
-        }
-        for pack in packs.into_iter().filter(|p| !p.is_empty()) {
-            let archive = archive.clone();
-            let cluster = cluster.clone();
-            uploads
-                .spawn(async move {
-                    let (chunks, body) =
-                        tokio::task::spawn_blocking(move || compress_pack(&pack, level)).await??;
-                    retry(&RetryPolicy::default(), || {
-                        upload_pack(&archive, &cluster, &chunks, &body)
-                    })
-                    .await
-                })
-                .await?;
-        }
-    }
-    let mut stats = BackupStats::default();
-    for (stored, new) in uploads.finish().await? {
-        stats.new_chunks += new as u64;
-        stats.new_stored_bytes += stored;
-    }
-    Ok(stats)
-}
-
-/// Compresses the chunks of a pack: what `PutPack` announces, and its body.
-fn compress_pack(chunks: &[(String, Bytes)], level: i32) -> Result<(Vec<PackChunk>, Bytes)> {
-    let mut cctx = zstd::bulk::Compressor::new(level)?;
-    let mut listed = Vec::with_capacity(chunks.len());
-    let mut body = Vec::new();
-    for (hash, data) in chunks {
-        let frame = cctx.compress(data)?;
-        listed.push(PackChunk {
-            blake3: hash.clone(),
-            raw_size: data.len() as u64,
-            compressed_size: frame.len() as u64,
-        });
-        body.extend_from_slice(&frame);
-    }
-    Ok((listed, body.into()))
-}
-
-/// Sends one pack; answers (bytes it takes in the store, chunks new to the archive).
-async fn upload_pack(
-    archive: &ArchiveConnection,
-    cluster: &str,
-    chunks: &[PackChunk],
-    body: &Bytes,
-) -> Result<(u64, u32)> {
-    let what = format!(
-        "pack of {} chunks (first {})",
-        chunks.len(),
-        chunks[0].blake3
-    );
-    let (mut send, mut recv) = archive
-        .open(&Request::PutPack {
-            cluster: cluster.to_string(),
-            chunks: chunks.to_vec(),
-        })
-        .await?;
-    let sent = send.write_chunk(body.clone()).await;
-    if sent.is_ok() {
-        let _ = send.finish();
-    }
-    let response: Response = read_frame(&mut recv)
-        .await
-        .map_err(|e| anyhow!("no answer from the archive for the {what}: {e}"))?;
-    match response {
-        Response::PackStored {
-            new_chunks,
-            stored_bytes,
-        } => Ok((stored_bytes, new_chunks)),
-        Response::Error { code, message } => Err(ArchiveRefusal {
-            what,
-            code,
-            message,
-        }
-        .into()),
-        other => bail!("unexpected answer from the archive: {other:?}"),
     }
 }
 
