@@ -5,6 +5,7 @@
 //! - [`pki`]: the archive CA and the certificates that name a cluster and a role;
 //! - [`config`]: client config files;
 //! - [`pg`]: PostgreSQL connections (replication protocol, BASE_BACKUP);
+//! - [`progress`]: the progress bar of long operations on a terminal;
 //! - [`fsutil`]: durable file writes; [`fanout`]: bounded parallelism; [`retry`]: one
 //!   retry policy for failures that classify themselves; [`logging`].
 
@@ -14,5 +15,6 @@ pub mod fsutil;
 pub mod logging;
 pub mod pg;
 pub mod pki;
+pub mod progress;
 pub mod retry;
 pub mod transport;

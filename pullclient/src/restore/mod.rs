@@ -39,7 +39,7 @@ pub(crate) use cli::{command, CloneCommand, Invocation, RestoreCommand};
 pub(crate) use target::RecoveryTarget;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +55,7 @@ use walvault_protocol::core::wire::backup::{BackupSummary, MAX_CHUNKS_PER_GET};
 use walvault_protocol::core::wire::{Request, Response};
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::fanout::Fanout;
+use walvault_protocol::net::progress;
 use walvault_protocol::net::retry::{retry, ArchiveRefusal, RetryPolicy};
 use walvault_protocol::net::transport::ArchiveConnection;
 
@@ -387,19 +388,6 @@ fn differing_chunks(path: &Path, f: &FileEntry, chunk_size: u64) -> Result<Vec<u
     Ok(out)
 }
 
-fn progress_bar(total: u64) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "restore {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        bar.set_style(style);
-    }
-    bar
-}
-
 fn quote_conf(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
@@ -623,7 +611,7 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
         }
     }
     let rewritten_files = needed.iter().filter(|n| !n.is_empty()).count();
-    let progress = progress_bar(fetch_bytes);
+    let progress = progress::byte_bar("restore", fetch_bytes);
     let paths: Arc<Vec<PathBuf>> = Arc::new(files.iter().map(|(p, _)| p.clone()).collect());
     let locks: Arc<Vec<std::sync::Mutex<()>>> =
         Arc::new(files.iter().map(|_| std::sync::Mutex::new(())).collect());

@@ -29,7 +29,6 @@
 mod collector;
 mod uploader;
 
-use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +43,7 @@ use walvault_protocol::core::wire::{Request, Response};
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::pg::basebackup::{BaseBackup, BaseBackupOptions, CopyMessage};
 use walvault_protocol::net::pg::{conninfo, ConnectionKind, PgConnection};
+use walvault_protocol::net::progress;
 use walvault_protocol::net::transport::{read_frame, ArchiveConnection};
 
 use collector::Collector;
@@ -139,7 +139,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
             })
         })
         .collect();
-    let progress = progress_bar(total);
+    let progress = progress::byte_bar("backup", total);
 
     let mut collector = Collector::new(
         archive.clone(),
@@ -358,23 +358,6 @@ fn start_timeline_of(label: &str) -> Option<u32> {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
-}
-
-fn progress_bar(total: u64) -> indicatif::ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = if total > 0 {
-        indicatif::ProgressBar::new(total)
-    } else {
-        indicatif::ProgressBar::new_spinner()
-    };
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "backup {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    ) {
-        bar.set_style(style);
-    }
-    bar
 }
 
 async fn check_cluster(archive: &ArchiveConnection, cfg: &ClientConfig, sysid: u64) -> Result<()> {
