@@ -4,9 +4,10 @@
 //! every decoder of outside input in it returns a typed error on any input, never panics.
 //!
 //! - [`pg`]: PostgreSQL's formats: LSNs, timelines, WAL file names and the long page
-//!   header ([`pg::wal`]), WAL page and record decoding ([`pg::waldecode`]), the ustar
-//!   stream of BASE_BACKUP ([`pg::tar`]), the control file ([`pg::control`]) and where a
-//!   relation block lives under PGDATA ([`pg::relpath`]).
+//!   header ([`pg::wal`]), WAL page and record decoding ([`pg::waldecode`]), BASE_BACKUP's
+//!   command and COPY messages ([`pg::basebackup`]) and its ustar stream ([`pg::tar`]),
+//!   the control file ([`pg::control`]) and where a relation block lives under PGDATA
+//!   ([`pg::relpath`]).
 //! - [`format`]: walvault's own formats: the stored object ([`format::object`]),
 //!   streaming zstd + blake3 ([`format::codec`]), backup manifests
 //!   ([`format::manifest`]) and the names clients may use ([`format::names`]).

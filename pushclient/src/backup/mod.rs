@@ -37,11 +37,12 @@ use walvault_protocol::core::format::manifest::{
     BackupManifest, BackupStats, FileKind, TablespaceEntry, BACKUP_CHUNK_SIZE, MANIFEST_FORMAT,
 };
 use walvault_protocol::core::format::names::{backup_id_at, format_unix_utc};
+use walvault_protocol::core::pg::basebackup::{BaseBackupOptions, CopyMessage};
 use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId};
 use walvault_protocol::core::wire::backup::BackupState;
 use walvault_protocol::core::wire::{Request, Response};
 use walvault_protocol::net::config::ClientConfig;
-use walvault_protocol::net::pg::basebackup::{BaseBackup, BaseBackupOptions, CopyMessage};
+use walvault_protocol::net::pg::basebackup::BaseBackup;
 use walvault_protocol::net::pg::{conninfo, ConnectionKind, PgConnection};
 use walvault_protocol::net::progress;
 use walvault_protocol::net::transport::{read_frame, ArchiveConnection};

@@ -1,5 +1,6 @@
 //! PostgreSQL's own formats, read as PostgreSQL writes them.
 
+pub mod basebackup;
 pub mod control;
 pub mod relpath;
 pub mod tar;

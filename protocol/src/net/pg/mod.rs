@@ -13,7 +13,7 @@ pub mod conninfo;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::backend::Message;
@@ -473,17 +473,4 @@ pub(crate) fn server_error(
         }
     }
     e
-}
-
-/// Quotes a string as a SQL / replication-grammar literal.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// Takes a NUL-terminated string off the front of `buf` (CopyData parsers).
-pub(crate) fn take_cstr(buf: &mut &[u8]) -> Option<String> {
-    let end = buf.iter().position(|b| *b == 0)?;
-    let s = String::from_utf8_lossy(&buf[..end]).into_owned();
-    buf.advance(end + 1);
-    Some(s)
 }
