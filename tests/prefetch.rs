@@ -491,3 +491,96 @@ fn settings_come_from_the_files_and_blocks_postgresql_would_read_are_warmed_firs
     // SAFETY: signalling a process we started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
 }
+
+/// Finding 11: a data directory whose path is 200 bytes long puts the default spool's
+/// control socket past the 108-byte `sun_path` limit. Replay still gets its segments from
+/// the spool, and one daemon serves the whole recovery (archive-get never starts one per
+/// call).
+#[test]
+fn pg_prefetch_with_a_200_byte_data_directory_path_runs_one_daemon() {
+    use crate::pg_archive::{archiving_primary, make_archive_standby, wait_replayed, CLUSTER};
+    use walvault_tests::{processes_running, PgCluster};
+
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    // The default spool: <PGDATA>.walvault-spool, beside the data directory.
+    let pull = archive.issue(CLUSTER, "pull");
+    let primary = archiving_primary(&archive, &push, &["checkpoint_timeout = 1h"]);
+    primary.pgbench_init(1);
+    primary.psql("CHECKPOINT");
+    // The data directory's absolute path is exactly 200 bytes: the cluster's temp dir is
+    // /tmp/walvault-pg-replica-XXXXXX (31 bytes), then components of 60 bytes at most.
+    let dir_len = "/tmp/walvault-pg-replica-".len() + 6;
+    let pad = 200 - dir_len - 1 - "/data".len();
+    let mut parts = Vec::new();
+    let mut left = pad;
+    while left > 0 {
+        // components of at most 60 bytes, each but the last followed by a slash
+        let n = if left > 61 { 60 } else { left };
+        parts.push("d".repeat(n));
+        left = (left - n).saturating_sub(1);
+    }
+    let data_rel = format!("{}/data", parts.join("/"));
+    let mut replica =
+        PgCluster::from_basebackup_at(&primary, "replica", &data_rel, &["-X", "none"]);
+    assert_eq!(
+        replica.data_dir().as_os_str().len(),
+        200,
+        "{}",
+        replica.data_dir().display()
+    );
+    for _ in 0..3 {
+        primary.pgbench(&["-n", "-t", "300", "-c", "2"]);
+        primary.switch_wal();
+    }
+    primary.psql("CREATE TABLE marker (id int PRIMARY KEY, note text); INSERT INTO marker VALUES (1, 'last row')");
+    let expected = primary.psql("SELECT count(*), sum(abalance) FROM pgbench_accounts");
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+
+    make_archive_standby(&replica, &archive, &pull, None);
+    // Replay waits a little after each commit: the daemon has time to spool ahead.
+    replica.append_conf(&["recovery_min_apply_delay = '3s'"]);
+    replica.start();
+    wait_replayed(&replica, &archive, &expected);
+    let pgdata = fs::canonicalize(replica.data_dir()).unwrap();
+    let spool = PathBuf::from(format!("{}.walvault-spool", pgdata.display()));
+    let s = wait_for(
+        "a spool hit, counted by the one daemon",
+        Duration::from_secs(30),
+        || status(&archive, &pull, &pgdata).filter(|s| s["spool_hits"].as_u64() >= Some(1)),
+        || {
+            format!(
+                "status: {:?}\ndaemon log: {}\n{}",
+                status(&archive, &pull, &pgdata),
+                daemon_log(&spool),
+                replica.log_tail(40)
+            )
+        },
+    );
+    let started = replica.log().matches("started the prefetch daemon").count();
+    assert_eq!(
+        started,
+        1,
+        "archive-get started {started} daemons\n{s:#}\n{}",
+        replica.log_tail(60)
+    );
+    let daemons: Vec<u32> = processes_running(&archive.bins().pullclient())
+        .into_iter()
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.contains(&&b"prefetch"[..])
+                    && args.contains(&pgdata.as_os_str().as_encoded_bytes())
+            })
+        })
+        .collect();
+    assert_eq!(
+        daemons.len(),
+        1,
+        "daemons for this data directory: {daemons:?}"
+    );
+    replica.stop();
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(daemons[0] as i32, libc::SIGTERM) };
+}

@@ -5,8 +5,12 @@
 //! ```text
 //! <spool>/daemon.lock          flock'ed by the one prefetch daemon serving this spool
 //! <spool>/daemon.sock          the daemon's control socket: one JSON line in, one answer
-//!                              line out (archive-get sends its notes and does not wait)
+//!                              line out (archive-get sends its notes and does not wait);
+//!                              bound and reached through the spool directory, so its
+//!                              path may be longer than sun_path's 108 bytes
 //! <spool>/daemon.log           log of a daemon started by archive-get
+//! <spool>/daemon.started       touched when archive-get starts a daemon: it starts no
+//!                              other for a minute (never one per call)
 //! <spool>/ready/<NAME>.b3      blake3 (hex) of NAME as the archive recorded it at push time
 //! <spool>/ready/<NAME>         the segment, written and fsynced before it got this name
 //! <spool>/ready/<NAME>.fetching  a download in progress (removed at daemon start)
@@ -39,6 +43,13 @@ use crate::get::Fetched;
 
 /// How long archive-get waits for the daemon to take a notification.
 const NOTIFY_TIMEOUT: Duration = Duration::from_millis(200);
+/// The control socket's name in the spool directory.
+pub(crate) const SOCKET_NAME: &str = "daemon.sock";
+/// After starting a daemon, archive-get starts no other for this long, whatever happened
+/// to the first: a daemon that cannot run is not restarted by every call.
+const START_BACKOFF: Duration = Duration::from_secs(60);
+/// Longest socket path `sun_path` holds (108 bytes with its NUL).
+const SUN_PATH_MAX: usize = 107;
 
 /// A message to the daemon.
 #[derive(Debug, Serialize, Deserialize)]
@@ -118,7 +129,28 @@ impl Spool {
     }
     /// Control socket.
     pub(crate) fn socket(&self) -> PathBuf {
-        self.dir.join("daemon.sock")
+        self.dir.join(SOCKET_NAME)
+    }
+    /// Touched by archive-get when it starts a daemon (see [`START_BACKOFF`]).
+    fn start_stamp(&self) -> PathBuf {
+        self.dir.join("daemon.started")
+    }
+
+    /// Connects to the control socket. A path too long for `sun_path` is reached through
+    /// the spool directory's descriptor (`/proc/self/fd/N/daemon.sock`), so a spool beside
+    /// a data directory of any path length works.
+    fn connect(&self) -> std::io::Result<UnixStream> {
+        let path = self.socket();
+        if path.as_os_str().len() <= SUN_PATH_MAX {
+            return UnixStream::connect(path);
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&self.dir)?;
+        UnixStream::connect(format!("/proc/self/fd/{}/{SOCKET_NAME}", dir.as_raw_fd()))
     }
     /// Lock file.
     pub(crate) fn lock_file(&self) -> PathBuf {
@@ -150,7 +182,7 @@ impl Spool {
     /// PostgreSQL waits for, never waits on the daemon); the stream is returned for a
     /// caller that wants the answer line.
     fn tell(&self, request: &ControlRequest) -> std::io::Result<UnixStream> {
-        let mut stream = UnixStream::connect(self.socket())?;
+        let mut stream = self.connect()?;
         stream.set_write_timeout(Some(NOTIFY_TIMEOUT))?;
         let mut line = serde_json::to_string(request).unwrap_or_default();
         line.push('\n');
@@ -164,11 +196,34 @@ impl Spool {
         let told = self.tell(&ControlRequest::Requested {
             name: name.to_string(),
         });
-        if told.is_err() {
+        if told.is_err() && self.may_start_daemon() {
             if let Err(e) = self.start_daemon(config_path, name) {
                 tracing::warn!(error = %format!("{e:#}"), "cannot start the prefetch daemon");
             }
         }
+    }
+
+    /// No daemon holds the spool's lock (none runs, none is starting), and none was
+    /// started in the last [`START_BACKOFF`] (one that died at once is not restarted by
+    /// every call; its log says why).
+    fn may_start_daemon(&self) -> bool {
+        use std::os::unix::io::AsRawFd;
+        let recently_started = std::fs::metadata(self.start_stamp())
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < START_BACKOFF));
+        if recently_started {
+            return false;
+        }
+        let Ok(lock) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.lock_file())
+        else {
+            return false;
+        };
+        // SAFETY: flock on a descriptor we own; the lock goes with it when it is dropped.
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
     }
 
     /// Reports a served segment (hit or miss) to the daemon's counters.
@@ -208,6 +263,8 @@ impl Spool {
                 Ok(())
             });
         }
+        std::fs::write(self.start_stamp(), b"")
+            .with_context(|| format!("cannot write {}", self.start_stamp().display()))?;
         let child = cmd.spawn().context("spawning the prefetch daemon")?;
         tracing::info!(pid = child.id(), spool = %self.dir.display(), "started the prefetch daemon");
         // The daemon is not our child to wait for: it reparents to init when we exit.

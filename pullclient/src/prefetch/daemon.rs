@@ -18,7 +18,7 @@ use walvault_protocol::net::transport::ArchiveConnection;
 
 use crate::get::{fetch_to, Fetched};
 use crate::prefault::{PgState, Prefaulter};
-use crate::spool::Spool;
+use crate::spool::{Spool, SOCKET_NAME};
 
 use super::control::control_loop;
 
@@ -97,7 +97,9 @@ pub(crate) async fn run(
     };
     clean_partial_downloads(&spool.ready_dir());
     let _ = std::fs::remove_file(spool.socket());
-    let listener = UnixListener::bind(spool.socket())
+    // Bound by its name in the working directory (the spool): a spool whose path is
+    // longer than sun_path's 108 bytes still gets its socket.
+    let listener = UnixListener::bind(SOCKET_NAME)
         .with_context(|| format!("cannot bind {}", spool.socket().display()))?;
     tracing::info!(spool = %spool.dir.display(), pgdata = %spool.pgdata.display(), "prefetch daemon running");
 

@@ -141,6 +141,31 @@ impl PgCluster {
         c
     }
 
+    /// As [`PgCluster::from_basebackup`], with the data directory at `data` (a relative
+    /// path, its directories made and handed to `postgres`) inside the cluster's temp dir:
+    /// for data directories with long paths.
+    pub fn from_basebackup_at(
+        source: &PgCluster,
+        name: &str,
+        data: &str,
+        args: &[&str],
+    ) -> PgCluster {
+        let mut c = PgCluster::new_dirs(name);
+        c.data = c.dir.join(data);
+        let mut dir = c.dir.path().to_path_buf();
+        for part in Path::new(data)
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.components())
+        {
+            dir.push(part);
+            fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            chown_pg(&dir);
+        }
+        source.basebackup_to(&c.data, args);
+        c
+    }
+
     /// `pg_basebackup -D dest -c fast ARGS` from this cluster.
     pub fn basebackup_to(&self, dest: &Path, args: &[&str]) {
         let out = try_run(
