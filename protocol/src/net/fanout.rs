@@ -89,35 +89,84 @@ fn flatten<T>(joined: std::result::Result<Result<T>, tokio::task::JoinError>) ->
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    /// Generous bound that turns a hang (a serial or broken fan-out) into a failure.
+    const HANG: Duration = Duration::from_secs(30);
 
     #[tokio::test]
-    async fn never_more_than_limit_and_first_error_wins() {
+    async fn runs_exactly_limit_tasks_at_once() {
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
-        let mut f = Fanout::new(3);
-        for i in 0..20u32 {
-            let (running, peak) = (running.clone(), peak.clone());
-            f.spawn(async move {
+        let release = Arc::new(Semaphore::new(0));
+        let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+        let task = |i: u32| {
+            let (running, peak, release) = (running.clone(), peak.clone(), release.clone());
+            let started = started_tx.clone();
+            async move {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 peak.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                let _ = started.send(i);
+                release.acquire().await?.forget();
                 running.fetch_sub(1, Ordering::SeqCst);
                 Ok(i)
-            })
+            }
+        };
+        let body = async {
+            let mut f = Fanout::new(3);
+            for i in 0..3 {
+                f.spawn(task(i)).await.unwrap();
+            }
+            for _ in 0..3 {
+                started_rx.recv().await.unwrap();
+            }
+            assert_eq!(
+                running.load(Ordering::SeqCst),
+                3,
+                "the three tasks run at once"
+            );
+            // A fourth waits for a slot: polled once, its spawn is still pending.
+            tokio::select! {
+                biased;
+                _ = f.spawn(task(3)) => panic!("a fourth task started beside three running ones"),
+                _ = std::future::ready(()) => {}
+            }
+            release.add_permits(1);
+            f.spawn(task(3)).await.unwrap();
+            started_rx.recv().await.unwrap();
+            release.add_permits(3);
+            let mut got = f.finish().await.unwrap();
+            got.sort();
+            assert_eq!(got, vec![0, 1, 2, 3]);
+        };
+        tokio::time::timeout(HANG, body)
             .await
-            .unwrap();
-        }
-        let mut got = f.finish().await.unwrap();
-        got.sort();
-        assert_eq!(got, (0..20).collect::<Vec<_>>());
-        assert!(peak.load(Ordering::SeqCst) <= 3);
+            .expect("the fan-out never ran three tasks at once, or never freed a slot");
+        assert_eq!(peak.load(Ordering::SeqCst), 3);
+    }
 
-        let mut f = Fanout::new(2);
+    /// On the current-thread runtime this is deterministic: the failing task runs to
+    /// completion (releasing its slot, then storing its result) before the waiting
+    /// `spawn` is polled again, so that `spawn` sees the failure.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failure_is_reported_by_the_next_spawn_and_by_finish() {
+        let mut f = Fanout::new(1);
         f.spawn(async { Err::<(), _>(anyhow!("boom")) })
             .await
             .unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let e = f.spawn(async { Ok(()) }).await.unwrap_err();
-        assert!(e.to_string().contains("boom"));
+        let e = tokio::time::timeout(HANG, f.spawn(async { Ok(()) }))
+            .await
+            .expect("the failed task never freed its slot")
+            .unwrap_err();
+        assert!(e.to_string().contains("boom"), "{e:#}");
+
+        let mut f = Fanout::new(2);
+        f.spawn(async { Ok(()) }).await.unwrap();
+        f.spawn(async { Err::<(), _>(anyhow!("bang")) })
+            .await
+            .unwrap();
+        let e = f.finish().await.unwrap_err();
+        assert!(e.to_string().contains("bang"), "{e:#}");
     }
 }
