@@ -205,6 +205,13 @@ fn store_chunks(archive: &Archive) -> usize {
     walk(&cluster.join("chunks")) + walk(&cluster.join("packs"))
 }
 
+/// Returns once PostgreSQL's clock is in a later second than when this was called, so
+/// what committed before and what happens after differ even at one-second resolution
+/// (PostgreSQL waits on its own clock: the one recovery targets are compared with).
+fn next_second(pg: &PgCluster) {
+    pg.psql("SELECT pg_sleep_until(date_trunc('second', clock_timestamp()) + interval '1 second')");
+}
+
 /// Backup under pgbench load; full restore checked by pg_verifybackup (with the
 /// archived WAL) and by PostgreSQL; then PITR by time, LSN and restore point.
 #[test]
@@ -217,7 +224,12 @@ fn backup_under_load_restore_and_pitr() {
     primary
         .psql("CREATE TABLE marker (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())");
     let load = primary.spawn_pgbench(&["-n", "-T", "60", "-c", "2"]);
-    sleep(Duration::from_millis(500));
+    wait_until(
+        "pgbench to commit its first transactions",
+        WAIT_TIMEOUT,
+        || primary.psql("SELECT count(*) > 0 FROM pgbench_history") == "t",
+        || primary.diag(),
+    );
     let id = backup(
         &archive,
         &push,
@@ -233,13 +245,13 @@ fn backup_under_load_restore_and_pitr() {
     let xid1 = primary.psql("INSERT INTO marker (id) VALUES (1) RETURNING txid_current()");
     // psql prints the command tag after the returned row.
     let xid1 = xid1.lines().next().unwrap_or_default().to_string();
-    sleep(Duration::from_millis(1100));
+    next_second(&primary);
     let between_time = primary.psql(
         "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
     );
     let between_lsn = primary.psql("SELECT pg_current_wal_lsn()");
     primary.psql("SELECT pg_create_restore_point('between')");
-    sleep(Duration::from_millis(1100));
+    next_second(&primary);
     primary.psql("INSERT INTO marker (id) VALUES (2)");
     let expected = primary.psql(ACCOUNTS);
     let last = primary.switch_wal();
