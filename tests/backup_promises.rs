@@ -261,6 +261,7 @@ async fn backup_requests_refuse_bad_input_and_change_nothing() {
         keep_within_secs: None,
         chunk_grace_secs: Some(0),
         dry_run: false,
+        window_end: None,
     };
     assert_eq!(
         code(push.call(&retention).await.unwrap().0),

@@ -1,9 +1,10 @@
 //! `archived retention run --keep-within DURATION` end to end: real backups of a real
 //! PostgreSQL 15 with different stop times, the plan `--dry-run --json` prints, and what a
-//! real run deletes.
+//! real run deletes. The window is measured back from a chosen time (the hidden `--now`),
+//! not from whenever the run happens to start, so no test waits on the wall clock
+//! beyond making two stop times differ.
 
 use std::fs;
-use std::thread::sleep;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use walvault_tests::serde_json::{json, Value};
@@ -51,9 +52,10 @@ fn ids(archive: &Archive) -> Vec<String> {
         .collect()
 }
 
-/// Three backups about four seconds apart. A window whose start falls between the second
-/// and third keeps the third and, to restore to the window's start, the second; a window
-/// covering all keeps all; a one-second window keeps only the newest. `--dry-run` deletes
+/// Three backups, the third stopping in a later second than the second. A window whose
+/// start falls after the second and at the third keeps the third and, to restore to the
+/// window's start, the second; a window covering all keeps all; a one-second window
+/// keeps only the newest. `--dry-run` deletes
 /// nothing. With `min_full = 2` the one-second window still keeps two backups, and the
 /// real run deletes the oldest backup and the WAL before the oldest kept one, which
 /// still restores.
@@ -64,22 +66,32 @@ fn keep_within_keeps_the_window_and_its_anchor_honours_min_full_and_dry_run() {
     let pull = archive.issue(CLUSTER, "pull");
     let primary = archiving_primary(&archive, &push, &[]);
     primary.pgbench_init(1);
-    let mut backups = Vec::new();
+    let mut backups: Vec<String> = Vec::new();
+    let stop = |id: &str| backup_json(&archive, id)["stop_time"].as_i64().unwrap();
     for i in 0..3 {
-        if i > 0 {
-            sleep(Duration::from_secs(4));
+        if i == 2 {
+            // Stop times are whole seconds: the third must stop in a later one.
+            let t2 = stop(&backups[1]);
+            wait_until(
+                "the clock to pass the second backup's stop time",
+                Duration::from_secs(5),
+                || now() > t2,
+                String::new,
+            );
         }
         primary.pgbench(&["-n", "-t", "100"]);
         primary.switch_wal();
         backups.push(backup(&archive, &push, &primary, &["--fast"]));
     }
-    let stop = |id: &str| backup_json(&archive, id)["stop_time"].as_i64().unwrap();
     let (t2, t3) = (stop(&backups[1]), stop(&backups[2]));
     assert!(
-        t3 - t2 >= 3,
-        "backups stopped too close together: {:#?}",
+        t3 > t2,
+        "the third backup stopped no later than the second: {:#?}",
         backups_json(&archive)
     );
+    // Every run measures its window back from here (`--now`), whenever it starts.
+    let window_end = t3 + 100;
+    let at = window_end.to_string();
     // PostgreSQL archives a backup's history file (.backup) after the backup returns:
     // wait for all three, or the listing could change under the comparison below.
     wait_until(
@@ -94,10 +106,12 @@ fn keep_within_keeps_the_window_and_its_anchor_honours_min_full_and_dry_run() {
     );
     let wal_before = archive.wal_list_json(CLUSTER);
 
-    // The window starts a second after the second backup stopped (the run follows within
-    // a second, before the third backup's stop time).
-    let window = format!("{}s", now() - t2 - 1);
-    let plan = retention(&archive, &["--keep-within", &window, "--dry-run"]);
+    // The window starts at the third backup's stop time, after the second's.
+    let window = format!("{}s", window_end - t3);
+    let plan = retention(
+        &archive,
+        &["--keep-within", &window, "--now", &at, "--dry-run"],
+    );
     assert_eq!(
         plan["kept_backups"],
         json!([backups[1], backups[2]]),
@@ -115,12 +129,17 @@ fn keep_within_keeps_the_window_and_its_anchor_honours_min_full_and_dry_run() {
         "--dry-run deleted WAL"
     );
 
-    let plan = retention(&archive, &["--keep-within", "1h", "--dry-run"]);
+    let plan = retention(
+        &archive,
+        &["--keep-within", "1h", "--now", &at, "--dry-run"],
+    );
     assert_eq!(plan["kept_backups"], json!(backups), "{plan:#}");
     assert_eq!(plan["expired_backups"], json!([]), "{plan:#}");
 
-    sleep(Duration::from_secs(2));
-    let plan = retention(&archive, &["--keep-within", "1s", "--dry-run"]);
+    let plan = retention(
+        &archive,
+        &["--keep-within", "1s", "--now", &at, "--dry-run"],
+    );
     assert_eq!(plan["kept_backups"], json!([backups[2]]), "{plan:#}");
     assert_eq!(
         plan["expired_backups"],
@@ -137,7 +156,7 @@ fn keep_within_keeps_the_window_and_its_anchor_honours_min_full_and_dry_run() {
     assert!(text.contains("min_full = 1\n"), "{text}");
     fs::write(&config, text.replace("min_full = 1\n", "min_full = 2\n")).unwrap();
     archive.serve();
-    let run = retention(&archive, &["--keep-within", "1s"]);
+    let run = retention(&archive, &["--keep-within", "1s", "--now", &at]);
     assert_eq!(
         run["kept_backups"],
         json!([backups[1], backups[2]]),

@@ -90,6 +90,10 @@ pub(crate) enum RetentionCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// For tests: measure --keep-within back from this Unix time (seconds) instead
+        /// of the server's clock. Chunk and pack ages always use the server's clock.
+        #[arg(long, hide = true)]
+        now: Option<i64>,
     },
 }
 
@@ -270,6 +274,7 @@ pub(crate) async fn retention(command: RetentionCommand) -> Result<()> {
         chunk_grace,
         dry_run,
         json,
+        now,
     } = command;
     let report = match ask(
         &target,
@@ -279,6 +284,7 @@ pub(crate) async fn retention(command: RetentionCommand) -> Result<()> {
             keep_within_secs: keep_within,
             chunk_grace_secs: chunk_grace,
             dry_run,
+            window_end: now,
         },
     )
     .await?

@@ -158,6 +158,7 @@ pub async fn handle(
             keep_within_secs,
             chunk_grace_secs,
             dry_run,
+            window_end,
         } => {
             if identity.role != Role::Admin {
                 Err(Refusal::new(
@@ -165,10 +166,11 @@ pub async fn handle(
                     "retention needs an admin certificate (archived retention run uses DIR/admin.toml)",
                 ))
             } else {
-                let policy =
+                let mut policy =
                     service
                         .policy
                         .with_overrides(keep_full, keep_within_secs, chunk_grace_secs);
+                policy.window_end = window_end;
                 crate::retention::run(
                     store,
                     catalog,

@@ -81,6 +81,9 @@ pub struct Policy {
     pub min_full: u32,
     /// Chunk grace period, seconds.
     pub chunk_grace_secs: u64,
+    /// Unix time the `keep_within` window ends at, instead of now (tests: `--now`).
+    /// Only the backup window uses it; chunk and pack ages always use the clock.
+    pub window_end: Option<i64>,
 }
 
 impl RetentionConfig {
@@ -96,6 +99,7 @@ impl RetentionConfig {
             keep_within_secs: keep_within_secs.or(self.keep_within_days.map(|d| d * 86_400)),
             min_full: self.min_full,
             chunk_grace_secs: chunk_grace_secs.unwrap_or(self.chunk_grace_hours * 3600),
+            window_end: None,
         }
     }
 }
@@ -217,7 +221,8 @@ async fn run_cluster(
         .iter()
         .map(|s| (s.id.clone(), s.stop_time, s.state))
         .collect();
-    let (kept, expired, notes) = plan_backups(&list, policy, now());
+    let window_end = policy.window_end.unwrap_or_else(now);
+    let (kept, expired, notes) = plan_backups(&list, policy, window_end);
     out.notes = notes;
     out.kept_backups = kept.clone();
     out.expired_backups = expired.clone();
@@ -411,6 +416,7 @@ mod tests {
             keep_within_secs: within,
             min_full: 1,
             chunk_grace_secs: 0,
+            window_end: None,
         }
     }
 

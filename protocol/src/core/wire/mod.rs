@@ -142,6 +142,10 @@ pub enum Request {
         chunk_grace_secs: Option<u64>,
         /// Report the plan, delete nothing.
         dry_run: bool,
+        /// Measure the `keep_within` window back from this Unix time instead of the
+        /// server's clock (for tests; chunk and pack ages always use the server's clock).
+        #[serde(default)]
+        window_end: Option<i64>,
     },
 }
 
