@@ -109,7 +109,7 @@ async fn list(conn: &ArchiveConnection) -> Vec<String> {
         .unwrap()
         .0
     {
-        Response::Backups { backups } => backups.into_iter().map(|b| b.id).collect(),
+        Response::Backups { backups } => backups.into_iter().map(|b| b.record.id).collect(),
         other => panic!("{other:?}"),
     }
 }

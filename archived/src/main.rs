@@ -1,28 +1,32 @@
-//! `archived`: the walvault archive daemon and its admin commands.
+//! `archived`: the walvault archive daemon and its admin commands. This file is the
+//! command line and the runtime; what each command does lives in its module:
+//!
+//! - `serve`: server/ (QUIC, auth, dispatch) over service/ (the request handlers),
+//!   store/ (the object store, the truth), index/ (the sled catalog over it) and gc.rs
+//!   (who may delete what, when);
+//! - `init`, `issue`: datadir.rs; archived.toml is config.rs;
+//! - `wal`, `backups`, `retention`, `catalog`: admin/.
+#![warn(unreachable_pub)]
 
-mod admin_backups;
-mod backup_index;
-mod backups;
-mod catalog;
-mod packs;
-mod retention;
+mod admin;
+mod clock;
+mod config;
+mod datadir;
+mod gc;
+mod index;
 mod server;
-mod settings;
+mod service;
 mod store;
-mod syncgroup;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use walvault_protocol::core::wire::{Request, Response, WalListing};
-use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::logging::{self, LogFormat};
 use walvault_protocol::net::pki::Role;
-use walvault_protocol::net::transport::ArchiveConnection;
 
-use settings::DataDir;
+use datadir::DataDir;
 
 /// The walvault archive: keeps PostgreSQL WAL and base backups for any number of
 /// clusters, served over QUIC with mutual TLS.
@@ -45,7 +49,7 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
         /// UDP address to serve QUIC on.
-        #[arg(long, default_value = settings::DEFAULT_LISTEN)]
+        #[arg(long, default_value = config::DEFAULT_LISTEN)]
         listen: String,
         /// Extra DNS names or IP addresses for the server certificate (repeatable).
         #[arg(long = "server-name")]
@@ -82,51 +86,22 @@ enum Command {
     /// WAL held in the archive.
     Wal {
         #[command(subcommand)]
-        command: WalCommand,
+        command: admin::wal::WalCommand,
     },
     /// The catalog (an index of the object store).
     Catalog {
         #[command(subcommand)]
-        command: CatalogCommand,
+        command: admin::catalog::CatalogCommand,
     },
     /// Base backups held in the archive (asks the running server).
     Backups {
         #[command(subcommand)]
-        command: admin_backups::BackupsCommand,
+        command: admin::backups::BackupsCommand,
     },
     /// Expire backups, WAL and chunks by the retention policy (asks the running server).
     Retention {
         #[command(subcommand)]
-        command: admin_backups::RetentionCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum WalCommand {
-    /// Segments per timeline, history files and gaps of one cluster (asks the running server).
-    List {
-        /// Data directory (its admin.toml is used to connect).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Admin client config, instead of --data-dir.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Cluster name.
-        #[arg(long)]
-        cluster: String,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum CatalogCommand {
-    /// Rebuild the catalog from a listing of the store. Run with the server stopped.
-    Rebuild {
-        /// Data directory.
-        #[arg(long)]
-        data_dir: PathBuf,
+        command: admin::retention::RetentionCommand,
     },
 }
 
@@ -159,8 +134,7 @@ async fn run(command: Command) -> Result<()> {
             listen,
             server_names,
         } => {
-            let dir = DataDir::new(&data_dir);
-            settings::init(&dir, &listen, &server_names)?;
+            datadir::init(&DataDir::new(&data_dir), &listen, &server_names)?;
             println!("initialized {} (listen {listen})", data_dir.display());
             println!(
                 "next: archived issue --data-dir {} --cluster NAME --role push --out push.toml",
@@ -174,7 +148,7 @@ async fn run(command: Command) -> Result<()> {
             role,
             out,
         } => {
-            settings::issue(&DataDir::new(&data_dir), &cluster, role, &out)?;
+            datadir::issue(&DataDir::new(&data_dir), &cluster, role, &out)?;
             println!("wrote {} ({role} for cluster {cluster})", out.display());
             Ok(())
         }
@@ -182,104 +156,9 @@ async fn run(command: Command) -> Result<()> {
             data_dir,
             listen_address_file,
         } => server::serve(&DataDir::new(&data_dir), listen_address_file.as_deref()).await,
-        Command::Wal {
-            command:
-                WalCommand::List {
-                    data_dir,
-                    config,
-                    cluster,
-                    json,
-                },
-        } => {
-            let cfg = admin_config(data_dir.as_deref(), config.as_deref())?;
-            let listing = list_wal(&cfg, &cluster).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&listing)?);
-            } else {
-                print_listing(&listing);
-            }
-            Ok(())
-        }
-        Command::Backups { command } => admin_backups::backups(command).await,
-        Command::Retention { command } => admin_backups::retention(command).await,
-        Command::Catalog {
-            command: CatalogCommand::Rebuild { data_dir },
-        } => {
-            let dir = DataDir::new(&data_dir);
-            let cfg = dir.load_config()?;
-            let options: Vec<(String, String)> = cfg.storage_options.clone().into_iter().collect();
-            let store = store::Store::open(&cfg.storage, &options, &dir.store(), &dir.spool())?;
-            let catalog = catalog::Catalog::open_or_rebuild(&dir.catalog(), &store)
-                .await
-                .context("opening the catalog (is archived serve still running?)")?;
-            let summary = catalog.rebuild(&store).await?;
-            println!(
-                "catalog rebuilt: {} clusters, {} WAL files, {} backups, {} backup chunks, {} unreadable objects",
-                summary.clusters, summary.wal_files, summary.backups, summary.chunks, summary.unreadable
-            );
-            Ok(())
-        }
-    }
-}
-
-pub(crate) fn admin_config(data_dir: Option<&Path>, config: Option<&Path>) -> Result<ClientConfig> {
-    let path = match (config, data_dir) {
-        (Some(c), _) => c.to_path_buf(),
-        (None, Some(d)) => DataDir::new(d).admin_config(),
-        (None, None) => bail!("give --data-dir DIR (uses DIR/admin.toml) or --config FILE"),
-    };
-    Ok(ClientConfig::load(&path)?)
-}
-
-async fn list_wal(cfg: &ClientConfig, cluster: &str) -> Result<WalListing> {
-    walvault_protocol::net::transport::install_crypto_provider();
-    let conn = ArchiveConnection::connect(cfg).await?;
-    let (response, _) = conn
-        .call(&Request::ListWal {
-            cluster: cluster.to_string(),
-        })
-        .await?;
-    conn.close().await;
-    match response {
-        Response::WalList(l) => Ok(l),
-        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-        other => bail!("unexpected answer from the archive: {other:?}"),
-    }
-}
-
-fn print_listing(l: &WalListing) {
-    println!("cluster {}", l.cluster);
-    match l.system_identifier {
-        Some(id) => println!(
-            "  system identifier {id}, segment size {} MiB",
-            l.segment_size.unwrap_or(0) >> 20
-        ),
-        None => println!("  no segment archived yet"),
-    }
-    if l.timelines.is_empty() {
-        println!("  no WAL");
-    }
-    for t in &l.timelines {
-        println!(
-            "  timeline {}: {} segments {}..{} ({} MiB raw, {} MiB stored)",
-            t.timeline.0,
-            t.segments,
-            t.first.as_deref().unwrap_or("-"),
-            t.last.as_deref().unwrap_or("-"),
-            t.raw_bytes >> 20,
-            t.stored_bytes >> 20
-        );
-        for (a, b) in &t.gaps {
-            println!("    GAP: {a} .. {b} missing");
-        }
-        for p in &t.partials {
-            println!("    partial: {p}");
-        }
-    }
-    for h in &l.history_files {
-        println!("  history: {h}");
-    }
-    for b in &l.backup_history_files {
-        println!("  backup history: {b}");
+        Command::Wal { command } => admin::wal::run(command).await,
+        Command::Backups { command } => admin::backups::run(command).await,
+        Command::Retention { command } => admin::retention::run(command).await,
+        Command::Catalog { command } => admin::catalog::run(command).await,
     }
 }

@@ -10,7 +10,8 @@
 //!   ([`pg::relpath`]).
 //! - [`format`]: walvault's own formats: the stored object ([`format::object`]),
 //!   streaming zstd + blake3 ([`format::codec`]), backup manifests
-//!   ([`format::manifest`]) and the names clients may use ([`format::names`]).
+//!   ([`format::manifest`]), packs of backup chunks ([`format::pack`]) and the names
+//!   clients may use ([`format::names`]).
 //! - [`wire`]: the archive protocol's messages and framing.
 
 pub mod format;

@@ -412,7 +412,7 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
         if *t > until {
             tracing::warn!(
                 "the archive's WAL after backup {} reaches only {} (archive time); recovery to {text} may end early",
-                chosen.id,
+                chosen.record.id,
                 format_unix_utc(until)
             );
         }
@@ -421,23 +421,23 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
         &conn,
         Request::GetBackup {
             cluster: cfg.cluster.clone(),
-            backup_id: chosen.id.clone(),
+            backup_id: chosen.record.id.clone(),
         },
-        &format!("manifest of backup {}", chosen.id),
+        &format!("manifest of backup {}", chosen.record.id),
         MAX_MANIFEST_SIZE,
     )
     .await?;
     let manifest: BackupManifest = serde_json::from_slice(&raw)
-        .with_context(|| format!("manifest of backup {} is unreadable", chosen.id))?;
+        .with_context(|| format!("manifest of backup {} is unreadable", chosen.record.id))?;
     drop(raw);
     manifest
         .validate()
-        .map_err(|e| anyhow!("manifest of backup {} is invalid: {e}", chosen.id))?;
-    if manifest.id != chosen.id {
+        .map_err(|e| anyhow!("manifest of backup {} is invalid: {e}", chosen.record.id))?;
+    if manifest.id != chosen.record.id {
         bail!(
             "the archive answered with backup {} when asked for {}",
             manifest.id,
-            chosen.id
+            chosen.record.id
         );
     }
 

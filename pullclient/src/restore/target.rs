@@ -80,7 +80,7 @@ pub(crate) fn choose<'a>(
     if let Some(id) = wanted.filter(|w| *w != "latest") {
         let b = backups
             .iter()
-            .find(|b| b.id == id)
+            .find(|b| b.record.id == id)
             .ok_or_else(|| anyhow!("backup {id} does not exist in cluster '{cluster}' (see `archived backups list --cluster {cluster}`)"))?;
         if b.state != BackupState::Usable {
             bail!(
@@ -96,11 +96,11 @@ pub(crate) fn choose<'a>(
         .rev()
         .filter(|b| b.state == BackupState::Usable);
     let chosen = match target {
-        Some(RecoveryTarget::Time(text, t)) => usable.find(|b| b.stop_time <= *t).ok_or_else(|| {
+        Some(RecoveryTarget::Time(text, t)) => usable.find(|b| b.record.stop_time <= *t).ok_or_else(|| {
             anyhow!("no usable backup of cluster '{cluster}' ended at or before {text}: nothing can be restored to that time")
         })?,
         Some(RecoveryTarget::Lsn(l)) => usable
-            .find(|b| b.stop_lsn.parse::<Lsn>().is_ok_and(|s| s <= *l))
+            .find(|b| b.record.stop_lsn.parse::<Lsn>().is_ok_and(|s| s <= *l))
             .ok_or_else(|| anyhow!("no usable backup of cluster '{cluster}' ended at or before LSN {l}"))?,
         _ => usable.next().ok_or_else(|| {
             anyhow!("cluster '{cluster}' has no usable backup (take one with `pushclient backup`)")
@@ -112,22 +112,25 @@ pub(crate) fn choose<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use walvault_protocol::core::wire::backup::BackupState;
+    use walvault_protocol::core::wire::backup::{BackupRecord, BackupState};
 
     fn summary(id: &str, stop_time: i64, stop_lsn: &str, usable: bool) -> BackupSummary {
         BackupSummary {
-            id: id.into(),
-            label: String::new(),
-            timeline: 1,
-            start_lsn: "0/1000000".into(),
-            stop_lsn: stop_lsn.into(),
-            start_time: stop_time - 1,
-            stop_time,
-            pg_version: 150000,
-            logical_bytes: 0,
-            stored_bytes: 0,
-            files: 0,
-            chunks: 0,
+            record: BackupRecord {
+                id: id.into(),
+                label: String::new(),
+                timeline: 1,
+                stop_timeline: 1,
+                start_lsn: "0/1000000".into(),
+                stop_lsn: stop_lsn.into(),
+                start_time: stop_time - 1,
+                stop_time,
+                pg_version: 150000,
+                logical_bytes: 0,
+                stored_bytes: 0,
+                files: 0,
+                chunks: 0,
+            },
             state: if usable {
                 BackupState::Usable
             } else {
@@ -147,17 +150,20 @@ mod tests {
             summary("b", 200, "0/5000000", true),
             summary("c", 300, "0/7000000", false),
         ];
-        assert_eq!(choose(&l, None, None, "m").unwrap().id, "b");
-        assert_eq!(choose(&l, Some("latest"), None, "m").unwrap().id, "b");
-        assert_eq!(choose(&l, Some("a"), None, "m").unwrap().id, "a");
+        assert_eq!(choose(&l, None, None, "m").unwrap().record.id, "b");
+        assert_eq!(
+            choose(&l, Some("latest"), None, "m").unwrap().record.id,
+            "b"
+        );
+        assert_eq!(choose(&l, Some("a"), None, "m").unwrap().record.id, "a");
         assert!(choose(&l, Some("c"), None, "m").is_err());
         assert!(choose(&l, Some("zz"), None, "m").is_err());
         let t = RecoveryTarget::Time("x".into(), 150);
-        assert_eq!(choose(&l, None, Some(&t), "m").unwrap().id, "a");
+        assert_eq!(choose(&l, None, Some(&t), "m").unwrap().record.id, "a");
         let t = RecoveryTarget::Time("x".into(), 50);
         assert!(choose(&l, None, Some(&t), "m").is_err());
         let t = RecoveryTarget::Lsn("0/6000000".parse().unwrap());
-        assert_eq!(choose(&l, None, Some(&t), "m").unwrap().id, "b");
+        assert_eq!(choose(&l, None, Some(&t), "m").unwrap().record.id, "b");
     }
 
     #[test]

@@ -454,9 +454,10 @@ async fn wait_usable(
             })
             .await?;
         let state = match response {
-            Response::Backups { backups } => {
-                backups.into_iter().find(|b| b.id == id).map(|b| b.state)
-            }
+            Response::Backups { backups } => backups
+                .into_iter()
+                .find(|b| b.record.id == id)
+                .map(|b| b.state),
             Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
             other => bail!("unexpected answer from the archive: {other:?}"),
         };

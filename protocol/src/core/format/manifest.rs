@@ -11,7 +11,7 @@
 //! first backup's bytes at 128 KiB, 14% at 1 MiB. A chunk is named by the blake3
 //! of its raw bytes and stored once per cluster, whatever the number of backups and
 //! files that contain it (`<cluster>/chunks/<h[0..2]>/<blake3>.zst`, see
-//! `archived/src/backups.rs`). Chunk `i` of a file covers bytes
+//! `archived/src/store/layout.rs`). Chunk `i` of a file covers bytes
 //! `i * chunk_size .. min((i + 1) * chunk_size, size)`; only the last chunk is short, so
 //! a manifest lists hashes and no sizes. Empty files have no chunk.
 //!

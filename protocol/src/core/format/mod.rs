@@ -4,3 +4,4 @@ pub mod codec;
 pub mod manifest;
 pub mod names;
 pub mod object;
+pub mod pack;

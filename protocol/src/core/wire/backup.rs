@@ -46,15 +46,20 @@ impl fmt::Display for BackupState {
     }
 }
 
-/// A backup as `archived backups list/show` and restores see it.
+/// A committed backup as its manifest describes it, without the file list: what the
+/// archive's catalog keeps per backup, and the first part of every [`BackupSummary`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackupSummary {
+pub struct BackupRecord {
     /// Backup id.
     pub id: String,
     /// Label.
     pub label: String,
     /// Timeline of the start LSN.
     pub timeline: u32,
+    /// Timeline of the stop LSN (later than `timeline` when the backup spans a
+    /// promotion); 0 in answers of archived versions that did not list it.
+    #[serde(default)]
+    pub stop_timeline: u32,
     /// Start LSN.
     pub start_lsn: String,
     /// Stop LSN.
@@ -73,6 +78,15 @@ pub struct BackupSummary {
     pub files: u64,
     /// Chunks referenced.
     pub chunks: u64,
+}
+
+/// A backup as `archived backups list/show` and restores see it: its record and its
+/// state in the archive now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSummary {
+    /// What the manifest says (flattened: the JSON has its fields at the top level).
+    #[serde(flatten)]
+    pub record: BackupRecord,
     /// WAL state.
     pub state: BackupState,
     /// First WAL segment the backup needs.

@@ -1,7 +1,7 @@
-//! The archive's data directory and its configuration.
+//! The archive's data directory: its paths, `archived init` and `archived issue`.
 //!
 //! ```text
-//! DIR/archived.toml     server configuration (below)
+//! DIR/archived.toml     server configuration (config.rs)
 //! DIR/tls/ca.pem        the archive's CA certificate
 //! DIR/tls/ca.key        the CA's private key (mode 0600; `archived issue` signs with it)
 //! DIR/tls/server.pem    server certificate (DNS name "archived", "localhost", listen IP)
@@ -11,155 +11,99 @@
 //! DIR/catalog/          the sled catalog (an index; rebuilt from the store if lost)
 //! DIR/spool/            temporary upload files for remote storage
 //! ```
-//!
-//! `archived.toml`:
-//!
-//! ```toml
-//! listen = "127.0.0.1:7433"     # UDP address for QUIC
-//! storage = ""                  # "" = DIR/store; or s3://bucket/prefix, gs://..., az://...
-//! max_connections = 256         # concurrent client connections
-//! shutdown_grace_secs = 30      # how long SIGTERM waits for in-flight requests
-//! [storage_options]             # object_store keys (aws_endpoint, aws_region...), over the
-//!                               # AWS_* / GOOGLE_* / AZURE_* environment (store.rs)
-//! [retention]                   # see retention.rs
-//! keep_full = 2                 # newest usable backups kept
-//! keep_within_days = 7          # and every backup needed to restore to any point of 7 days
-//! chunk_grace_hours = 24        # unreferenced chunks are collected after this long
-//! ```
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use walvault_protocol::net::config::{write_private_file, ClientConfig};
 use walvault_protocol::net::pki::{self, PemPair, Role};
 
-/// Default UDP address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:7433";
-
-/// `archived.toml`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    /// UDP address for QUIC.
-    pub listen: String,
-    /// Address clients are told to use (defaults to `listen`).
-    #[serde(default)]
-    pub advertise: Option<String>,
-    /// Object store URL; empty for `DIR/store`.
-    #[serde(default)]
-    pub storage: String,
-    /// object_store options (credentials, endpoint, region...).
-    #[serde(default)]
-    pub storage_options: BTreeMap<String, String>,
-    /// Concurrent connections.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Seconds SIGTERM waits for in-flight requests.
-    #[serde(default = "default_grace")]
-    pub shutdown_grace_secs: u64,
-    /// Backup retention policy (`archived retention run`).
-    #[serde(default)]
-    pub retention: crate::retention::RetentionConfig,
-}
-
-fn default_max_connections() -> usize {
-    256
-}
-fn default_grace() -> u64 {
-    30
-}
+use crate::config::ServerConfig;
 
 /// Paths inside a data directory.
 #[derive(Clone, Debug)]
-pub struct DataDir {
+pub(crate) struct DataDir {
     /// The directory.
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
 }
 
 impl DataDir {
     /// Wraps a path.
-    pub fn new(root: &Path) -> DataDir {
+    pub(crate) fn new(root: &Path) -> DataDir {
         DataDir {
             root: root.to_path_buf(),
         }
     }
     /// `archived.toml`.
-    pub fn config(&self) -> PathBuf {
+    pub(crate) fn config(&self) -> PathBuf {
         self.root.join("archived.toml")
     }
     /// TLS directory.
-    pub fn tls(&self) -> PathBuf {
+    pub(crate) fn tls(&self) -> PathBuf {
         self.root.join("tls")
     }
     /// Admin client config.
-    pub fn admin_config(&self) -> PathBuf {
+    pub(crate) fn admin_config(&self) -> PathBuf {
         self.root.join("admin.toml")
     }
     /// Default object directory.
-    pub fn store(&self) -> PathBuf {
+    pub(crate) fn store(&self) -> PathBuf {
         self.root.join("store")
     }
     /// Catalog directory.
-    pub fn catalog(&self) -> PathBuf {
+    pub(crate) fn catalog(&self) -> PathBuf {
         self.root.join("catalog")
     }
     /// Upload spool directory.
-    pub fn spool(&self) -> PathBuf {
+    pub(crate) fn spool(&self) -> PathBuf {
         self.root.join("spool")
     }
 
     /// Loads `archived.toml`.
-    pub fn load_config(&self) -> Result<ServerConfig> {
-        let path = self.config();
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "cannot read {} (run `archived init --data-dir {}` first)",
-                path.display(),
-                self.root.display()
-            )
-        })?;
-        let cfg: ServerConfig =
-            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
-        cfg.listen.parse::<SocketAddr>().with_context(|| {
-            format!(
-                "{}: listen '{}' is not an IP:port",
-                path.display(),
-                cfg.listen
-            )
-        })?;
-        Ok(cfg)
+    pub(crate) fn load_config(&self) -> Result<ServerConfig> {
+        ServerConfig::load(&self.config(), &self.root)
+    }
+
+    /// Opens the store `archived.toml` names.
+    pub(crate) fn open_store(&self, cfg: &ServerConfig) -> Result<crate::store::Store> {
+        crate::store::Store::open(
+            &cfg.storage,
+            &cfg.storage_options(),
+            &self.store(),
+            &self.spool(),
+        )
+    }
+
+    fn read_tls(&self, name: &str) -> Result<String> {
+        let p = self.tls().join(name);
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
     }
 
     /// Loads the CA.
-    pub fn ca(&self) -> Result<PemPair> {
-        let read = |n: &str| {
-            let p = self.tls().join(n);
-            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
-        };
+    pub(crate) fn ca(&self) -> Result<PemPair> {
         Ok(PemPair {
-            cert_pem: read("ca.pem")?,
-            key_pem: read("ca.key")?,
+            cert_pem: self.read_tls("ca.pem")?,
+            key_pem: self.read_tls("ca.key")?,
         })
     }
 
+    /// The CA certificate alone (what the server checks client certificates against).
+    pub(crate) fn ca_cert(&self) -> Result<String> {
+        self.read_tls("ca.pem")
+    }
+
     /// Loads the server certificate and key.
-    pub fn server_cert(&self) -> Result<PemPair> {
-        let read = |n: &str| {
-            let p = self.tls().join(n);
-            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
-        };
+    pub(crate) fn server_cert(&self) -> Result<PemPair> {
         Ok(PemPair {
-            cert_pem: read("server.pem")?,
-            key_pem: read("server.key")?,
+            cert_pem: self.read_tls("server.pem")?,
+            key_pem: self.read_tls("server.key")?,
         })
     }
 }
 
 /// `archived init`: creates the data directory, CA, server certificate and admin config.
-pub fn init(dir: &DataDir, listen: &str, extra_names: &[String]) -> Result<()> {
+pub(crate) fn init(dir: &DataDir, listen: &str, extra_names: &[String]) -> Result<()> {
     let addr: SocketAddr = listen
         .parse()
         .with_context(|| format!("--listen '{listen}' is not an IP:port"))?;
@@ -184,15 +128,7 @@ pub fn init(dir: &DataDir, listen: &str, extra_names: &[String]) -> Result<()> {
     std::fs::write(dir.tls().join("ca.pem"), &ca.cert_pem)?;
     write_private_file(&dir.tls().join("server.key"), server.key_pem.as_bytes())?;
     std::fs::write(dir.tls().join("server.pem"), &server.cert_pem)?;
-    let cfg = ServerConfig {
-        listen: listen.to_string(),
-        advertise: None,
-        storage: String::new(),
-        storage_options: BTreeMap::new(),
-        max_connections: default_max_connections(),
-        shutdown_grace_secs: default_grace(),
-        retention: Default::default(),
-    };
+    let cfg = ServerConfig::new(listen);
     if !dir.config().exists() {
         let text = format!(
             "# archived configuration (see README.md, \"Configuration\")\n{}",
@@ -200,20 +136,18 @@ pub fn init(dir: &DataDir, listen: &str, extra_names: &[String]) -> Result<()> {
         );
         std::fs::write(dir.config(), text)?;
     }
-    let admin = client_config(dir, &cfg, &ca, "admin", Role::Admin)?;
+    let admin = client_config(&cfg, &ca, "admin", Role::Admin)?;
     let _ = std::fs::remove_file(dir.admin_config());
     write_private_file(&dir.admin_config(), admin.to_toml().as_bytes())?;
     Ok(())
 }
 
 fn client_config(
-    dir: &DataDir,
     cfg: &ServerConfig,
     ca: &PemPair,
     cluster: &str,
     role: Role,
 ) -> Result<ClientConfig> {
-    let _ = dir;
     let cert = pki::issue_client_cert(ca, cluster, role)?;
     let mut server = cfg.advertise.clone().unwrap_or_else(|| cfg.listen.clone());
     if let Ok(addr) = server.parse::<SocketAddr>() {
@@ -236,12 +170,12 @@ fn client_config(
 }
 
 /// `archived issue`: writes a client config for a cluster and role.
-pub fn issue(dir: &DataDir, cluster: &str, role: Role, out: &Path) -> Result<()> {
+pub(crate) fn issue(dir: &DataDir, cluster: &str, role: Role, out: &Path) -> Result<()> {
     walvault_protocol::core::format::names::validate_cluster_name(cluster)
         .map_err(anyhow::Error::msg)?;
     let cfg = dir.load_config()?;
     let ca = dir.ca()?;
-    let client = client_config(dir, &cfg, &ca, cluster, role)?;
+    let client = client_config(&cfg, &ca, cluster, role)?;
     write_private_file(out, client.to_toml().as_bytes())
         .with_context(|| format!("cannot write {} (it must not exist yet)", out.display()))?;
     Ok(())

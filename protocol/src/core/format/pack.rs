@@ -1,15 +1,14 @@
-//! Packs: many backup chunks in one store object.
+//! Packs: many backup chunks in one stored object (pure code, no I/O).
 //!
 //! A backup of a large database has hundreds of thousands of chunks. One file (or S3
 //! object) per chunk costs an inode allocation (slow on a filesystem that just deleted
 //! many files) or a PUT request each; so `pushclient backup` sends the chunks the
-//! archive lacks in packs of up to 8 MiB, and the archive stores each pack as one object.
+//! archive lacks in packs of up to 8 MiB, and the archive stores each pack as one object
+//! (its key is `archived`'s business: `archived/src/store/layout.rs`).
 //!
-//! # Store layout and format
+//! # Format
 //!
 //! ```text
-//! <cluster>/packs/<id[0..2]>/<id>.pack        id: 32 hex digits, unique per pack
-//!
 //! off        size  field
 //!   0           8  magic "WVPACK\0\x01" (last byte: format version 1)
 //!   8           4  chunk count N, u32 little-endian
@@ -17,26 +16,46 @@
 //!  16      56 x N  index, one entry per chunk in body order:
 //!                    blake3 of the raw chunk (32), offset of its object from the start
 //!                    of the pack (u64 LE), object length (u64 LE), raw size (u64 LE)
-//!  16+56N       .  the chunks, each a whole object (walvault_protocol::core::format::object: 64-byte
-//!                  header with raw size and blake3, then its zstd frame), back to back
+//!  16+56N       .  the chunks, each a whole object ([`crate::core::format::object`]:
+//!                  64-byte header with raw size and blake3, then its zstd frame), back
+//!                  to back
 //! ```
 //!
-//! The index up front lets a catalog rebuild read one range per pack, and lets archived
-//! write it before the chunks arrive (offsets follow from the announced sizes), then
-//! verify and append the chunks a few at a time; the per-chunk object headers let every
-//! reader verify a chunk it took out of a pack on its own.
-//! A pack is written create-only and never changed; the catalog maps each chunk hash to
-//! (pack, offset, length). Retention deletes a pack when no chunk the catalog locates in
-//! it is referenced by a kept backup or within the grace period.
+//! The index up front lets a catalog rebuild read one range per pack, and lets the
+//! archive write it before the chunks arrive (offsets follow from the announced sizes),
+//! then verify and append the chunks a few at a time; the per-chunk object headers let
+//! every reader verify a chunk it took out of a pack on its own. A pack is written
+//! create-only and never changed.
 
-use anyhow::{bail, Result};
-use walvault_protocol::core::format::object::{ObjectHeader, HEADER_LEN};
+use crate::core::format::object::{ObjectHeader, HEADER_LEN};
 
 const MAGIC: &[u8; 8] = b"WVPACK\0\x01";
 /// Bytes before the index.
 pub const PACK_HEADER_LEN: usize = 16;
 /// Bytes per index entry.
 pub const INDEX_ENTRY_LEN: usize = 56;
+
+/// Why bytes are not a pack's index.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PackError {
+    /// The bytes do not start with a pack header.
+    #[error("not a walvault pack (bad magic or short header)")]
+    NotAPack,
+    /// Fewer index bytes than the header announces.
+    #[error("pack index cut short ({0} entries announced)")]
+    IndexCutShort(usize),
+    /// An entry does not follow the previous one, or is shorter than an object header.
+    #[error("pack index entry {0} is inconsistent")]
+    BadEntry(usize),
+    /// The entries do not end where the pack does.
+    #[error("pack index covers {covered} bytes but the pack has {len}")]
+    WrongLength {
+        /// Bytes the index accounts for.
+        covered: u64,
+        /// The pack's length.
+        len: u64,
+    },
+}
 
 /// One chunk of a pack, as its index says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,46 +68,6 @@ pub struct PackEntry {
     pub length: u64,
     /// Raw size of the chunk.
     pub raw_size: u64,
-}
-
-/// Key of a pack.
-pub fn pack_key(cluster: &str, id: &str) -> String {
-    format!("{cluster}/packs/{}/{id}.pack", &id[..2.min(id.len())])
-}
-
-/// Parses a pack key into (cluster, id).
-pub fn parse_pack_key(key: &str) -> Option<(String, String)> {
-    let mut parts = key.split('/');
-    let (cluster, kind, _, file) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if kind != "packs" || parts.next().is_some() {
-        return None;
-    }
-    let id = file.strip_suffix(".pack")?;
-    if !valid_pack_id(id) {
-        return None;
-    }
-    (pack_key(cluster, id) == key).then(|| (cluster.to_string(), id.to_string()))
-}
-
-/// Whether `id` has the shape of a pack id (32 lowercase hex digits).
-pub fn valid_pack_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// A new pack id: unique across the packs of one archive (time, process, counter), and
-/// a create-only write refuses the impossible collision anyway.
-pub fn new_pack_id() -> String {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let mut h = blake3::Hasher::new();
-    h.update(&t.to_le_bytes());
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&n.to_le_bytes());
-    h.finalize().to_hex()[..32].to_string()
 }
 
 /// The index of a pack of chunks with these object headers, in body order: the bytes
@@ -119,8 +98,8 @@ pub fn index(headers: &[ObjectHeader]) -> (Vec<u8>, Vec<PackEntry>) {
     (out, entries)
 }
 
-/// A whole pack in memory (index, then each chunk's header and frame): for tests.
-#[cfg(test)]
+/// A whole pack in memory (index, then each chunk's header and frame): for tests and
+/// tools; the archive writes packs piece by piece.
 pub fn encode(chunks: &[(ObjectHeader, &[u8])]) -> (Vec<u8>, Vec<PackEntry>) {
     let headers: Vec<ObjectHeader> = chunks.iter().map(|(h, _)| h.clone()).collect();
     let (mut out, entries) = index(&headers);
@@ -132,21 +111,25 @@ pub fn encode(chunks: &[(ObjectHeader, &[u8])]) -> (Vec<u8>, Vec<PackEntry>) {
 }
 
 /// The chunk count from a pack's first [`PACK_HEADER_LEN`] bytes.
-pub fn decode_count(b: &[u8]) -> Result<usize> {
+pub fn decode_count(b: &[u8]) -> Result<usize, PackError> {
     if b.len() < PACK_HEADER_LEN || &b[0..8] != MAGIC {
-        bail!("not a walvault pack (bad magic or short header)");
+        return Err(PackError::NotAPack);
     }
     Ok(u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize)
 }
 
-/// The index of a pack from its first `PACK_HEADER_LEN + INDEX_ENTRY_LEN * count` bytes,
-/// checked for consistency (entries in order, back to back, after the index) against
-/// the pack's total length.
-pub fn decode_index(b: &[u8], pack_len: u64) -> Result<Vec<PackEntry>> {
+/// Bytes from the start of a pack that hold the header and an index of `count` entries.
+pub fn index_len(count: usize) -> u64 {
+    (PACK_HEADER_LEN + INDEX_ENTRY_LEN * count) as u64
+}
+
+/// The index of a pack from its first [`index_len`] bytes, checked for consistency
+/// (entries in order, back to back, after the index) against the pack's total length.
+pub fn decode_index(b: &[u8], pack_len: u64) -> Result<Vec<PackEntry>, PackError> {
     let count = decode_count(b)?;
     let index_end = PACK_HEADER_LEN + INDEX_ENTRY_LEN * count;
     let Some(index) = b.get(PACK_HEADER_LEN..index_end) else {
-        bail!("pack index cut short ({count} entries announced)");
+        return Err(PackError::IndexCutShort(count));
     };
     let mut expected = index_end as u64;
     let mut out = Vec::with_capacity(count);
@@ -161,13 +144,16 @@ pub fn decode_index(b: &[u8], pack_len: u64) -> Result<Vec<PackEntry>> {
             raw_size: u64_at(48),
         };
         if entry.offset != expected || entry.length < HEADER_LEN as u64 {
-            bail!("pack index entry {} is inconsistent", out.len());
+            return Err(PackError::BadEntry(out.len()));
         }
         expected = entry.offset.saturating_add(entry.length);
         out.push(entry);
     }
     if expected != pack_len {
-        bail!("pack index covers {expected} bytes but the pack has {pack_len}");
+        return Err(PackError::WrongLength {
+            covered: expected,
+            len: pack_len,
+        });
     }
     Ok(out)
 }
@@ -175,6 +161,7 @@ pub fn decode_index(b: &[u8], pack_len: u64) -> Result<Vec<PackEntry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn chunk(raw: &[u8]) -> (ObjectHeader, Vec<u8>) {
         let frame = zstd::bulk::compress(raw, 3).unwrap();
@@ -197,7 +184,7 @@ mod tests {
         let (pack, entries) = encode(&refs);
         let index = decode_index(&pack, pack.len() as u64).unwrap();
         assert_eq!(index, entries);
-        let mut d = walvault_protocol::core::format::object::ObjectDecoder::new().unwrap();
+        let mut d = crate::core::format::object::ObjectDecoder::new().unwrap();
         for (e, raw) in index.iter().zip(&raws) {
             let obj = &pack[e.offset as usize..(e.offset + e.length) as usize];
             let h = ObjectHeader::decode(obj).unwrap();
@@ -212,25 +199,24 @@ mod tests {
         assert!(decode_index(&pack, pack.len() as u64 - 1).is_err());
         let mut bad = pack.clone();
         bad[0] = b'X';
-        assert!(decode_index(&bad, bad.len() as u64).is_err());
+        assert_eq!(
+            decode_index(&bad, bad.len() as u64),
+            Err(PackError::NotAPack)
+        );
         let mut lying = pack.clone();
         lying[PACK_HEADER_LEN + 32] ^= 1;
-        assert!(decode_index(&lying, lying.len() as u64).is_err());
+        assert_eq!(
+            decode_index(&lying, lying.len() as u64),
+            Err(PackError::BadEntry(0))
+        );
         assert!(decode_index(&pack[..20], pack.len() as u64).is_err());
     }
 
-    #[test]
-    fn keys_round_trip_and_refuse_tricks() {
-        let id = new_pack_id();
-        assert!(valid_pack_id(&id));
-        assert_ne!(id, new_pack_id());
-        let k = pack_key("main", &id);
-        assert_eq!(parse_pack_key(&k), Some(("main".into(), id.clone())));
-        assert_eq!(parse_pack_key(&format!("main/packs/zz/{id}.pack")), None);
-        assert_eq!(parse_pack_key("main/packs/ab/../x.pack"), None);
-        assert_eq!(
-            parse_pack_key(&format!("main/chunks/{}/{id}.pack", &id[..2])),
-            None
-        );
+    proptest! {
+        #[test]
+        fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512), len in any::<u64>()) {
+            let _ = decode_count(&bytes);
+            let _ = decode_index(&bytes, len);
+        }
     }
 }

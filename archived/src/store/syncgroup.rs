@@ -31,7 +31,7 @@ struct Rounds {
 }
 
 /// Coalesces durability requests into shared `syncfs` calls on one filesystem.
-pub struct SyncGroup {
+pub(crate) struct SyncGroup {
     /// Opened when the group is made, before anything it covers is written, so every
     /// writeback error since then reaches a syncfs.
     fs: Result<Arc<FsSync>, String>,
@@ -41,7 +41,7 @@ pub struct SyncGroup {
 
 impl SyncGroup {
     /// For the filesystem holding `root`.
-    pub fn new(root: &Path) -> SyncGroup {
+    pub(crate) fn new(root: &Path) -> SyncGroup {
         SyncGroup {
             fs: FsSync::open(root)
                 .map(Arc::new)
@@ -56,7 +56,7 @@ impl SyncGroup {
     }
 
     /// Returns once everything written before this call is durable.
-    pub async fn sync(&self) -> std::io::Result<()> {
+    pub(crate) async fn sync(&self) -> std::io::Result<()> {
         let fs = self.fs.clone().map_err(std::io::Error::other)?;
         let ticket = {
             let mut r = self.lock();

@@ -1,118 +1,42 @@
-//! Retention: which backups, WAL and chunks the archive may forget.
+//! Retention: which backups, WAL and chunks the archive may forget. The policy is
+//! `[retention]` of archived.toml (config.rs) with a run's overrides. Per cluster:
 //!
-//! Policy (`[retention]` in archived.toml; `archived retention run` flags override it):
-//!
-//! ```toml
-//! [retention]
-//! keep_full = 2            # the newest N usable backups
-//! keep_within_days = 7     # every backup needed to restore to any point of the last 7 days
-//! min_full = 1             # never fewer usable backups than this, whatever the above says
-//! chunk_grace_hours = 24   # unreferenced chunks untouched this long are collected
-//! ```
-//!
-//! With neither `keep_full` nor `keep_within_days` no backup expires. When both are set a
-//! backup is kept if either keeps it. Per cluster:
-//!
-//! 1. Kept backups: as above, among *usable* backups (all their WAL archived). Backups
-//!    whose WAL is still incomplete and that are newer than the oldest kept one are kept
-//!    too (they may be in the middle of becoming usable). A backup is only expired when
-//!    it is older than the oldest kept usable backup. Without any usable backup nothing
-//!    is expired.
+//! 1. Kept backups: the newest `keep_full` and those `keep_within` needs, among *usable*
+//!    backups (all their WAL archived), never fewer than `min_full`. Backups whose WAL is
+//!    still incomplete and that are newer than the oldest kept one are kept too (they may
+//!    be in the middle of becoming usable). A backup is only expired when it is older
+//!    than the oldest kept usable backup. Without any usable backup nothing is expired.
 //! 2. WAL: the oldest kept backup's first segment S (timeline T) is the horizon. On
 //!    timelines up to T, segments, partial segments and backup history files before S
 //!    are expired; later timelines and every history file are kept, so a kept backup
 //!    stays restorable to every point of its window, on every timeline after it.
 //! 3. Chunks: a chunk no remaining manifest names, untouched (neither stored nor reused
 //!    by a backup) for the grace period, is collectable. A loose chunk is deleted; a pack
-//!    (packs.rs) is deleted when every chunk the catalog locates in it is collectable (a
-//!    pack that still holds one live chunk stays whole), and a pack the catalog locates
-//!    no chunk in is deleted once it is older than the grace period. This step holds the write side of
-//!    the backup lock (see backups.rs), so no manifest is committed meanwhile, and a
-//!    chunk a running backup relies on was touched within the grace period.
+//!    is deleted when every chunk the catalog locates in it is collectable (a pack that
+//!    still holds one live chunk stays whole), and a pack the catalog locates no chunk in
+//!    is deleted once it is older than the grace period. The run holds the exclusive side
+//!    of the GC lock (gc.rs).
 //!
 //! `dry_run` computes the same plan and deletes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 use walvault_protocol::core::pg::wal::WalFileName;
 use walvault_protocol::core::wire::admin::{ClusterRetention, RetentionReport};
 use walvault_protocol::core::wire::backup::BackupState;
+use walvault_protocol::core::wire::Response;
 
-use crate::backup_index;
-use crate::backups::BackupService;
-use crate::catalog::Catalog;
-use crate::store::{self, Store};
-
-/// `[retention]` of archived.toml.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetentionConfig {
-    /// Newest usable backups kept.
-    pub keep_full: Option<u32>,
-    /// Restore window in days.
-    pub keep_within_days: Option<u64>,
-    /// Minimum usable backups kept.
-    pub min_full: u32,
-    /// Grace period of unreferenced chunks, hours.
-    pub chunk_grace_hours: u64,
-}
-
-impl Default for RetentionConfig {
-    fn default() -> Self {
-        RetentionConfig {
-            keep_full: None,
-            keep_within_days: None,
-            min_full: 1,
-            chunk_grace_hours: 24,
-        }
-    }
-}
-
-/// The policy one run applies.
-#[derive(Clone, Debug)]
-pub struct Policy {
-    /// Newest usable backups kept.
-    pub keep_full: Option<u32>,
-    /// Restore window, seconds.
-    pub keep_within_secs: Option<u64>,
-    /// Minimum usable backups kept.
-    pub min_full: u32,
-    /// Chunk grace period, seconds.
-    pub chunk_grace_secs: u64,
-    /// Unix time the `keep_within` window ends at, instead of now (tests: `--now`).
-    /// Only the backup window uses it; chunk and pack ages always use the clock.
-    pub window_end: Option<i64>,
-}
-
-impl RetentionConfig {
-    /// The configured policy with a run's overrides.
-    pub fn with_overrides(
-        &self,
-        keep_full: Option<u32>,
-        keep_within_secs: Option<u64>,
-        chunk_grace_secs: Option<u64>,
-    ) -> Policy {
-        Policy {
-            keep_full: keep_full.or(self.keep_full),
-            keep_within_secs: keep_within_secs.or(self.keep_within_days.map(|d| d * 86_400)),
-            min_full: self.min_full,
-            chunk_grace_secs: chunk_grace_secs.unwrap_or(self.chunk_grace_hours * 3600),
-            window_end: None,
-        }
-    }
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use super::{Ctx, Refusal, Reply};
+use crate::clock::unix_now;
+use crate::config::Policy;
+use crate::gc::Gc;
+use crate::index::backups::read_manifest;
+use crate::index::{state, Index};
+use crate::store::{layout, Store};
 
 /// Which backups (ids, oldest first, with stop time and state) a policy keeps.
-pub fn plan_backups(
+pub(crate) fn plan_backups(
     backups: &[(String, i64, BackupState)],
     policy: &Policy,
     now: i64,
@@ -177,37 +101,68 @@ pub fn plan_backups(
     (kept, expired, notes)
 }
 
+/// What a `Retention` request asks for.
+#[derive(Clone, Debug)]
+pub(crate) struct RetentionRequest<'a> {
+    /// One cluster, or every cluster.
+    pub(crate) cluster: Option<&'a str>,
+    /// Overrides of `[retention]`.
+    pub(crate) keep_full: Option<u32>,
+    pub(crate) keep_within_secs: Option<u64>,
+    pub(crate) chunk_grace_secs: Option<u64>,
+    /// Plan only.
+    pub(crate) dry_run: bool,
+    /// Where the `keep_within` window ends (tests); the clock when `None`.
+    pub(crate) window_end: Option<i64>,
+}
+
+/// `Retention` (admin): applies the configured policy with the request's overrides.
+pub(crate) async fn request(ctx: &Ctx<'_>, r: &RetentionRequest<'_>) -> Reply {
+    ctx.require_admin(
+        "retention needs an admin certificate (archived retention run uses DIR/admin.toml)",
+    )?;
+    let mut policy =
+        ctx.archive
+            .policy
+            .with_overrides(r.keep_full, r.keep_within_secs, r.chunk_grace_secs);
+    policy.window_end = r.window_end;
+    run(ctx.store, ctx.index, ctx.gc, r.cluster, &policy, r.dry_run)
+        .await
+        .map(Response::Retention)
+        .map_err(Refusal::internal)
+}
+
 /// Applies the policy to one cluster or to all.
-pub async fn run(
+pub(crate) async fn run(
     store: &Store,
-    catalog: &Catalog,
-    service: &BackupService,
+    index: &Index,
+    gc: &Gc,
     cluster: Option<&str>,
     policy: &Policy,
     dry_run: bool,
 ) -> Result<RetentionReport> {
     let clusters = match cluster {
         Some(c) => vec![c.to_string()],
-        None => catalog.clusters()?,
+        None => index.clusters()?,
     };
     let mut report = RetentionReport {
         dry_run,
         clusters: Vec::new(),
     };
     // One run at a time, and no manifest committed while chunks are judged.
-    let _gc = service.gc_lock.write().await;
+    let _gc = gc.collect().await;
     for c in clusters {
         report
             .clusters
-            .push(run_cluster(store, catalog, &c, policy, dry_run).await?);
+            .push(run_cluster(store, index, &c, policy, dry_run).await?);
     }
-    catalog.flush().await?;
+    index.flush().await?;
     Ok(report)
 }
 
 async fn run_cluster(
     store: &Store,
-    catalog: &Catalog,
+    index: &Index,
     cluster: &str,
     policy: &Policy,
     dry_run: bool,
@@ -216,13 +171,13 @@ async fn run_cluster(
         cluster: cluster.to_string(),
         ..Default::default()
     };
-    let summaries = backup_index::list_backups(store, catalog, cluster).await?;
+    let summaries = state::list_backups(store, index, cluster).await?;
     let list: Vec<(String, i64, BackupState)> = summaries
         .iter()
-        .map(|s| (s.id.clone(), s.stop_time, s.state))
+        .map(|s| (s.record.id.clone(), s.record.stop_time, s.state))
         .collect();
-    let window_end = policy.window_end.unwrap_or_else(now);
-    let (kept, expired, notes) = plan_backups(&list, policy, window_end);
+    let (kept, expired, notes) =
+        plan_backups(&list, policy, policy.window_end.unwrap_or_else(unix_now));
     out.notes = notes;
     out.kept_backups = kept.clone();
     out.expired_backups = expired.clone();
@@ -230,26 +185,24 @@ async fn run_cluster(
     // Backups.
     if !dry_run {
         for id in &expired {
-            store
-                .delete(&backup_index::manifest_key(cluster, id))
-                .await?;
-            backup_index::remove_backup_record(catalog, cluster, id)?;
+            store.delete(&layout::manifest_key(cluster, id)).await?;
+            index.remove_backup(cluster, id)?;
             tracing::info!(%cluster, backup = %id, "backup expired");
         }
     }
 
     // WAL before the oldest kept backup.
-    let records = backup_index::backup_records(catalog, cluster)?;
+    let records = index.backups(cluster)?;
     let oldest_kept = records
         .iter()
         .filter(|r| kept.contains(&r.id))
         .min_by(|a, b| a.id.cmp(&b.id));
     if let Some(oldest) = oldest_kept.filter(|_| !expired.is_empty() || !kept.is_empty()) {
         if summaries.iter().any(|s| s.state == BackupState::Usable) {
-            let seg_size = backup_index::segment_size(catalog, cluster)?;
-            let (horizon, _) = backup_index::wal_range(oldest, seg_size)?;
+            let seg_size = index.segment_size(cluster)?;
+            let (horizon, _) = state::wal_range(oldest, seg_size)?;
             let horizon_no = horizon.segno(seg_size);
-            for (name, entry) in catalog.wal_files(cluster)? {
+            for (name, entry) in index.wal_files(cluster)? {
                 if name.timeline() > horizon.timeline {
                     continue;
                 }
@@ -265,8 +218,8 @@ async fn run_cluster(
                 out.expired_wal.push(name.to_string());
                 out.expired_wal_bytes += entry.stored_size;
                 if !dry_run {
-                    store.delete(&store::wal_key(cluster, &name)).await?;
-                    catalog.remove_wal(cluster, &name)?;
+                    store.delete(&layout::wal_key(cluster, &name)).await?;
+                    index.remove_wal(cluster, &name)?;
                 }
             }
             if !out.expired_wal.is_empty() {
@@ -286,13 +239,10 @@ async fn run_cluster(
     let remaining: Vec<String> = if dry_run {
         kept.clone()
     } else {
-        backup_index::backup_records(catalog, cluster)?
-            .into_iter()
-            .map(|r| r.id)
-            .collect()
+        index.backups(cluster)?.into_iter().map(|r| r.id).collect()
     };
     for id in &remaining {
-        match backup_index::read_manifest(store, cluster, id).await? {
+        match read_manifest(store, cluster, id).await? {
             Some((m, _)) => referenced.extend(m.chunk_hashes().map(String::from)),
             None => anyhow::bail!(
                 "backup {id} of cluster '{cluster}' is listed but its manifest is missing; \
@@ -300,12 +250,12 @@ async fn run_cluster(
             ),
         }
     }
-    let now = now();
+    let now = unix_now();
     let grace = policy.chunk_grace_secs as i64;
     let mut loose = Vec::new();
     // Pack id -> (every chunk the catalog locates in it is collectable, those hashes, bytes).
     let mut packs: BTreeMap<String, (bool, Vec<String>, u64)> = BTreeMap::new();
-    for (hash, entry) in backup_index::chunk_entries(catalog, cluster)? {
+    for (hash, entry) in index.chunks(cluster)? {
         let unreferenced = !referenced.contains(&hash);
         let collectable = unreferenced && now - entry.touched >= grace;
         if unreferenced && !collectable {
@@ -336,8 +286,8 @@ async fn run_cluster(
     }
     // Packs the catalog locates no chunk in (every chunk of it was stored first elsewhere,
     // or the archive stopped between storing and indexing it), once past the grace period.
-    for key in store.list(&format!("{cluster}/packs/")).await? {
-        let Some((_, id)) = crate::packs::parse_pack_key(&key) else {
+    for key in store.list(&layout::packs_prefix(cluster)).await? {
+        let Some((_, id)) = layout::parse_pack_key(&key) else {
             continue;
         };
         if packs.contains_key(&id) {
@@ -371,21 +321,19 @@ async fn run_cluster(
     // entry that would make a backup skip uploading a chunk the store no longer has.
     if !dry_run && (!loose.is_empty() || !dead_packs.is_empty()) {
         for hash in &loose {
-            backup_index::remove_chunk_entry(catalog, cluster, hash)?;
+            index.remove_chunk(cluster, hash)?;
         }
         for id in &dead_packs {
             for hash in packs.get(id).map(|p| &p.1[..]).unwrap_or_default() {
-                backup_index::remove_chunk_entry(catalog, cluster, hash)?;
+                index.remove_chunk(cluster, hash)?;
             }
         }
-        catalog.flush().await?;
+        index.flush().await?;
         for hash in &loose {
-            store
-                .delete(&backup_index::chunk_key(cluster, hash))
-                .await?;
+            store.delete(&layout::chunk_key(cluster, hash)).await?;
         }
         for id in &dead_packs {
-            store.delete(&crate::packs::pack_key(cluster, id)).await?;
+            store.delete(&layout::pack_key(cluster, id)).await?;
         }
     }
     if out.collected_chunks > 0 {

@@ -1,0 +1,77 @@
+//! `archived wal list`.
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use walvault_protocol::core::wire::{Request, Response, WalListing};
+
+use super::ConnectArgs;
+
+#[derive(Subcommand)]
+pub(crate) enum WalCommand {
+    /// Segments per timeline, history files and gaps of one cluster (asks the running server).
+    List {
+        #[command(flatten)]
+        target: ConnectArgs,
+        /// Cluster name.
+        #[arg(long)]
+        cluster: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) async fn run(command: WalCommand) -> Result<()> {
+    let WalCommand::List {
+        target,
+        cluster,
+        json,
+    } = command;
+    let listing = match super::ask(&target, Request::ListWal { cluster }).await? {
+        Response::WalList(l) => l,
+        other => bail!("unexpected answer from the archive: {other:?}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&listing)?);
+    } else {
+        print_listing(&listing);
+    }
+    Ok(())
+}
+
+fn print_listing(l: &WalListing) {
+    println!("cluster {}", l.cluster);
+    match l.system_identifier {
+        Some(id) => println!(
+            "  system identifier {id}, segment size {} MiB",
+            l.segment_size.unwrap_or(0) >> 20
+        ),
+        None => println!("  no segment archived yet"),
+    }
+    if l.timelines.is_empty() {
+        println!("  no WAL");
+    }
+    for t in &l.timelines {
+        println!(
+            "  timeline {}: {} segments {}..{} ({} MiB raw, {} MiB stored)",
+            t.timeline.0,
+            t.segments,
+            t.first.as_deref().unwrap_or("-"),
+            t.last.as_deref().unwrap_or("-"),
+            t.raw_bytes >> 20,
+            t.stored_bytes >> 20
+        );
+        for (a, b) in &t.gaps {
+            println!("    GAP: {a} .. {b} missing");
+        }
+        for p in &t.partials {
+            println!("    partial: {p}");
+        }
+    }
+    for h in &l.history_files {
+        println!("  history: {h}");
+    }
+    for b in &l.backup_history_files {
+        println!("  backup history: {b}");
+    }
+}

@@ -1,0 +1,162 @@
+//! `archived.toml`, the server's configuration, and the retention policy a run applies.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7433"     # UDP address for QUIC
+//! advertise = "host:7433"       # optional: the address issued client configs name
+//! storage = ""                  # "" = DIR/store; or s3://bucket/prefix, gs://..., az://...
+//! max_connections = 256         # concurrent client connections
+//! shutdown_grace_secs = 30      # how long SIGTERM waits for in-flight requests
+//! [storage_options]             # object_store keys (aws_endpoint, aws_region...), over the
+//!                               # AWS_* / GOOGLE_* / AZURE_* environment (store/remote.rs)
+//! [retention]                   # archived retention run; its flags override these
+//! keep_full = 2                 # the newest N usable backups
+//! keep_within_days = 7          # every backup needed to restore to any point of 7 days
+//! min_full = 1                  # never fewer usable backups than this
+//! chunk_grace_hours = 24        # unreferenced chunks untouched this long are collected
+//! ```
+//!
+//! With neither `keep_full` nor `keep_within_days` no backup expires; when both are set a
+//! backup is kept if either keeps it (service/retention.rs).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Default UDP address.
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7433";
+
+/// `archived.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerConfig {
+    /// UDP address for QUIC.
+    pub(crate) listen: String,
+    /// Address clients are told to use (defaults to `listen`).
+    #[serde(default)]
+    pub(crate) advertise: Option<String>,
+    /// Object store URL; empty for `DIR/store`.
+    #[serde(default)]
+    pub(crate) storage: String,
+    /// object_store options (credentials, endpoint, region...).
+    #[serde(default)]
+    pub(crate) storage_options: BTreeMap<String, String>,
+    /// Concurrent connections.
+    #[serde(default = "default_max_connections")]
+    pub(crate) max_connections: usize,
+    /// Seconds SIGTERM waits for in-flight requests.
+    #[serde(default = "default_grace")]
+    pub(crate) shutdown_grace_secs: u64,
+    /// Backup retention policy (`archived retention run`).
+    #[serde(default)]
+    pub(crate) retention: RetentionConfig,
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+fn default_grace() -> u64 {
+    30
+}
+
+impl ServerConfig {
+    /// A new configuration listening on `listen`, everything else by default.
+    pub(crate) fn new(listen: &str) -> ServerConfig {
+        ServerConfig {
+            listen: listen.to_string(),
+            advertise: None,
+            storage: String::new(),
+            storage_options: BTreeMap::new(),
+            max_connections: default_max_connections(),
+            shutdown_grace_secs: default_grace(),
+            retention: Default::default(),
+        }
+    }
+
+    /// Reads and checks `path`; `data_dir` is named in the error when it is missing.
+    pub(crate) fn load(path: &Path, data_dir: &Path) -> Result<ServerConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read {} (run `archived init --data-dir {}` first)",
+                path.display(),
+                data_dir.display()
+            )
+        })?;
+        let cfg: ServerConfig =
+            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+        cfg.listen.parse::<SocketAddr>().with_context(|| {
+            format!(
+                "{}: listen '{}' is not an IP:port",
+                path.display(),
+                cfg.listen
+            )
+        })?;
+        Ok(cfg)
+    }
+
+    /// `[storage_options]` as the store takes them.
+    pub(crate) fn storage_options(&self) -> Vec<(String, String)> {
+        self.storage_options.clone().into_iter().collect()
+    }
+}
+
+/// `[retention]` of archived.toml.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RetentionConfig {
+    /// Newest usable backups kept.
+    pub(crate) keep_full: Option<u32>,
+    /// Restore window in days.
+    pub(crate) keep_within_days: Option<u64>,
+    /// Minimum usable backups kept.
+    pub(crate) min_full: u32,
+    /// Grace period of unreferenced chunks, hours.
+    pub(crate) chunk_grace_hours: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            keep_full: None,
+            keep_within_days: None,
+            min_full: 1,
+            chunk_grace_hours: 24,
+        }
+    }
+}
+
+/// The policy one retention run applies: `[retention]` with the run's overrides.
+#[derive(Clone, Debug)]
+pub(crate) struct Policy {
+    /// Newest usable backups kept.
+    pub(crate) keep_full: Option<u32>,
+    /// Restore window, seconds.
+    pub(crate) keep_within_secs: Option<u64>,
+    /// Minimum usable backups kept.
+    pub(crate) min_full: u32,
+    /// Chunk grace period, seconds.
+    pub(crate) chunk_grace_secs: u64,
+    /// Unix time the `keep_within` window ends at, instead of now (tests: `--now`).
+    /// Only the backup window uses it; chunk and pack ages always use the clock.
+    pub(crate) window_end: Option<i64>,
+}
+
+impl RetentionConfig {
+    /// The configured policy with a run's overrides.
+    pub(crate) fn with_overrides(
+        &self,
+        keep_full: Option<u32>,
+        keep_within_secs: Option<u64>,
+        chunk_grace_secs: Option<u64>,
+    ) -> Policy {
+        Policy {
+            keep_full: keep_full.or(self.keep_full),
+            keep_within_secs: keep_within_secs.or(self.keep_within_days.map(|d| d * 86_400)),
+            min_full: self.min_full,
+            chunk_grace_secs: chunk_grace_secs.unwrap_or(self.chunk_grace_hours * 3600),
+            window_end: None,
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The sled catalog: an index of the object store, never the truth.
+//!
+//! # Trees
+//!
+//! ```text
+//! tree "clusters"  <cluster>             -> JSON ClusterBinding   (clusters.rs)
+//! tree "wal"       <cluster>/<file name> -> JSON WalEntry         (wal.rs: segments,
+//!                                           partials, history, backup history)
+//! tree "chunks"    <cluster>/<blake3>    -> JSON ChunkEntry       (chunks.rs)
+//! tree "backups"   <cluster>/<ID>        -> JSON BackupRecord     (backups.rs)
+//! tree "meta"      "complete"            -> "1" once the index covers the whole store
+//! ```
+//!
+//! Each object kind has its module: its entry type, its tree's reads and writes, and the
+//! `index_object` a rebuild (rebuild.rs) calls for every key of the store. Whether a
+//! backup is usable is state.rs.
+//!
+//! # Rebuild
+//!
+//! The catalog is rebuilt from a listing of the store (plus one header read per object)
+//! when its directory is missing, when sled cannot open it (it is moved aside to
+//! `catalog.damaged.<unix time>`), when it lacks the `complete` mark (a rebuild was
+//! interrupted), or on `archived catalog rebuild`. Writers always store the object first
+//! and index it second; a crash between the two leaves an object without an entry, which
+//! the client's retry (or a rebuild) indexes.
+
+pub(crate) mod backups;
+pub(crate) mod chunks;
+pub(crate) mod clusters;
+pub(crate) mod rebuild;
+pub(crate) mod state;
+pub(crate) mod wal;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// The catalog.
+#[derive(Clone)]
+pub(crate) struct Index {
+    db: sled::Db,
+    clusters: sled::Tree,
+    wal: sled::Tree,
+    chunks: sled::Tree,
+    backups: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Index {
+    /// Opens (or creates) the catalog at `dir` as it is, without rebuilding.
+    pub(crate) fn open(dir: &Path) -> Result<Index> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .with_context(|| format!("cannot open catalog {}", dir.display()))?;
+        Ok(Index {
+            clusters: db.open_tree("clusters")?,
+            wal: db.open_tree("wal")?,
+            chunks: db.open_tree("chunks")?,
+            backups: db.open_tree("backups")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Whether the index covers the whole store (a rebuild completed).
+    pub(crate) fn is_complete(&self) -> Result<bool> {
+        Ok(self.meta.get("complete")?.is_some())
+    }
+
+    /// Marks the index as covering the whole store, or not (a rebuild starts).
+    pub(super) fn set_complete(&self, complete: bool) -> Result<()> {
+        if complete {
+            self.meta.insert("complete", "1")?;
+        } else {
+            self.meta.remove("complete")?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything to disk.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        self.db
+            .flush_async()
+            .await
+            .context("flushing the catalog")?;
+        Ok(())
+    }
+}
+
+/// What a rebuild found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct RebuildSummary {
+    /// Cluster bindings indexed.
+    pub(crate) clusters: u64,
+    /// WAL objects indexed.
+    pub(crate) wal_files: u64,
+    /// Objects whose header could not be read.
+    pub(crate) unreadable: u64,
+    /// Backups (manifests) indexed.
+    pub(crate) backups: u64,
+    /// Backup chunks indexed.
+    pub(crate) chunks: u64,
+    /// Keys that are not ours.
+    pub(crate) other: u64,
+}
+
+/// Reads a JSON entry of a tree.
+fn get_json<T: serde::de::DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>> {
+    Ok(match tree.get(key)? {
+        Some(v) => Some(serde_json::from_slice(&v)?),
+        None => None,
+    })
+}
+
+/// Writes a JSON entry of a tree (unflushed).
+fn put_json<T: serde::Serialize>(tree: &sled::Tree, key: &str, value: &T) -> Result<()> {
+    tree.insert(key, serde_json::to_vec(value)?)?;
+    Ok(())
+}
+
+/// Every `(rest of key, entry)` of a tree under `<cluster>/`, in key order.
+fn scan_cluster<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    cluster: &str,
+) -> Result<Vec<(String, T)>> {
+    let mut out = Vec::new();
+    for item in tree.scan_prefix(format!("{cluster}/")) {
+        let (k, v) = item?;
+        let k = String::from_utf8_lossy(&k);
+        if let Some((_, rest)) = k.split_once('/') {
+            out.push((rest.to_string(), serde_json::from_slice(&v)?));
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,99 @@
+//! A backup's state in the archive: which WAL it needs, whether all of it is archived
+//! (*usable*), and its restore window.
+//!
+//! A backup is *usable* when every WAL segment from its start to its stop LSN is in the
+//! archive (a backup spanning a timeline switch may have its later segments on the stop
+//! timeline); `restorable_until` is the archive time of the last segment after it on its
+//! timeline without a gap.
+
+use anyhow::Result;
+use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId, WalFileName};
+use walvault_protocol::core::wire::backup::{BackupRecord, BackupState, BackupSummary};
+
+use super::Index;
+use crate::store::{layout, Store};
+
+/// The WAL segments a backup needs: first and last.
+pub(crate) fn wal_range(r: &BackupRecord, seg_size: u32) -> Result<(SegmentName, SegmentName)> {
+    let start: Lsn = r
+        .start_lsn
+        .parse()
+        .map_err(|_| anyhow::anyhow!("backup {}: bad start LSN", r.id))?;
+    let stop: Lsn = r
+        .stop_lsn
+        .parse()
+        .map_err(|_| anyhow::anyhow!("backup {}: bad stop LSN", r.id))?;
+    Ok((
+        SegmentName::containing(TimelineId(r.timeline), start, seg_size),
+        SegmentName::containing(
+            TimelineId(r.stop_timeline),
+            Lsn(stop.0.saturating_sub(1).max(start.0)),
+            seg_size,
+        ),
+    ))
+}
+
+/// A record with its WAL state and restore window.
+pub(crate) async fn summarize(
+    store: &Store,
+    index: &Index,
+    cluster: &str,
+    r: &BackupRecord,
+) -> Result<BackupSummary> {
+    let seg_size = index.segment_size(cluster)?;
+    let (first, last) = wal_range(r, seg_size)?;
+    let mut usable = true;
+    let mut seg = first;
+    let last_no = last.segno(seg_size);
+    while seg.segno(seg_size) <= last_no {
+        // A backup spanning a timeline switch has its later segments on the new timeline.
+        let on_stop_tli = SegmentName {
+            timeline: last.timeline,
+            ..seg
+        };
+        if !index.has_segment(cluster, &seg)? && !index.has_segment(cluster, &on_stop_tli)? {
+            usable = false;
+            break;
+        }
+        seg = seg.next(seg_size);
+    }
+    let (mut until, mut until_lsn) = (None, None);
+    if usable {
+        let mut end = last;
+        loop {
+            let next = end.next(seg_size);
+            if !index.has_segment(cluster, &next)? {
+                break;
+            }
+            end = next;
+        }
+        let key = layout::wal_key(cluster, &WalFileName::Segment(end));
+        until = store.modified(&key).await?.map(|t| t.max(r.stop_time));
+        until_lsn = Some(end.next(seg_size).start_lsn(seg_size).to_string());
+    }
+    Ok(BackupSummary {
+        record: r.clone(),
+        state: if usable {
+            BackupState::Usable
+        } else {
+            BackupState::IncompleteWal
+        },
+        wal_start: first.to_string(),
+        wal_stop: last.to_string(),
+        restorable_until: until,
+        restorable_until_lsn: until_lsn,
+    })
+}
+
+/// Every backup of a cluster with its state, oldest first.
+pub(crate) async fn list_backups(
+    store: &Store,
+    index: &Index,
+    cluster: &str,
+) -> Result<Vec<BackupSummary>> {
+    let mut out = Vec::new();
+    for r in index.backups(cluster)? {
+        out.push(summarize(store, index, cluster, &r).await?);
+    }
+    Ok(out)
+}

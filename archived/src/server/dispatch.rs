@@ -1,0 +1,194 @@
+//! One request per bidirectional stream: read its frame (within
+//! [`REQUEST_HEADER_TIMEOUT`]), refuse it while shutting down, check that the certificate
+//! may touch the cluster it names, and hand it to its handler (service/) with the rest of
+//! the stream as its body.
+
+use std::time::Duration;
+
+use walvault_protocol::core::format::names;
+use walvault_protocol::core::wire::{ErrorCode, FrameError, Request, Response};
+use walvault_protocol::net::pki::ClientIdentity;
+use walvault_protocol::net::transport::{read_frame, ReadFrameError};
+
+use super::rpc::{respond, send_streamed};
+use crate::service::backups::ManifestUpload;
+use crate::service::retention::RetentionRequest;
+use crate::service::wal::WalUpload;
+use crate::service::Archive;
+use crate::service::{self, Refusal, StreamReply};
+
+/// How long a client may take to send its request frame.
+const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Answers the request on one stream; `shutting_down` refuses it as `Unavailable`.
+pub(super) async fn handle_stream(
+    archive: &Archive,
+    shutting_down: impl Fn() -> bool,
+    identity: &ClientIdentity,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let request = match tokio::time::timeout(
+        REQUEST_HEADER_TIMEOUT,
+        read_frame::<Request>(&mut recv),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(ReadFrameError::Frame(e))) => {
+            let code = if matches!(e, FrameError::TooLarge(_)) {
+                ErrorCode::TooLarge
+            } else {
+                ErrorCode::Invalid
+            };
+            tracing::warn!(cluster = %identity.cluster, error = %e, "bad request frame");
+            respond(send, Some(recv), Err(Refusal::new(code, e.to_string()))).await;
+            return;
+        }
+        Ok(Err(ReadFrameError::Stream(e))) => {
+            tracing::debug!(error = %e, "stream failed before a request arrived");
+            return;
+        }
+        Err(_) => {
+            let refusal = Refusal::invalid("no request header within 30 s");
+            respond(send, Some(recv), Err(refusal)).await;
+            return;
+        }
+    };
+    if shutting_down() {
+        let reply = Err(Refusal::new(
+            ErrorCode::Unavailable,
+            "archived is shutting down; retry shortly",
+        ));
+        respond(send, Some(recv), reply).await;
+        return;
+    }
+    let op = request.op();
+    if let Some(cluster) = request.cluster() {
+        if let Err(m) = names::validate_cluster_name(cluster) {
+            respond(send, Some(recv), Err(Refusal::invalid(m))).await;
+            return;
+        }
+        if !identity.may_access(cluster) {
+            let msg = format!(
+                "certificate for cluster '{}' ({}) may not access cluster '{cluster}'",
+                identity.cluster, identity.role
+            );
+            tracing::warn!(%op, %msg, "unauthorized");
+            respond(
+                send,
+                Some(recv),
+                Err(Refusal::new(ErrorCode::Unauthorized, msg)),
+            )
+            .await;
+            return;
+        }
+    }
+    let ctx = archive.ctx(identity);
+    let reply = match request {
+        Request::PutWal {
+            cluster,
+            name,
+            raw_size,
+            blake3,
+        } => {
+            let upload = WalUpload {
+                cluster: &cluster,
+                name: &name,
+                raw_size,
+                blake3: &blake3,
+            };
+            let reply = service::wal::ingest(&ctx, &upload, &mut recv).await;
+            match &reply {
+                Ok(Response::Stored { already_present }) => {
+                    tracing::info!(%cluster, %name, already_present, "stored")
+                }
+                Err(r) => {
+                    tracing::warn!(%cluster, %name, code = ?r.code, message = %r.message, "push refused")
+                }
+                _ => {}
+            }
+            reply
+        }
+        Request::GetWal { cluster, name } => {
+            return answer_streamed(send, recv, service::wal::get(&ctx, &cluster, &name).await)
+                .await;
+        }
+        Request::ListWal { cluster } => service::wal::list(&ctx, &cluster),
+        Request::ChunksMissing { cluster, hashes } => {
+            service::backups::chunks_missing(&ctx, &cluster, hashes).await
+        }
+        Request::PutChunk {
+            cluster,
+            blake3,
+            raw_size,
+        } => service::backups::put_chunk(&ctx, &cluster, &blake3, raw_size, &mut recv).await,
+        Request::PutPack { cluster, chunks } => {
+            service::backups::put_pack(&ctx, &cluster, chunks, &mut recv).await
+        }
+        Request::GetChunks { cluster, hashes } => {
+            let answer = service::backups::get_chunks(&ctx, &cluster, hashes).await;
+            return answer_streamed(send, recv, answer).await;
+        }
+        Request::PutBackup {
+            cluster,
+            backup_id,
+            raw_size,
+            blake3,
+        } => {
+            let upload = ManifestUpload {
+                cluster: &cluster,
+                backup_id: &backup_id,
+                raw_size,
+                blake3: &blake3,
+            };
+            let reply = service::backups::put_backup(&ctx, &upload, &mut recv).await;
+            match &reply {
+                Ok(_) => tracing::info!(%cluster, %backup_id, "backup committed"),
+                Err(r) => {
+                    tracing::warn!(%cluster, %backup_id, code = ?r.code, message = %r.message, "backup refused")
+                }
+            }
+            reply
+        }
+        Request::GetBackup { cluster, backup_id } => {
+            let answer = service::backups::get_backup(&ctx, &cluster, &backup_id).await;
+            return answer_streamed(send, recv, answer).await;
+        }
+        Request::ListBackups { cluster } => service::backups::list(&ctx, &cluster).await,
+        Request::DeleteBackup { cluster, backup_id } => {
+            service::backups::delete(&ctx, &cluster, &backup_id).await
+        }
+        Request::Retention {
+            cluster,
+            keep_full,
+            keep_within_secs,
+            chunk_grace_secs,
+            dry_run,
+            window_end,
+        } => {
+            let r = RetentionRequest {
+                cluster: cluster.as_deref(),
+                keep_full,
+                keep_within_secs,
+                chunk_grace_secs,
+                dry_run,
+                window_end,
+            };
+            service::retention::request(&ctx, &r).await
+        }
+        Request::Ping => Ok(Response::Pong {
+            cluster: identity.cluster.clone(),
+            role: identity.role.to_string(),
+            version: walvault_protocol::VERSION.to_string(),
+        }),
+    };
+    respond(send, Some(recv), reply).await;
+}
+
+async fn answer_streamed(send: quinn::SendStream, recv: quinn::RecvStream, answer: StreamReply) {
+    match answer {
+        Ok(s) => send_streamed(send, s).await,
+        Err(r) => respond(send, Some(recv), Err(r)).await,
+    }
+}

@@ -1,0 +1,71 @@
+//! Reply plumbing: a handler's answer onto a QUIC stream.
+//!
+//! A [`Reply`] becomes one response frame (a refusal an `Error` frame), after telling the
+//! peer to stop sending whatever body is left. A [`Streamed`] answer is its frame, then
+//! its body, then FIN; a failure while the body is sent (storage, a client that went
+//! away) resets the stream, so the client sees an interrupted download, never a short
+//! one. Neither waits more than [`RESPONSE_DELIVERY_TIMEOUT`] for the client to take
+//! the end of the answer: a client that vanished must not hold shutdown hostage.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use walvault_protocol::core::wire::Response;
+use walvault_protocol::net::transport::write_frame;
+
+use crate::service::{Refusal, Reply, Streamed};
+
+/// How long a finished response may take to be acknowledged by the client before the
+/// request stops counting as in flight.
+const RESPONSE_DELIVERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends a one-frame answer and finishes the stream.
+pub(crate) async fn respond(
+    mut send: quinn::SendStream,
+    recv: Option<quinn::RecvStream>,
+    reply: Reply,
+) {
+    let response = match reply {
+        Ok(r) => r,
+        Err(Refusal { code, message }) => Response::Error { code, message },
+    };
+    if let Some(mut recv) = recv {
+        // Whatever body is left is not wanted; tell the peer to stop sending it.
+        let _ = recv.stop(0u32.into());
+    }
+    let _ = write_frame(&mut send, &response).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(RESPONSE_DELIVERY_TIMEOUT, send.stopped()).await;
+}
+
+/// Sends an answer with a body: the frame, the body, FIN (or a reset on failure).
+pub(crate) async fn send_streamed(mut send: quinn::SendStream, answer: Streamed) {
+    let Streamed {
+        response,
+        mut body,
+        what,
+    } = answer;
+    let mut streamed: Result<()> = write_frame(&mut send, &response)
+        .await
+        .context("sending response");
+    while streamed.is_ok() {
+        let Some(chunk) = body.next().await else {
+            break;
+        };
+        streamed = match chunk {
+            Ok(c) => send.write_chunk(c).await.context("client went away"),
+            Err(e) => Err(e),
+        };
+    }
+    match streamed {
+        Ok(()) => {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(RESPONSE_DELIVERY_TIMEOUT, send.stopped()).await;
+        }
+        Err(e) => {
+            tracing::warn!(%what, error = %format!("{e:#}"), "sending object failed");
+            let _ = send.reset(1u32.into());
+        }
+    }
+}

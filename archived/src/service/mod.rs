@@ -1,0 +1,228 @@
+//! The archive's request handlers, over byte sources and answers, not sockets.
+//!
+//! A handler takes a [`Ctx`] (the archive's shared state and the client's identity), the
+//! request's fields and, for uploads, the request body as any `AsyncRead`; it answers a
+//! [`Reply`] (one response frame) or a [`Streamed`] (a response frame and a body to
+//! send after it). The server (server/) feeds them QUIC streams; the tests below feed
+//! them byte slices over an in-memory store. Role checks are the handlers' own; the
+//! cluster a certificate may touch is checked by the dispatcher before any handler runs.
+//!
+//! - [`wal`]: `PutWal` ([`wal::ingest`]), `GetWal`, `ListWal` and the cluster binding;
+//! - [`backups`]: chunks, packs, manifests, listings and deletion of base backups;
+//! - [`retention`]: what the archive may forget.
+
+pub(crate) mod backups;
+pub(crate) mod retention;
+pub(crate) mod wal;
+
+#[cfg(test)]
+mod tests;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use walvault_protocol::core::wire::{ErrorCode, Response};
+use walvault_protocol::net::pki::{ClientIdentity, Role};
+
+use crate::config::RetentionConfig;
+use crate::gc::Gc;
+use crate::index::Index;
+use crate::store::syncgroup::SyncGroup;
+use crate::store::Store;
+
+/// A failed request: what the client is told.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A failure of the archive itself (storage, catalog): logged, and the client told.
+    pub(crate) fn internal(e: anyhow::Error) -> Refusal {
+        tracing::error!(error = %format!("{e:#}"), "request failed");
+        Refusal::new(ErrorCode::Internal, format!("archive-side failure: {e:#}"))
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Refusal {
+        Refusal::new(ErrorCode::Invalid, message)
+    }
+}
+
+/// The answer of a request that is one response frame.
+pub(crate) type Reply = Result<Response, Refusal>;
+
+/// A response frame and the body that follows it.
+pub(crate) struct Streamed {
+    /// The frame.
+    pub(crate) response: Response,
+    /// The body; an error item cuts the answer short (the client sees an interrupted
+    /// download, never a short one that looks complete).
+    pub(crate) body: BoxStream<'static, anyhow::Result<Bytes>>,
+    /// What is sent, for logs.
+    pub(crate) what: String,
+}
+
+/// The answer of a request that sends a body.
+pub(crate) type StreamReply = Result<Streamed, Refusal>;
+
+/// What every request of one archive shares.
+pub(crate) struct Archive {
+    pub(crate) store: Store,
+    pub(crate) index: Index,
+    pub(crate) gc: Gc,
+    /// The policy from archived.toml.
+    pub(crate) policy: RetentionConfig,
+    /// Serializes the first binding of a cluster name.
+    binding_lock: tokio::sync::Mutex<()>,
+    /// Shared syncs of concurrent chunk writes (local store), made at first use.
+    sync_group: std::sync::OnceLock<SyncGroup>,
+}
+
+impl Archive {
+    pub(crate) fn new(store: Store, index: Index, policy: RetentionConfig) -> Archive {
+        Archive {
+            store,
+            index,
+            gc: Gc::default(),
+            policy,
+            binding_lock: tokio::sync::Mutex::new(()),
+            sync_group: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The context of one request of a client.
+    pub(crate) fn ctx<'a>(&'a self, identity: &'a ClientIdentity) -> Ctx<'a> {
+        Ctx {
+            store: &self.store,
+            index: &self.index,
+            gc: &self.gc,
+            identity,
+            archive: self,
+        }
+    }
+
+    fn sync_group(&self) -> &SyncGroup {
+        self.sync_group.get_or_init(|| self.store.sync_group())
+    }
+}
+
+/// What a handler works with.
+pub(crate) struct Ctx<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) index: &'a Index,
+    pub(crate) gc: &'a Gc,
+    /// Who asks (from the client certificate).
+    pub(crate) identity: &'a ClientIdentity,
+    archive: &'a Archive,
+}
+
+impl Ctx<'_> {
+    /// Refuses clients that may not write (`what`: "store backups", ...).
+    fn require_writer(&self, what: &str) -> Result<(), Refusal> {
+        if matches!(self.identity.role, Role::Push | Role::Admin) {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "a {} certificate may not {what}; use the cluster's push certificate",
+                    self.identity.role
+                ),
+            ))
+        }
+    }
+
+    /// Refuses clients without an admin certificate (`why`: the message).
+    fn require_admin(&self, why: &str) -> Result<(), Refusal> {
+        if self.identity.role == Role::Admin {
+            Ok(())
+        } else {
+            Err(Refusal::new(ErrorCode::Unauthorized, why))
+        }
+    }
+}
+
+/// A stored object as an answer: an `Object` frame, then its zstd frame; a missing
+/// object is `not_found()`.
+async fn object(ctx: &Ctx<'_>, key: &str, not_found: impl FnOnce() -> Refusal) -> StreamReply {
+    let header = ctx
+        .store
+        .read_header(key)
+        .await
+        .map_err(Refusal::internal)?
+        .ok_or_else(not_found)?;
+    let body = ctx
+        .store
+        .body_stream(key, &header)
+        .await
+        .map_err(Refusal::internal)?;
+    Ok(Streamed {
+        response: Response::Object {
+            raw_size: header.raw_size,
+            blake3: header.blake3_hex(),
+            compressed_size: header.compressed_size,
+        },
+        body,
+        what: key.to_string(),
+    })
+}
+
+/// Reads from `source` until `buf` holds `want` bytes or the body ends; returns whether
+/// it ended.
+async fn fill(
+    source: &mut (impl AsyncRead + Unpin + Send),
+    buf: &mut Vec<u8>,
+    want: usize,
+) -> std::io::Result<bool> {
+    let start = buf.len();
+    buf.resize(want.max(start), 0);
+    let mut at = start;
+    while at < buf.len() {
+        let n = source.read(&mut buf[at..]).await?;
+        if n == 0 {
+            buf.truncate(at);
+            return Ok(true);
+        }
+        at += n;
+    }
+    Ok(false)
+}
+
+/// Why a body could not be read whole.
+enum BodyError {
+    /// Longer than allowed.
+    TooLong,
+    /// The stream failed.
+    Io(std::io::Error),
+}
+
+/// A whole body of at most `max` bytes.
+async fn read_to_end_bounded(
+    source: &mut (impl AsyncRead + Unpin + Send),
+    max: usize,
+) -> Result<Vec<u8>, BodyError> {
+    let mut body = Vec::new();
+    source
+        .take(max as u64 + 1)
+        .read_to_end(&mut body)
+        .await
+        .map_err(BodyError::Io)?;
+    if body.len() > max {
+        return Err(BodyError::TooLong);
+    }
+    Ok(body)
+}
+
+/// Whether the body has ended (reading one more byte).
+async fn at_end(source: &mut (impl AsyncRead + Unpin + Send)) -> std::io::Result<bool> {
+    let mut extra = [0u8; 1];
+    Ok(source.read(&mut extra).await? == 0)
+}

@@ -1,0 +1,265 @@
+//! WAL requests: store ([`ingest`]), fetch and list WAL files, and bind a cluster name
+//! to its PostgreSQL system.
+//!
+//! Contract of [`ingest`] (what `PutWal` answers): `Stored` only once the object is
+//! durably in the store (create-only) and its catalog entry is flushed. The body is
+//! verified on the way in (zstd frame complete, size and blake3 as announced, WAL header
+//! consistent with the name and with the cluster's binding); anything else is refused
+//! and leaves neither an object nor a catalog entry behind. A file already archived with
+//! the same blake3 is `Stored { already_present: true }`; with another, `Conflict`, and
+//! the archived copy stays. The body is read [`CHUNK_SIZE`] at a time however large
+//! the file.
+
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+use walvault_protocol::core::format::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
+use walvault_protocol::core::pg::wal::{validate_wal_file, LongPageHeader, WalFileName};
+use walvault_protocol::core::wire::{ErrorCode, Response, MAX_OBJECT_SIZE};
+use walvault_protocol::net::pki::Role;
+
+use super::{Ctx, Refusal, Reply, StreamReply};
+use crate::index::clusters::ClusterBinding;
+use crate::index::wal::WalEntry;
+use crate::store::{layout, CreateOutcome, ObjectHeader, HEADER_LEN};
+
+/// A WAL file offered for storage: what `PutWal` announces.
+#[derive(Clone, Debug)]
+pub(crate) struct WalUpload<'a> {
+    /// Cluster name (already checked against the certificate).
+    pub(crate) cluster: &'a str,
+    /// WAL file name as PostgreSQL names it.
+    pub(crate) name: &'a str,
+    /// Size of the raw file.
+    pub(crate) raw_size: u64,
+    /// blake3 of the raw file, hex.
+    pub(crate) blake3: &'a str,
+}
+
+fn parse_name(name: &str) -> Result<WalFileName, Refusal> {
+    name.parse::<WalFileName>()
+        .map_err(|e| Refusal::invalid(e.to_string()))
+}
+
+/// Stores one WAL file whose body (one zstd frame of the raw file) `source` yields:
+/// what `PutWal` does, and what the streaming receiver does with completed segments.
+pub(crate) async fn ingest(
+    ctx: &Ctx<'_>,
+    upload: &WalUpload<'_>,
+    source: &mut (impl AsyncRead + Unpin + Send),
+) -> Reply {
+    let WalUpload {
+        cluster,
+        name,
+        raw_size,
+        blake3,
+    } = *upload;
+    if !matches!(ctx.identity.role, Role::Push | Role::Admin) {
+        return Err(Refusal::new(
+            ErrorCode::Unauthorized,
+            format!(
+                "a {} certificate may not write WAL; issue a push certificate",
+                ctx.identity.role
+            ),
+        ));
+    }
+    let wal_name = parse_name(name)?;
+    if raw_size > MAX_OBJECT_SIZE {
+        return Err(Refusal::new(
+            ErrorCode::TooLarge,
+            format!("{name}: {raw_size} bytes exceeds the {MAX_OBJECT_SIZE} byte limit"),
+        ));
+    }
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(blake3, &mut hash)
+        .map_err(|_| Refusal::invalid("blake3 must be 64 hex digits"))?;
+
+    if let Some(existing) = ctx
+        .index
+        .wal(cluster, &wal_name)
+        .map_err(Refusal::internal)?
+    {
+        return if existing.blake3.eq_ignore_ascii_case(blake3) {
+            Ok(Response::Stored {
+                already_present: true,
+            })
+        } else {
+            Err(conflict(cluster, name, &existing.blake3, blake3))
+        };
+    }
+
+    let key = layout::wal_key(cluster, &wal_name);
+    let mut pending = ctx.store.begin(&key).await.map_err(Refusal::internal)?;
+    let mut decoder = VerifyingDecoder::new(raw_size).map_err(|e| Refusal::internal(e.into()))?;
+    let mut batch: Vec<u8> = Vec::with_capacity(CHUNK_SIZE);
+    let invalid = |e: DecodeOrSinkError<std::convert::Infallible>| {
+        Refusal::invalid(format!("{name}: body is not the announced file: {e}"))
+    };
+    loop {
+        batch.clear();
+        let end = super::fill(source, &mut batch, CHUNK_SIZE)
+            .await
+            .map_err(|e| Refusal::invalid(format!("{name}: body stream failed: {e}")))?;
+        if pending.written() + batch.len() as u64 > MAX_OBJECT_SIZE {
+            return Err(Refusal::new(
+                ErrorCode::TooLarge,
+                format!("{name}: body exceeds {MAX_OBJECT_SIZE} bytes"),
+            ));
+        }
+        if !batch.is_empty() {
+            decoder.write(&batch, |_| Ok(())).map_err(invalid)?;
+            pending.write(&batch).await.map_err(Refusal::internal)?;
+        }
+        if end {
+            break;
+        }
+    }
+    let not_announced =
+        |e| Refusal::invalid(format!("{name}: body is not the announced file: {e}"));
+    let summary = decoder.finish().map_err(not_announced)?;
+    summary.check(raw_size, blake3).map_err(not_announced)?;
+    let facts = validate_wal_file(name, &summary.head, summary.raw_len)
+        .map_err(|e| Refusal::invalid(format!("{name}: {e}")))?;
+    if let Some(header) = facts.header {
+        check_binding(ctx, cluster, name, &header).await?;
+    }
+
+    let object_header = ObjectHeader {
+        raw_size,
+        blake3: hash,
+        compressed_size: pending.written(),
+    };
+    let stored_size = HEADER_LEN as u64 + pending.written();
+    let outcome = ctx
+        .store
+        .commit(pending, &object_header)
+        .await
+        .map_err(Refusal::internal)?;
+    let entry = match outcome {
+        CreateOutcome::Created => WalEntry {
+            raw_size,
+            blake3: object_header.blake3_hex(),
+            stored_size,
+        },
+        CreateOutcome::Exists => {
+            let existing = ctx
+                .store
+                .read_header(&key)
+                .await
+                .map_err(Refusal::internal)?
+                .ok_or_else(|| {
+                    Refusal::internal(anyhow::anyhow!("{key} vanished after a create conflict"))
+                })?;
+            if existing.blake3 != hash {
+                return Err(conflict(cluster, name, &existing.blake3_hex(), blake3));
+            }
+            WalEntry {
+                raw_size: existing.raw_size,
+                blake3: existing.blake3_hex(),
+                stored_size: HEADER_LEN as u64 + existing.compressed_size,
+            }
+        }
+    };
+    ctx.index
+        .put_wal(cluster, &wal_name, &entry)
+        .await
+        .map_err(Refusal::internal)?;
+    Ok(Response::Stored {
+        already_present: outcome == CreateOutcome::Exists,
+    })
+}
+
+fn conflict(cluster: &str, name: &str, archived: &str, offered: &str) -> Refusal {
+    Refusal::new(
+        ErrorCode::Conflict,
+        format!(
+            "cluster '{cluster}' already has a different {name} (archived blake3 {}, offered {}); the archived copy is kept. \
+             Two servers may be pushing under one cluster name, or the file changed after it was archived.",
+            &archived[..archived.len().min(16)],
+            &offered[..offered.len().min(16)]
+        ),
+    )
+}
+
+/// Binds the cluster name to the segment's system identifier at the first push, and
+/// refuses segments of any other system afterwards.
+async fn check_binding(
+    ctx: &Ctx<'_>,
+    cluster: &str,
+    name: &str,
+    header: &LongPageHeader,
+) -> Result<(), Refusal> {
+    let offered = ClusterBinding {
+        system_identifier: header.system_identifier,
+        wal_segment_size: header.segment_size,
+        pg_version: header.pg_major(),
+    };
+    let bound = match ctx.index.binding(cluster).map_err(Refusal::internal)? {
+        Some(b) => b,
+        None => {
+            let _serial = ctx.archive.binding_lock.lock().await;
+            let key = layout::cluster_key(cluster);
+            let text = toml::to_string(&offered).map_err(|e| Refusal::internal(e.into()))?;
+            ctx.store
+                .put_new(&key, Bytes::from(text))
+                .await
+                .map_err(Refusal::internal)?;
+            let stored = ctx
+                .store
+                .get_small(&key)
+                .await
+                .map_err(Refusal::internal)?
+                .unwrap_or_default();
+            let bound: ClusterBinding = toml::from_str(&String::from_utf8_lossy(&stored))
+                .map_err(|e| Refusal::internal(anyhow::anyhow!("{key} is unreadable: {e}")))?;
+            ctx.index
+                .put_binding(cluster, &bound)
+                .await
+                .map_err(Refusal::internal)?;
+            if bound == offered {
+                tracing::info!(%cluster, system_identifier = bound.system_identifier, "cluster bound to its system identifier");
+            }
+            bound
+        }
+    };
+    if bound.system_identifier != offered.system_identifier {
+        return Err(Refusal::new(
+            ErrorCode::WrongCluster,
+            format!(
+                "{name} belongs to the PostgreSQL system {} but cluster '{cluster}' is bound to system {}. \
+                 Each PostgreSQL cluster needs its own cluster name (archived issue --cluster NAME).",
+                offered.system_identifier, bound.system_identifier
+            ),
+        ));
+    }
+    if bound.wal_segment_size != offered.wal_segment_size {
+        return Err(Refusal::new(
+            ErrorCode::WrongCluster,
+            format!(
+                "{name} has {} byte segments but cluster '{cluster}' uses {} byte segments",
+                offered.wal_segment_size, bound.wal_segment_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `GetWal`: the object, or `NotFound`.
+pub(crate) async fn get(ctx: &Ctx<'_>, cluster: &str, name: &str) -> StreamReply {
+    let wal_name = parse_name(name)?;
+    let key = layout::wal_key(cluster, &wal_name);
+    super::object(ctx, &key, || {
+        Refusal::new(
+            ErrorCode::NotFound,
+            format!("{name} is not in the archive of cluster '{cluster}'"),
+        )
+    })
+    .await
+}
+
+/// `ListWal`.
+pub(crate) fn list(ctx: &Ctx<'_>, cluster: &str) -> Reply {
+    ctx.index
+        .listing(cluster)
+        .map(Response::WalList)
+        .map_err(Refusal::internal)
+}
