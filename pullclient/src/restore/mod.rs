@@ -20,6 +20,10 @@
 //! `--delta` rewrites only what differs: every existing file is hashed chunk by chunk and
 //! only differing chunks are fetched; files the backup does not have are removed.
 //!
+//! A data directory whose `postmaster.pid` names a live process is refused before the
+//! archive is asked anything or a file is touched (with or without `--delta`): the error
+//! names the pid.
+//!
 //! Tablespaces: `pg_tblspc/<OID>` becomes a symlink to the tablespace's original location
 //! or to `--tablespace-map OID=DIR`. No tablespace_map file is written, so the restored
 //! files are byte for byte what PostgreSQL's backup manifest lists.
@@ -388,12 +392,71 @@ fn differing_chunks(path: &Path, f: &FileEntry, chunk_size: u64) -> Result<Vec<u
     Ok(out)
 }
 
+/// Refuses a data directory whose `postmaster.pid` names a live process, as pgBackRest
+/// does. A `postmaster.pid` whose process is gone (a crash) is no obstacle: `--delta`
+/// removes it with every other file the backup does not have. A pid that another process
+/// has taken over since is refused too: this cannot tell it from PostgreSQL, the operator
+/// can (the message says how).
+fn refuse_running_server(pgdata: &Path) -> Result<()> {
+    let pid_file = pgdata.join("postmaster.pid");
+    let text = match std::fs::read_to_string(&pid_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => return Ok(()),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot read {} to check that PostgreSQL is not running there",
+                    pid_file.display()
+                )
+            })
+        }
+    };
+    // Line 1 is the postmaster's pid (negative for a single-user backend).
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+        .map(|p| p.unsigned_abs())
+        .filter(|p| *p > 0 && *p <= i32::MAX as u32)
+    else {
+        bail!(
+            "{} does not start with a process id, so whether PostgreSQL runs in {} is unknown: \
+             stop PostgreSQL (pg_ctl -D {} stop), or if none runs there, remove postmaster.pid",
+            pid_file.display(),
+            pgdata.display(),
+            pgdata.display()
+        );
+    };
+    if process_exists(pid as i32) {
+        bail!(
+            "PostgreSQL is running in {}: postmaster.pid names live process {pid}; stop it first \
+             (pg_ctl -D {} stop -m fast) and run the restore again. If that process is not \
+             PostgreSQL (a stale postmaster.pid whose pid was reused), remove {}",
+            pgdata.display(),
+            pgdata.display(),
+            pid_file.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether a process with this pid exists (also one we may not signal).
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 fn quote_conf(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
 pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()> {
     let started = Instant::now();
+    // Before anything else: never write under a live server (--delta would rewrite its
+    // relation files and remove postmaster.pid).
+    refuse_running_server(&args.pgdata)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         tracing::warn!(
