@@ -4,10 +4,14 @@
 //! real `archived` on loopback in every test.
 
 use std::fs;
+use std::path::{Path, PathBuf};
 
 use walvault_tests::*;
 
-use crate::pg_backup::{archiving_primary, backup, try_pullclient, ACCOUNTS, CLUSTER};
+use crate::pg_backup::{
+    archiving_primary, backup, backup_json, restore, segment_range, start_and_wait_promoted,
+    try_pullclient, ACCOUNTS, CLUSTER,
+};
 
 /// `restore --delta` into the data directory of a running cluster is refused before
 /// anything is touched: the error names the postmaster's pid, the server keeps running
@@ -65,4 +69,107 @@ fn delta_restore_refuses_a_running_server() {
     );
     assert_eq!(primary.psql(ACCOUNTS), expected, "{}", primary.diag());
     assert_eq!(primary.psql("SELECT pg_is_in_recovery()"), "f");
+}
+
+/// Removes a directory outside the test's temp dirs when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Plants a spool as another user would: `dir` and `dir/ready` owned by the test's user
+/// (root, not `postgres`), mode 0777, holding an all-zero segment (mode 0666) for each of `names`
+/// with a matching `.b3`. Served, such a segment looks like the end of the WAL and ends
+/// recovery early; it verifies against its own hash.
+fn plant_spool(dir: &Path, names: &[String]) {
+    let ready = dir.join("ready");
+    fs::create_dir_all(&ready).unwrap();
+    chmod(dir, 0o777);
+    chmod(&ready, 0o777);
+    let zeros = vec![0u8; 16 << 20];
+    let hash = b3(&zeros);
+    for name in names {
+        // Sparse: 16 MiB of zeros that take no disk.
+        let f = fs::File::create(ready.join(name)).unwrap();
+        f.set_len(16 << 20).unwrap();
+        chmod(&ready.join(name), 0o666);
+        fs::write(ready.join(format!("{name}.b3")), &hash).unwrap();
+    }
+}
+
+/// A spool planted by another user, both where archive-get looks first (beside PGDATA)
+/// and in its fallback in world-writable /var/tmp, is refused: archive-get logs why and
+/// fetches every segment directly; replay reaches the primary's last row, and the
+/// planted segments were never served.
+#[test]
+fn spool_of_another_user_is_refused() {
+    let Some((pg_uid, _)) = pg_user() else {
+        panic!(
+            "this test plays the other user as root while archive-get runs as `postgres`: \
+             run the tests as root"
+        );
+    };
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let pull = archive.issue(CLUSTER, "pull");
+    let primary = archiving_primary(&archive, &push, &[]);
+    primary.pgbench_init(1);
+    let id = backup(&archive, &push, &primary, &["--fast"]);
+    for _ in 0..3 {
+        primary.pgbench(&["-n", "-t", "300"]);
+        primary.switch_wal();
+    }
+    let expected = primary.psql(ACCOUNTS);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+    let wal_start = backup_json(&archive, &id)["wal_start"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let segments = segment_range(&wal_start, &last);
+
+    let mut copy = restore(&archive, &pull, "forged", &[]);
+    let pgdata = fs::canonicalize(copy.data_dir()).unwrap();
+    let beside = PathBuf::from(format!("{}.walvault-spool", pgdata.display()));
+    let fallback = PathBuf::from(format!(
+        "/var/tmp/walvault-spool-{pg_uid}-{}",
+        &b3(pgdata.as_os_str().as_encoded_bytes())[..16]
+    ));
+    let _cleanup = RemoveOnDrop(fallback.clone());
+    plant_spool(&beside, &segments);
+    plant_spool(&fallback, &segments);
+
+    start_and_wait_promoted(&mut copy);
+    assert_eq!(copy.psql(ACCOUNTS), expected, "{}", copy.diag());
+    let log = copy.log();
+    for seg in &segments {
+        assert!(
+            log.contains(&format!("restored log file \"{seg}\" from archive")),
+            "segment {seg} was not restored\n{}",
+            copy.diag()
+        );
+        for spool in [&beside, &fallback] {
+            assert!(
+                spool.join("ready").join(seg).exists(),
+                "planted {seg} in {} was taken",
+                spool.display()
+            );
+        }
+    }
+    assert!(
+        !log.contains("restored from the prefetch spool"),
+        "a segment was served from a planted spool\n{}",
+        copy.diag()
+    );
+    for spool in [&beside, &fallback] {
+        assert!(
+            log.contains(&format!("{} belongs to uid 0", spool.display())),
+            "archive-get did not say why it refused {}\n{}",
+            spool.display(),
+            copy.diag()
+        );
+    }
 }

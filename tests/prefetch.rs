@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use walvault_tests::{
-    as_pg_user, chown_pg, try_run, wait_for, wait_until, Archive, Output, TestDir,
+    as_pg_user, chmod, chown_pg, try_run, wait_for, wait_until, Archive, Output, TestDir,
 };
 
 use crate::promises::{fake_segment, put_file, seg_name};
@@ -22,6 +22,8 @@ fn pull_config_with_spool(
 ) -> PathBuf {
     fs::create_dir_all(spool).unwrap();
     chown_pg(spool);
+    // A spool must be private to archive-get's user, or it is refused.
+    chmod(spool, 0o700);
     let conf = archive.issue(cluster, "pull");
     let text = fs::read_to_string(&conf).unwrap();
     let spool_value = format!("\"{}\"", spool.display());

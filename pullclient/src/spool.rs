@@ -21,6 +21,15 @@
 //! `/var/tmp/walvault-spool-<uid>-<hash of PGDATA>` (a hit is then a copy), or whatever
 //! `[prefetch] spool_dir` says.
 //!
+//! # Who may write it
+//!
+//! A spool directory (and its `ready/`) is used only when it is a real directory (opened
+//! with `O_NOFOLLOW`), belongs to the effective user of this process and has mode 0700;
+//! a missing one is created so. Anything else is refused, not repaired: a directory
+//! another user made (in world-writable `/var/tmp`, say) could already hold a segment
+//! and a `.b3` that match each other, and the hash check below would pass them. When no
+//! candidate is usable, archive-get logs every candidate's reason and fetches directly.
+//!
 //! # Serving
 //!
 //! A segment counts as spooled only when both `<NAME>.b3` and `<NAME>` exist; the daemon
@@ -101,26 +110,18 @@ impl Spool {
                 c
             }
         };
-        let mut last_err = None;
+        let mut refused = Vec::new();
         for dir in candidates {
             if dir.starts_with(&pgdata) {
-                last_err = Some(anyhow::anyhow!(
-                    "spool {} is inside PGDATA; refusing it",
-                    dir.display()
-                ));
+                refused.push(format!("{} is inside PGDATA", dir.display()));
                 continue;
             }
-            match create_private_dir(&dir.join("ready")) {
+            match open_private_dir(&dir).and_then(|()| open_private_dir(&dir.join("ready"))) {
                 Ok(()) => return Ok(Spool { dir, pgdata }),
-                Err(e) => {
-                    last_err = Some(
-                        anyhow::Error::from(e)
-                            .context(format!("cannot use spool {}", dir.display())),
-                    )
-                }
+                Err(e) => refused.push(format!("{e:#}")),
             }
         }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no spool directory candidate")))
+        anyhow::bail!("no usable spool directory ({})", refused.join("; "))
     }
 
     /// Directory of verified segments.
@@ -338,20 +339,47 @@ impl Spool {
     }
 }
 
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
+/// Creates `dir` (mode 0700) if it is missing, then opens it without following a
+/// symbolic link and checks that it belongs to our effective user and has mode 0700:
+/// anything else could hold files planted by another user (a segment and a `.b3` that
+/// match each other), so it is refused, never repaired. Whoever can write the parent
+/// could still swap the directory afterwards; `/var/tmp` is sticky, so there nobody
+/// but its owner (and root) can.
+fn open_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    match std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(dir)?;
-    // Writable by us? (an existing directory of another user is not usable.) Asked with
-    // access(2), not probed with a file: this runs on every archive-get.
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: access with a NUL-terminated path we own.
-    if unsafe { libc::access(c_path.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
-        return Err(std::io::Error::last_os_error());
+        .create(dir)
+    {
+        Ok(()) => {}
+        // An existing symlink (dangling or not) is reported by the open below.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir);
+    let meta = match opened.and_then(|f| f.metadata()) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => anyhow::bail!(
+            "{} is a symbolic link; a spool must be a real directory (remove the link)",
+            dir.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", dir.display())),
+    };
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o777;
+    if meta.uid() != euid || mode != 0o700 {
+        anyhow::bail!(
+            "{} belongs to uid {} with mode {mode:03o}; a spool must belong to the user \
+             archive-get runs as (uid {euid}) with mode 0700, or another user could plant WAL \
+             in it; remove it (it is only a cache) or set [prefetch] spool_dir",
+            dir.display(),
+            meta.uid()
+        );
     }
     Ok(())
 }
