@@ -35,6 +35,7 @@ async fn put_chunk(
     body: &[u8],
 ) -> Response {
     let request = Request::PutChunk {
+        lease: None,
         cluster: cluster.into(),
         blake3: b3(announced),
         raw_size: announced.len() as u64,
@@ -45,6 +46,7 @@ async fn put_chunk(
 async fn put_manifest(conn: &ArchiveConnection, m: &BackupManifest) -> Response {
     let raw = serde_json::to_vec(m).unwrap();
     let request = Request::PutBackup {
+        lease: None,
         cluster: m.cluster.clone(),
         backup_id: m.id.clone(),
         raw_size: raw.len() as u64,
@@ -155,6 +157,7 @@ async fn backup_requests_refuse_bad_input_and_change_nothing() {
         ErrorCode::Unauthorized
     );
     let bad_name = Request::PutChunk {
+        lease: None,
         cluster: "main".into(),
         blake3: "../../etc/passwd".into(),
         raw_size: 1,
@@ -170,6 +173,7 @@ async fn backup_requests_refuse_bad_input_and_change_nothing() {
 
     // ChunksMissing: only the unknown ones; oversized requests refused.
     let ask = Request::ChunksMissing {
+        lease: None,
         cluster: "main".into(),
         hashes: vec![b3(&data), b3(&other_data)],
     };
@@ -180,6 +184,7 @@ async fn backup_requests_refuse_bad_input_and_change_nothing() {
         }
     );
     let huge = Request::ChunksMissing {
+        lease: None,
         cluster: "main".into(),
         hashes: vec![b3(&data); 4097],
     };
@@ -490,6 +495,7 @@ async fn put_pack(conn: &ArchiveConnection, cluster: &str, chunks: &[(&[u8], &[u
         body.extend_from_slice(&frame);
     }
     let request = Request::PutPack {
+        lease: None,
         cluster: cluster.into(),
         chunks: listed,
     };
@@ -564,6 +570,7 @@ async fn packs_are_verified_whole_and_serve_their_chunks() {
     // A body longer than its chunks announce.
     let frame = zstd::bulk::compress(&a, 3).unwrap();
     let request = Request::PutPack {
+        lease: None,
         cluster: "main".into(),
         chunks: vec![walvault_protocol::core::wire::backup::PackChunk {
             blake3: b3(&a),
@@ -584,6 +591,7 @@ async fn packs_are_verified_whole_and_serve_their_chunks() {
     let left = walk(&archive.data_dir().join("store/main/packs"));
     assert!(left.is_empty(), "a refused pack left files: {left:?}");
     let ask = Request::ChunksMissing {
+        lease: None,
         cluster: "main".into(),
         hashes: vec![b3(&a), b3(&b), b3(&c)],
     };

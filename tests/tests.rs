@@ -8,6 +8,7 @@ mod backup_topologies;
 mod cli;
 mod pg_archive;
 mod pg_backup;
+mod pg_backup_gc;
 mod pg_restore;
 mod prefetch;
 mod promises;

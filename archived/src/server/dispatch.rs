@@ -115,17 +115,33 @@ pub(super) async fn handle_stream(
                 .await;
         }
         Request::ListWal { cluster } => service::wal::list(&ctx, &cluster),
-        Request::ChunksMissing { cluster, hashes } => {
-            service::backups::chunks_missing(&ctx, &cluster, hashes).await
-        }
+        Request::BeginBackup { cluster } => service::backups::begin_backup(&ctx, &cluster),
+        Request::ChunksMissing {
+            cluster,
+            hashes,
+            lease,
+        } => service::backups::chunks_missing(&ctx, &cluster, hashes, lease.as_deref()).await,
         Request::PutChunk {
             cluster,
             blake3,
             raw_size,
-        } => service::backups::put_chunk(&ctx, &cluster, &blake3, raw_size, &mut recv).await,
-        Request::PutPack { cluster, chunks } => {
-            service::backups::put_pack(&ctx, &cluster, chunks, &mut recv).await
+            lease,
+        } => {
+            service::backups::put_chunk(
+                &ctx,
+                &cluster,
+                &blake3,
+                raw_size,
+                lease.as_deref(),
+                &mut recv,
+            )
+            .await
         }
+        Request::PutPack {
+            cluster,
+            chunks,
+            lease,
+        } => service::backups::put_pack(&ctx, &cluster, chunks, lease.as_deref(), &mut recv).await,
         Request::GetChunks { cluster, hashes } => {
             let answer = service::backups::get_chunks(&ctx, &cluster, hashes).await;
             return answer_streamed(send, recv, answer).await;
@@ -135,12 +151,14 @@ pub(super) async fn handle_stream(
             backup_id,
             raw_size,
             blake3,
+            lease,
         } => {
             let upload = ManifestUpload {
                 cluster: &cluster,
                 backup_id: &backup_id,
                 raw_size,
                 blake3: &blake3,
+                lease: lease.as_deref(),
             };
             let reply = service::backups::put_backup(&ctx, &upload, &mut recv).await;
             match &reply {

@@ -10,7 +10,9 @@
 //!   manifest that names a chunk the store does not hold, so a listed backup never lacks
 //!   a chunk. `ChunksMissing` refreshes `touched` of every chunk it reports present, so
 //!   a chunk a running backup counts on is within the grace period when retention looks
-//!   at it; both hold the shared side of the GC lock (gc.rs).
+//!   at it; both hold the shared side of the GC lock (gc.rs), as do `PutPack` and
+//!   `PutChunk` while they commit and index. `BeginBackup` takes the backup's lease,
+//!   which those requests renew and a committed `PutBackup` releases.
 //!
 //! # Bounds
 //!
@@ -51,6 +53,26 @@ pub(crate) struct ManifestUpload<'a> {
     pub(crate) raw_size: u64,
     /// blake3 of the raw manifest, hex.
     pub(crate) blake3: &'a str,
+    /// The backup's lease, released once the manifest is committed.
+    pub(crate) lease: Option<&'a str>,
+}
+
+/// Renews the backup's lease, if the request names one.
+fn renew(ctx: &Ctx<'_>, cluster: &str, lease: Option<&str>) {
+    if let Some(id) = lease {
+        ctx.gc.renew(cluster, id, unix_now());
+    }
+}
+
+/// `BeginBackup`: a lease that keeps the chunks the backup touches (gc.rs).
+pub(crate) fn begin_backup(ctx: &Ctx<'_>, cluster: &str) -> Reply {
+    ctx.require_writer("store backups")?;
+    let lease = ctx.gc.begin_backup(cluster, unix_now());
+    tracing::debug!(%cluster, %lease, "backup lease taken");
+    Ok(Response::BackupLease {
+        lease,
+        ttl_secs: crate::gc::LEASE_TTL_SECS as u64,
+    })
 }
 
 /// Refuses a list of chunk hashes longer than `limit` or holding one that is not a hash.
@@ -140,9 +162,11 @@ pub(crate) async fn put_pack(
     ctx: &Ctx<'_>,
     cluster: &str,
     chunks: Vec<PackChunk>,
+    lease: Option<&str>,
     source: &mut (impl AsyncRead + Unpin + Send),
 ) -> Reply {
     ctx.require_writer("store backups")?;
+    renew(ctx, cluster, lease);
     if chunks.is_empty() || chunks.len() > MAX_CHUNKS_PER_PACK {
         return Err(Refusal::new(
             ErrorCode::TooLarge,
@@ -263,6 +287,9 @@ pub(crate) async fn put_pack(
         Err(e) => return Err(Refusal::invalid(format!("pack body stream failed: {e}"))),
     }
     let stored_bytes = pending.written();
+    // Committed and indexed under the shared side of the GC lock: retention never sees
+    // this pack committed but its chunks unindexed (gc.rs).
+    let _keep = ctx.gc.keep_chunks().await;
     let outcome = ctx
         .store
         .commit_raw(pending)
@@ -297,9 +324,15 @@ pub(crate) async fn put_pack(
 }
 
 /// `ChunksMissing`: the hashes the catalog does not hold; those it holds are touched.
-pub(crate) async fn chunks_missing(ctx: &Ctx<'_>, cluster: &str, hashes: Vec<String>) -> Reply {
+pub(crate) async fn chunks_missing(
+    ctx: &Ctx<'_>,
+    cluster: &str,
+    hashes: Vec<String>,
+    lease: Option<&str>,
+) -> Reply {
     ctx.require_writer("store backups")?;
     validate_hashes(&hashes, MAX_HASHES_PER_REQUEST, "hashes")?;
+    renew(ctx, cluster, lease);
     let _keep = ctx.gc.keep_chunks().await;
     let touched = unix_now();
     let mut missing = Vec::new();
@@ -383,9 +416,11 @@ pub(crate) async fn put_chunk(
     cluster: &str,
     blake3: &str,
     raw_size: u64,
+    lease: Option<&str>,
     source: &mut (impl AsyncRead + Unpin + Send),
 ) -> Reply {
     ctx.require_writer("store backups")?;
+    renew(ctx, cluster, lease);
     names::validate_chunk_hash(blake3).map_err(Refusal::invalid)?;
     if raw_size > MAX_CHUNK_SIZE {
         return Err(Refusal::new(
@@ -446,6 +481,8 @@ pub(crate) async fn put_chunk(
         compressed_size: body.len() as u64,
     };
     let stored_size = HEADER_LEN as u64 + header.compressed_size;
+    // Stored and indexed under the shared side of the GC lock (gc.rs).
+    let _keep = ctx.gc.keep_chunks().await;
     let outcome = ctx
         .store
         .put_grouped(&key, &header, body, ctx.archive.sync_group())
@@ -491,8 +528,10 @@ pub(crate) async fn put_backup(
         backup_id,
         raw_size,
         blake3,
+        lease,
     } = *upload;
     ctx.require_writer("store backups")?;
+    renew(ctx, cluster, lease);
     names::validate_backup_id(backup_id).map_err(Refusal::invalid)?;
     if raw_size > MAX_MANIFEST_SIZE {
         return Err(Refusal::new(
@@ -575,6 +614,9 @@ pub(crate) async fn put_backup(
         .put_backup(cluster, &record_of(&manifest, stored))
         .map_err(Refusal::internal)?;
     ctx.index.flush().await.map_err(Refusal::internal)?;
+    if let Some(id) = lease {
+        ctx.gc.release(cluster, id);
+    }
     Ok(Response::Stored {
         already_present: outcome == CreateOutcome::Exists,
     })
@@ -587,7 +629,9 @@ pub(crate) async fn delete(ctx: &Ctx<'_>, cluster: &str, backup_id: &str) -> Rep
         "deleting a backup needs an admin certificate (archived backups delete uses DIR/admin.toml)",
     )?;
     names::validate_backup_id(backup_id).map_err(Refusal::invalid)?;
-    let _gc = ctx.gc.collect().await;
+    // Not beside a retention run; running backups are not concerned (their chunks are
+    // touched or leased, whatever this manifest named).
+    let _run = ctx.gc.retention_run().await;
     let key = layout::manifest_key(cluster, backup_id);
     if ctx
         .store

@@ -14,8 +14,10 @@
 //!    by a backup) for the grace period, is collectable. A loose chunk is deleted; a pack
 //!    is deleted when every chunk the catalog locates in it is collectable (a pack that
 //!    still holds one live chunk stays whole), and a pack the catalog locates no chunk in
-//!    is deleted once it is older than the grace period. The run holds the exclusive side
-//!    of the GC lock (gc.rs).
+//!    is deleted once it is older than the grace period and at least
+//!    `gc::UNINDEXED_PACK_MIN_AGE_SECS`. A chunk touched since a live backup lease of the
+//!    cluster began is never collectable. Only this step holds the exclusive side of the
+//!    GC lock (gc.rs); manifests are read and backups and WAL expired outside it.
 //!
 //! `dry_run` computes the same plan and deletes nothing.
 
@@ -149,12 +151,11 @@ pub(crate) async fn run(
         dry_run,
         clusters: Vec::new(),
     };
-    // One run at a time, and no manifest committed while chunks are judged.
-    let _gc = gc.collect().await;
+    let _run = gc.retention_run().await;
     for c in clusters {
         report
             .clusters
-            .push(run_cluster(store, index, &c, policy, dry_run).await?);
+            .push(run_cluster(store, index, gc, &c, policy, dry_run).await?);
     }
     index.flush().await?;
     Ok(report)
@@ -163,6 +164,7 @@ pub(crate) async fn run(
 async fn run_cluster(
     store: &Store,
     index: &Index,
+    gc: &Gc,
     cluster: &str,
     policy: &Policy,
     dry_run: bool,
@@ -241,23 +243,31 @@ async fn run_cluster(
     } else {
         index.backups(cluster)?.into_iter().map(|r| r.id).collect()
     };
-    for id in &remaining {
-        match read_manifest(store, cluster, id).await? {
-            Some((m, _)) => referenced.extend(m.chunk_hashes().map(String::from)),
-            None => anyhow::bail!(
-                "backup {id} of cluster '{cluster}' is listed but its manifest is missing; \
-                 run `archived catalog rebuild` before retention"
-            ),
+    let mut read = BTreeSet::new();
+    for id in remaining {
+        read_referenced(store, cluster, &id, &mut referenced).await?;
+        read.insert(id);
+    }
+    // Chunks are judged under the exclusive side of the GC lock (gc.rs); a manifest
+    // committed since the reading above is read now, so what it names stays.
+    let _judge = gc.judge_chunks().await;
+    for r in index.backups(cluster)? {
+        let expired_by_this_plan = dry_run && expired.contains(&r.id);
+        if !read.contains(&r.id) && !expired_by_this_plan {
+            read_referenced(store, cluster, &r.id, &mut referenced).await?;
+            read.insert(r.id);
         }
     }
     let now = unix_now();
     let grace = policy.chunk_grace_secs as i64;
+    let protected_since = gc.protected_since(cluster, now);
     let mut loose = Vec::new();
     // Pack id -> (every chunk the catalog locates in it is collectable, those hashes, bytes).
     let mut packs: BTreeMap<String, (bool, Vec<String>, u64)> = BTreeMap::new();
     for (hash, entry) in index.chunks(cluster)? {
         let unreferenced = !referenced.contains(&hash);
-        let collectable = unreferenced && now - entry.touched >= grace;
+        let collectable = unreferenced
+            && crate::gc::chunk_collectable(entry.touched, now, grace, protected_since);
         if unreferenced && !collectable {
             out.chunks_in_grace += 1;
         }
@@ -285,7 +295,8 @@ async fn run_cluster(
         }
     }
     // Packs the catalog locates no chunk in (every chunk of it was stored first elsewhere,
-    // or the archive stopped between storing and indexing it), once past the grace period.
+    // or the archive stopped between storing and indexing it), once past the grace period
+    // and the age floor of unindexed packs (gc.rs).
     for key in store.list(&layout::packs_prefix(cluster)).await? {
         let Some((_, id)) = layout::parse_pack_key(&key) else {
             continue;
@@ -294,7 +305,7 @@ async fn run_cluster(
             continue;
         }
         let modified = store.modified(&key).await?.unwrap_or(now);
-        if now - modified >= grace {
+        if crate::gc::unindexed_pack_collectable(modified, now, grace) {
             dead_packs.push(id);
         }
     }
@@ -340,6 +351,25 @@ async fn run_cluster(
         tracing::info!(%cluster, chunks = out.collected_chunks, bytes = out.collected_chunk_bytes, dry_run, "unreferenced chunks collected");
     }
     Ok(out)
+}
+
+/// Adds the chunks backup `id`'s manifest names to `referenced`.
+async fn read_referenced(
+    store: &Store,
+    cluster: &str,
+    id: &str,
+    referenced: &mut BTreeSet<String>,
+) -> Result<()> {
+    match read_manifest(store, cluster, id).await? {
+        Some((m, _)) => {
+            referenced.extend(m.chunk_hashes().map(String::from));
+            Ok(())
+        }
+        None => anyhow::bail!(
+            "backup {id} of cluster '{cluster}' is listed but its manifest is missing; \
+             run `archived catalog rebuild` before retention"
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -36,11 +36,12 @@ impl Collector {
     pub(super) fn new(
         archive: Arc<ArchiveConnection>,
         cluster: String,
+        lease: String,
         level: i32,
         tablespaces: Vec<TablespaceEntry>,
     ) -> Collector {
         Collector {
-            uploader: Uploader::new(archive, cluster, level),
+            uploader: Uploader::new(archive, cluster, lease, level),
             tablespace: None,
             tar: None,
             tablespaces,

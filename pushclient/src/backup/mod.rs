@@ -118,6 +118,9 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
 
     let archive = Arc::new(ArchiveConnection::connect(cfg).await?);
     check_cluster(&archive, cfg, system.system_identifier).await?;
+    // The lease keeps the chunks this backup stores or reuses from chunk collection
+    // until its manifest is committed (archived/src/gc.rs).
+    let lease = begin_backup(&archive, cfg).await?;
 
     let options = BaseBackupOptions {
         label: label.clone(),
@@ -145,6 +148,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
     let mut collector = Collector::new(
         archive.clone(),
         cfg.cluster.clone(),
+        lease.clone(),
         cfg.zstd_level,
         tablespaces,
     );
@@ -227,7 +231,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
     manifest
         .validate()
         .map_err(|e| anyhow!("the backup's manifest is inconsistent: {e}"))?;
-    put_manifest(&archive, cfg, &manifest).await?;
+    put_manifest(&archive, cfg, &lease, &manifest).await?;
     println!(
         "backup {id} committed: {} in {} files; {} new chunks stored ({}) of {}; LSN {} .. {} on timeline {}",
         mib(manifest.stats.logical_bytes),
@@ -400,9 +404,24 @@ async fn segment_size(archive: &ArchiveConnection, cfg: &ClientConfig) -> Result
     }
 }
 
+/// Takes the backup's lease.
+async fn begin_backup(archive: &ArchiveConnection, cfg: &ClientConfig) -> Result<String> {
+    let (response, _) = archive
+        .call(&Request::BeginBackup {
+            cluster: cfg.cluster.clone(),
+        })
+        .await?;
+    match response {
+        Response::BackupLease { lease, .. } => Ok(lease),
+        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
+        other => bail!("unexpected answer from the archive: {other:?}"),
+    }
+}
+
 async fn put_manifest(
     archive: &ArchiveConnection,
     cfg: &ClientConfig,
+    lease: &str,
     m: &BackupManifest,
 ) -> Result<()> {
     let raw = serde_json::to_vec(m)?;
@@ -416,6 +435,7 @@ async fn put_manifest(
             backup_id: m.id.clone(),
             raw_size,
             blake3,
+            lease: Some(lease.to_string()),
         })
         .await?;
     let sent = send.write_all(&body).await;

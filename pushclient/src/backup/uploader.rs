@@ -47,14 +47,19 @@ pub(super) struct Uploader {
 }
 
 impl Uploader {
-    pub(super) fn new(archive: Arc<ArchiveConnection>, cluster: String, level: i32) -> Uploader {
+    pub(super) fn new(
+        archive: Arc<ArchiveConnection>,
+        cluster: String,
+        lease: String,
+        level: i32,
+    ) -> Uploader {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         Uploader {
             known: HashSet::new(),
             pending: Vec::new(),
             pending_bytes: 0,
             batches: Some(tx),
-            worker: tokio::spawn(upload_batches(archive, cluster, level, rx)),
+            worker: tokio::spawn(upload_batches(archive, cluster, lease, level, rx)),
         }
     }
 
@@ -107,6 +112,7 @@ impl Uploader {
 async fn upload_batches(
     archive: Arc<ArchiveConnection>,
     cluster: String,
+    lease: String,
     level: i32,
     mut batches: tokio::sync::mpsc::Receiver<Vec<(String, Bytes)>>,
 ) -> Result<BackupStats> {
@@ -116,6 +122,7 @@ async fn upload_batches(
             .call(&Request::ChunksMissing {
                 cluster: cluster.clone(),
                 hashes: batch.iter().map(|(h, _)| h.clone()).collect(),
+                lease: Some(lease.clone()),
             })
             .await?;
         let missing: HashSet<String> = match response {
@@ -141,12 +148,13 @@ async fn upload_batches(
         for pack in packs.into_iter().filter(|p| !p.is_empty()) {
             let archive = archive.clone();
             let cluster = cluster.clone();
+            let lease = lease.clone();
             uploads
                 .spawn(async move {
                     let (chunks, body) =
                         tokio::task::spawn_blocking(move || compress_pack(&pack, level)).await??;
                     retry(&RetryPolicy::default(), || {
-                        upload_pack(&archive, &cluster, &chunks, &body)
+                        upload_pack(&archive, &cluster, &lease, &chunks, &body)
                     })
                     .await
                 })
@@ -182,6 +190,7 @@ fn compress_pack(chunks: &[(String, Bytes)], level: i32) -> Result<(Vec<PackChun
 async fn upload_pack(
     archive: &ArchiveConnection,
     cluster: &str,
+    lease: &str,
     chunks: &[PackChunk],
     body: &Bytes,
 ) -> Result<(u64, u32)> {
@@ -194,6 +203,7 @@ async fn upload_pack(
         .open(&Request::PutPack {
             cluster: cluster.to_string(),
             chunks: chunks.to_vec(),
+            lease: Some(lease.to_string()),
         })
         .await?;
     let sent = send.write_chunk(body.clone()).await;

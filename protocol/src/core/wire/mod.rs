@@ -70,6 +70,9 @@ pub enum Request {
         cluster: String,
         /// blake3 of each chunk, hex.
         hashes: Vec<String>,
+        /// The backup's lease ([`Request::BeginBackup`]), renewed by this request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<String>,
     },
     /// Store many backup chunks as one pack (one object in the store). Body: each chunk's
     /// zstd frame, back to back, in the order listed. Answer: [`Response::PackStored`].
@@ -80,6 +83,9 @@ pub enum Request {
         cluster: String,
         /// The chunks, in body order.
         chunks: Vec<crate::core::wire::backup::PackChunk>,
+        /// The backup's lease ([`Request::BeginBackup`]), renewed by this request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<String>,
     },
     /// Store a backup chunk (content-addressed). Body: one zstd frame of the raw chunk.
     PutChunk {
@@ -89,6 +95,9 @@ pub enum Request {
         blake3: String,
         /// Size of the raw chunk.
         raw_size: u64,
+        /// The backup's lease ([`Request::BeginBackup`]), renewed by this request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<String>,
     },
     /// Fetch several backup chunks on one stream. Answer: [`Response::Chunks`], then the
     /// stored objects (header + zstd frame, see [`crate::core::format::object`]) back to back, in the
@@ -110,6 +119,16 @@ pub enum Request {
         raw_size: u64,
         /// blake3 of the raw manifest, hex.
         blake3: String,
+        /// The backup's lease, released once the manifest is committed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<String>,
+    },
+    /// A backup starts: take a lease that keeps the chunks it stores or reuses from
+    /// chunk collection until its manifest is committed, or until the lease expires
+    /// unrenewed. Answer: [`Response::BackupLease`].
+    BeginBackup {
+        /// Cluster name.
+        cluster: String,
     },
     /// Fetch a backup's manifest. Response body: one zstd frame of the manifest JSON.
     GetBackup {
@@ -163,7 +182,8 @@ impl Request {
             | Request::PutBackup { cluster, .. }
             | Request::GetBackup { cluster, .. }
             | Request::ListBackups { cluster }
-            | Request::DeleteBackup { cluster, .. } => Some(cluster),
+            | Request::DeleteBackup { cluster, .. }
+            | Request::BeginBackup { cluster } => Some(cluster),
             Request::Retention { cluster, .. } => cluster.as_deref(),
             Request::Ping => None,
         }
@@ -185,6 +205,7 @@ impl Request {
             Request::ListBackups { .. } => "list_backups",
             Request::DeleteBackup { .. } => "delete_backup",
             Request::Retention { .. } => "retention",
+            Request::BeginBackup { .. } => "begin_backup",
         }
     }
 }
@@ -243,6 +264,13 @@ pub enum Response {
     },
     /// The object was deleted.
     Deleted,
+    /// Answer to [`Request::BeginBackup`].
+    BackupLease {
+        /// The lease, to name in the backup's requests.
+        lease: String,
+        /// Seconds the lease lives without a renewal.
+        ttl_secs: u64,
+    },
     /// Answer to [`Request::Retention`].
     Retention(crate::core::wire::admin::RetentionReport),
     /// The request failed; nothing was changed.
