@@ -488,7 +488,7 @@ fn auth_incremental_and_delta_restore() {
 /// midway is never listed and its chunks are collected after the grace period.
 #[test]
 fn retention_and_killed_backup() {
-    let archive = Archive::start(CLUSTER);
+    let mut archive = Archive::start(CLUSTER);
     let push = archive.issue(CLUSTER, "push");
     let pull = archive.issue(CLUSTER, "pull");
     let primary = archiving_primary(&archive, &push, &[]);
@@ -599,7 +599,7 @@ fn retention_and_killed_backup() {
     start_and_wait_promoted(&mut rd);
     rd.stop();
 
-    // Killed midway: never listed; its chunks wait out the grace period, then go.
+    // Killed midway: never listed; its chunks wait out its lease and the grace period, then go.
     let chunks_before = store_chunks(&archive);
     primary.psql("CREATE TABLE fresh AS SELECT g, md5(g::text) FROM generate_series(1, 300000) g");
     let mut killed = BgProcess::spawn(
@@ -627,6 +627,24 @@ fn retention_and_killed_backup() {
         report["clusters"][0]["chunks_in_grace"].as_u64().unwrap() > 0,
         "{report:#}"
     );
+    // The killed backup's lease keeps its chunks whatever the grace, until it expires
+    // (15 min unrenewed) or archived restarts (leases live in memory): restart, and the
+    // grace period alone decides.
+    let run = archive.admin(&[
+        "retention",
+        "run",
+        "--keep-full",
+        "1",
+        "--chunk-grace",
+        "0s",
+        "--json",
+    ]);
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert!(
+        report["clusters"][0]["chunks_in_grace"].as_u64().unwrap() > 0,
+        "the killed backup's lease kept nothing: {report:#}"
+    );
+    archive.restart();
     let run = archive.admin(&[
         "retention",
         "run",
