@@ -175,9 +175,21 @@ impl BackupManifest {
         if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
             return Err(format!("chunk size {} is out of range", self.chunk_size));
         }
-        for lsn in [&self.start_lsn, &self.stop_lsn] {
+        let parse = |lsn: &str| {
             lsn.parse::<crate::core::pg::wal::Lsn>()
-                .map_err(|_| format!("'{lsn}' is not an LSN"))?;
+                .map_err(|_| format!("'{lsn}' is not an LSN"))
+        };
+        let (start, stop) = (parse(&self.start_lsn)?, parse(&self.stop_lsn)?);
+        if start > stop {
+            return Err(format!(
+                "start LSN {start} is after stop LSN {stop}: not a backup PostgreSQL made"
+            ));
+        }
+        if self.timeline == 0 || self.timeline > self.stop_timeline {
+            return Err(format!(
+                "start timeline {} is not a timeline at or before stop timeline {}",
+                self.timeline, self.stop_timeline
+            ));
         }
         for t in &self.tablespaces {
             if !t.location.starts_with('/') {
@@ -245,6 +257,50 @@ pub fn chunk_range(size: u64, chunk_size: u64, index: u64) -> std::ops::Range<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn minimal() -> BackupManifest {
+        BackupManifest {
+            format: MANIFEST_FORMAT,
+            id: "20261122T044537123Z".into(),
+            cluster: "main".into(),
+            label: String::new(),
+            system_identifier: 1,
+            pg_version: 150000,
+            timeline: 1,
+            stop_timeline: 1,
+            start_lsn: "0/2000028".into(),
+            stop_lsn: "0/2000100".into(),
+            start_time: 0,
+            stop_time: 0,
+            chunk_size: BACKUP_CHUNK_SIZE,
+            tablespaces: Vec::new(),
+            files: Vec::new(),
+            backup_label: String::new(),
+            pg_backup_manifest: String::new(),
+            stats: BackupStats::default(),
+        }
+    }
+
+    #[test]
+    fn lsns_and_timelines_out_of_order_are_refused() {
+        assert_eq!(minimal().validate(), Ok(()));
+        let backwards = BackupManifest {
+            start_lsn: "0/3000000".into(),
+            ..minimal()
+        };
+        assert!(backwards.validate().unwrap_err().contains("after stop LSN"));
+        let timelines = BackupManifest {
+            timeline: 2,
+            ..minimal()
+        };
+        assert!(timelines.validate().unwrap_err().contains("timeline"));
+        let zero = BackupManifest {
+            timeline: 0,
+            stop_timeline: 0,
+            ..minimal()
+        };
+        assert!(zero.validate().is_err());
+    }
 
     #[test]
     fn chunks() {
