@@ -17,7 +17,7 @@ fn b3(bytes: &[u8]) -> String {
 
 async fn connect(archive: &Archive, cluster: &str, role: &str) -> ArchiveConnection {
     let cfg = ClientConfig::load(&archive.issue(cluster, role)).unwrap();
-    ArchiveConnection::connect(&cfg).await.unwrap()
+    ArchiveConnection::connect(&cfg.tls()).await.unwrap()
 }
 
 /// Sends `request` with `raw` zstd-compressed as its body.

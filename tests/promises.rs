@@ -214,7 +214,7 @@ async fn server_refuses_lies_from_a_raw_client() {
     let archive = Archive::start("main");
     let cfg = ClientConfig::load(&archive.issue("main", "push")).unwrap();
     walvault_protocol::net::transport::install_crypto_provider();
-    let conn = ArchiveConnection::connect(&cfg).await.unwrap();
+    let conn = ArchiveConnection::connect(&cfg.tls()).await.unwrap();
     let seg = fake_segment(1, 4, 5);
 
     async fn put(
@@ -294,7 +294,7 @@ async fn malformed_and_oversized_frames_get_errors_and_the_server_keeps_serving(
     let archive = Archive::start("main");
     let cfg = ClientConfig::load(&archive.issue("main", "pull")).unwrap();
     walvault_protocol::net::transport::install_crypto_provider();
-    let conn = ArchiveConnection::connect(&cfg).await.unwrap();
+    let conn = ArchiveConnection::connect(&cfg.tls()).await.unwrap();
 
     let raw = |bytes: Vec<u8>| {
         let conn = &conn;
@@ -344,7 +344,7 @@ async fn malformed_and_oversized_frames_get_errors_and_the_server_keeps_serving(
         Response::Pong { .. }
     ));
     conn.close().await;
-    let other = ArchiveConnection::connect(&cfg).await.unwrap();
+    let other = ArchiveConnection::connect(&cfg.tls()).await.unwrap();
     let (r, _) = other.call(&Request::Ping).await.unwrap();
     assert!(
         matches!(r, Response::Pong { ref role, .. } if role == "pull"),
@@ -449,7 +449,7 @@ async fn an_unknown_protocol_version_is_refused_at_the_handshake() {
     walvault_protocol::net::transport::install_crypto_provider();
     let addr = format!("127.0.0.1:{}", archive.port()).parse().unwrap();
     let endpoint = walvault_protocol::net::transport::client_endpoint_with_alpn(
-        &cfg,
+        &cfg.tls(),
         addr,
         vec![b"walvault/999".to_vec()],
     )
@@ -665,7 +665,7 @@ fn shutdown_is_not_held_by_a_vanished_client() {
             .build()
             .unwrap();
         let vanished_at = runtime.block_on(async {
-            let conn = ArchiveConnection::connect(&cfg).await.unwrap();
+            let conn = ArchiveConnection::connect(&cfg.tls()).await.unwrap();
             let req = Request::PutWal {
                 cluster: "main".into(),
                 name: name.clone(),

@@ -6,6 +6,7 @@
 mod backup_promises;
 mod backup_topologies;
 mod cli;
+mod client;
 mod pg_archive;
 mod pg_backup;
 mod pg_backup_gc;

@@ -164,7 +164,10 @@ fn client_config(
         client_cert: cert.cert_pem,
         client_key: cert.key_pem,
         zstd_level: 3,
-        timeout_secs: 60,
+        connect_timeout_secs: 10,
+        idle_timeout_secs: 60,
+        request_timeout_secs: 600,
+        timeout_secs: None,
         prefetch: Default::default(),
     })
 }

@@ -77,7 +77,7 @@ pub(crate) async fn archive_get(
             }
         }
     }
-    let conn = ArchiveConnection::connect(cfg)
+    let conn = ArchiveConnection::connect(&cfg.tls())
         .await
         .context("archive unreachable; PostgreSQL will retry")?;
     let outcome = fetch_to(&conn, &cfg.cluster, name, dest).await;

@@ -30,7 +30,7 @@ pub(crate) async fn archive_push(cfg: &ClientConfig, path: &Path) -> Result<()> 
     let owned_path = path.to_path_buf();
     let (raw_size, blake3) = tokio::task::spawn_blocking(move || inspect(&owned_path)).await??;
 
-    let conn = ArchiveConnection::connect(cfg).await?;
+    let conn = ArchiveConnection::connect(&cfg.tls()).await?;
     let request = Request::PutWal {
         cluster: cfg.cluster.clone(),
         name: name.clone(),
@@ -141,7 +141,7 @@ fn compress_into(path: &Path, level: i32, tx: &tokio::sync::mpsc::Sender<Result<
 }
 
 pub(crate) async fn check(cfg: &ClientConfig) -> Result<()> {
-    let conn = ArchiveConnection::connect(cfg).await?;
+    let conn = ArchiveConnection::connect(&cfg.tls()).await?;
     let (response, _) = conn.call(&Request::Ping).await?;
     conn.close().await;
     match response {

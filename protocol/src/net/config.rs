@@ -13,8 +13,10 @@
 //! ca_cert = "-----BEGIN CERTIFICATE-----..."
 //! client_cert = "-----BEGIN CERTIFICATE-----..."
 //! client_key = "-----BEGIN PRIVATE KEY-----..."
-//! zstd_level = 3                 # pushclient: compression level (1..=19)
-//! timeout_secs = 60              # connect and per-request idle timeout
+//! zstd_level = 3                 # pushclient: compression level (1..=22)
+//! connect_timeout_secs = 10      # resolve + QUIC/TLS handshake
+//! idle_timeout_secs = 60         # a request with no byte sent or received this long fails
+//! request_timeout_secs = 600     # the most one request may take in all
 //!
 //! [prefetch]                     # pullclient archive-get / prefetch daemon
 //! enabled = true                 # archive-get starts a prefetch daemon per data directory
@@ -33,10 +35,12 @@
 //! Which file: `--config FILE`, else `$WALVAULT_CONFIG`, else `/etc/walvault/<binary>.toml`.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::net::pki::Role;
+use crate::net::transport::{ClientTls, Timeouts};
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "WALVAULT_CONFIG";
@@ -63,9 +67,22 @@ pub struct ClientConfig {
     /// zstd level for pushes.
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
-    /// Connect and idle timeout in seconds.
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
+    /// Seconds to resolve the server and complete the QUIC + TLS handshake.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Seconds a request may go without progress (no byte sent or received) before it
+    /// fails; a connection whose peer answers nothing at all for twice this long is
+    /// closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Seconds one request may take in all, however steadily it progresses.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// Deprecated (configs written before the three settings above): the connect and idle
+    /// timeout in one. When present it sets `connect_timeout_secs` and
+    /// `idle_timeout_secs` unless those are given too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
     /// Prefetch daemon and prefaulter settings (pullclient).
     #[serde(default)]
     pub prefetch: PrefetchConfig,
@@ -132,8 +149,14 @@ fn default_server_name() -> String {
 fn default_zstd_level() -> i32 {
     3
 }
-fn default_timeout() -> u64 {
-    60
+fn default_connect_timeout() -> u64 {
+    Timeouts::default().connect.as_secs()
+}
+fn default_idle_timeout() -> u64 {
+    Timeouts::default().idle.as_secs()
+}
+fn default_request_timeout() -> u64 {
+    Timeouts::default().total.as_secs()
 }
 
 /// Where a binary's config comes from.
@@ -179,7 +202,25 @@ impl ClientConfig {
             path: path.into(),
             message,
         };
-        let cfg: ClientConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let mut cfg: ClientConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if let Some(old) = cfg.timeout_secs {
+            if !table.contains_key("connect_timeout_secs") {
+                cfg.connect_timeout_secs = old;
+            }
+            if !table.contains_key("idle_timeout_secs") {
+                cfg.idle_timeout_secs = old;
+            }
+        }
+        for (key, value) in [
+            ("connect_timeout_secs", cfg.connect_timeout_secs),
+            ("idle_timeout_secs", cfg.idle_timeout_secs),
+            ("request_timeout_secs", cfg.request_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(format!("{key} must be at least 1")));
+            }
+        }
         crate::core::format::names::validate_cluster_name(&cfg.cluster).map_err(invalid)?;
         if cfg.prefetch.fetch_concurrency == 0 || cfg.prefetch.prefault_concurrency == 0 {
             return Err(invalid(
@@ -193,6 +234,27 @@ impl ClientConfig {
             )));
         }
         Ok(cfg)
+    }
+
+    /// The connect, idle and total timeouts.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(self.connect_timeout_secs),
+            idle: Duration::from_secs(self.idle_timeout_secs),
+            total: Duration::from_secs(self.request_timeout_secs),
+        }
+    }
+
+    /// What the transport needs to reach the archive.
+    pub fn tls(&self) -> ClientTls {
+        ClientTls {
+            server: self.server.clone(),
+            server_name: self.server_name.clone(),
+            ca: self.ca_cert.clone(),
+            cert: self.client_cert.clone(),
+            key: self.client_key.clone(),
+            timeouts: self.timeouts(),
+        }
     }
 
     /// Serializes the config as TOML.

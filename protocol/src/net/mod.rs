@@ -2,6 +2,8 @@
 //! every binary needs to talk to the archive, to PostgreSQL and to the disk.
 //!
 //! - [`transport`]: QUIC + mutual TLS endpoints and frames on streams;
+//! - [`client`]: the typed [`client::ArchiveClient`], with deadlines on every request and
+//!   errors that classify themselves;
 //! - [`pki`]: the archive CA and the certificates that name a cluster and a role;
 //! - [`config`]: client config files;
 //! - [`pg`]: PostgreSQL connections (replication protocol, BASE_BACKUP);
@@ -9,6 +11,7 @@
 //! - [`fsutil`]: durable file writes; [`fanout`]: bounded parallelism; [`retry`]: one
 //!   retry policy for failures that classify themselves; [`logging`].
 
+pub mod client;
 pub mod config;
 pub mod fanout;
 pub mod fsutil;

@@ -4,6 +4,15 @@
 //! [`install_crypto_provider`]), ALPN [`crate::core::wire::ALPN`]. The server requires a client
 //! certificate signed by the archive's CA; a certificate from anywhere else fails the
 //! handshake.
+//!
+//! The client side takes [`ClientTls`] (where the server is, the PEMs, the
+//! [`Timeouts`]), not the config file: the transport knows nothing of what else a config
+//! holds. QUIC's own idle timeout is twice [`Timeouts::idle`] and keep-alives run at a
+//! third of it: a connection to a vanished peer ends by itself, while a request that
+//! makes no progress fails first, by its own idle deadline ([`crate::net::client`]), with
+//! a message that says so, and the connection survives a peer that was only paused.
+//! Keep-alives keep a connection to a wedged but living peer open: there only the
+//! request deadlines end the wait.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,7 +24,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::core::wire::{self, FrameError};
-use crate::net::config::ClientConfig;
 
 /// Concurrent requests (bidirectional streams) one connection may have open. With the
 /// per-stream window below this bounds what one client can make the server buffer.
@@ -104,23 +112,78 @@ pub fn server_endpoint(
         .with_context(|| format!("cannot listen on UDP {listen}"))
 }
 
-/// Builds a client endpoint for the config's certificate, with the given ALPN list.
+/// How long a client waits, for each kind of wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Resolving the address and completing the QUIC + TLS handshake.
+    pub connect: Duration,
+    /// A request that makes no progress (no byte sent or received) for this long fails;
+    /// a connection whose peer does not answer at all (not even keep-alives) for twice
+    /// this long is closed.
+    pub idle: Duration,
+    /// The most one request may take in all, however steadily it progresses.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    /// 10 s to connect, 60 s without progress, 10 min per request.
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            total: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What a client needs to reach the archive: built from the client config
+/// ([`crate::net::config::ClientConfig::tls`]).
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// `host:port` of archived (UDP).
+    pub server: String,
+    /// Name to verify in the server certificate.
+    pub server_name: String,
+    /// The archive's CA certificate, PEM.
+    pub ca: String,
+    /// The client certificate, PEM.
+    pub cert: String,
+    /// The client's private key, PEM.
+    pub key: String,
+    /// Connect, idle and total timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// Builds a client endpoint for the client certificate, with the given ALPN list.
 pub fn client_endpoint_with_alpn(
-    cfg: &ClientConfig,
+    tls: &ClientTls,
     server: SocketAddr,
     alpn: Vec<Vec<u8>>,
 ) -> Result<quinn::Endpoint> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    client_endpoint(quic_client_config(tls, alpn)?, server)
+}
+
+/// The QUIC client configuration: TLS 1.3 with the client certificate, the archive's CA
+/// as the only root, `alpn`, and the idle timeout of `tls.timeouts`.
+fn quic_client_config(tls: &ClientTls, alpn: Vec<Vec<u8>>) -> Result<quinn::ClientConfig> {
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(&cfg.ca_cert)?)
-        .with_client_auth_cert(parse_certs(&cfg.client_cert)?, parse_key(&cfg.client_key)?)
+        .with_root_certificates(roots(&tls.ca)?)
+        .with_client_auth_cert(parse_certs(&tls.cert)?, parse_key(&tls.key)?)
         .context("client certificate and key do not match")?;
-    tls.alpn_protocols = alpn;
-    let crypto = QuicClientConfig::try_from(tls).context("TLS config unusable for QUIC")?;
+    config.alpn_protocols = alpn;
+    let crypto = QuicClientConfig::try_from(config).context("TLS config unusable for QUIC")?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config(Duration::from_secs(
-        cfg.timeout_secs.max(1),
-    ))?));
+    client.transport_config(Arc::new(transport_config(
+        tls.timeouts
+            .idle
+            .saturating_mul(2)
+            .max(Duration::from_secs(1)),
+    )?));
+    Ok(client)
+}
+
+fn client_endpoint(client: quinn::ClientConfig, server: SocketAddr) -> Result<quinn::Endpoint> {
     let bind: SocketAddr = if server.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -141,6 +204,54 @@ pub async fn resolve(server: &str) -> Result<SocketAddr> {
         .ok_or_else(|| anyhow!("archive server address '{server}' resolves to nothing"))
 }
 
+/// Why a connection to the archive could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The address does not resolve, or no UDP socket could be opened.
+    #[error("{0:#}")]
+    Network(anyhow::Error),
+    /// The certificates or key of the config are unusable.
+    #[error("unusable TLS settings: {0:#}")]
+    Tls(anyhow::Error),
+    /// No completed handshake within the connect timeout.
+    #[error("archive at {addr} did not complete the handshake within {} s", after.as_secs_f64())]
+    Timeout {
+        /// Address tried.
+        addr: SocketAddr,
+        /// The connect timeout.
+        after: Duration,
+    },
+    /// The handshake failed.
+    #[error("TLS/QUIC handshake with archive at {addr} failed: {source}")]
+    Handshake {
+        /// Address tried.
+        addr: SocketAddr,
+        /// What quinn reported.
+        source: quinn::ConnectionError,
+    },
+}
+
+impl ConnectError {
+    /// Whether one side's TLS refused the other (an untrusted certificate, an unknown
+    /// protocol version): trying again cannot help, the configuration must change.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            ConnectError::Tls(_) => true,
+            ConnectError::Handshake { source, .. } => {
+                let code = match source {
+                    quinn::ConnectionError::TransportError(e) => e.code,
+                    quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+                    quinn::ConnectionError::VersionMismatch => return true,
+                    _ => return false,
+                };
+                // TLS alerts travel as QUIC CRYPTO_ERROR codes 0x100..=0x1ff (RFC 9001 4.8).
+                (0x100..0x200).contains(&u64::from(code))
+            }
+            ConnectError::Network(_) | ConnectError::Timeout { .. } => false,
+        }
+    }
+}
+
 /// A client connection to archived.
 pub struct ArchiveConnection {
     /// The QUIC connection.
@@ -149,23 +260,32 @@ pub struct ArchiveConnection {
 }
 
 impl ArchiveConnection {
-    /// Connects and completes the TLS handshake, within the config's timeout.
-    pub async fn connect(cfg: &ClientConfig) -> Result<ArchiveConnection> {
-        let addr = resolve(&cfg.server).await?;
-        let endpoint = client_endpoint_with_alpn(cfg, addr, vec![wire::ALPN.to_vec()])?;
-        let connecting = endpoint
-            .connect(addr, &cfg.server_name)
-            .with_context(|| format!("cannot connect to archive at {addr}"))?;
-        let connection =
-            tokio::time::timeout(Duration::from_secs(cfg.timeout_secs.max(1)), connecting)
-                .await
-                .map_err(|_| {
-                    anyhow!(
-                        "archive at {addr} did not answer within {} s",
-                        cfg.timeout_secs
-                    )
-                })?
-                .with_context(|| format!("TLS/QUIC handshake with archive at {addr} failed"))?;
+    /// Resolves, connects and completes the TLS handshake, all within
+    /// `tls.timeouts.connect`.
+    pub async fn connect(tls: &ClientTls) -> Result<ArchiveConnection, ConnectError> {
+        let after = tls.timeouts.connect.max(Duration::from_millis(1));
+        let started = std::time::Instant::now();
+        // Resolving can hang too (a dead DNS server): the connect timeout covers it.
+        let addr = tokio::time::timeout(after, resolve(&tls.server))
+            .await
+            .map_err(|_| {
+                ConnectError::Network(anyhow!(
+                    "cannot resolve archive server address '{}' within {} s",
+                    tls.server,
+                    after.as_secs_f64()
+                ))
+            })?
+            .map_err(ConnectError::Network)?;
+        let config =
+            quic_client_config(tls, vec![wire::ALPN.to_vec()]).map_err(ConnectError::Tls)?;
+        let endpoint = client_endpoint(config, addr).map_err(ConnectError::Network)?;
+        let connecting = endpoint.connect(addr, &tls.server_name).map_err(|e| {
+            ConnectError::Network(anyhow!("cannot connect to archive at {addr}: {e}"))
+        })?;
+        let connection = tokio::time::timeout(after.saturating_sub(started.elapsed()), connecting)
+            .await
+            .map_err(|_| ConnectError::Timeout { addr, after })?
+            .map_err(|source| ConnectError::Handshake { addr, source })?;
         Ok(ArchiveConnection {
             connection,
             endpoint,
@@ -204,6 +324,11 @@ impl ArchiveConnection {
         self.connection.close(0u32.into(), b"done");
         let _ = tokio::time::timeout(CLOSE_LINGER, self.endpoint.wait_idle()).await;
     }
+}
+
+/// A request as the frame that starts its stream.
+pub fn encode_request(request: &wire::Request) -> Vec<u8> {
+    wire::encode_frame(request)
 }
 
 /// Writes one frame.

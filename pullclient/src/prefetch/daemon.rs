@@ -239,7 +239,7 @@ impl Daemon {
                 return Ok(c.clone());
             }
         }
-        let c = Arc::new(ArchiveConnection::connect(&self.cfg).await?);
+        let c = Arc::new(ArchiveConnection::connect(&self.cfg.tls()).await?);
         *guard = Some(c.clone());
         Ok(c)
     }

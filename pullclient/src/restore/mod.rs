@@ -464,7 +464,7 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
              from them; run pullclient as the user PostgreSQL runs as (or chown -R the data directory)"
         );
     }
-    let conn = Arc::new(ArchiveConnection::connect(cfg).await?);
+    let conn = Arc::new(ArchiveConnection::connect(&cfg.tls()).await?);
     let backups = list_backups(&conn, &cfg.cluster).await?;
     let target = match &args.mode {
         Mode::Recovery { target, .. } => Some(target),

@@ -116,7 +116,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         );
     }
 
-    let archive = Arc::new(ArchiveConnection::connect(cfg).await?);
+    let archive = Arc::new(ArchiveConnection::connect(&cfg.tls()).await?);
     check_cluster(&archive, cfg, system.system_identifier).await?;
     // The lease keeps the chunks this backup stores or reuses from chunk collection
     // until its manifest is committed (archived/src/gc.rs).
