@@ -17,11 +17,27 @@ use crate::promises::{fake_segment, seg_name};
 struct Frozen(u32);
 
 impl Frozen {
+    /// Returns once the process is stopped (signals are delivered asynchronously).
     fn freeze(pid: u32) -> Frozen {
         // SAFETY: kill(2) on the archived child the harness started and still holds.
         assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) }, 0);
-        Frozen(pid)
+        let frozen = Frozen(pid);
+        walvault_tests::wait_until(
+            "archived stopped by SIGSTOP",
+            Duration::from_secs(10),
+            || stopped(pid),
+            String::new,
+        );
+        frozen
     }
+}
+
+/// Whether `/proc/PID/stat` says the process is stopped (state `T`).
+fn stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesized command name.
+    stat.rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
 }
 
 impl Drop for Frozen {

@@ -331,7 +331,8 @@ impl Archive {
         self.issue_with(cluster, role, None)
     }
 
-    /// [`issue`](Self::issue), optionally setting `timeout_secs` in the config.
+    /// [`issue`](Self::issue), optionally setting the connect and idle timeouts of the
+    /// config (`connect_timeout_secs`, `idle_timeout_secs`) to `timeout_secs`.
     pub fn issue_with(&self, cluster: &str, role: &str, timeout_secs: Option<u64>) -> PathBuf {
         let mut n = 0;
         let out = loop {
@@ -355,7 +356,10 @@ impl Archive {
             let text = fs::read_to_string(&out).unwrap();
             let mut lines: Vec<String> = text
                 .lines()
-                .filter(|l| !l.trim_start().starts_with("timeout_secs"))
+                .filter(|l| {
+                    let l = l.trim_start();
+                    !l.starts_with("connect_timeout_secs") && !l.starts_with("idle_timeout_secs")
+                })
                 .map(String::from)
                 .collect();
             // Top-level key: must precede any [table].
@@ -363,7 +367,8 @@ impl Archive {
                 .iter()
                 .position(|l| l.trim_start().starts_with('['))
                 .unwrap_or(lines.len());
-            lines.insert(at, format!("timeout_secs = {t}"));
+            lines.insert(at, format!("connect_timeout_secs = {t}"));
+            lines.insert(at, format!("idle_timeout_secs = {t}"));
             fs::write(&out, lines.join("\n") + "\n").unwrap();
         }
         chown_pg(&out);
