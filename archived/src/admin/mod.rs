@@ -43,7 +43,7 @@ fn admin_config(data_dir: Option<&Path>, config: Option<&Path>) -> Result<Client
 async fn ask(target: &ConnectArgs, request: Request) -> Result<Response> {
     let cfg = admin_config(target.data_dir.as_deref(), target.config.as_deref())?;
     walvault_protocol::net::transport::install_crypto_provider();
-    let conn = ArchiveConnection::connect(&cfg).await?;
+    let conn = ArchiveConnection::connect(&cfg.tls()).await?;
     let (response, _) = conn.call(&request).await?;
     conn.close().await;
     match response {

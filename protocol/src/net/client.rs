@@ -284,6 +284,9 @@ pub struct RetentionRun {
     pub chunk_grace_secs: Option<u64>,
     /// Report the plan, delete nothing.
     pub dry_run: bool,
+    /// Measure the keep-within window back from this Unix time instead of the server's
+    /// clock (for tests).
+    pub window_end: Option<i64>,
 }
 
 /// A connection to the archive with one typed method per request.
@@ -292,6 +295,8 @@ pub struct ArchiveClient {
     connection: std::sync::Arc<ArchiveConnection>,
     cluster: String,
     timeouts: Timeouts,
+    /// The backup lease the backup requests name (see `Request::BeginBackup`).
+    lease: Option<String>,
 }
 
 impl ArchiveClient {
@@ -311,6 +316,7 @@ impl ArchiveClient {
             connection: std::sync::Arc::new(connection),
             cluster: cluster.to_string(),
             timeouts: tls.timeouts,
+            lease: None,
         })
     }
 
@@ -328,6 +334,15 @@ impl ArchiveClient {
     pub fn with_timeouts(&self, timeouts: Timeouts) -> ArchiveClient {
         ArchiveClient {
             timeouts,
+            ..self.clone()
+        }
+    }
+
+    /// The same connection, with the backup requests (chunks missing, put pack, put
+    /// chunk, put backup) naming backup lease `lease`.
+    pub fn with_lease(&self, lease: Option<String>) -> ArchiveClient {
+        ArchiveClient {
+            lease,
             ..self.clone()
         }
     }
@@ -432,6 +447,7 @@ impl ArchiveClient {
         let request = Request::ChunksMissing {
             cluster: self.cluster.clone(),
             hashes,
+            lease: self.lease.clone(),
         };
         match self.simple(&what, &request).await? {
             Response::Missing { hashes } => Ok(hashes),
@@ -452,6 +468,7 @@ impl ArchiveClient {
         let request = Request::PutPack {
             cluster: self.cluster.clone(),
             chunks,
+            lease: self.lease.clone(),
         };
         match self.upload(&what, &request, pieces(body)).await? {
             Response::PackStored {
@@ -478,6 +495,7 @@ impl ArchiveClient {
             cluster: self.cluster.clone(),
             blake3: blake3.to_string(),
             raw_size,
+            lease: self.lease.clone(),
         };
         match self.upload(&what, &request, pieces(body)).await? {
             Response::Stored { already_present } => Ok(already_present),
@@ -547,6 +565,7 @@ impl ArchiveClient {
             backup_id: backup_id.to_string(),
             raw_size,
             blake3: blake3.to_string(),
+            lease: self.lease.clone(),
         };
         match self.upload(&what, &request, pieces(body)).await? {
             Response::Stored { .. } => Ok(()),
@@ -610,6 +629,7 @@ impl ArchiveClient {
             keep_within_secs: run.keep_within_secs,
             chunk_grace_secs: run.chunk_grace_secs,
             dry_run: run.dry_run,
+            window_end: run.window_end,
         };
         match self.simple(&what, &request).await? {
             Response::Retention(report) => Ok(report),
