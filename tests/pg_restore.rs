@@ -173,3 +173,146 @@ fn spool_of_another_user_is_refused() {
         );
     }
 }
+
+/// Sets `key = value` lines in `[table]` of a client config (replacing those keys).
+fn set_in_table(conf: &Path, table: &str, settings: &[(&str, &str)]) {
+    let text = fs::read_to_string(conf).unwrap();
+    let mut lines: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for l in text.lines() {
+        let t = l.trim();
+        if t.starts_with('[') {
+            current = t.trim_matches(|c| c == '[' || c == ']').to_string();
+        } else if current == table
+            && settings
+                .iter()
+                .any(|(k, _)| t.starts_with(&format!("{k} =")))
+        {
+            continue;
+        }
+        lines.push(l.to_string());
+    }
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == format!("[{table}]"))
+        .unwrap_or_else(|| panic!("{} has no [{table}] table:\n{text}", conf.display()))
+        + 1;
+    for (k, v) in settings {
+        lines.insert(at, format!("{k} = {v}"));
+    }
+    fs::write(conf, lines.join("\n") + "\n").unwrap();
+    chown_pg(conf);
+}
+
+/// The issue's scenario: `pullclient restore` with no target, `timeout_secs = 5`,
+/// prefetching off, and the archive stopped once three segments after the backup's
+/// first were replayed, until PostgreSQL reacts. archive-get retries for
+/// `recovery_retry_secs`, then stops recovery (exit 200, a log line saying why) instead
+/// of letting PostgreSQL take the outage for the end of the WAL and promote. Started
+/// again with the archive back, recovery replays every segment, ends on the primary's
+/// last row and promotes once, to timeline 2.
+#[test]
+fn archive_outage_stops_archive_recovery_instead_of_ending_it() {
+    let mut archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let pull = archive.issue_with(CLUSTER, "pull", Some(5));
+    set_in_table(&pull, "prefetch", &[("enabled", "false")]);
+    set_in_table(&pull, "archive_get", &[("recovery_retry_secs", "5")]);
+    let primary = archiving_primary(&archive, &push, &[]);
+    primary.pgbench_init(1);
+    let id = backup(&archive, &push, &primary, &["--fast"]);
+    for _ in 0..5 {
+        primary.pgbench(&["-n", "-t", "300"]);
+        primary.switch_wal();
+    }
+    let expected = primary.psql(ACCOUNTS);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+    let wal_start = backup_json(&archive, &id)["wal_start"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let segments = segment_range(&wal_start, &last);
+    assert!(segments.len() >= 5, "too few segments: {segments:?}");
+    let held = segments[3].clone();
+
+    let mut copy = restore(&archive, &pull, "outage", &[]);
+    // restore_command through a gate: the first request for `held` waits until the test
+    // has stopped the archive, so the outage starts at a known segment.
+    let gate = copy.dir().subdir("gate");
+    chown_pg(&gate);
+    let g = gate.display();
+    let script = gate.join("restore.sh");
+    let get = archive
+        .restore_command(&pull)
+        .replace("%f", "\"$1\"")
+        .replace("%p", "\"$2\"");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = {held} ] && [ ! -e {g}/reached ]; then\n  touch {g}/reached\n  \
+             while [ ! -e {g}/stopped ]; do sleep 0.1; done\nfi\nexec {get}\n"
+        ),
+    )
+    .unwrap();
+    chmod(&script, 0o755);
+    let auto = copy.data_dir().join("postgresql.auto.conf");
+    let mut conf = fs::read_to_string(&auto).unwrap();
+    conf.push_str(&format!("restore_command = '{} %f %p'\n", script.display()));
+    fs::write(&auto, conf).unwrap();
+
+    copy.start_nowait();
+    wait_until(
+        &format!("PostgreSQL to ask for {held}"),
+        WAIT_TIMEOUT,
+        || gate.join("reached").exists(),
+        || copy.diag(),
+    );
+    archive.stop();
+    fs::write(gate.join("stopped"), "").unwrap();
+    let pid_file = copy.data_dir().join("postmaster.pid");
+    wait_until(
+        "PostgreSQL to stop, or to end recovery",
+        WAIT_TIMEOUT * 2,
+        || !pid_file.exists() || copy.log().contains("selected new timeline ID"),
+        || copy.diag(),
+    );
+    let log = copy.log();
+    assert!(
+        !log.contains("selected new timeline ID") && !log.contains("redo done"),
+        "recovery ended at the outage instead of stopping\n{}",
+        copy.diag()
+    );
+    assert!(
+        log.contains(&format!("could not restore file \"{held}\" from archive"))
+            && log.contains("exit code 200")
+            && log.contains("archive recovery stops here"),
+        "PostgreSQL did not stop because archive-get said so\n{}",
+        copy.diag()
+    );
+    copy.exited();
+
+    archive.serve();
+    start_and_wait_promoted(&mut copy);
+    assert_eq!(copy.psql(ACCOUNTS), expected, "{}", copy.diag());
+    let log = copy.log();
+    for seg in &segments {
+        assert!(
+            log.contains(&format!("restored log file \"{seg}\" from archive")),
+            "segment {seg} was skipped\n{}",
+            copy.diag()
+        );
+    }
+    assert_eq!(
+        log.matches("selected new timeline ID").count(),
+        1,
+        "{}",
+        copy.diag()
+    );
+    assert_eq!(
+        copy.psql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"),
+        "00000002",
+        "{}",
+        copy.diag()
+    );
+}

@@ -168,6 +168,7 @@ fn client_config(
         idle_timeout_secs: 60,
         request_timeout_secs: 600,
         timeout_secs: None,
+        archive_get: Default::default(),
         prefetch: Default::default(),
     })
 }

@@ -6,9 +6,22 @@
 //! file fsynced and renamed into place. A spool hit is hashed again against the
 //! archive's blake3 before it is moved into place (see [`crate::spool`]). PostgreSQL
 //! never sees a partial or corrupt file.
+//!
+//! Exit codes are PostgreSQL's contract (DESIGN promise 7, table in `main.rs`): "not in
+//! the archive" is [`Fetched::NotFound`] (exit 1, everywhere). A failure that may pass
+//! (archive unreachable, connection lost, the archive answering `Unavailable` or
+//! `Internal`) is retried with doubling delays for `[archive_get] recovery_retry_secs`
+//! in archive recovery (`recovery.signal` and no `standby.signal` in the working
+//! directory, which PostgreSQL makes its data directory), `standby_retry_secs`
+//! otherwise. What is left after that, and any failure that will not pass (the archived
+//! copy fails verification, the file cannot be written), is a [`GetFailure`]: in archive
+//! recovery it must stop recovery (exit 1 there would make PostgreSQL end recovery at
+//! this file and promote, silently short of the archive's WAL), elsewhere it is exit 1
+//! (a standby tries streaming and asks again).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use walvault_protocol::core::format::codec::{DecodeOrSinkError, VerifyingDecoder};
@@ -16,7 +29,8 @@ use walvault_protocol::core::pg::wal::WalFileName;
 use walvault_protocol::core::wire::{ErrorCode, Request, Response, MAX_OBJECT_SIZE};
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::fsutil;
-use walvault_protocol::net::transport::ArchiveConnection;
+use walvault_protocol::net::retry::{ArchiveRefusal, Transient};
+use walvault_protocol::net::transport::{ArchiveConnection, ReadFrameError};
 
 use crate::spool::Spool;
 
@@ -34,23 +48,69 @@ pub(crate) enum Fetched {
     NotFound,
 }
 
+/// What PostgreSQL does with a failed restore_command, by the signal files in its data
+/// directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RecoveryKind {
+    /// `recovery.signal` without `standby.signal`: a failure (exit 1) ends recovery.
+    Archive,
+    /// A standby, or not run by PostgreSQL (no data directory): exit 1 is retried.
+    Other,
+}
+
+impl RecoveryKind {
+    fn of(pgdata: Option<&Path>) -> RecoveryKind {
+        match pgdata {
+            Some(d) if d.join("recovery.signal").exists() && !d.join("standby.signal").exists() => {
+                RecoveryKind::Archive
+            }
+            _ => RecoveryKind::Other,
+        }
+    }
+}
+
+/// archive-get could not deliver a file the archive may have.
+#[derive(Debug, thiserror::Error)]
+#[error("{error:#}")]
+pub(crate) struct GetFailure {
+    /// Where PostgreSQL is: in archive recovery this failure must stop recovery.
+    pub(crate) kind: RecoveryKind,
+    /// What went wrong (after the retries).
+    pub(crate) error: anyhow::Error,
+}
+
+/// Whether a failed attempt may succeed later: the archive could not be reached, the
+/// connection broke, or the archive said it is briefly unable to serve.
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.is_transient()
+        || e.chain().any(|c| {
+            c.is::<quinn::ConnectionError>()
+                || c.is::<quinn::ConnectError>()
+                || c.is::<quinn::ReadError>()
+                || c.is::<quinn::WriteError>()
+                || c.is::<quinn::ReadExactError>()
+                || c.downcast_ref::<ReadFrameError>()
+                    .is_some_and(|r| matches!(r, ReadFrameError::Stream(_)))
+        })
+}
+
 /// The restore_command: spool first, then the archive.
 pub(crate) async fn archive_get(
     cfg: &ClientConfig,
     config_path: &Path,
     name: &str,
     dest: &Path,
-) -> Result<Fetched> {
+) -> Result<Fetched, GetFailure> {
     let Ok(wal_name) = name.parse::<WalFileName>() else {
         tracing::info!(file = %name, "not a WAL file name; nothing to restore");
         return Ok(Fetched::NotFound);
     };
-    // PostgreSQL runs restore_command in the data directory.
     // PostgreSQL runs restore_command in its data directory; run anywhere else (by hand),
     // archive-get just fetches.
     let pgdata = std::env::current_dir()
         .ok()
         .filter(|d| d.join("PG_VERSION").is_file());
+    let kind = RecoveryKind::of(pgdata.as_deref());
     let spool = match pgdata {
         Some(pgdata) if cfg.prefetch.enabled && wal_name.is_segment_file() => {
             match Spool::for_pgdata(cfg, &pgdata) {
@@ -77,12 +137,13 @@ pub(crate) async fn archive_get(
             }
         }
     }
-    let conn = ArchiveConnection::connect(&cfg.tls())
+    let retry_for = Duration::from_secs(match kind {
+        RecoveryKind::Archive => cfg.archive_get.recovery_retry_secs,
+        RecoveryKind::Other => cfg.archive_get.standby_retry_secs,
+    });
+    let outcome = fetch_retrying(cfg, name, dest, retry_for)
         .await
-        .context("archive unreachable; PostgreSQL will retry")?;
-    let outcome = fetch_to(&conn, &cfg.cluster, name, dest).await;
-    conn.close().await;
-    let outcome = outcome?;
+        .map_err(|error| GetFailure { kind, error })?;
     if let (Some(spool), Fetched::Written { .. }) = (&spool, &outcome) {
         spool.record_served(name, false);
     }
@@ -93,6 +154,49 @@ pub(crate) async fn archive_get(
         Fetched::NotFound => tracing::info!(file = %name, "not in the archive"),
     }
     Ok(outcome)
+}
+
+/// Connects and fetches, again with doubling delays while the failure may pass and
+/// `retry_for` has not run out.
+async fn fetch_retrying(
+    cfg: &ClientConfig,
+    name: &str,
+    dest: &Path,
+    retry_for: Duration,
+) -> Result<Fetched> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    let mut attempts = 1u32;
+    loop {
+        // (error, whether it may pass)
+        let attempt = match ArchiveConnection::connect(&cfg.tls()).await {
+            Err(e) => Err((anyhow::Error::from(e).context("archive unreachable"), true)),
+            Ok(conn) => {
+                let outcome = fetch_to(&conn, &cfg.cluster, name, dest).await;
+                conn.close().await;
+                outcome.map_err(|e| {
+                    let transient = is_transient(&e);
+                    (e, transient)
+                })
+            }
+        };
+        match attempt {
+            Ok(outcome) => return Ok(outcome),
+            Err((e, true)) if started.elapsed() + delay < retry_for => {
+                tracing::warn!(file = %name, attempt = attempts, error = %format!("{e:#}"), "fetch failed; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempts += 1;
+            }
+            Err((e, true)) => {
+                return Err(e.context(format!(
+                    "{name}: still failing after {attempts} attempts in {} s",
+                    started.elapsed().as_secs()
+                )))
+            }
+            Err((e, false)) => return Err(e),
+        }
+    }
 }
 
 /// Fetches `name` over an open connection into `dest` (temporary file, verify, fsync,
@@ -118,7 +222,14 @@ pub(crate) async fn fetch_to(
             code: ErrorCode::NotFound,
             ..
         } => return Ok(Fetched::NotFound),
-        Response::Error { code, message } => bail!("archive refused {name} ({code:?}): {message}"),
+        Response::Error { code, message } => {
+            return Err(ArchiveRefusal {
+                what: name.to_string(),
+                code,
+                message,
+            }
+            .into())
+        }
         other => bail!("unexpected answer for {name}: {other:?}"),
     };
     if raw_size > MAX_OBJECT_SIZE || compressed_size > MAX_OBJECT_SIZE {

@@ -1,15 +1,23 @@
 //! `pullclient`: the replica and restore side of walvault.
 //!
-//! `archive-get` is PostgreSQL's `restore_command`, and its exit code is a contract:
+//! `archive-get` is PostgreSQL's `restore_command`, and its exit code is a contract
+//! (DESIGN promise 7):
 //!
-//! | exit | meaning                                   | what PostgreSQL does                  |
-//! |------|-------------------------------------------|---------------------------------------|
-//! | 0    | file written to %p, verified              | replays it                            |
-//! | 1    | not in the archive, archive unreachable,  | treats it as "not available": tries   |
-//! |      | or the archived copy failed verification  | streaming, waits, or ends recovery    |
-//! | 126  | configuration unusable (missing, invalid) | aborts recovery: fix the config       |
+//! | exit | meaning                                         | what PostgreSQL does            |
+//! |------|-------------------------------------------------|---------------------------------|
+//! | 0    | file written to %p, verified                    | replays it                      |
+//! | 1    | not in the archive; or, on a standby (or run by | "not available": tries          |
+//! |      | hand), not delivered after `standby_retry_secs` | streaming, waits, asks again;   |
+//! |      | (unreachable, failed verification)              | in archive recovery: its end    |
+//! | 126  | configuration unusable (missing, invalid)       | stops recovery: fix the config  |
+//! | 200  | archive recovery only: the archive may have the | stops recovery (FATAL, server   |
+//! |      | file but did not deliver it within              | shuts down); start it again     |
+//! |      | `recovery_retry_secs` (unreachable, failed      | once the archive delivers:      |
+//! |      | verification, cannot write it)                  | recovery resumes                |
 //!
-//! Nothing else above 125 is ever returned: PostgreSQL treats such codes as fatal.
+//! Nothing else above 125 is ever returned: PostgreSQL treats such codes as fatal. 200,
+//! not 127 or 128+N: PostgreSQL reports 126 as "command not executable", 127 as "command
+//! not found", and shells report death by signal N as 128+N.
 
 mod get;
 mod pgconf;
@@ -28,6 +36,8 @@ use walvault_protocol::net::logging::{self, LogFormat};
 
 /// Exit code for a configuration that cannot work (aborts PostgreSQL's recovery).
 const EXIT_FATAL_CONFIG: u8 = 126;
+/// Exit code that stops an archive recovery which would otherwise end early.
+const EXIT_STOP_RECOVERY: u8 = 200;
 
 /// walvault replica-side client: restores WAL from archived.
 ///
@@ -55,9 +65,12 @@ enum Command {
     /// Restore one WAL file; use as restore_command = 'pullclient archive-get %f %p'.
     ///
     /// Fetches NAME, checks its blake3, writes it to PATH atomically (temporary file,
-    /// fsync, rename). Exit 0 = written; 1 = not available (not archived, archive
-    /// unreachable, or failed verification; PostgreSQL retries or ends recovery);
-    /// 126 = unusable configuration (PostgreSQL aborts recovery).
+    /// fsync, rename). An unreachable or unavailable archive is retried for
+    /// [archive_get] recovery_retry_secs in archive recovery, standby_retry_secs otherwise.
+    /// Exit 0 = written; 1 = not in the archive, or (standby, by hand) not delivered
+    /// (PostgreSQL tries streaming and asks again); 126 = unusable configuration; 200 =
+    /// in archive recovery, the archive did not deliver: PostgreSQL stops instead of
+    /// ending recovery early (start it again once the archive is back).
     ArchiveGet {
         /// WAL file name (%f).
         name: String,
@@ -148,8 +161,19 @@ fn main() -> ExitCode {
             match runtime.block_on(get::archive_get(&cfg, &config_path, &name, &path)) {
                 Ok(get::Fetched::Written { .. }) => ExitCode::SUCCESS,
                 Ok(get::Fetched::NotFound) => ExitCode::from(1),
-                Err(e) => {
-                    tracing::error!("{e:#}");
+                Err(f) if f.kind == get::RecoveryKind::Archive => {
+                    tracing::error!(
+                        file = %name,
+                        "{:#}; archive recovery stops here (exit {EXIT_STOP_RECOVERY}) instead of \
+                         taking this for the end of the WAL and promoting early: PostgreSQL shuts \
+                         down; start it again once the archive can deliver {name} and recovery \
+                         resumes",
+                        f.error
+                    );
+                    ExitCode::from(EXIT_STOP_RECOVERY)
+                }
+                Err(f) => {
+                    tracing::error!(file = %name, "{:#}", f.error);
                     ExitCode::from(1)
                 }
             }

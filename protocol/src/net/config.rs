@@ -18,6 +18,11 @@
 //! idle_timeout_secs = 60         # a request with no byte sent or received this long fails
 //! request_timeout_secs = 600     # the most one request may take in all
 //!
+//! [archive_get]                  # pullclient archive-get, when the archive cannot deliver
+//! recovery_retry_secs = 300      # archive recovery: keep retrying this long, then stop
+//!                                # recovery (exit 200) rather than let it end early
+//! standby_retry_secs = 10        # standby (or by hand): keep retrying this long, then exit 1
+//!
 //! [prefetch]                     # pullclient archive-get / prefetch daemon
 //! enabled = true                 # archive-get starts a prefetch daemon per data directory
 //! spool_dir = "/var/lib/postgresql/15/walvault-spool"   # default: beside PGDATA
@@ -83,9 +88,35 @@ pub struct ClientConfig {
     /// `idle_timeout_secs` unless those are given too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// How long archive-get retries an archive that cannot deliver (pullclient).
+    #[serde(default)]
+    pub archive_get: ArchiveGetConfig,
     /// Prefetch daemon and prefaulter settings (pullclient).
     #[serde(default)]
     pub prefetch: PrefetchConfig,
+}
+
+/// How long archive-get retries transient failures (archive unreachable, connection
+/// lost, the archive answering `Unavailable`) before it gives up.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveGetConfig {
+    /// In archive recovery (`recovery.signal`, no `standby.signal`): seconds of retrying,
+    /// after which archive-get stops recovery (exit above 125) instead of letting
+    /// PostgreSQL take the failure for the end of the WAL and promote.
+    pub recovery_retry_secs: u64,
+    /// On a standby, or outside a data directory: seconds of retrying before exit 1
+    /// (PostgreSQL then tries streaming and asks again).
+    pub standby_retry_secs: u64,
+}
+
+impl Default for ArchiveGetConfig {
+    fn default() -> Self {
+        ArchiveGetConfig {
+            recovery_retry_secs: 300,
+            standby_retry_secs: 10,
+        }
+    }
 }
 
 /// How pullclient prefetches and prefaults.

@@ -458,6 +458,18 @@ impl PgCluster {
         );
     }
 
+    /// Records that the server exited by itself (a FATAL in the startup process shuts it
+    /// down, say), so it can be started again. Panics if `postmaster.pid` is still there.
+    pub fn exited(&mut self) {
+        assert!(
+            !self.data.join("postmaster.pid").exists(),
+            "cluster {} still has a postmaster.pid\n{}",
+            self.name,
+            self.diag()
+        );
+        self.running = false;
+    }
+
     /// The server log so far.
     pub fn log(&self) -> String {
         read_lossy(&self.log)
