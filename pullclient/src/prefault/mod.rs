@@ -73,8 +73,12 @@ pub(crate) struct PrefaultCounters {
     /// PostgreSQL's `recovery_prefetch` as far as the daemon knows it.
     pub(crate) pg_recovery_prefetch: Option<String>,
     /// Where that came from: `server` (SHOW), `files` (configuration files and command
-    /// line) or `default` (set nowhere the daemon can read: PostgreSQL's default).
+    /// line), `default` (set nowhere the daemon can read: PostgreSQL's default) or
+    /// `version` (PostgreSQL 13 and 14 have no recovery prefetch).
     pub(crate) pg_recovery_prefetch_source: Option<String>,
+    /// Why no block is warmed, when pg_control cannot be used (an unsupported PostgreSQL
+    /// version, a damaged file).
+    pub(crate) prefault_off_because: Option<String>,
 }
 
 /// What the daemon knows of PostgreSQL.

@@ -195,6 +195,10 @@ mod tests {
             relseg_blocks: 131072,
             catalog_version: 202209061,
             major: 15,
+            system_identifier: 1,
+            wal_block_size: 8192,
+            wal_segment_size: 16 << 20,
+            data_checksum_version: 0,
         });
         let inner = Mutex::new(inner);
         let targets = [

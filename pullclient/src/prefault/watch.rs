@@ -42,11 +42,30 @@ impl Prefaulter {
             );
             let mut inner = lock(&self.inner);
             if inner.control.is_none() {
-                inner.control = read_control(&self.pgdata)
-                    .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "cannot read pg_control; prefaulting waits"))
-                    .ok();
+                match read_control(&self.pgdata) {
+                    Ok(c) => {
+                        inner.counters.prefault_off_because = None;
+                        inner.control = Some(c);
+                    }
+                    Err(e) => {
+                        // Loud: a version walvault cannot read means no block is warmed.
+                        let why = format!("{e:#}");
+                        tracing::error!(
+                            error = %why,
+                            "cannot use pg_control: prefaulting is off for this data directory \
+                             (segments are still spooled); it is read again when PostgreSQL \
+                             next starts"
+                        );
+                        inner.counters.prefault_off_because = Some(why);
+                    }
+                }
             }
-            if !inner.pg_prefetch_from_server {
+            let major = inner.control.as_ref().map(|c| c.major);
+            if major.is_some_and(|m| m < 15) {
+                // recovery_prefetch came with PostgreSQL 15: older replay never prefetches.
+                learn_pg_prefetch(&mut inner, "off", None, "version");
+                inner.pg_prefetch_from_server = true;
+            } else if !inner.pg_prefetch_from_server {
                 let (setting, source) = match s.get("recovery_prefetch") {
                     Some(v) => (v.as_str(), "files"),
                     None => ("try", "default"),
