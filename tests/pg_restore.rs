@@ -115,21 +115,7 @@ fn spool_of_another_user_is_refused() {
     let archive = Archive::start(CLUSTER);
     let push = archive.issue(CLUSTER, "push");
     let pull = archive.issue(CLUSTER, "pull");
-    let primary = archiving_primary(&archive, &push, &[]);
-    primary.pgbench_init(1);
-    let id = backup(&archive, &push, &primary, &["--fast"]);
-    for _ in 0..3 {
-        primary.pgbench(&["-n", "-t", "300"]);
-        primary.switch_wal();
-    }
-    let expected = primary.psql(ACCOUNTS);
-    let last = primary.switch_wal();
-    primary.wait_archived(&last, || archive.diag());
-    let wal_start = backup_json(&archive, &id)["wal_start"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let segments = segment_range(&wal_start, &last);
+    let (_primary, expected, segments) = backed_up_primary(&archive, &push, 3);
 
     let mut copy = restore(&archive, &pull, "forged", &[]);
     let pgdata = fs::canonicalize(copy.data_dir()).unwrap();
@@ -218,21 +204,7 @@ fn archive_outage_stops_archive_recovery_instead_of_ending_it() {
     let pull = archive.issue_with(CLUSTER, "pull", Some(5));
     set_in_table(&pull, "prefetch", &[("enabled", "false")]);
     set_in_table(&pull, "archive_get", &[("recovery_retry_secs", "5")]);
-    let primary = archiving_primary(&archive, &push, &[]);
-    primary.pgbench_init(1);
-    let id = backup(&archive, &push, &primary, &["--fast"]);
-    for _ in 0..5 {
-        primary.pgbench(&["-n", "-t", "300"]);
-        primary.switch_wal();
-    }
-    let expected = primary.psql(ACCOUNTS);
-    let last = primary.switch_wal();
-    primary.wait_archived(&last, || archive.diag());
-    let wal_start = backup_json(&archive, &id)["wal_start"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let segments = segment_range(&wal_start, &last);
+    let (_primary, expected, segments) = backed_up_primary(&archive, &push, 5);
     assert!(segments.len() >= 5, "too few segments: {segments:?}");
     let held = segments[3].clone();
 
@@ -315,4 +287,30 @@ fn archive_outage_stops_archive_recovery_instead_of_ending_it() {
         "{}",
         copy.diag()
     );
+}
+
+/// A primary archiving into `archive`, with a backup and then `rounds` of pgbench, each
+/// ended by a WAL switch, all archived: the primary, its rows (ACCOUNTS) and every segment
+/// from the backup's first to the last one.
+fn backed_up_primary(
+    archive: &Archive,
+    push: &Path,
+    rounds: usize,
+) -> (PgCluster, String, Vec<String>) {
+    let primary = archiving_primary(archive, push, &[]);
+    primary.pgbench_init(1);
+    let id = backup(archive, push, &primary, &["--fast"]);
+    for _ in 0..rounds {
+        primary.pgbench(&["-n", "-t", "300"]);
+        primary.switch_wal();
+    }
+    let expected = primary.psql(ACCOUNTS);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+    let wal_start = backup_json(archive, &id)["wal_start"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let segments = segment_range(&wal_start, &last);
+    (primary, expected, segments)
 }
