@@ -10,7 +10,7 @@
 #   4. walvault with PUSHERS concurrent pushers (clusters bench1..benchN, each pushing the
 #      full set) against a fresh archived; reports aggregate rate and archived's VmHWM.
 #
-# Prints a table and writes benches/RESULTS.md (newest run first; earlier runs kept).
+# Prints a table and adds it to benches/RESULTS.md as the newest run (results_insert, lib.sh).
 # Must run as root (PostgreSQL and pgBackRest run as the `postgres` user via runuser).
 #
 # Environment knobs (defaults in brackets):
@@ -423,7 +423,7 @@ GIT_DIRTY=$(git -C "$REPO_ROOT" status --porcelain 2>/dev/null | grep -q . && ec
 
 section() {
     cat <<EOF
-## Run $(date -u '+%Y-%m-%d %H:%M:%S UTC')
+## Archive benchmark, run $(date -u '+%Y-%m-%d %H:%M:%S UTC')
 
 - command: \`cd $REPO_ROOT && ${ENV_USED}$INVOCATION\` (as root)
 - walvault: commit $GIT_REV$GIT_DIRTY, release build (\`cargo build --release --workspace --bins\`)
@@ -447,20 +447,5 @@ $(table)
 EOF
 }
 
-HEADER='# walvault archive benchmark results
-
-Written by `benches/archive_bench.sh` (see `benches/README.md`). Newest run first.
-Targets: walvault archive-push and archive-get at least as fast as pgBackRest synchronous;
-archived under 256 MiB peak RSS with 8 concurrent pushers.
-'
-NEW=$(mktemp "$BENCH_TMPDIR/walvault-results.XXXXXX")
-{
-    printf '%s\n' "$HEADER"
-    section
-    if [[ -f $RESULTS ]]; then
-        awk 'found || /^## Run / { found = 1; print }' "$RESULTS"
-    fi
-} >"$NEW"
-mv -- "$NEW" "$RESULTS"
-chmod 0644 "$RESULTS"
+section | results_insert "$RESULTS"
 log "wrote $RESULTS"

@@ -14,7 +14,7 @@
 #      RESTORE_ROUNDS rounds in alternating order, medians
 #   5. UPDATE 1% of pgbench_accounts; walvault second backup; pgBackRest incr on both repos
 #
-# Appends a section to benches/RESULTS.md (the archive benchmark owns the top of the file).
+# Adds its section to benches/RESULTS.md as the newest run (results_insert, lib.sh).
 # Must run as root (PostgreSQL and pgBackRest run as `postgres` via runuser).
 #
 # Environment knobs (defaults in brackets):
@@ -295,6 +295,5 @@ DIRTY=$(cd "$REPO_ROOT" && git status --porcelain --untracked-files=no | grep -q
     echo "- archived peak RSS (VmHWM) over the whole run: $((ARCHIVED_HWM_KIB / 1024)) MiB"
     for n in "${NOTES[@]}"; do echo "- $n"; done
     echo "- second backup stored: walvault $(mib "$WV_INCR_BYTES") MiB, pgBackRest block incremental $(mib "$PGBR_BLOCK_INCR_BYTES") MiB"
-} >>"$RESULTS"
-log "appended to $RESULTS"
-tail -n 25 "$RESULTS"
+} | tee /dev/stderr | results_insert "$RESULTS"
+log "added to $RESULTS as the newest run"

@@ -50,3 +50,23 @@ release_build() {
         [[ -x $1/$b ]] || die "$1/$b missing (cargo build --release --workspace --bins)"
     done
 }
+
+# results_insert FILE: reads one run's section (from its "## " heading on) on stdin and puts
+# it first among FILE's runs, just below the marker line, so runs stay newest first and the
+# current-figures table at the top of the file is left alone (it is kept by hand).
+RESULTS_MARKER='<!-- runs below, newest first; benches/lib.sh results_insert adds new ones here -->'
+results_insert() {
+    local file=$1 section tmp
+    section=$(mktemp "${BENCH_TMPDIR:-/tmp}/walvault-section.XXXXXX")
+    cat >"$section"
+    [[ -f $file ]] || printf '# walvault benchmark results\n\n%s\n' "$RESULTS_MARKER" >"$file"
+    grep -qxF -- "$RESULTS_MARKER" "$file" || die "$file has no marker line: $RESULTS_MARKER"
+    tmp=$(mktemp "${BENCH_TMPDIR:-/tmp}/walvault-results.XXXXXX")
+    awk -v marker="$RESULTS_MARKER" -v section="$section" '
+        { print }
+        $0 == marker && !done { print ""; while ((getline l < section) > 0) print l; done = 1 }
+    ' "$file" >"$tmp"
+    mv -- "$tmp" "$file"
+    chmod 0644 "$file"
+    rm -f -- "$section"
+}

@@ -24,7 +24,8 @@
 #   3. Decoder throughput: pullclient wal-blocks on each set beside pg_waldump (and -b).
 #   4. The prefetch daemon's peak RSS (VmHWM) in every walvault run.
 #
-# Prints the tables and appends a "## Replay benchmark" section to benches/RESULTS.md.
+# Prints the tables and adds a "## Replay benchmark" section to benches/RESULTS.md as the
+# newest run (results_insert, lib.sh).
 # Must run as root (PostgreSQL and pgBackRest run as `postgres` via runuser).
 #
 # Environment knobs (defaults in brackets):
@@ -844,5 +845,5 @@ $REPORT
 EOF
 }
 echo
-section | tee -a "$RESULTS"
-log "appended to $RESULTS ($T_TOTAL s in all)"
+section | tee /dev/stderr | results_insert "$RESULTS"
+log "added to $RESULTS as the newest run ($T_TOTAL s in all)"
