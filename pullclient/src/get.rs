@@ -9,8 +9,8 @@
 //!
 //! Exit codes are PostgreSQL's contract (DESIGN promise 7, table in `main.rs`): "not in
 //! the archive" is [`Fetched::NotFound`] (exit 1, everywhere). A failure that may pass
-//! (archive unreachable, connection lost, the archive answering `Unavailable` or
-//! `Internal`) is retried with doubling delays for `[archive_get] recovery_retry_secs`
+//! (as [`ClientError::is_transient`] decides: archive unreachable, a deadline passed,
+//! connection lost, the archive answering `Unavailable` or `Internal`) is retried with doubling delays for `[archive_get] recovery_retry_secs`
 //! in archive recovery (`recovery.signal` and no `standby.signal` in the working
 //! directory, which PostgreSQL makes its data directory), `standby_retry_secs`
 //! otherwise. What is left after that, and any failure that will not pass (the archived
@@ -21,16 +21,15 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use walvault_protocol::core::format::codec::{DecodeOrSinkError, VerifyingDecoder};
+use anyhow::Result;
 use walvault_protocol::core::pg::wal::WalFileName;
-use walvault_protocol::core::wire::{ErrorCode, Request, Response, MAX_OBJECT_SIZE};
+use walvault_protocol::net::client::{ArchiveClient, ClientError};
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::fsutil;
-use walvault_protocol::net::retry::{ArchiveRefusal, Transient};
-use walvault_protocol::net::transport::{ArchiveConnection, ReadFrameError};
+use walvault_protocol::net::retry::{retry, RetryPolicy};
 
 use crate::spool::Spool;
 
@@ -77,21 +76,6 @@ pub(crate) struct GetFailure {
     pub(crate) kind: RecoveryKind,
     /// What went wrong (after the retries).
     pub(crate) error: anyhow::Error,
-}
-
-/// Whether a failed attempt may succeed later: the archive could not be reached, the
-/// connection broke, or the archive said it is briefly unable to serve.
-fn is_transient(e: &anyhow::Error) -> bool {
-    e.is_transient()
-        || e.chain().any(|c| {
-            c.is::<quinn::ConnectionError>()
-                || c.is::<quinn::ConnectError>()
-                || c.is::<quinn::ReadError>()
-                || c.is::<quinn::WriteError>()
-                || c.is::<quinn::ReadExactError>()
-                || c.downcast_ref::<ReadFrameError>()
-                    .is_some_and(|r| matches!(r, ReadFrameError::Stream(_)))
-        })
 }
 
 /// The restore_command: spool first, then the archive.
@@ -156,8 +140,8 @@ pub(crate) async fn archive_get(
     Ok(outcome)
 }
 
-/// Connects and fetches, again with doubling delays while the failure may pass and
-/// `retry_for` has not run out.
+/// Connects and fetches, again with doubling delays while the failure may pass
+/// ([`ClientError::is_transient`] decides) and `retry_for` has not run out.
 async fn fetch_retrying(
     cfg: &ClientConfig,
     name: &str,
@@ -165,154 +149,95 @@ async fn fetch_retrying(
     retry_for: Duration,
 ) -> Result<Fetched> {
     let started = Instant::now();
-    let mut delay = Duration::from_millis(200);
-    let mut attempts = 1u32;
-    loop {
-        // (error, whether it may pass)
-        let attempt = match ArchiveConnection::connect(&cfg.tls()).await {
-            Err(e) => Err((anyhow::Error::from(e).context("archive unreachable"), true)),
-            Ok(conn) => {
-                let outcome = fetch_to(&conn, &cfg.cluster, name, dest).await;
-                conn.close().await;
-                outcome.map_err(|e| {
-                    let transient = is_transient(&e);
-                    (e, transient)
-                })
-            }
-        };
-        match attempt {
-            Ok(outcome) => return Ok(outcome),
-            Err((e, true)) if started.elapsed() + delay < retry_for => {
-                tracing::warn!(file = %name, attempt = attempts, error = %format!("{e:#}"), "fetch failed; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                attempts += 1;
-            }
-            Err((e, true)) => {
-                return Err(e.context(format!(
-                    "{name}: still failing after {attempts} attempts in {} s",
-                    started.elapsed().as_secs()
-                )))
-            }
-            Err((e, false)) => return Err(e),
-        }
+    let attempts = AtomicU32::new(0);
+    let policy = RetryPolicy {
+        attempts: u32::MAX,
+        first_delay: Duration::from_millis(200),
+        max_delay: Duration::from_secs(5),
+        deadline: Some(retry_for),
+    };
+    let fetched = retry(&policy, || async {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        let archive = ArchiveClient::connect(cfg).await?;
+        let outcome = fetch_to(&archive, name, dest).await;
+        archive.close().await;
+        outcome
+    })
+    .await;
+    match fetched {
+        Ok(outcome) => Ok(outcome),
+        Err(e) if e.is_transient() => Err(anyhow::Error::from(e).context(format!(
+            "{name}: still failing after {} attempts in {} s",
+            attempts.load(Ordering::Relaxed),
+            started.elapsed().as_secs()
+        ))),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// Fetches `name` over an open connection into `dest` (temporary file, verify, fsync,
-/// rename). On any error nothing is left at `dest` or beside it.
+/// Fetches `name` over `archive` into `dest` (temporary file, verify, fsync, rename).
+/// On any error nothing is left at `dest` or beside it.
 pub(crate) async fn fetch_to(
-    conn: &ArchiveConnection,
-    cluster: &str,
+    archive: &ArchiveClient,
     name: &str,
     dest: &Path,
-) -> Result<Fetched> {
-    let request = Request::GetWal {
-        cluster: cluster.to_string(),
-        name: name.to_string(),
-    };
-    let (response, mut recv) = conn.call(&request).await?;
-    let (raw_size, blake3, compressed_size) = match response {
-        Response::Object {
-            raw_size,
-            blake3,
-            compressed_size,
-        } => (raw_size, blake3, compressed_size),
-        Response::Error {
-            code: ErrorCode::NotFound,
-            ..
-        } => return Ok(Fetched::NotFound),
-        Response::Error { code, message } => {
-            return Err(ArchiveRefusal {
-                what: name.to_string(),
-                code,
-                message,
-            }
-            .into())
-        }
-        other => bail!("unexpected answer for {name}: {other:?}"),
-    };
-    if raw_size > MAX_OBJECT_SIZE || compressed_size > MAX_OBJECT_SIZE {
-        bail!("{name}: archive announced an impossible size ({raw_size} bytes)");
-    }
+) -> Result<Fetched, ClientError> {
     let tmp = fsutil::temp_path_beside(dest);
     let result = async {
+        // Created at the first byte: an answer without a body leaves nothing to remove.
         // Decoded output arrives in pieces as small as a QUIC packet's worth: batch writes.
-        let mut file = std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?,
-        );
-        receive_verified(
-            &mut recv,
-            name,
-            raw_size,
-            &blake3,
-            compressed_size,
-            "not handing it to PostgreSQL",
-            |raw| file.write_all(raw),
-        )
-        .await?;
-        let file = file.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        let mut file: Option<std::io::BufWriter<std::fs::File>> = None;
+        let delivered = archive
+            .get_wal(name, |raw| {
+                let f = match &mut file {
+                    Some(f) => f,
+                    None => file.insert(create_temp(&tmp)?),
+                };
+                f.write_all(raw)
+            })
+            .await?;
+        let local =
+            |what: String| move |source: std::io::Error| ClientError::Local { what, source };
+        let file = match file {
+            Some(f) => f,
+            None => create_temp(&tmp).map_err(local(format!("writing {name}")))?,
+        };
+        let file = file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all().map(|()| f))
+            .map_err(local(format!("writing {}", tmp.display())))?;
         drop(file);
         fsutil::durable_rename(&tmp, dest)
-            .with_context(|| format!("cannot move the file into {}", dest.display()))?;
-        Ok::<(), anyhow::Error>(())
+            .map_err(local(format!("moving the file into {}", dest.display())))?;
+        Ok::<_, ClientError>(delivered)
     }
     .await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    match result {
+        Ok(delivered) => Ok(Fetched::Written {
+            raw_size: delivered.raw_size,
+            blake3: delivered.blake3,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            if e.is_not_found() {
+                Ok(Fetched::NotFound)
+            } else {
+                Err(e)
+            }
+        }
     }
-    result?;
-    Ok(Fetched::Written { raw_size, blake3 })
 }
 
-/// Streams an object's body (what follows its `Object` frame) through decompression and
-/// verification into `sink`. More bytes than announced, a corrupt or short frame, or a
-/// size or blake3 other than announced is an error naming `what`; `consequence` says
-/// what the caller does not do with the bytes then.
-pub(crate) async fn receive_verified(
-    recv: &mut quinn::RecvStream,
-    what: &str,
-    raw_size: u64,
-    blake3: &str,
-    compressed_size: u64,
-    consequence: &str,
-    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> Result<()> {
-    let mut decoder = VerifyingDecoder::new(raw_size)?;
-    let mut received = 0u64;
-    while let Some(chunk) = recv
-        .read_chunk(usize::MAX, true)
-        .await
-        .with_context(|| format!("download of {what} interrupted"))?
-    {
-        received += chunk.bytes.len() as u64;
-        if received > compressed_size {
-            bail!("{what}: archive sent more than the announced {compressed_size} bytes");
-        }
-        decoder
-            .write(&chunk.bytes, &mut sink)
-            .map_err(|e| match e {
-                DecodeOrSinkError::Decode(d) => {
-                    anyhow::Error::from(d).context(format!("{what}: archived copy is corrupt"))
-                }
-                DecodeOrSinkError::Sink(io) => {
-                    anyhow::Error::from(io).context(format!("writing {what}"))
-                }
-            })?;
-    }
-    let summary = decoder
-        .finish()
-        .with_context(|| format!("{what}: archived copy is incomplete"))?;
-    summary
-        .check(raw_size, blake3)
-        .with_context(|| format!("{what}: archived copy failed verification; {consequence}"))?;
-    Ok(())
+fn create_temp(tmp: &Path) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot create {}: {e}", tmp.display()))
+        })?;
+    Ok(std::io::BufWriter::with_capacity(1 << 20, file))
 }
 
 /// The data directory a restore_command runs in, made absolute.

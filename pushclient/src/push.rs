@@ -5,17 +5,22 @@
 //! twice (blake3 first, so the hash can lead the request; then compressed while sending),
 //! in [`CHUNK_SIZE`] pieces: memory stays at a few chunks whatever the segment size.
 //! If the file changes between the two reads, archived's check of the hash fails the push.
+//! The upload has the config's deadlines ([`ArchiveClient`]): an archive that stops
+//! reading or answering fails it within `idle_timeout_secs`, so PostgreSQL's archiver is
+//! never held by a wedged archive.
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use futures::StreamExt;
 use walvault_protocol::core::format::codec::{Encoder, CHUNK_SIZE, HEAD_LEN};
 use walvault_protocol::core::pg::wal::validate_wal_file;
-use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::client::{ArchiveClient, Pong};
 use walvault_protocol::net::config::ClientConfig;
-use walvault_protocol::net::transport::{read_frame, ArchiveConnection};
 
 /// Compressed chunks queued between the compressing thread and the network.
 const SEND_QUEUE: usize = 4;
@@ -30,55 +35,38 @@ pub(crate) async fn archive_push(cfg: &ClientConfig, path: &Path) -> Result<()> 
     let owned_path = path.to_path_buf();
     let (raw_size, blake3) = tokio::task::spawn_blocking(move || inspect(&owned_path)).await??;
 
-    let conn = ArchiveConnection::connect(&cfg.tls()).await?;
-    let request = Request::PutWal {
-        cluster: cfg.cluster.clone(),
-        name: name.clone(),
-        raw_size,
-        blake3: blake3.clone(),
-    };
-    let (mut send, mut recv) = conn.open(&request).await?;
-
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>>>(SEND_QUEUE);
+    let archive = ArchiveClient::connect(cfg).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>>>(SEND_QUEUE);
     let owned_path = path.to_path_buf();
     let level = cfg.zstd_level;
     let compressor = tokio::task::spawn_blocking(move || compress_into(&owned_path, level, &tx));
-    let mut sent = 0u64;
-    let mut send_error = None;
-    while let Some(chunk) = rx.recv().await {
-        let chunk = chunk?;
-        sent += chunk.len() as u64;
-        if let Err(e) = send.write_all(&chunk).await {
-            // The server may have refused early and stopped the stream: its answer says why.
-            send_error = Some(e);
-            break;
+    let sent = AtomicU64::new(0);
+    // The compressed pieces as the body; a compression failure ends it as a local error.
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        let piece = rx.recv().await?;
+        Some((piece, rx))
+    })
+    .map(|piece| match piece {
+        Ok(bytes) => {
+            sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Ok(Bytes::from(bytes))
         }
-    }
-    drop(rx);
+        Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
+    });
+    // Dropping the body (with the request) stops the compressor at its next piece.
+    let stored = archive.put_wal(&name, raw_size, &blake3, body).await;
     let _ = compressor.await;
-    if send_error.is_none() {
-        send.finish().context("finishing the upload")?;
-    }
-    let response: Response = read_frame(&mut recv).await.map_err(|e| match &send_error {
-        Some(se) => anyhow!("upload of {name} failed: {se}; no answer from the archive ({e})"),
-        None => anyhow!("no answer from the archive for {name}: {e}"),
-    })?;
-    conn.close().await;
-    match response {
-        Response::Stored { already_present } => {
-            tracing::info!(
-                file = %name,
-                raw_bytes = raw_size,
-                sent_bytes = sent,
-                already_present,
-                ms = started.elapsed().as_millis() as u64,
-                "archived"
-            );
-            Ok(())
-        }
-        Response::Error { code, message } => bail!("archive refused {name} ({code:?}): {message}"),
-        other => bail!("unexpected answer from the archive for {name}: {other:?}"),
-    }
+    archive.close().await;
+    let already_present = stored?;
+    tracing::info!(
+        file = %name,
+        raw_bytes = raw_size,
+        sent_bytes = sent.load(Ordering::Relaxed),
+        already_present,
+        ms = started.elapsed().as_millis() as u64,
+        "archived"
+    );
+    Ok(())
 }
 
 /// Validates the file and returns its size and blake3.
@@ -141,19 +129,17 @@ fn compress_into(path: &Path, level: i32, tx: &tokio::sync::mpsc::Sender<Result<
 }
 
 pub(crate) async fn check(cfg: &ClientConfig) -> Result<()> {
-    let conn = ArchiveConnection::connect(&cfg.tls()).await?;
-    let (response, _) = conn.call(&Request::Ping).await?;
-    conn.close().await;
-    match response {
-        Response::Pong {
-            cluster,
-            role,
-            version,
-        } => {
-            println!("ok: archived {version} at {} accepts this certificate (cluster {cluster}, role {role})", cfg.server);
-            Ok(())
-        }
-        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-        other => bail!("unexpected answer: {other:?}"),
-    }
+    let archive = ArchiveClient::connect(cfg).await?;
+    let pong = archive.ping().await;
+    archive.close().await;
+    let Pong {
+        cluster,
+        role,
+        version,
+    } = pong?;
+    println!(
+        "ok: archived {version} at {} accepts this certificate (cluster {cluster}, role {role})",
+        cfg.server
+    );
+    Ok(())
 }

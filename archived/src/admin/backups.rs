@@ -4,7 +4,6 @@ use anyhow::{bail, Result};
 use clap::Subcommand;
 use walvault_protocol::core::format::names::format_unix_utc;
 use walvault_protocol::core::wire::backup::BackupSummary;
-use walvault_protocol::core::wire::{Request, Response};
 
 use super::{ask, ConnectArgs};
 
@@ -48,17 +47,10 @@ pub(crate) enum BackupsCommand {
 }
 
 async fn list(target: &ConnectArgs, cluster: &str) -> Result<Vec<BackupSummary>> {
-    match ask(
-        target,
-        Request::ListBackups {
-            cluster: cluster.to_string(),
-        },
-    )
-    .await?
-    {
-        Response::Backups { backups } => Ok(backups),
-        other => bail!("unexpected answer from the archive: {other:?}"),
-    }
+    ask(target, |archive| async move {
+        archive.for_cluster(cluster).list_backups().await
+    })
+    .await
 }
 
 fn mib(bytes: u64) -> String {
@@ -160,21 +152,13 @@ pub(crate) async fn run(command: BackupsCommand) -> Result<()> {
             target,
             cluster,
         } => {
-            match ask(
-                &target,
-                Request::DeleteBackup {
-                    cluster: cluster.clone(),
-                    backup_id: id.clone(),
-                },
-            )
-            .await?
-            {
-                Response::Deleted => {
-                    println!("deleted backup {id} of cluster {cluster}; its unshared chunks go at the next retention run after the grace period");
-                    Ok(())
-                }
-                other => bail!("unexpected answer from the archive: {other:?}"),
-            }
+            let (on, backup) = (&cluster, &id);
+            ask(&target, |archive| async move {
+                archive.for_cluster(on).delete_backup(backup).await
+            })
+            .await?;
+            println!("deleted backup {id} of cluster {cluster}; its unshared chunks go at the next retention run after the grace period");
+            Ok(())
         }
     }
 }

@@ -12,9 +12,8 @@ pub(crate) mod wal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::client::{ArchiveClient, ClientError};
 use walvault_protocol::net::config::ClientConfig;
-use walvault_protocol::net::transport::ArchiveConnection;
 
 use crate::datadir::DataDir;
 
@@ -39,15 +38,21 @@ fn admin_config(data_dir: Option<&Path>, config: Option<&Path>) -> Result<Client
     Ok(ClientConfig::load(&path)?)
 }
 
-/// Sends one request and returns the answer; a refusal is an error.
-async fn ask(target: &ConnectArgs, request: Request) -> Result<Response> {
+/// Connects to the running server as the admin config says.
+async fn connect(target: &ConnectArgs) -> Result<ArchiveClient> {
     let cfg = admin_config(target.data_dir.as_deref(), target.config.as_deref())?;
     walvault_protocol::net::transport::install_crypto_provider();
-    let conn = ArchiveConnection::connect(&cfg.tls()).await?;
-    let (response, _) = conn.call(&request).await?;
-    conn.close().await;
-    match response {
-        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-        other => Ok(other),
-    }
+    Ok(ArchiveClient::connect(&cfg).await?)
+}
+
+/// Runs `request` on a connection to the running server, then closes it. The client
+/// names the config's cluster; admin certificates may name any ([`ArchiveClient::for_cluster`]).
+async fn ask<T, F>(target: &ConnectArgs, request: impl FnOnce(ArchiveClient) -> F) -> Result<T>
+where
+    F: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let archive = connect(target).await?;
+    let answer = request(archive.clone()).await;
+    archive.close().await;
+    Ok(answer?)
 }

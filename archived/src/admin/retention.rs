@@ -1,11 +1,20 @@
 //! `archived retention run`.
 
-use anyhow::{bail, Result};
+use std::time::Duration;
+
+use anyhow::Result;
 use clap::Subcommand;
 use walvault_protocol::core::wire::admin::RetentionReport;
-use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::client::RetentionRun;
+use walvault_protocol::net::transport::Timeouts;
 
 use super::{ask, ConnectArgs};
+
+/// How long `retention run` waits for the archive's answer, which comes only when the
+/// run is done: on a large archive that takes long, so the wait is as good as unbounded
+/// (as before the typed client). An archive that goes away still ends it, by the
+/// connection's own idle timeout.
+const RUN_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Subcommand)]
 pub(crate) enum RetentionCommand {
@@ -76,22 +85,24 @@ pub(crate) async fn run(command: RetentionCommand) -> Result<()> {
         json,
         now,
     } = command;
-    let report = match ask(
-        &target,
-        Request::Retention {
-            cluster,
-            keep_full,
-            keep_within_secs: keep_within,
-            chunk_grace_secs: chunk_grace,
-            dry_run,
-            window_end: now,
-        },
-    )
-    .await?
-    {
-        Response::Retention(r) => r,
-        other => bail!("unexpected answer from the archive: {other:?}"),
+    let run = RetentionRun {
+        cluster,
+        keep_full,
+        keep_within_secs: keep_within,
+        chunk_grace_secs: chunk_grace,
+        dry_run,
+        window_end: now,
     };
+    let report = ask(&target, |archive| async move {
+        // The archive answers only once the whole run is done.
+        let timeouts = Timeouts {
+            idle: RUN_DEADLINE,
+            total: RUN_DEADLINE,
+            ..archive.timeouts()
+        };
+        archive.with_timeouts(timeouts).retention(&run).await
+    })
+    .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -1,8 +1,8 @@
 //! `archived wal list`.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Subcommand;
-use walvault_protocol::core::wire::{Request, Response, WalListing};
+use walvault_protocol::core::wire::WalListing;
 
 use super::ConnectArgs;
 
@@ -27,10 +27,10 @@ pub(crate) async fn run(command: WalCommand) -> Result<()> {
         cluster,
         json,
     } = command;
-    let listing = match super::ask(&target, Request::ListWal { cluster }).await? {
-        Response::WalList(l) => l,
-        other => bail!("unexpected answer from the archive: {other:?}"),
-    };
+    let listing = super::ask(&target, |archive| async move {
+        archive.for_cluster(&cluster).list_wal().await
+    })
+    .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&listing)?);
     } else {

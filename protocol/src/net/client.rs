@@ -455,6 +455,19 @@ impl ArchiveClient {
         }
     }
 
+    /// `BeginBackup`: takes a backup lease for the cluster (name it in the backup's
+    /// requests with [`ArchiveClient::with_lease`]).
+    pub async fn begin_backup(&self) -> Result<String, ClientError> {
+        let what = format!("a backup lease for cluster '{}'", self.cluster);
+        let request = Request::BeginBackup {
+            cluster: self.cluster.clone(),
+        };
+        match self.simple(&what, &request).await? {
+            Response::BackupLease { lease, .. } => Ok(lease),
+            other => Err(answer_error(&what, other)),
+        }
+    }
+
     /// `PutPack`: stores `chunks` as one pack; `body` is their zstd frames back to back.
     pub async fn put_pack(
         &self,

@@ -13,7 +13,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::core::wire::ErrorCode;
 use crate::net::client::ClientError;
 
 /// An error that knows whether trying again may succeed.
@@ -22,33 +21,13 @@ pub trait Transient {
     fn is_transient(&self) -> bool;
 }
 
-/// The archive answered a request with an error.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("archive refused {what} ({code:?}): {message}")]
-pub struct ArchiveRefusal {
-    /// What was asked for, for the message.
-    pub what: String,
-    /// The archive's class of failure.
-    pub code: ErrorCode,
-    /// The archive's explanation.
-    pub message: String,
-}
-
-impl Transient for ArchiveRefusal {
-    fn is_transient(&self) -> bool {
-        self.code.is_transient()
-    }
-}
-
-/// An `anyhow` error is transient when a [`ClientError`] or an [`ArchiveRefusal`] in
-/// its chain is; an error nothing classifies is permanent.
+/// An `anyhow` error is transient when a [`ClientError`] in its chain is; an error
+/// nothing classifies is permanent.
 impl Transient for anyhow::Error {
     fn is_transient(&self) -> bool {
         self.chain().any(|c| {
             c.downcast_ref::<ClientError>()
                 .is_some_and(ClientError::is_transient)
-                || c.downcast_ref::<ArchiveRefusal>()
-                    .is_some_and(ArchiveRefusal::is_transient)
         })
     }
 }
@@ -131,6 +110,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::wire::ErrorCode;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[derive(Debug, PartialEq)]
@@ -194,7 +174,7 @@ mod tests {
 
     #[test]
     fn refusals_classify_through_anyhow() {
-        let refusal = |code| ArchiveRefusal {
+        let refusal = |code| ClientError::Refused {
             what: "chunk x".into(),
             code,
             message: "m".into(),

@@ -214,7 +214,7 @@ pub enum ConnectError {
     #[error("unusable TLS settings: {0:#}")]
     Tls(anyhow::Error),
     /// No completed handshake within the connect timeout.
-    #[error("archive at {addr} did not complete the handshake within {} s", after.as_secs_f64())]
+    #[error("archive at {addr} did not complete the handshake within {} s (connect timeout)", after.as_secs_f64())]
     Timeout {
         /// Address tried.
         addr: SocketAddr,

@@ -12,9 +12,8 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, Semaphore};
 use walvault_protocol::core::pg::wal::{SegmentName, WalFileName};
-use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
-use walvault_protocol::net::transport::ArchiveConnection;
 
 use crate::get::{fetch_to, Fetched};
 use crate::prefault::{PgState, Prefaulter};
@@ -73,7 +72,7 @@ pub(super) struct Daemon {
     spool: Spool,
     state: Mutex<State>,
     wake: Notify,
-    connection: tokio::sync::Mutex<Option<Arc<ArchiveConnection>>>,
+    connection: tokio::sync::Mutex<Option<ArchiveClient>>,
     downloads: Arc<Semaphore>,
     prefaulter: Prefaulter,
 }
@@ -232,14 +231,14 @@ impl Daemon {
         lock_state(&self.state).counters.clone()
     }
 
-    async fn connection(&self) -> Result<Arc<ArchiveConnection>> {
+    async fn connection(&self) -> Result<ArchiveClient> {
         let mut guard = self.connection.lock().await;
         if let Some(c) = guard.as_ref() {
-            if c.connection.close_reason().is_none() {
+            if !c.is_closed() {
                 return Ok(c.clone());
             }
         }
-        let c = Arc::new(ArchiveConnection::connect(&self.cfg.tls()).await?);
+        let c = ArchiveClient::connect(&self.cfg).await?;
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -248,19 +247,13 @@ impl Daemon {
         if let Some(s) = lock_state(&self.state).segment_size {
             return Ok(s);
         }
-        let conn = self.connection().await?;
-        let (response, _) = conn
-            .call(&Request::ListWal {
-                cluster: self.cfg.cluster.clone(),
-            })
-            .await?;
-        let size = match response {
-            Response::WalList(l) => l.segment_size.unwrap_or(16 << 20),
-            Response::Error { code, message } => {
-                anyhow::bail!("archive refused to list WAL ({code:?}): {message}")
-            }
-            other => anyhow::bail!("unexpected answer: {other:?}"),
-        };
+        let size = self
+            .connection()
+            .await?
+            .list_wal()
+            .await?
+            .segment_size
+            .unwrap_or(16 << 20);
         lock_state(&self.state).segment_size = Some(size);
         Ok(size)
     }
@@ -377,14 +370,14 @@ impl Daemon {
         let tmp_dest: PathBuf = self.spool.ready_dir().join(format!("{name}.fetching"));
         let result = async {
             let conn = self.connection().await?;
-            let outcome = fetch_to(&conn, &self.cfg.cluster, &name, &tmp_dest).await;
+            let outcome = fetch_to(&conn, &name, &tmp_dest).await;
             if outcome.is_err() {
                 // A broken connection is replaced on the next attempt.
-                if conn.connection.close_reason().is_some() {
+                if conn.is_closed() {
                     *self.connection.lock().await = None;
                 }
             }
-            outcome
+            Ok::<_, anyhow::Error>(outcome?)
         }
         .await;
         match result {

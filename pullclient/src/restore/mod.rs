@@ -33,8 +33,9 @@
 //! batch is decompressed, verified and written by one blocking task, and each distinct
 //! chunk is fetched once and written to every place that holds it. Memory: the
 //! compressed bodies of the batches in flight plus one raw chunk per writer. A batch
-//! the archive transiently refuses (it is restarting, a storage hiccup) is asked for
-//! again under the one retry policy (protocol::retry).
+//! that fails transiently (the archive restarting, a storage hiccup, a deadline: as
+//! `ClientError::is_transient` decides) is asked for again under the one retry policy
+//! (protocol::retry).
 
 mod cli;
 mod target;
@@ -55,13 +56,12 @@ use walvault_protocol::core::format::manifest::{
 };
 use walvault_protocol::core::format::names::format_unix_utc;
 use walvault_protocol::core::format::object::{with_thread_decoder, ObjectHeader, HEADER_LEN};
-use walvault_protocol::core::wire::backup::{BackupSummary, MAX_CHUNKS_PER_GET};
-use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::core::wire::backup::MAX_CHUNKS_PER_GET;
+use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::fanout::Fanout;
 use walvault_protocol::net::progress;
-use walvault_protocol::net::retry::{retry, ArchiveRefusal, RetryPolicy};
-use walvault_protocol::net::transport::ArchiveConnection;
+use walvault_protocol::net::retry::{retry, RetryPolicy};
 
 use target::choose;
 
@@ -93,108 +93,11 @@ pub(crate) struct RestoreArgs {
     pub(crate) config_path: PathBuf,
 }
 
-async fn list_backups(conn: &ArchiveConnection, cluster: &str) -> Result<Vec<BackupSummary>> {
-    let (response, _) = conn
-        .call(&Request::ListBackups {
-            cluster: cluster.to_string(),
-        })
-        .await?;
-    match response {
-        Response::Backups { backups } => Ok(backups),
-        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-        other => bail!("unexpected answer from the archive: {other:?}"),
-    }
-}
-
-/// Fetches an object (manifest or chunk) and verifies it; `max` bounds its raw size.
-async fn fetch_object(
-    conn: &ArchiveConnection,
-    request: Request,
-    what: &str,
-    max: u64,
-) -> Result<Vec<u8>> {
-    let (response, mut recv) = conn.call(&request).await?;
-    let (raw_size, blake3, compressed_size) = match response {
-        Response::Object {
-            raw_size,
-            blake3,
-            compressed_size,
-        } => (raw_size, blake3, compressed_size),
-        Response::Error { code, message } => {
-            return Err(ArchiveRefusal {
-                what: what.to_string(),
-                code,
-                message,
-            }
-            .into())
-        }
-        other => bail!("unexpected answer for {what}: {other:?}"),
-    };
-    if raw_size > max || compressed_size > max + max / 8 + 4096 {
-        bail!("{what}: the archive announced an impossible size ({raw_size} bytes)");
-    }
-    let mut raw = Vec::with_capacity(raw_size as usize);
-    crate::get::receive_verified(
-        &mut recv,
-        what,
-        raw_size,
-        &blake3,
-        compressed_size,
-        "nothing of it was written",
-        |b| {
-            raw.extend_from_slice(b);
-            Ok(())
-        },
-    )
-    .await?;
-    Ok(raw)
-}
-
-/// Fetches a batch of chunks (one `GetChunks` request): the whole body, every object's
-/// header checked against what was asked; decompression and hashing are
-/// [`write_chunks`]'s.
-async fn fetch_chunks(
-    conn: &ArchiveConnection,
-    cluster: &str,
-    hashes: &[String],
-    chunk_size: u64,
-) -> Result<Vec<u8>> {
-    let what = format!("{} chunks (first {})", hashes.len(), hashes[0]);
-    let request = Request::GetChunks {
-        cluster: cluster.to_string(),
-        hashes: hashes.to_vec(),
-    };
-    let (response, mut recv) = conn.call(&request).await?;
-    match response {
-        Response::Chunks { count } if count as usize == hashes.len() => {}
-        Response::Chunks { count } => bail!(
-            "{what}: the archive announced {count} chunks for {} asked",
-            hashes.len()
-        ),
-        Response::Error { code, message } => {
-            return Err(ArchiveRefusal {
-                what,
-                code,
-                message,
-            }
-            .into())
-        }
-        other => bail!("unexpected answer for {what}: {other:?}"),
-    }
-    let max = hashes.len() as u64
-        * (HEADER_LEN as u64 + ObjectHeader::max_compressed_size(chunk_size.min(MAX_CHUNK_SIZE)));
-    let mut body = Vec::new();
-    while let Some(c) = recv
-        .read_chunk(usize::MAX, true)
-        .await
-        .with_context(|| format!("download of {what} interrupted"))?
-    {
-        if body.len() as u64 + c.bytes.len() as u64 > max {
-            bail!("{what}: the archive sent more than {max} bytes");
-        }
-        body.extend_from_slice(&c.bytes);
-    }
-    Ok(body)
+/// The most a `GetChunks` answer for `count` chunks of at most `chunk_size` raw bytes
+/// can take: each object's header and its worst-case compressed frame.
+fn max_chunks_body(count: usize, chunk_size: u64) -> u64 {
+    count as u64
+        * (HEADER_LEN as u64 + ObjectHeader::max_compressed_size(chunk_size.min(MAX_CHUNK_SIZE)))
 }
 
 /// Splits a `GetChunks` body into its objects, verifies each against the hash asked for
@@ -464,8 +367,8 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
              from them; run pullclient as the user PostgreSQL runs as (or chown -R the data directory)"
         );
     }
-    let conn = Arc::new(ArchiveConnection::connect(&cfg.tls()).await?);
-    let backups = list_backups(&conn, &cfg.cluster).await?;
+    let conn = ArchiveClient::connect(cfg).await?;
+    let backups = conn.list_backups().await?;
     let target = match &args.mode {
         Mode::Recovery { target, .. } => Some(target),
         Mode::Standby { .. } => None,
@@ -480,16 +383,9 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
             );
         }
     }
-    let raw = fetch_object(
-        &conn,
-        Request::GetBackup {
-            cluster: cfg.cluster.clone(),
-            backup_id: chosen.record.id.clone(),
-        },
-        &format!("manifest of backup {}", chosen.record.id),
-        MAX_MANIFEST_SIZE,
-    )
-    .await?;
+    let raw = conn
+        .get_backup(&chosen.record.id, MAX_MANIFEST_SIZE)
+        .await?;
     let manifest: BackupManifest = serde_json::from_slice(&raw)
         .with_context(|| format!("manifest of backup {} is unreadable", chosen.record.id))?;
     drop(raw);
@@ -690,13 +586,13 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
         let conn = conn.clone();
         let paths = paths.clone();
         let locks = locks.clone();
-        let cluster = cfg.cluster.clone();
         let progress = progress.clone();
         fetches
             .spawn(async move {
                 let hashes: Vec<String> = batch.iter().map(|(h, _)| h.clone()).collect();
+                let max_body = max_chunks_body(hashes.len(), chunk_size);
                 let body = retry(&RetryPolicy::default(), || {
-                    fetch_chunks(&conn, &cluster, &hashes, chunk_size)
+                    conn.get_chunks(&hashes, max_body)
                 })
                 .await?;
                 let written = tokio::task::spawn_blocking(move || {
@@ -729,9 +625,7 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
     .await??;
     tracing::debug!(elapsed = ?started.elapsed(), "files and directories synced");
     finish_pgdata(&layout.pgdata, &manifest, args, cfg)?;
-    if let Ok(c) = Arc::try_unwrap(conn) {
-        c.close().await;
-    }
+    conn.close().await;
     println!(
         "restored backup {} (stopped {}, LSN {}) into {} in {:.1} s",
         manifest.id,

@@ -6,15 +6,13 @@
 //! (one per file, its chunk hashes in order) and PGDATA's `backup_label`; it holds at most
 //! one chunk being filled.
 
-use std::sync::Arc;
-
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use walvault_protocol::core::format::manifest::{
     BackupStats, FileEntry, TablespaceEntry, BACKUP_CHUNK_SIZE,
 };
 use walvault_protocol::core::pg::tar::{TarError, TarEvent, TarReader};
-use walvault_protocol::net::transport::ArchiveConnection;
+use walvault_protocol::net::client::ArchiveClient;
 
 use super::uploader::Uploader;
 
@@ -33,15 +31,14 @@ pub(super) struct Collector {
 }
 
 impl Collector {
+    /// `archive` names the backup's lease ([`ArchiveClient::with_lease`]).
     pub(super) fn new(
-        archive: Arc<ArchiveConnection>,
-        cluster: String,
-        lease: String,
+        archive: ArchiveClient,
         level: i32,
         tablespaces: Vec<TablespaceEntry>,
     ) -> Collector {
         Collector {
-            uploader: Uploader::new(archive, cluster, lease, level),
+            uploader: Uploader::new(archive, level),
             tablespace: None,
             tar: None,
             tablespaces,

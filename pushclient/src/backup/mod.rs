@@ -29,7 +29,6 @@
 mod collector;
 mod uploader;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -40,12 +39,11 @@ use walvault_protocol::core::format::names::{backup_id_at, format_unix_utc};
 use walvault_protocol::core::pg::basebackup::{BaseBackupOptions, CopyMessage};
 use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId};
 use walvault_protocol::core::wire::backup::BackupState;
-use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::pg::basebackup::BaseBackup;
 use walvault_protocol::net::pg::{conninfo, ConnectionKind, PgConnection};
 use walvault_protocol::net::progress;
-use walvault_protocol::net::transport::{read_frame, ArchiveConnection};
 
 use collector::Collector;
 
@@ -116,11 +114,11 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         );
     }
 
-    let archive = Arc::new(ArchiveConnection::connect(&cfg.tls()).await?);
-    check_cluster(&archive, cfg, system.system_identifier).await?;
+    let archive = ArchiveClient::connect(cfg).await?;
+    check_cluster(&archive, system.system_identifier).await?;
     // The lease keeps the chunks this backup stores or reuses from chunk collection
-    // until its manifest is committed (archived/src/gc.rs).
-    let lease = begin_backup(&archive, cfg).await?;
+    // until its manifest is committed (archived/src/gc.rs): every backup request names it.
+    let archive = archive.with_lease(Some(archive.begin_backup().await?));
 
     let options = BaseBackupOptions {
         label: label.clone(),
@@ -145,13 +143,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         .collect();
     let progress = progress::byte_bar("backup", total);
 
-    let mut collector = Collector::new(
-        archive.clone(),
-        cfg.cluster.clone(),
-        lease.clone(),
-        cfg.zstd_level,
-        tablespaces,
-    );
+    let mut collector = Collector::new(archive.clone(), cfg.zstd_level, tablespaces);
     let mut pg_manifest: Vec<u8> = Vec::new();
     let mut in_manifest = false;
     while let Some(message) = stream.next().await? {
@@ -231,7 +223,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
     manifest
         .validate()
         .map_err(|e| anyhow!("the backup's manifest is inconsistent: {e}"))?;
-    put_manifest(&archive, cfg, &lease, &manifest).await?;
+    put_manifest(&archive, cfg, &manifest).await?;
     println!(
         "backup {id} committed: {} in {} files; {} new chunks stored ({}) of {}; LSN {} .. {} on timeline {}",
         mib(manifest.stats.logical_bytes),
@@ -253,7 +245,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         let stop_segment = SegmentName::containing(
             TimelineId(manifest.stop_timeline),
             Lsn(stop.0.saturating_sub(1)),
-            segment_size(&archive, cfg).await?,
+            segment_size(&archive).await?,
         );
         match &args.primary_conninfo {
             Some(conninfo) => {
@@ -273,11 +265,8 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         }
     }
 
-    let waited = wait_usable(&archive, cfg, &id, args.wal_timeout).await;
-    let archive = Arc::try_unwrap(archive).ok();
-    if let Some(a) = archive {
-        a.close().await;
-    }
+    let waited = wait_usable(&archive, &id, args.wal_timeout).await;
+    archive.close().await;
     match waited? {
         true => {
             println!(
@@ -365,63 +354,31 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-async fn check_cluster(archive: &ArchiveConnection, cfg: &ClientConfig, sysid: u64) -> Result<()> {
-    let (response, _) = archive
-        .call(&Request::ListWal {
-            cluster: cfg.cluster.clone(),
-        })
-        .await?;
-    match response {
-        Response::WalList(l) => match l.system_identifier {
-            Some(bound) if bound != sysid => bail!(
-                "this PostgreSQL (system {sysid}) is not the one cluster '{}' is bound to (system {bound}); \
-                 use the push config of this server's cluster",
-                cfg.cluster
-            ),
-            _ => Ok(()),
-        },
-        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-        other => bail!("unexpected answer from the archive: {other:?}"),
+async fn check_cluster(archive: &ArchiveClient, sysid: u64) -> Result<()> {
+    match archive.list_wal().await?.system_identifier {
+        Some(bound) if bound != sysid => bail!(
+            "this PostgreSQL (system {sysid}) is not the one cluster '{}' is bound to (system {bound}); \
+             use the push config of this server's cluster",
+            archive.cluster()
+        ),
+        _ => Ok(()),
     }
 }
 
 /// The cluster's segment size, as the archive knows it from its WAL.
-async fn segment_size(archive: &ArchiveConnection, cfg: &ClientConfig) -> Result<u32> {
-    let (response, _) = archive
-        .call(&Request::ListWal {
-            cluster: cfg.cluster.clone(),
-        })
-        .await?;
-    match response {
-        Response::WalList(l) => l.segment_size.ok_or_else(|| {
-            anyhow!(
-                "cluster '{}' has no WAL in the archive yet: is the primary archiving to it?",
-                cfg.cluster
-            )
-        }),
-        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-        other => bail!("unexpected answer from the archive: {other:?}"),
-    }
+async fn segment_size(archive: &ArchiveClient) -> Result<u32> {
+    archive.list_wal().await?.segment_size.ok_or_else(|| {
+        anyhow!(
+            "cluster '{}' has no WAL in the archive yet: is the primary archiving to it?",
+            archive.cluster()
+        )
+    })
 }
 
-/// Takes the backup's lease.
-async fn begin_backup(archive: &ArchiveConnection, cfg: &ClientConfig) -> Result<String> {
-    let (response, _) = archive
-        .call(&Request::BeginBackup {
-            cluster: cfg.cluster.clone(),
-        })
-        .await?;
-    match response {
-        Response::BackupLease { lease, .. } => Ok(lease),
-        Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-        other => bail!("unexpected answer from the archive: {other:?}"),
-    }
-}
-
+/// Commits the backup: its manifest, under the lease `archive` names.
 async fn put_manifest(
-    archive: &ArchiveConnection,
+    archive: &ArchiveClient,
     cfg: &ClientConfig,
-    lease: &str,
     m: &BackupManifest,
 ) -> Result<()> {
     let raw = serde_json::to_vec(m)?;
@@ -429,58 +386,21 @@ async fn put_manifest(
     let level = cfg.zstd_level;
     let raw_size = raw.len() as u64;
     let body = tokio::task::spawn_blocking(move || zstd::bulk::compress(&raw, level)).await??;
-    let (mut send, mut recv) = archive
-        .open(&Request::PutBackup {
-            cluster: cfg.cluster.clone(),
-            backup_id: m.id.clone(),
-            raw_size,
-            blake3,
-            lease: Some(lease.to_string()),
-        })
+    archive
+        .put_backup(&m.id, raw_size, &blake3, body.into())
         .await?;
-    let sent = send.write_all(&body).await;
-    if sent.is_ok() {
-        let _ = send.finish();
-    }
-    let response: Response = read_frame(&mut recv).await.map_err(|e| {
-        anyhow!(
-            "no answer from the archive for the manifest of backup {}: {e}",
-            m.id
-        )
-    })?;
-    match response {
-        Response::Stored { .. } => Ok(()),
-        Response::Error { code, message } => {
-            bail!(
-                "archive refused the manifest of backup {} ({code:?}): {message}",
-                m.id
-            )
-        }
-        other => bail!("unexpected answer from the archive: {other:?}"),
-    }
+    Ok(())
 }
 
-async fn wait_usable(
-    archive: &ArchiveConnection,
-    cfg: &ClientConfig,
-    id: &str,
-    timeout: Duration,
-) -> Result<bool> {
+async fn wait_usable(archive: &ArchiveClient, id: &str, timeout: Duration) -> Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
-        let (response, _) = archive
-            .call(&Request::ListBackups {
-                cluster: cfg.cluster.clone(),
-            })
-            .await?;
-        let state = match response {
-            Response::Backups { backups } => backups
-                .into_iter()
-                .find(|b| b.record.id == id)
-                .map(|b| b.state),
-            Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-            other => bail!("unexpected answer from the archive: {other:?}"),
-        };
+        let state = archive
+            .list_backups()
+            .await?
+            .into_iter()
+            .find(|b| b.record.id == id)
+            .map(|b| b.state);
         match state {
             Some(BackupState::Usable) => return Ok(true),
             Some(BackupState::IncompleteWal) => {}

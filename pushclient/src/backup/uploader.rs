@@ -2,25 +2,25 @@
 //!
 //! Chunks are batched ([`BATCH_BYTES`]), the archive says which of a batch it lacks, and
 //! only those are compressed and sent as packs, [`PACKS_IN_FLIGHT`] at a time; an upload
-//! the archive transiently refuses is retried (protocol::retry).
+//! that fails transiently (the archive unreachable or refusing for now, a deadline, a
+//! broken connection: `ClientError::is_transient`) is retried (protocol::retry). Every
+//! request names the backup's lease (the client is [`ArchiveClient::with_lease`]'s).
 //!
 //! Memory: at most three [`BATCH_BYTES`] batches of chunks (filling, queued, being
 //! uploaded), [`PACKS_IN_FLIGHT`] packs compressed at a time, and a bounded set of
 //! recently seen hashes ([`KNOWN_HASHES`]).
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use bytes::Bytes;
 use walvault_protocol::core::format::manifest::BackupStats;
 use walvault_protocol::core::wire::backup::{
     PackChunk, MAX_CHUNKS_PER_PACK, MAX_HASHES_PER_REQUEST,
 };
-use walvault_protocol::core::wire::{Request, Response};
+use walvault_protocol::net::client::{ArchiveClient, PackStored};
 use walvault_protocol::net::fanout::Fanout;
-use walvault_protocol::net::retry::{retry, ArchiveRefusal, RetryPolicy};
-use walvault_protocol::net::transport::{read_frame, ArchiveConnection};
+use walvault_protocol::net::retry::{retry, RetryPolicy};
 
 /// Chunks held while the archive is asked which it lacks (one batch being filled, one
 /// queued, one being uploaded: 3 x 8 MiB at most).
@@ -47,19 +47,14 @@ pub(super) struct Uploader {
 }
 
 impl Uploader {
-    pub(super) fn new(
-        archive: Arc<ArchiveConnection>,
-        cluster: String,
-        lease: String,
-        level: i32,
-    ) -> Uploader {
+    pub(super) fn new(archive: ArchiveClient, level: i32) -> Uploader {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         Uploader {
             known: HashSet::new(),
             pending: Vec::new(),
             pending_bytes: 0,
             batches: Some(tx),
-            worker: tokio::spawn(upload_batches(archive, cluster, lease, level, rx)),
+            worker: tokio::spawn(upload_batches(archive, level, rx)),
         }
     }
 
@@ -110,26 +105,17 @@ impl Uploader {
 }
 
 async fn upload_batches(
-    archive: Arc<ArchiveConnection>,
-    cluster: String,
-    lease: String,
+    archive: ArchiveClient,
     level: i32,
     mut batches: tokio::sync::mpsc::Receiver<Vec<(String, Bytes)>>,
 ) -> Result<BackupStats> {
-    let mut uploads: Fanout<(u64, u32)> = Fanout::new(PACKS_IN_FLIGHT);
+    let mut uploads: Fanout<PackStored> = Fanout::new(PACKS_IN_FLIGHT);
     while let Some(batch) = batches.recv().await {
-        let (response, _) = archive
-            .call(&Request::ChunksMissing {
-                cluster: cluster.clone(),
-                hashes: batch.iter().map(|(h, _)| h.clone()).collect(),
-                lease: Some(lease.clone()),
-            })
-            .await?;
-        let missing: HashSet<String> = match response {
-            Response::Missing { hashes } => hashes.into_iter().collect(),
-            Response::Error { code, message } => bail!("archive refused ({code:?}): {message}"),
-            other => bail!("unexpected answer from the archive: {other:?}"),
-        };
+        let missing: HashSet<String> = archive
+            .chunks_missing(batch.iter().map(|(h, _)| h.clone()).collect())
+            .await?
+            .into_iter()
+            .collect();
         let mut packs: Vec<Vec<(String, Bytes)>> = vec![Vec::new()];
         let mut raw = 0usize;
         for (hash, data) in batch.into_iter().filter(|(h, _)| missing.contains(h)) {
@@ -147,24 +133,22 @@ async fn upload_batches(
         }
         for pack in packs.into_iter().filter(|p| !p.is_empty()) {
             let archive = archive.clone();
-            let cluster = cluster.clone();
-            let lease = lease.clone();
             uploads
                 .spawn(async move {
                     let (chunks, body) =
                         tokio::task::spawn_blocking(move || compress_pack(&pack, level)).await??;
-                    retry(&RetryPolicy::default(), || {
-                        upload_pack(&archive, &cluster, &lease, &chunks, &body)
+                    Ok(retry(&RetryPolicy::default(), || {
+                        archive.put_pack(chunks.clone(), body.clone())
                     })
-                    .await
+                    .await?)
                 })
                 .await?;
         }
     }
     let mut stats = BackupStats::default();
-    for (stored, new) in uploads.finish().await? {
-        stats.new_chunks += new as u64;
-        stats.new_stored_bytes += stored;
+    for stored in uploads.finish().await? {
+        stats.new_chunks += stored.new_chunks as u64;
+        stats.new_stored_bytes += stored.stored_bytes;
     }
     Ok(stats)
 }
@@ -184,46 +168,4 @@ fn compress_pack(chunks: &[(String, Bytes)], level: i32) -> Result<(Vec<PackChun
         body.extend_from_slice(&frame);
     }
     Ok((listed, body.into()))
-}
-
-/// Sends one pack; answers (bytes it takes in the store, chunks new to the archive).
-async fn upload_pack(
-    archive: &ArchiveConnection,
-    cluster: &str,
-    lease: &str,
-    chunks: &[PackChunk],
-    body: &Bytes,
-) -> Result<(u64, u32)> {
-    let what = format!(
-        "pack of {} chunks (first {})",
-        chunks.len(),
-        chunks[0].blake3
-    );
-    let (mut send, mut recv) = archive
-        .open(&Request::PutPack {
-            cluster: cluster.to_string(),
-            chunks: chunks.to_vec(),
-            lease: Some(lease.to_string()),
-        })
-        .await?;
-    let sent = send.write_chunk(body.clone()).await;
-    if sent.is_ok() {
-        let _ = send.finish();
-    }
-    let response: Response = read_frame(&mut recv)
-        .await
-        .map_err(|e| anyhow!("no answer from the archive for the {what}: {e}"))?;
-    match response {
-        Response::PackStored {
-            new_chunks,
-            stored_bytes,
-        } => Ok((stored_bytes, new_chunks)),
-        Response::Error { code, message } => Err(ArchiveRefusal {
-            what,
-            code,
-            message,
-        }
-        .into()),
-        other => bail!("unexpected answer from the archive: {other:?}"),
-    }
 }
