@@ -14,11 +14,11 @@ use walvault_tests::Archive;
 use crate::promises::{fake_segment, seg_name};
 
 /// SIGSTOPs a process; SIGCONT when dropped (also when the test fails).
-struct Frozen(u32);
+pub(crate) struct Frozen(u32);
 
 impl Frozen {
     /// Returns once the process is stopped (signals are delivered asynchronously).
-    fn freeze(pid: u32) -> Frozen {
+    pub(crate) fn freeze(pid: u32) -> Frozen {
         // SAFETY: kill(2) on the archived child the harness started and still holds.
         assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) }, 0);
         let frozen = Frozen(pid);

@@ -756,3 +756,284 @@ fn wal_list_reports_gaps() {
         "{text}"
     );
 }
+
+/// Settings of a client config the harness does not set: top-level `request_timeout_secs`
+/// and `[archive_get] standby_retry_secs`.
+fn set_client_deadlines(conf: &Path, request_timeout_secs: u64, standby_retry_secs: u64) {
+    let text = fs::read_to_string(conf).unwrap();
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.starts_with("request_timeout_secs") && !l.starts_with("standby_retry_secs")
+        })
+        .map(String::from)
+        .collect();
+    let first_table = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with('['))
+        .unwrap_or(lines.len());
+    lines.insert(
+        first_table,
+        format!("request_timeout_secs = {request_timeout_secs}"),
+    );
+    match lines.iter().position(|l| l.trim() == "[archive_get]") {
+        Some(at) => lines.insert(at + 1, format!("standby_retry_secs = {standby_retry_secs}")),
+        None => {
+            lines.push("[archive_get]".into());
+            lines.push(format!("standby_retry_secs = {standby_retry_secs}"));
+        }
+    }
+    fs::write(conf, lines.join("\n") + "\n").unwrap();
+}
+
+/// A 64 MiB segment (segment size 64 MiB) with a valid long page header and random,
+/// incompressible content: its transfer outlasts QUIC's 8 MiB stream window many times,
+/// so a freeze seen after its first bytes catches it in the middle.
+fn random_64mib_segment(segno: u64, sysid: u64) -> (String, Vec<u8>) {
+    const SIZE: usize = 64 << 20;
+    let mut b = vec![0u8; SIZE];
+    let mut x = segno.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sysid ^ 1;
+    for chunk in b.chunks_mut(8).skip(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    b[2..4].copy_from_slice(&2u16.to_le_bytes());
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    b[8..16].copy_from_slice(&(segno * SIZE as u64).to_le_bytes());
+    b[16..24].fill(0);
+    b[24..32].copy_from_slice(&sysid.to_le_bytes());
+    b[32..36].copy_from_slice(&(SIZE as u32).to_le_bytes());
+    b[36..40].copy_from_slice(&8192u32.to_le_bytes());
+    // 64 segments of 64 MiB per 4 GiB "xlogid".
+    (format!("00000001{:08X}{:08X}", segno / 64, segno % 64), b)
+}
+
+/// Runs a client in the background and freezes archived (SIGSTOP) as soon as `started`
+/// says the transfer is under way. `None` if the client finished first (the freeze
+/// came too late to test anything); else its output and how long after the freeze it
+/// exited. archived is thawed again before this returns.
+fn freeze_mid_transfer(
+    archive: &Archive,
+    cmd: &mut std::process::Command,
+    log_prefix: &Path,
+    mut started: impl FnMut() -> bool,
+) -> Option<(std::process::ExitStatus, String, std::time::Duration)> {
+    use std::time::{Duration, Instant};
+    let mut client = walvault_tests::BgProcess::spawn("client", cmd, log_prefix);
+    let deadline = Instant::now() + walvault_tests::WAIT_TIMEOUT;
+    loop {
+        if client.try_wait().is_some() {
+            return None;
+        }
+        if started() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the transfer did not start within {:?}\n{}\n{}",
+            walvault_tests::WAIT_TIMEOUT,
+            client.stderr_tail(20),
+            archive.diag()
+        );
+        // Polling for a file, not a synchronisation by sleep.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let frozen = crate::client::Frozen::freeze(archive.pid());
+    let at = Instant::now();
+    // A client that hangs on the frozen archive is killed (and reported) after 60 s.
+    let (status, _, stderr) = client.wait(Duration::from_secs(60));
+    let after = at.elapsed();
+    drop(frozen);
+    Some((status, stderr, after))
+}
+
+/// archived frozen with SIGSTOP (finding 9): `archive-push` and `archive-get` return
+/// within the deadlines of their config (connect 2 s when frozen before they connect,
+/// idle 2 s when frozen in the middle of the transfer) with an error naming the timeout
+/// that passed, leave nothing behind, and after SIGCONT the next call succeeds. Before
+/// the binaries used the typed client, a transfer ended only when QUIC gave up the
+/// connection (twice the idle timeout), saying "connection lost", and the connect
+/// failure did not name its timeout.
+#[test]
+fn clients_return_within_their_deadlines_from_a_frozen_archive() {
+    use std::time::{Duration, Instant};
+    // What the clients may take beyond a 2 s deadline: their own start, hashing 64 MiB,
+    // a loaded machine. Far below a hang.
+    const SLACK: Duration = Duration::from_secs(6);
+    const DEADLINE: Duration = Duration::from_secs(2);
+    let archive = Archive::start("main");
+    let push = archive.issue_with("main", "push", Some(2));
+    let pull = archive.issue_with("main", "pull", Some(2));
+    set_client_deadlines(&push, 60, 1);
+    set_client_deadlines(&pull, 60, 1);
+    let dir = TestDir::new("frozen");
+    let out_dir = dir.join("out");
+    fs::create_dir_all(&out_dir).unwrap();
+    chown_pg(&out_dir);
+    let segments: Vec<(String, PathBuf, blake3::Hash)> = (1..=3)
+        .map(|segno| {
+            let (name, seg) = random_64mib_segment(segno, 6464);
+            let path = put_file(&dir.join("src"), &name, &seg);
+            (name, path, blake3::hash(&seg))
+        })
+        .collect();
+
+    // Frozen before the client connects: the connect timeout.
+    let frozen = crate::client::Frozen::freeze(archive.pid());
+    let started = Instant::now();
+    let out = archive.archive_push(&push, &segments[0].1);
+    let took = started.elapsed();
+    drop(frozen);
+    assert!(
+        !out.success(),
+        "pushed into a frozen archive\n{}",
+        out.describe()
+    );
+    assert!(
+        took < DEADLINE + SLACK,
+        "archive-push took {took:?}\n{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("connect timeout"),
+        "the error does not name the timeout\n{}",
+        out.describe()
+    );
+
+    // Frozen in the middle of the upload: the idle deadline.
+    let mut exercised = false;
+    for (name, path, _) in &segments {
+        let mut cmd = std::process::Command::new(archive.bins().pushclient());
+        walvault_tests::as_pg_user(&mut cmd)
+            .arg("archive-push")
+            .arg(path)
+            .arg("--config")
+            .arg(&push)
+            .current_dir("/tmp");
+        let receiving = format!("/.tmp.{name}");
+        let Some((status, stderr, after)) = freeze_mid_transfer(
+            &archive,
+            &mut cmd,
+            &dir.join(format!("push-{name}")),
+            || {
+                stored_objects(&archive)
+                    .iter()
+                    .any(|p| p.contains(&receiving))
+            },
+        ) else {
+            continue;
+        };
+        exercised = true;
+        assert!(
+            !status.success(),
+            "archive-push succeeded into a frozen archive\n{stderr}"
+        );
+        assert!(
+            after < DEADLINE + SLACK,
+            "archive-push ended {after:?} after the freeze\n{stderr}"
+        );
+        assert!(
+            stderr.contains("idle timeout"),
+            "the error does not name the idle timeout\n{stderr}"
+        );
+        break;
+    }
+    assert!(
+        exercised,
+        "every upload finished before archived froze\n{}",
+        archive.diag()
+    );
+    // Thawed: every push succeeds, the interrupted ones too.
+    for (name, path, _) in &segments {
+        let out = archive.archive_push(&push, path);
+        assert!(
+            out.success(),
+            "push of {name} after SIGCONT\n{}\n{}",
+            out.describe(),
+            archive.diag()
+        );
+    }
+
+    // Frozen before archive-get connects: the connect timeout, then 1 s of retrying.
+    let (name, _, hash) = &segments[0];
+    let dest = out_dir.join(format!("before-{name}"));
+    let frozen = crate::client::Frozen::freeze(archive.pid());
+    let started = Instant::now();
+    let out = archive.archive_get(&pull, name, &dest);
+    let took = started.elapsed();
+    drop(frozen);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        took < DEADLINE * 2 + Duration::from_secs(1) + SLACK,
+        "archive-get took {took:?}\n{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("connect timeout"),
+        "the error does not name the timeout\n{}",
+        out.describe()
+    );
+    assert!(!dest.exists());
+
+    // Frozen in the middle of the download.
+    let mut exercised = false;
+    for (name, _, _) in &segments {
+        let dest = out_dir.join(format!("during-{name}"));
+        let mut cmd = std::process::Command::new(archive.bins().pullclient());
+        walvault_tests::as_pg_user(&mut cmd)
+            .args(["archive-get", name])
+            .arg(&dest)
+            .arg("--config")
+            .arg(&pull)
+            .current_dir("/tmp");
+        let receiving = format!(".tmp.during-{name}.");
+        let Some((status, stderr, after)) =
+            freeze_mid_transfer(&archive, &mut cmd, &dir.join(format!("get-{name}")), || {
+                fs::read_dir(&out_dir)
+                    .unwrap()
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(&receiving))
+            })
+        else {
+            fs::remove_file(&dest).unwrap();
+            continue;
+        };
+        exercised = true;
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(
+            after < DEADLINE + SLACK,
+            "archive-get ended {after:?} after the freeze\n{stderr}"
+        );
+        assert!(
+            stderr.contains("idle timeout"),
+            "the error does not name the idle timeout\n{stderr}"
+        );
+        let left: Vec<_> = fs::read_dir(&out_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().contains(&format!("during-{name}")))
+            .collect();
+        assert!(left.is_empty(), "a failed archive-get left {left:?}");
+        break;
+    }
+    assert!(
+        exercised,
+        "every download finished before archived froze\n{}",
+        archive.diag()
+    );
+
+    // Thawed: the next archive-get delivers the segment whole.
+    let dest = out_dir.join(format!("after-{name}"));
+    let out = archive.archive_get(&pull, name, &dest);
+    assert!(out.success(), "{}\n{}", out.describe(), archive.diag());
+    assert_eq!(
+        walvault_tests::b3_file(&dest),
+        *hash,
+        "archive-get after SIGCONT"
+    );
+}
