@@ -209,29 +209,10 @@ fn archive_outage_stops_archive_recovery_instead_of_ending_it() {
     let held = segments[3].clone();
 
     let mut copy = restore(&archive, &pull, "outage", &[]);
-    // restore_command through a gate: the first request for `held` waits until the test
-    // has stopped the archive, so the outage starts at a known segment.
+    // The first request for `held` waits until the test has stopped the archive, so the
+    // outage starts at a known segment.
     let gate = copy.dir().subdir("gate");
-    chown_pg(&gate);
-    let g = gate.display();
-    let script = gate.join("restore.sh");
-    let get = archive
-        .restore_command(&pull)
-        .replace("%f", "\"$1\"")
-        .replace("%p", "\"$2\"");
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif [ \"$1\" = {held} ] && [ ! -e {g}/reached ]; then\n  touch {g}/reached\n  \
-             while [ ! -e {g}/stopped ]; do sleep 0.1; done\nfi\nexec {get}\n"
-        ),
-    )
-    .unwrap();
-    chmod(&script, 0o755);
-    let auto = copy.data_dir().join("postgresql.auto.conf");
-    let mut conf = fs::read_to_string(&auto).unwrap();
-    conf.push_str(&format!("restore_command = '{} %f %p'\n", script.display()));
-    fs::write(&auto, conf).unwrap();
+    gate_restore_command(&copy, &archive, &pull, &gate, &held);
 
     copy.start_nowait();
     wait_until(
@@ -241,7 +222,7 @@ fn archive_outage_stops_archive_recovery_instead_of_ending_it() {
         || copy.diag(),
     );
     archive.stop();
-    fs::write(gate.join("stopped"), "").unwrap();
+    fs::write(gate.join("go"), "").unwrap();
     let pid_file = copy.data_dir().join("postmaster.pid");
     wait_until(
         "PostgreSQL to stop, or to end recovery",
@@ -287,6 +268,39 @@ fn archive_outage_stops_archive_recovery_instead_of_ending_it() {
         "{}",
         copy.diag()
     );
+}
+
+/// Makes `copy`'s restore_command a gate in the directory `gate` before archive-get with
+/// `pull`: the first request for `held` touches `gate/reached` and waits until `gate/go`
+/// exists. Appended to postgresql.auto.conf, so it outranks what `pullclient restore`
+/// wrote there (call it again after another restore).
+pub(crate) fn gate_restore_command(
+    copy: &PgCluster,
+    archive: &Archive,
+    pull: &Path,
+    gate: &Path,
+    held: &str,
+) {
+    chown_pg(gate);
+    let g = gate.display();
+    let script = gate.join("restore.sh");
+    let get = archive
+        .restore_command(pull)
+        .replace("%f", "\"$1\"")
+        .replace("%p", "\"$2\"");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = {held} ] && [ ! -e {g}/reached ]; then\n  touch {g}/reached\n  \
+             while [ ! -e {g}/go ]; do sleep 0.1; done\nfi\nexec {get}\n"
+        ),
+    )
+    .unwrap();
+    chmod(&script, 0o755);
+    let auto = copy.data_dir().join("postgresql.auto.conf");
+    let mut conf = fs::read_to_string(&auto).unwrap();
+    conf.push_str(&format!("restore_command = '{} %f %p'\n", script.display()));
+    fs::write(&auto, conf).unwrap();
 }
 
 /// A primary archiving into `archive`, with a backup and then `rounds` of pgbench, each

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use walvault_tests::{
     as_pg_user, chmod, chown_pg, try_run, wait_for, wait_until, Archive, Output, TestDir,
+    WAIT_TIMEOUT,
 };
 
 use crate::promises::{fake_segment, put_file, seg_name};
@@ -125,6 +126,18 @@ fn alive(pid: i32) -> bool {
             .starts_with('Z'),
         Err(_) => false,
     }
+}
+
+/// The files under `dir` that process `pid` holds open (its `/proc/PID/fd` links).
+fn open_under(pid: i32, dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| fs::read_link(e.path()).ok())
+                .filter(|t| t.starts_with(dir))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// An archive holding `count` synthetic segments of one system, a pull config with its
@@ -396,21 +409,11 @@ fn replica_recovery_uses_the_spool_and_prefaults_then_lets_go_of_pgdata() {
 
     let pid = daemon_pid(&spool);
     replica.stop();
-    let open_under_pgdata = || -> Vec<PathBuf> {
-        fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| fs::read_link(e.path()).ok())
-                    .filter(|t| t.starts_with(&pgdata))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     wait_until(
         "the daemon to close every file under PGDATA after PostgreSQL stopped",
         Duration::from_secs(5),
-        || open_under_pgdata().is_empty(),
-        || format!("still open: {:?}", open_under_pgdata()),
+        || open_under(pid, &pgdata).is_empty(),
+        || format!("still open: {:?}", open_under(pid, &pgdata)),
     );
     // SAFETY: signalling a process we started.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -585,4 +588,164 @@ fn pg_prefetch_with_a_200_byte_data_directory_path_runs_one_daemon() {
     replica.stop();
     // SAFETY: signalling a process we started.
     unsafe { libc::kill(daemons[0] as i32, libc::SIGTERM) };
+}
+
+/// An LSN as PostgreSQL prints it (`16/B374D848`), as a number.
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.trim().split_once('/').expect("an LSN");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// Issue 10 item 10: three cold restores in a row into the same data directory, the
+/// daemon archive-get started for the first left running between them (as archive-get
+/// leaves it). Each run's replay is held at its second segment until the daemon has
+/// warmed blocks of that run's WAL (up into its last pgbench round): a daemon that kept
+/// its memory of the blocks warmed and the WAL handed out in an earlier run warms nothing
+/// in runs 2 and 3. After each `pg_ctl stop -w`, once the postmaster is gone, the daemon
+/// holds no descriptor under PGDATA.
+#[test]
+fn pg_prefetch_daemon_warms_blocks_in_each_of_three_restores_and_lets_go_at_each_stop() {
+    use crate::pg_backup::{
+        archiving_primary, backup, backup_json, no_archiving, segment_range, try_pullclient,
+        ACCOUNTS, CLUSTER,
+    };
+    use crate::pg_restore::gate_restore_command;
+    use walvault_tests::PgCluster;
+
+    let (archive, push, dir, spool, pull) = archive_with_spool(CLUSTER, "prefetch-restores", &[]);
+    // Without full-page writes replay reads every block it changes: work for the
+    // prefaulter in every run.
+    let primary = archiving_primary(
+        &archive,
+        &push,
+        &["full_page_writes = off", "checkpoint_timeout = 1h"],
+    );
+    primary.pgbench_init(1);
+    let id = backup(&archive, &push, &primary, &["--fast"]);
+    primary.pgbench(&["-n", "-t", "300", "-c", "2"]);
+    primary.switch_wal();
+    // Blocks past this LSN belong to the last round: a run that warmed them warmed its WAL
+    // up to the end, not only what an earlier run left unwarmed.
+    let last_round = lsn(&primary.psql("SELECT pg_current_wal_lsn()"));
+    primary.pgbench(&["-n", "-t", "300", "-c", "2"]);
+    let expected = primary.psql(ACCOUNTS);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+    let wal_start = backup_json(&archive, &id)["wal_start"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let segments = segment_range(&wal_start, &last);
+    assert!(segments.len() >= 3, "too few segments: {segments:?}");
+    let held = &segments[1];
+
+    // restore_command through a gate: the first request for `held` waits for `go`.
+    let gate = dir.subdir("gate");
+    let mut copy = PgCluster::empty("restores");
+    let pgdata_arg = copy.data_dir().to_string_lossy().into_owned();
+    let mut daemon = None;
+    let mut warmed_before = 0;
+    for run in 1..=3 {
+        if run > 1 {
+            // The same directory, emptied: a cold restore of every file.
+            for e in fs::read_dir(copy.data_dir()).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    fs::remove_dir_all(&p).unwrap();
+                } else {
+                    fs::remove_file(&p).unwrap();
+                }
+            }
+        }
+        let out = try_pullclient(&archive, &pull, &["restore", "--pgdata", &pgdata_arg]);
+        assert!(out.success(), "restore {run}\n{}", out.describe());
+        no_archiving(&copy);
+        gate_restore_command(&copy, &archive, &pull, &gate, held);
+        let _ = fs::remove_file(gate.join("reached"));
+        let _ = fs::remove_file(gate.join("go"));
+
+        copy.start_nowait();
+        wait_until(
+            &format!("run {run}: PostgreSQL to ask for {held}"),
+            WAIT_TIMEOUT,
+            || gate.join("reached").exists(),
+            || copy.diag(),
+        );
+        let pgdata = fs::canonicalize(copy.data_dir()).unwrap();
+        let pid = daemon_pid(&spool);
+        assert_eq!(
+            *daemon.get_or_insert(pid),
+            pid,
+            "run {run}: another daemon serves the spool\n{}",
+            daemon_log(&spool)
+        );
+        let s = wait_for(
+            &format!("run {run}: blocks of this run's WAL warmed while replay waits"),
+            WAIT_TIMEOUT,
+            || {
+                status(&archive, &pull, &pgdata).filter(|s| {
+                    let p = &s["prefault"];
+                    p["blocks_warmed"].as_u64() > Some(warmed_before)
+                        && p["warmed_up_to"]
+                            .as_str()
+                            .is_some_and(|l| lsn(l) > last_round)
+                })
+            },
+            || {
+                format!(
+                    "warmed before this run: {warmed_before}\nstatus: {:#?}\n{}\n{}",
+                    status(&archive, &pull, &pgdata),
+                    daemon_log(&spool),
+                    copy.diag()
+                )
+            },
+        );
+        warmed_before = s["prefault"]["blocks_warmed"].as_u64().unwrap();
+        fs::write(gate.join("go"), "").unwrap();
+        wait_until(
+            &format!("run {run}: recovery to end"),
+            WAIT_TIMEOUT,
+            || copy.try_psql("SELECT pg_is_in_recovery()").ok().as_deref() == Some("f"),
+            || copy.diag(),
+        );
+        assert_eq!(copy.psql(ACCOUNTS), expected, "run {run}\n{}", copy.diag());
+
+        let postmaster: i32 = fs::read_to_string(copy.data_dir().join("postmaster.pid"))
+            .unwrap()
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("postmaster.pid names the postmaster");
+        copy.stop();
+        wait_until(
+            &format!("run {run}: the postmaster {postmaster} to be gone"),
+            Duration::from_secs(30),
+            || !alive(postmaster),
+            || copy.diag(),
+        );
+        wait_until(
+            &format!("run {run}: the daemon to close every file under PGDATA"),
+            Duration::from_secs(5),
+            || open_under(pid, &pgdata).is_empty(),
+            || {
+                format!(
+                    "still open: {:?}\n{}",
+                    open_under(pid, &pgdata),
+                    daemon_log(&spool)
+                )
+            },
+        );
+    }
+    let pid = daemon.unwrap();
+    let pgdata = fs::canonicalize(copy.data_dir()).unwrap();
+    let s = status(&archive, &pull, &pgdata).expect("the daemon answers");
+    assert_eq!(s["prefault"]["postgres_starts"].as_u64(), Some(3), "{s:#}");
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_until(
+        "the daemon to exit after SIGTERM",
+        Duration::from_secs(30),
+        || !alive(pid),
+        || daemon_log(&spool),
+    );
 }

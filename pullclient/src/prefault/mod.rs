@@ -17,8 +17,15 @@
 //! (see `pgconf`) and, once a connection works, from `SHOW`.
 //!
 //! Files under PGDATA are held open in a small cache only while PostgreSQL runs
-//! (`postmaster.pid` names a live process); the moment it stops they are all closed, so
-//! the daemon never blocks an unmount or holds deleted relation files.
+//! (`postmaster.pid` names a live process); the moment the postmaster exits (a pidfd
+//! event, see [`watch`]) they are all closed, so the daemon never blocks an unmount. A
+//! file deleted under it is closed at the next step, one replaced (another device or
+//! inode at its path) also makes the prefaulter forget what it warmed.
+//!
+//! Each life of PostgreSQL (a postmaster: pid, start time, the data directory's device
+//! and inode) starts from nothing: a restore into the same directory replays WAL an
+//! earlier life replayed, into other files, and must be warmed again. Counters go on
+//! across lives (`postgres_starts` counts them).
 
 mod files;
 mod plan;
@@ -68,6 +75,12 @@ pub(crate) struct PrefaultCounters {
     pub(crate) skipped_no_file: u64,
     /// Files under PGDATA open now.
     pub(crate) open_files: u64,
+    /// Lives of PostgreSQL seen (a new postmaster, or the data directory replaced): each
+    /// starts with no memory of what was warmed or decoded before.
+    pub(crate) postgres_starts: u64,
+    /// Times a relation file open here was found replaced (another device or inode):
+    /// what was warmed is forgotten, the WAL ahead is handed out again.
+    pub(crate) files_replaced: u64,
     /// WAL position up to which blocks have been considered.
     pub(crate) warmed_up_to: Option<String>,
     /// PostgreSQL's `recovery_prefetch` as far as the daemon knows it.
@@ -102,6 +115,12 @@ struct Inner {
     /// No connection attempt before this.
     next_connect: std::time::Instant,
     connect_backoff: std::time::Duration,
+    /// The postmaster everything here belongs to.
+    life: Option<watch::PostmasterLife>,
+    /// Its pidfd said it exited.
+    life_ended: bool,
+    /// Bumped with every new life: a step of an earlier one stops.
+    generation: u64,
 }
 
 /// The prefaulter of one data directory.
@@ -111,6 +130,8 @@ pub(crate) struct Prefaulter {
     inner: Arc<Mutex<Inner>>,
     running: Arc<AtomicBool>,
     busy: Arc<AtomicBool>,
+    /// The task waiting for the postmaster's exit (see `watch`).
+    exit_watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
@@ -151,7 +172,35 @@ impl Inner {
             pg_client: None,
             next_connect: std::time::Instant::now(),
             connect_backoff: CONNECT_BACKOFF_MIN,
+            life: None,
+            life_ended: false,
+            generation: 0,
         }
+    }
+
+    /// A new postmaster: nothing of an earlier life holds. Its blocks were warmed into
+    /// files that may be gone, its WAL positions may come again (a restore replays the
+    /// same WAL), its pg_control and settings may have changed. Counters go on.
+    fn begin_life(&mut self, life: watch::PostmasterLife) {
+        let counters = std::mem::take(&mut self.counters);
+        let generation = self.generation + 1;
+        *self = Inner::new();
+        self.counters = PrefaultCounters {
+            postgres_starts: counters.postgres_starts + 1,
+            warmed_up_to: None,
+            pg_recovery_prefetch: None,
+            pg_recovery_prefetch_source: None,
+            ..counters
+        };
+        self.life = Some(life);
+        self.generation = generation;
+    }
+
+    /// Forgets the blocks warmed and the WAL handed out (decoded segments are decoded
+    /// again): a file they were warmed into was replaced.
+    fn forget_warmed(&mut self) {
+        self.window = Window::default();
+        self.planner.forget_blocks();
     }
 }
 
@@ -163,6 +212,7 @@ impl Prefaulter {
             inner: Arc::new(Mutex::new(Inner::new())),
             running: Arc::new(AtomicBool::new(false)),
             busy: Arc::new(AtomicBool::new(false)),
+            exit_watch: Mutex::new(None),
         }
     }
 
@@ -211,13 +261,18 @@ impl Prefaulter {
         let pgdata = self.pgdata.clone();
         let cfg = self.cfg.clone();
         let spool = spool.clone();
+        let generation = lock(&self.inner).generation;
         tokio::task::spawn_blocking(move || {
-            decode_window(&inner, &spool, requested, seg_size, horizon);
+            forget_if_files_replaced(&inner, generation);
+            decode_window(&inner, &spool, requested, seg_size, horizon, generation);
             // Everything up to the horizon, nearest first, in batches; a step that stopped
             // at one batch per tick fell behind replay (about 33k blocks/s).
             loop {
                 let targets = {
                     let mut guard = lock(&inner);
+                    if guard.generation != generation {
+                        break;
+                    }
                     let (targets, reached) = guard.window.pick(replay, horizon);
                     if let Some(reached) = reached {
                         guard.counters.warmed_up_to = Some(reached.to_string());
@@ -234,6 +289,34 @@ impl Prefaulter {
     }
 }
 
+/// Closes the open files that were deleted, and when one was replaced (its path now has
+/// another device or inode: a restore, a relation file recreated) forgets what was
+/// warmed. The paths are looked at without the lock.
+fn forget_if_files_replaced(inner: &Mutex<Inner>, generation: u64) {
+    let open = lock(inner).files.identities();
+    let changed: Vec<_> = open
+        .into_iter()
+        .filter(|(path, id)| files::identity(path) != Some(*id))
+        .collect();
+    if changed.is_empty() {
+        return;
+    }
+    let mut guard = lock(inner);
+    if guard.generation != generation {
+        return;
+    }
+    let mut replaced = false;
+    for (path, id) in &changed {
+        guard.files.close(path);
+        replaced |= files::identity(path).is_some_and(|now| now != *id);
+    }
+    if replaced {
+        guard.counters.files_replaced += 1;
+        guard.forget_warmed();
+        tracing::info!("a relation file under PGDATA was replaced; what was warmed is forgotten");
+    }
+}
+
 /// Decodes the spooled segments from `requested` up to `horizon` not decoded yet.
 fn decode_window(
     inner: &Mutex<Inner>,
@@ -241,6 +324,7 @@ fn decode_window(
     requested: SegmentName,
     seg_size: u32,
     horizon: Lsn,
+    generation: u64,
 ) {
     let mut seg = requested;
     loop {
@@ -258,6 +342,9 @@ fn decode_window(
             } else if let Ok(bytes) = std::fs::read(spool.segment(&name)) {
                 let decoded = plan::warm_targets(&bytes);
                 let mut guard = lock(inner);
+                if guard.generation != generation {
+                    return;
+                }
                 match decoded {
                     Ok(targets) => {
                         guard.counters.segments_decoded += 1;
@@ -274,5 +361,68 @@ fn decode_window(
         seg = seg.next(seg_size);
     }
     // Forget segments replay has left behind.
-    lock(inner).window.forget_before(requested);
+    let mut guard = lock(inner);
+    if guard.generation == generation {
+        guard.window.forget_before(requested);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use walvault_protocol::core::pg::wal::TimelineId;
+    use walvault_protocol::core::pg::waldecode::ForkNumber;
+
+    use super::plan::WarmTarget;
+    use super::*;
+
+    /// A deleted file open here is closed; one replaced (another inode at its path) is
+    /// closed too and the WAL already handed out is handed out again.
+    #[test]
+    fn a_replaced_file_is_closed_and_what_was_warmed_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, [0u8; 8192]).unwrap();
+        std::fs::write(&b, [0u8; 8192]).unwrap();
+        let target = WarmTarget {
+            lsn: Lsn(100),
+            spc: 1663,
+            db: 5,
+            rel: 16384,
+            fork: ForkNumber::Main,
+            block: 0,
+            fpw: false,
+            will_init: false,
+        };
+        let seg = SegmentName {
+            timeline: TimelineId(1),
+            log: 0,
+            seg: 1,
+        };
+        let mut inner = Inner::new();
+        assert!(inner.files.open(&a, 0).is_some() && inner.files.open(&b, 0).is_some());
+        inner.window.insert(seg, vec![target]);
+        assert_eq!(inner.window.pick(Lsn(0), Lsn(u64::MAX)).0, [target]);
+        let inner = Mutex::new(inner);
+
+        std::fs::remove_file(&b).unwrap();
+        forget_if_files_replaced(&inner, 0);
+        {
+            let mut g = lock(&inner);
+            assert_eq!((g.files.len(), g.counters.files_replaced), (1, 0));
+            assert!(g.window.pick(Lsn(0), Lsn(u64::MAX)).0.is_empty());
+        }
+
+        // A new file renamed over `a` while the old one is still open: another inode.
+        std::fs::write(dir.path().join("a.new"), [1u8; 8192]).unwrap();
+        std::fs::rename(dir.path().join("a.new"), &a).unwrap();
+        forget_if_files_replaced(&inner, 0);
+        let mut g = lock(&inner);
+        assert_eq!((g.files.len(), g.counters.files_replaced), (0, 1));
+        assert!(
+            g.window.pick(Lsn(0), Lsn(u64::MAX)).0.is_empty(),
+            "decoded segments are decoded again"
+        );
+        g.window.insert(seg, vec![target]);
+        assert_eq!(g.window.pick(Lsn(0), Lsn(u64::MAX)).0, [target]);
+    }
 }

@@ -258,6 +258,12 @@ impl Planner {
         }
     }
 
+    /// Forgets every block remembered (their files were replaced).
+    pub(super) fn forget_blocks(&mut self) {
+        self.recent.clear();
+        self.recent_order.clear();
+    }
+
     fn remember(&mut self, key: BlockKey, mark: Mark) {
         if self.recent.insert(key, mark).is_none() {
             self.recent_order.push_back(key);

@@ -75,7 +75,7 @@ pub(super) fn warm(
     let threads = warming_threads(method, cfg.prefault_concurrency).min(requests.len());
     std::thread::scope(|scope| {
         for part in requests.chunks(requests.len().div_ceil(threads)) {
-            scope.spawn(move || read_ahead(method, part));
+            scope.spawn(move || read_ahead(method, running, part));
         }
     });
     let mut guard = lock(inner);
@@ -104,10 +104,14 @@ fn cpus() -> usize {
     *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Brings the requests' byte ranges into the page cache.
-fn read_ahead(method: PrefaultMethod, jobs: &[Job]) {
+/// Brings the requests' byte ranges into the page cache; stops when PostgreSQL stopped
+/// (`running` false): its files are closed with the batch, not after all its reads.
+fn read_ahead(method: PrefaultMethod, running: &AtomicBool, jobs: &[Job]) {
     let mut buf = Vec::new();
     for job in jobs {
+        if !running.load(Ordering::Relaxed) {
+            return;
+        }
         match method {
             PrefaultMethod::Fadvise => {
                 // SAFETY: fadvise on a descriptor we hold open.
