@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use walvault_protocol::net::logging::{self, LogFormat};
+use walvault_protocol::net::cli::{self, Exit, LogArgs, Setup};
 use walvault_protocol::net::pki::Role;
 
 use datadir::DataDir;
@@ -33,9 +33,8 @@ use datadir::DataDir;
 #[derive(Parser)]
 #[command(name = "archived", version, about, long_about = None)]
 struct Cli {
-    /// Log format: text (default) or json.
-    #[arg(long, global = true, default_value = "text")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,24 +106,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, "info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("archived: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    // Every failure is exit 1, an unusable admin config too (README).
+    let setup = Setup {
+        workers: None,
+        config_exit: Exit::Failure,
     };
-    match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("archived: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::run(&cli.log, setup, |runtime| {
+        runtime.block_on(run(cli.command))?;
+        Ok(Exit::Success)
+    })
 }
 
 async fn run(command: Command) -> Result<()> {

@@ -1,23 +1,11 @@
 //! `pullclient`: the replica and restore side of walvault.
 //!
 //! `archive-get` is PostgreSQL's `restore_command`, and its exit code is a contract
-//! (DESIGN promise 7):
-//!
-//! | exit | meaning                                         | what PostgreSQL does            |
-//! |------|-------------------------------------------------|---------------------------------|
-//! | 0    | file written to %p, verified                    | replays it                      |
-//! | 1    | not in the archive; or, on a standby (or run by | "not available": tries          |
-//! |      | hand), not delivered after `standby_retry_secs` | streaming, waits, asks again;   |
-//! |      | (unreachable, failed verification)              | in archive recovery: its end    |
-//! | 126  | configuration unusable (missing, invalid)       | stops recovery: fix the config  |
-//! | 200  | archive recovery only: the archive may have the | stops recovery (FATAL, server   |
-//! |      | file but did not deliver it within              | shuts down); start it again     |
-//! |      | `recovery_retry_secs` (unreachable, failed      | once the archive delivers:      |
-//! |      | verification, cannot write it)                  | recovery resumes                |
-//!
-//! Nothing else above 125 is ever returned: PostgreSQL treats such codes as fatal. 200,
-//! not 127 or 128+N: PostgreSQL reports 126 as "command not executable", 127 as "command
-//! not found", and shells report death by signal N as 128+N.
+//! (DESIGN promise 7; the table is in `walvault_protocol::net::cli`, and in the README):
+//! 0 written and verified; 1 not in the archive, or (standby, by hand) not delivered
+//! after `standby_retry_secs`; 126 an unusable config; 200 in archive recovery, not
+//! delivered after `recovery_retry_secs`, so PostgreSQL stops instead of ending recovery
+//! early. `restore` and `clone` exit 2 for an unusable config, 1 for any other failure.
 
 mod get;
 mod pgconf;
@@ -31,13 +19,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use walvault_protocol::net::config::{config_path, ClientConfig};
-use walvault_protocol::net::logging::{self, LogFormat};
-
-/// Exit code for a configuration that cannot work (aborts PostgreSQL's recovery).
-const EXIT_FATAL_CONFIG: u8 = 126;
-/// Exit code that stops an archive recovery which would otherwise end early.
-const EXIT_STOP_RECOVERY: u8 = 200;
+use walvault_protocol::net::cli::{self, CommonArgs, Exit, Setup, StopRecovery};
+use walvault_protocol::net::config::ClientConfig;
 
 /// walvault replica-side client: restores WAL from archived.
 ///
@@ -46,12 +29,8 @@ const EXIT_STOP_RECOVERY: u8 = 200;
 #[derive(Parser)]
 #[command(name = "pullclient", version, about, long_about = None)]
 struct Cli {
-    /// Client config file.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Log format: text (default) or json.
-    #[arg(long, global = true, default_value = "text")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    common: CommonArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -119,63 +98,34 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, "info");
-    let config_path = config_path(cli.config.as_deref(), "pullclient");
-    let load = || match ClientConfig::load(&config_path) {
-        Ok(c) => Ok(c),
-        Err(e) => {
-            tracing::error!("{e}; this is fatal for recovery (exit {EXIT_FATAL_CONFIG})");
-            Err(ExitCode::from(EXIT_FATAL_CONFIG))
-        }
+    let setup = Setup {
+        workers: Some(2),
+        config_exit: match cli.command {
+            Command::Restore(_) | Command::Clone(_) => Exit::BadConfig,
+            // What PostgreSQL runs during recovery: an unusable config must stop it.
+            _ => Exit::FatalConfig,
+        },
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    walvault_protocol::net::transport::install_crypto_provider();
-    let code = match cli.command {
+    let common = &cli.common;
+    cli::run(&common.log, setup, |runtime| match cli.command {
         // Offline: no configuration, no archive.
-        Command::WalBlocks { files } => tools::walblocks::run(&files),
-        Command::Restore(c) => restore::command(
-            restore::Invocation::Restore(c),
-            cli.config.as_deref(),
-            &runtime,
-        ),
-        Command::Clone(c) => restore::command(
-            restore::Invocation::Clone(c),
-            cli.config.as_deref(),
-            &runtime,
-        ),
+        Command::WalBlocks { files } => tools::walblocks::run(&files).map(|()| Exit::Success),
+        Command::Restore(c) => restore::command(restore::Invocation::Restore(c), common, runtime)
+            .map(|()| Exit::Success),
+        Command::Clone(c) => {
+            restore::command(restore::Invocation::Clone(c), common, runtime).map(|()| Exit::Success)
+        }
         Command::ArchiveGet { name, path } => {
-            let cfg = match load() {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
+            let (config_path, cfg) = common.load_config("pullclient")?;
             match runtime.block_on(get::archive_get(&cfg, &config_path, &name, &path)) {
-                Ok(get::Fetched::Written { .. }) => ExitCode::SUCCESS,
-                Ok(get::Fetched::NotFound) => ExitCode::from(1),
-                Err(f) if f.kind == get::RecoveryKind::Archive => {
-                    tracing::error!(
-                        file = %name,
-                        "{:#}; archive recovery stops here (exit {EXIT_STOP_RECOVERY}) instead of \
-                         taking this for the end of the WAL and promoting early: PostgreSQL shuts \
-                         down; start it again once the archive can deliver {name} and recovery \
-                         resumes",
-                        f.error
-                    );
-                    ExitCode::from(EXIT_STOP_RECOVERY)
+                Ok(get::Fetched::Written { .. }) => Ok(Exit::Success),
+                Ok(get::Fetched::NotFound) => Ok(Exit::Failure),
+                Err(f) if f.kind == get::RecoveryKind::Archive => Err(StopRecovery {
+                    file: name,
+                    error: f.error,
                 }
-                Err(f) => {
-                    tracing::error!(file = %name, "{:#}", f.error);
-                    ExitCode::from(1)
-                }
+                .into()),
+                Err(f) => Err(f.error),
             }
         }
         Command::Prefetch {
@@ -183,34 +133,16 @@ fn main() -> ExitCode {
             start_at,
             exit_when_idle,
         } => {
-            let cfg = match load() {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            report(runtime.block_on(prefetch::run(cfg, &pgdata, start_at, exit_when_idle)))
+            let (_, cfg) = common.load_config("pullclient")?;
+            runtime.block_on(prefetch::run(cfg, &pgdata, start_at, exit_when_idle))?;
+            Ok(Exit::Success)
         }
         Command::PrefetchStatus { pgdata, json } => {
-            let cfg = match load() {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            report(prefetch_status(&cfg, &pgdata, json))
+            let (_, cfg) = common.load_config("pullclient")?;
+            prefetch_status(&cfg, &pgdata, json)?;
+            Ok(Exit::Success)
         }
-    };
-    // In-flight downloads and prefault batches are abandoned, not awaited: SIGTERM must
-    // end the daemon within a second.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
-    code
-}
-
-fn report(result: anyhow::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 fn prefetch_status(cfg: &ClientConfig, pgdata: &std::path::Path, json: bool) -> anyhow::Result<()> {

@@ -11,8 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use walvault_protocol::net::config::{config_path, ClientConfig};
-use walvault_protocol::net::logging::{self, LogFormat};
+use walvault_protocol::net::cli::{self, CommonArgs, Exit, Setup};
 
 /// walvault primary-side client: archives WAL into archived.
 ///
@@ -21,12 +20,8 @@ use walvault_protocol::net::logging::{self, LogFormat};
 #[derive(Parser)]
 #[command(name = "pushclient", version, about, long_about = None)]
 struct Cli {
-    /// Client config file.
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
-    /// Log format: text (default) or json.
-    #[arg(long, global = true, default_value = "text")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    common: CommonArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,54 +74,34 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, "info");
-    let path = config_path(cli.config.as_deref(), "pushclient");
-    let cfg = match ClientConfig::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+    let setup = Setup {
+        workers: Some(2),
+        config_exit: Exit::BadConfig,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    walvault_protocol::net::transport::install_crypto_provider();
-    let result = match cli.command {
-        Command::ArchivePush { path } => runtime.block_on(push::archive_push(&cfg, &path)),
-        Command::Check => runtime.block_on(push::check(&cfg)),
-        Command::Backup {
-            label,
-            fast,
-            conninfo,
-            primary_conninfo,
-            wal_timeout,
-            max_rate,
-        } => runtime.block_on(backup::backup(
-            &cfg,
-            &backup::BackupArgs {
+    cli::run(&cli.common.log, setup, |runtime| {
+        let (_, cfg) = cli.common.load_config("pushclient")?;
+        match cli.command {
+            Command::ArchivePush { path } => runtime.block_on(push::archive_push(&cfg, &path)),
+            Command::Check => runtime.block_on(push::check(&cfg)),
+            Command::Backup {
                 label,
                 fast,
                 conninfo,
                 primary_conninfo,
-                wal_timeout: std::time::Duration::from_secs(wal_timeout),
-                max_rate_kb: max_rate,
-            },
-        )),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+                wal_timeout,
+                max_rate,
+            } => runtime.block_on(backup::backup(
+                &cfg,
+                &backup::BackupArgs {
+                    label,
+                    fast,
+                    conninfo,
+                    primary_conninfo,
+                    wal_timeout: std::time::Duration::from_secs(wal_timeout),
+                    max_rate_kb: max_rate,
+                },
+            )),
+        }?;
+        Ok(Exit::Success)
+    })
 }

@@ -41,7 +41,6 @@ fn admin_config(data_dir: Option<&Path>, config: Option<&Path>) -> Result<Client
 /// Connects to the running server as the admin config says.
 async fn connect(target: &ConnectArgs) -> Result<ArchiveClient> {
     let cfg = admin_config(target.data_dir.as_deref(), target.config.as_deref())?;
-    walvault_protocol::net::transport::install_crypto_provider();
     Ok(ArchiveClient::connect(&cfg).await?)
 }
 

@@ -78,7 +78,6 @@ impl ServerState {
 /// is accepted, so a caller that let the kernel pick the port (`listen` port 0) can wait
 /// for the file instead of guessing a free port.
 pub(crate) async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> Result<()> {
-    walvault_protocol::net::transport::install_crypto_provider();
     let cfg = dir.load_config()?;
     let store = dir.open_store(&cfg)?;
     let removed = store.remove_stale_temp_files().await?;

@@ -205,12 +205,12 @@ pub fn config_path(explicit: Option<&Path>, binary: &str) -> PathBuf {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read config {path}: {source} (pass --config FILE or set {CONFIG_ENV})")]
+    #[error("cannot read config {path}: {cause} (pass --config FILE or set {CONFIG_ENV})")]
     Read {
         /// File.
         path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause (in the message, so not also a `source` that `{:#}` would repeat).
+        cause: std::io::Error,
     },
     /// The file is not a valid config.
     #[error("invalid config {path}: {message}")]
@@ -225,9 +225,9 @@ pub enum ConfigError {
 impl ClientConfig {
     /// Loads and checks a config file.
     pub fn load(path: &Path) -> Result<ClientConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.into(),
-            source,
+            cause,
         })?;
         let invalid = |message: String| ConfigError::Invalid {
             path: path.into(),

@@ -9,8 +9,10 @@
 //! - [`pg`]: PostgreSQL connections (replication protocol, BASE_BACKUP);
 //! - [`progress`]: the progress bar of long operations on a terminal;
 //! - [`fsutil`]: durable file writes; [`fanout`]: bounded parallelism; [`retry`]: one
-//!   retry policy for failures that classify themselves; [`logging`].
+//!   retry policy for failures that classify themselves; [`logging`];
+//! - [`cli`]: the command-line setup the three binaries share and their exit codes.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod fanout;

@@ -1,9 +1,9 @@
 //! The `restore` and `clone` command lines.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
-use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::cli::CommonArgs;
 
 use super::target::{parse_tablespace_mapping, parse_target_time, RecoveryTarget};
 use super::{restore, Mode, RestoreArgs};
@@ -91,33 +91,27 @@ pub(crate) enum Invocation {
     Clone(CloneCommand),
 }
 
-/// Runs `restore` or `clone`: exit 0 on success, 1 on failure, 2 for an unusable config.
+/// Runs `restore` or `clone` with the config `common` names (an unusable one is exit 2:
+/// `walvault_protocol::net::cli`).
 pub(crate) fn command(
     invocation: Invocation,
-    config: Option<&Path>,
+    common: &CommonArgs,
     runtime: &tokio::runtime::Runtime,
-) -> std::process::ExitCode {
-    let config_path = walvault_protocol::net::config::config_path(config, "pullclient");
-    let cfg = match ClientConfig::load(&config_path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
+) -> Result<()> {
+    let (config_path, cfg) = common.load_config("pullclient")?;
     let args = match invocation {
-        Invocation::Restore(c) => target_of(&c).map(|target| RestoreArgs {
+        Invocation::Restore(c) => RestoreArgs {
             mode: Mode::Recovery {
-                target,
+                target: target_of(&c)?,
                 action: c.target_action.clone(),
             },
             pgdata: c.pgdata,
             backup: c.backup,
             delta: c.delta,
             tablespace_map: c.tablespace_map,
-            config_path: config_path.clone(),
-        }),
-        Invocation::Clone(c) => Ok(RestoreArgs {
+            config_path,
+        },
+        Invocation::Clone(c) => RestoreArgs {
             mode: Mode::Standby {
                 primary_conninfo: c.primary_conninfo,
             },
@@ -125,18 +119,8 @@ pub(crate) fn command(
             backup: None,
             delta: c.delta,
             tablespace_map: c.tablespace_map,
-            config_path: config_path.clone(),
-        }),
+            config_path,
+        },
     };
-    let result = match args {
-        Ok(args) => runtime.block_on(restore(&cfg, &args)),
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    runtime.block_on(restore(&cfg, &args))
 }

@@ -20,7 +20,6 @@
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use walvault_protocol::core::pg::wal::{LongPageHeader, LONG_PAGE_HEADER_LEN};
@@ -29,19 +28,17 @@ use walvault_protocol::core::pg::waldecode::{DecodedRecord, Next, WalDecoder, Wa
 /// Bytes read from a file at a time (memory stays near this, whatever the segment size).
 const READ_CHUNK: usize = 1 << 20;
 
-/// Runs the command; the exit code says how it went.
-pub(crate) fn run(files: &[PathBuf]) -> ExitCode {
+/// Runs the command (a reader that went away early is not a failure).
+pub(crate) fn run(files: &[PathBuf]) -> Result<()> {
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let result = dump(files, &mut out).and_then(|()| Ok(out.flush()?));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+    match dump(files, &mut out).and_then(|()| Ok(out.flush()?)) {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
         Err(e) => {
             let _ = out.flush();
-            tracing::error!("{e:#}");
-            ExitCode::from(1)
+            Err(e)
         }
+        Ok(()) => Ok(()),
     }
 }
 
