@@ -43,6 +43,25 @@ fn init_refuses_to_overwrite_a_ca_and_issued_configs_are_private() {
     );
 
     let conf = archive.issue("main", "push");
+    // Only pullclient reads [prefetch] and [archive_get]: a push config has neither, a
+    // pull config both (and an old push config that has them still loads).
+    let push_text = fs::read_to_string(&conf).unwrap();
+    let pull_text = fs::read_to_string(archive.issue("main", "pull")).unwrap();
+    for table in ["[prefetch]", "[archive_get]"] {
+        assert!(
+            !push_text.contains(table),
+            "push config has {table}:\n{push_text}"
+        );
+        assert!(
+            pull_text.contains(table),
+            "pull config lacks {table}:\n{pull_text}"
+        );
+    }
+    let old_push = archive.data_dir().join("old-push.toml");
+    let tables = pull_text.find("\n[").unwrap();
+    fs::write(&old_push, format!("{push_text}{}", &pull_text[tables..])).unwrap();
+    walvault_protocol::net::config::ClientConfig::load(&old_push)
+        .expect("a push config with [prefetch] and [archive_get] (as issued before) loads");
     let mode = fs::metadata(&conf).unwrap().permissions().mode() & 0o777;
     assert_eq!(
         mode,

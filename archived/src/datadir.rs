@@ -138,8 +138,22 @@ pub(crate) fn init(dir: &DataDir, listen: &str, extra_names: &[String]) -> Resul
     }
     let admin = client_config(&cfg, &ca, "admin", Role::Admin)?;
     let _ = std::fs::remove_file(dir.admin_config());
-    write_private_file(&dir.admin_config(), admin.to_toml().as_bytes())?;
+    write_private_file(
+        &dir.admin_config(),
+        client_toml(&admin, Role::Admin)?.as_bytes(),
+    )?;
     Ok(())
+}
+
+/// The config file of `client`: the archive-get and prefetch sections only for the
+/// pull role, the only one pullclient runs with (pullclient's defaults serve any other).
+fn client_toml(client: &ClientConfig, role: Role) -> Result<String> {
+    let mut table = toml::Table::try_from(client).context("cannot serialize the client config")?;
+    if role != Role::Pull {
+        table.remove("archive_get");
+        table.remove("prefetch");
+    }
+    Ok(toml::to_string(&table)?)
 }
 
 fn client_config(
@@ -180,7 +194,7 @@ pub(crate) fn issue(dir: &DataDir, cluster: &str, role: Role, out: &Path) -> Res
     let cfg = dir.load_config()?;
     let ca = dir.ca()?;
     let client = client_config(&cfg, &ca, cluster, role)?;
-    write_private_file(out, client.to_toml().as_bytes())
+    write_private_file(out, client_toml(&client, role)?.as_bytes())
         .with_context(|| format!("cannot write {} (it must not exist yet)", out.display()))?;
     Ok(())
 }

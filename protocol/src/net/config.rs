@@ -18,6 +18,8 @@
 //! idle_timeout_secs = 60         # a request with no byte sent or received this long fails
 //! request_timeout_secs = 600     # the most one request may take in all
 //!
+//! # `archived issue` writes the two tables below into pull configs only; any config may
+//! # have them.
 //! [archive_get]                  # pullclient archive-get, when the archive cannot deliver
 //! recovery_retry_secs = 300      # archive recovery: keep retrying this long, then stop
 //!                                # recovery (exit 200) rather than let it end early
