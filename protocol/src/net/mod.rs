@@ -9,7 +9,8 @@
 //! - [`pg`]: PostgreSQL connections (replication protocol, BASE_BACKUP);
 //! - [`progress`]: the progress bar of long operations on a terminal;
 //! - [`fsutil`]: durable file writes; [`fanout`]: bounded parallelism; [`retry`]: one
-//!   retry policy for failures that classify themselves; [`logging`];
+//!   retry policy for failures that classify themselves; [`logging`]; [`users`]: the
+//!   password database entry of a uid, thread-safe;
 //! - [`cli`]: the command-line setup the three binaries share and their exit codes.
 
 pub mod cli;
@@ -23,3 +24,4 @@ pub mod pki;
 pub mod progress;
 pub mod retry;
 pub mod transport;
+pub mod users;

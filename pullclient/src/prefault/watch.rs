@@ -174,7 +174,7 @@ impl Prefaulter {
                     }
                 }
                 let socket_dir = pid.socket_dir.clone()?;
-                let user = current_user_name()?;
+                let user = walvault_protocol::net::users::current_user()?.name;
                 let mut config = tokio_postgres::Config::new();
                 config
                     .host_path(socket_dir)
@@ -326,19 +326,4 @@ fn process_alive(pid: i32) -> bool {
     pid > 0
         && (unsafe { libc::kill(pid, 0) } == 0
             || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
-}
-
-fn current_user_name() -> Option<String> {
-    // SAFETY: getpwuid returns a pointer into static storage or null; we copy at once.
-    unsafe {
-        let pw = libc::getpwuid(libc::getuid());
-        if pw.is_null() {
-            return None;
-        }
-        Some(
-            std::ffi::CStr::from_ptr((*pw).pw_name)
-                .to_string_lossy()
-                .into_owned(),
-        )
-    }
 }

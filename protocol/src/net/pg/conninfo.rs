@@ -258,38 +258,18 @@ fn parse_uri(uri: &str) -> Result<BTreeMap<String, String>, ConnInfoError> {
     Ok(out)
 }
 
-/// The OS user running this process.
+/// The OS user running this process (libpq's default user name).
 pub fn os_user_name() -> Option<String> {
-    // SAFETY: getpwuid with our own uid; the entry is copied out immediately.
-    unsafe {
-        let pw = libc::getpwuid(libc::geteuid());
-        if pw.is_null() || (*pw).pw_name.is_null() {
-            return None;
-        }
-        Some(
-            std::ffi::CStr::from_ptr((*pw).pw_name)
-                .to_string_lossy()
-                .into_owned(),
-        )
-    }
+    crate::net::users::current_user().map(|u| u.name)
 }
 
 fn home_dir() -> Option<PathBuf> {
     if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
         return Some(PathBuf::from(h));
     }
-    // SAFETY: as in os_user_name.
-    unsafe {
-        let pw = libc::getpwuid(libc::geteuid());
-        if pw.is_null() || (*pw).pw_dir.is_null() {
-            return None;
-        }
-        Some(PathBuf::from(
-            std::ffi::CStr::from_ptr((*pw).pw_dir)
-                .to_string_lossy()
-                .into_owned(),
-        ))
-    }
+    crate::net::users::current_user()
+        .map(|u| u.home)
+        .filter(|h| !h.as_os_str().is_empty())
 }
 
 /// Resolves parameters from a connection string (optional) and an environment lookup
