@@ -65,14 +65,27 @@ pub enum TarError {
     /// Data after the end-of-archive marker that is not zero padding.
     #[error("data after the end of the tar archive")]
     TrailingData,
+    /// The archive ended between entries without its end-of-archive marker.
+    #[error(
+        "tar archive ended after {0} bytes without its end-of-archive marker (two zero blocks): cut short"
+    )]
+    Unterminated(u64),
 }
 
 #[derive(Debug)]
 enum TarState {
     Header,
-    Data { left: u64, pad: u64 },
-    Pad { left: u64 },
-    End,
+    Data {
+        left: u64,
+        pad: u64,
+    },
+    Pad {
+        left: u64,
+    },
+    /// After the first zero block; `zeros` counts the zero bytes seen since it began.
+    End {
+        zeros: u64,
+    },
 }
 
 /// A push-style ustar reader: feed it bytes as they arrive, in any split; it never
@@ -121,7 +134,9 @@ impl TarReader {
                     self.offset += BLOCK as u64;
                     let block = std::mem::take(&mut self.header);
                     if block.iter().all(|b| *b == 0) {
-                        self.state = TarState::End;
+                        self.state = TarState::End {
+                            zeros: BLOCK as u64,
+                        };
                         continue;
                     }
                     let entry = parse_header(&block, at)?;
@@ -164,10 +179,11 @@ impl TarReader {
                         self.state = TarState::Header;
                     }
                 }
-                TarState::End => {
+                TarState::End { zeros } => {
                     if input.iter().any(|b| *b != 0) {
                         return Err(TarError::TrailingData.into());
                     }
+                    *zeros += input.len() as u64;
                     self.offset += input.len() as u64;
                     input = &[];
                 }
@@ -176,14 +192,17 @@ impl TarReader {
         Ok(())
     }
 
-    /// Checks that the archive did not end inside an entry.
+    /// Checks that the archive is complete: not cut inside an entry, and ended by its
+    /// end-of-archive marker (two zero blocks), so an archive cut between two entries is
+    /// refused too.
     pub fn finish(&self) -> Result<(), TarError> {
         match (&self.state, &self.current) {
+            (TarState::End { zeros }, _) if *zeros >= 2 * BLOCK as u64 => Ok(()),
             (TarState::Data { .. }, Some(path)) => Err(TarError::Truncated(path.clone())),
             (TarState::Header, _) if !self.header.is_empty() => {
                 Err(TarError::Truncated("(header)".into()))
             }
-            _ => Ok(()),
+            _ => Err(TarError::Unterminated(self.offset)),
         }
     }
 }
@@ -400,6 +419,42 @@ mod tests {
         let mut trailing = archive();
         trailing.push(1);
         assert!(matches!(read(&trailing, 512), Err(TarError::TrailingData)));
+    }
+
+    #[test]
+    fn an_archive_cut_between_entries_is_refused() {
+        let whole = archive();
+        // Cut right after the symlink's header (the last entry), after the first zero
+        // block, and inside the second: each ends between entries, none is complete.
+        let last_header_end = whole.len() - 1024;
+        for cut in [last_header_end, last_header_end + 512, whole.len() - 1] {
+            for piece in [1, 512, usize::MAX] {
+                assert!(
+                    matches!(read(&whole[..cut], piece), Err(TarError::Unterminated(_))),
+                    "cut at {cut}, piece {piece}: {:?}",
+                    read(&whole[..cut], piece)
+                );
+            }
+        }
+        // Cut after the first entry (a directory: no data) and before any entry.
+        assert!(matches!(
+            read(&whole[..512], 512),
+            Err(TarError::Unterminated(512))
+        ));
+        assert!(matches!(read(&[], 512), Err(TarError::Unterminated(0))));
+        // Inside the padding after a file's data, and inside the data itself.
+        assert!(matches!(
+            read(&whole[..1024 + 1510], 512),
+            Err(TarError::Unterminated(_))
+        ));
+        assert!(matches!(
+            read(&whole[..1024 + 100], 512),
+            Err(TarError::Truncated(_))
+        ));
+        // Extra zero blocks after the marker are fine (tar pads to its record size).
+        let mut padded = whole.clone();
+        padded.resize(whole.len() + 8192, 0);
+        assert!(read(&padded, 700).is_ok());
     }
 
     proptest! {
