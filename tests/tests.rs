@@ -9,6 +9,7 @@ mod cli;
 mod client;
 mod pg_archive;
 mod pg_backup;
+mod pg_backup_checks;
 mod pg_backup_gc;
 mod pg_restore;
 mod prefetch;

@@ -14,6 +14,8 @@
 //! - [`MotoServer`]: an S3 server (`moto_server`, PyPI `moto[server]`) on a 127.0.0.1
 //!   TCP port the kernel picked, for archives whose store is `s3://`
 //!   ([`Archive::start_s3`]).
+//! - [`PgProxy`]: a TCP proxy to a cluster's socket that can flip a bit of what the
+//!   server sends.
 //!
 //! PostgreSQL refuses to run as root: when the tests run as root, every PostgreSQL
 //! program (and every client the tests run on PostgreSQL's behalf) runs as the `postgres`
@@ -27,5 +29,6 @@ pub use harness::cmd::*;
 pub use harness::files::*;
 pub use harness::moto::*;
 pub use harness::pg::*;
+pub use harness::proxy::*;
 pub use harness::users::*;
 pub use serde_json;

@@ -5,12 +5,17 @@
 //! with blake3 and handed to the [`Uploader`]. The collector keeps the manifest entries
 //! (one per file, its chunk hashes in order) and PGDATA's `backup_label`; it holds at most
 //! one chunk being filled.
+//!
+//! It also computes each regular file's size and CRC32C on the way in, named as
+//! PostgreSQL's `backup_manifest` names it, so [`Collector::verify`] can check the whole
+//! backup against that manifest before anything is committed.
 
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use walvault_protocol::core::format::manifest::{
-    BackupStats, FileEntry, TablespaceEntry, BACKUP_CHUNK_SIZE,
+    BackupStats, FileEntry, FileKind, TablespaceEntry, BACKUP_CHUNK_SIZE,
 };
+use walvault_protocol::core::pg::backup_manifest::{FileDigest, PgBackupManifest};
 use walvault_protocol::core::pg::tar::{TarError, TarEvent, TarReader};
 use walvault_protocol::net::client::ArchiveClient;
 
@@ -28,6 +33,10 @@ pub(super) struct Collector {
     ready: Vec<(String, Bytes)>,
     backup_label: Option<String>,
     capture_label: bool,
+    /// Size and CRC32C of every regular file received, for [`Collector::verify`].
+    digests: Vec<FileDigest>,
+    /// The digest of the regular file being received.
+    digest: Option<FileDigest>,
 }
 
 impl Collector {
@@ -48,6 +57,8 @@ impl Collector {
             ready: Vec::new(),
             backup_label: None,
             capture_label: false,
+            digests: Vec::new(),
+            digest: None,
         }
     }
 
@@ -91,6 +102,14 @@ impl Collector {
         match event {
             TarEvent::Entry(e) => {
                 self.capture_label = self.tablespace.is_none() && e.path == "backup_label";
+                self.digest = (e.kind == FileKind::File).then(|| FileDigest {
+                    path: match self.tablespace {
+                        Some(oid) => format!("pg_tblspc/{oid}/{}", e.path),
+                        None => e.path.clone(),
+                    },
+                    size: 0,
+                    crc32c: 0,
+                });
                 self.current = Some(FileEntry {
                     tablespace: self.tablespace,
                     path: e.path,
@@ -103,6 +122,10 @@ impl Collector {
                 });
             }
             TarEvent::Data(mut data) => {
+                if let Some(d) = self.digest.as_mut() {
+                    d.size += data.len() as u64;
+                    d.crc32c = crc32c::crc32c_append(d.crc32c, data);
+                }
                 if self.capture_label {
                     self.backup_label
                         .get_or_insert_with(String::new)
@@ -120,6 +143,9 @@ impl Collector {
             }
             TarEvent::EntryEnd => {
                 self.seal_chunk();
+                if let Some(d) = self.digest.take() {
+                    self.digests.push(d);
+                }
                 if let Some(f) = self.current.take() {
                     self.files.push(f);
                 }
@@ -140,6 +166,14 @@ impl Collector {
             self.uploader.add(hash, data).await?;
         }
         Ok(())
+    }
+
+    /// Checks every file received against PostgreSQL's own `backup_manifest` (its
+    /// checksum, then each file's size and CRC32C, none missing, none extra); the number
+    /// of files checked. An error names the files that differ.
+    pub(super) fn verify(&self, pg_manifest: &[u8]) -> Result<usize> {
+        let manifest = PgBackupManifest::parse(pg_manifest)?;
+        Ok(manifest.check(&self.digests)?)
     }
 
     pub(super) async fn finish(

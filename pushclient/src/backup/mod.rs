@@ -10,8 +10,11 @@
 //!
 //! Flow: IDENTIFY_SYSTEM, then BASE_BACKUP (PostgreSQL's manifest, no WAL, fast or spread
 //! checkpoint). The tar stream of each tablespace is parsed as it arrives and cut into
-//! chunks ([`collector`]); only the chunks the archive lacks are sent ([`uploader`]); the
-//! manifest is written last, and its commit is the backup's.
+//! chunks ([`collector`]); only the chunks the archive lacks are sent ([`uploader`]). Every
+//! file's size and CRC32C, computed on the way in, are checked against PostgreSQL's own
+//! `backup_manifest` (and that manifest against its checksum) before anything is
+//! committed: damage between PostgreSQL and pushclient fails the backup, naming the file.
+//! The manifest is written last, and its commit is the backup's.
 //!
 //! From a standby (PostgreSQL 15 runs BASE_BACKUP there too): the backup ends at the
 //! standby's minimum recovery point, and PostgreSQL does not switch WAL at its end as it
@@ -193,6 +196,13 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         .await
         .context("BASE_BACKUP failed at its end")?;
     pg.close().await;
+    let checked = collector
+        .verify(&pg_manifest)
+        .context("the backup was damaged on its way from PostgreSQL; nothing was committed")?;
+    tracing::info!(
+        files = checked,
+        "every file matches PostgreSQL's backup_manifest (size and CRC32C)"
+    );
     let (files, tablespaces, backup_label, mut stats) = collector.finish().await?;
     progress.finish_and_clear();
     let stop_time = unix_now_millis() / 1000;

@@ -7,4 +7,5 @@ pub mod files;
 pub mod moto;
 pub mod pg;
 mod pgdata_template;
+pub mod proxy;
 pub mod users;

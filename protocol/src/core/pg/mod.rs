@@ -1,5 +1,6 @@
 //! PostgreSQL's own formats, read as PostgreSQL writes them.
 
+pub mod backup_manifest;
 pub mod basebackup;
 pub mod control;
 pub mod relpath;
