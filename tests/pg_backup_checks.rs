@@ -75,3 +75,46 @@ fn a_bit_flipped_in_the_copy_stream_fails_the_backup_naming_the_file() {
         "the damaged backup must not be committed"
     );
 }
+
+/// PostgreSQL's WARNINGs during BASE_BACKUP reach pushclient's log: with data checksums
+/// on, a page damaged on disk is named by PostgreSQL's WARNING (its ERROR alone says
+/// only that verification failed), and the backup fails with nothing committed.
+#[test]
+fn postgres_warnings_during_base_backup_are_logged() {
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let mut pg = PgCluster::initdb("checksums", &["--data-checksums"]);
+    pg.append_conf(&["wal_level = replica", "archive_mode = on"]);
+    pg.set_conf("archive_command", &archive.archive_command(&push));
+    pg.start();
+    pg.psql("CREATE TABLE damaged AS SELECT i FROM generate_series(1, 1000) i");
+    let relfile = pg.psql("SELECT pg_relation_filepath('damaged')");
+    pg.stop();
+    // A byte in the middle of block 0, past the page header: its checksum no longer
+    // matches. Written in place, so the file keeps its owner.
+    let path = pg.data_dir().join(&relfile);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut byte = [0u8; 1];
+    f.seek(SeekFrom::Start(4000)).unwrap();
+    f.read_exact(&mut byte).unwrap();
+    byte[0] ^= 0xff;
+    f.seek(SeekFrom::Start(4000)).unwrap();
+    f.write_all(&byte).unwrap();
+    drop(f);
+    pg.start();
+
+    let out = try_backup(&archive, &push, &pg, &["--fast"], &[]);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("WARNING") && out.stderr.contains("checksum verification failed"),
+        "PostgreSQL's WARNING naming the damaged block should be logged\n{}\n{}",
+        out.describe(),
+        pg.diag()
+    );
+    assert!(backups_json(&archive).is_empty());
+}

@@ -80,7 +80,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
     let mut pg = PgConnection::connect(&params, ConnectionKind::Replication)
         .await
         .context("cannot open a replication connection to PostgreSQL (set PGHOST/PGPORT/PGUSER or --conninfo; the role needs REPLICATION and a `replication` line in pg_hba.conf)")?;
-    let pg_version = pg.server_version_num().unwrap_or(0);
+    let pg_version = pg.server_version_num().await?;
     if pg_version < 150_000 {
         bail!(
             "PostgreSQL at {} reports version {pg_version}; pushclient backup needs PostgreSQL 15 or later",

@@ -57,7 +57,7 @@ impl<'a> BaseBackup<'a> {
                     drain_to_ready(conn).await;
                     return Err(PgError::Server(err));
                 }
-                Message::CommandComplete(_) | Message::NoticeResponse(_) => {}
+                Message::CommandComplete(_) => {}
                 Message::ReadyForQuery(_) => {
                     return Err(PgError::Protocol(
                         "BASE_BACKUP ended before its COPY stream".into(),
@@ -112,29 +112,22 @@ impl<'a> BaseBackup<'a> {
         if self.finished {
             return Ok(None);
         }
-        loop {
-            match self.conn.next_message().await? {
-                Message::CopyData(body) => {
-                    return parse_copy_message(body.into_bytes())
-                        .map(Some)
-                        .map_err(|e| PgError::Protocol(e.to_string()))
-                }
-                Message::CopyDone => {
-                    self.finished = true;
-                    return Ok(None);
-                }
-                Message::ErrorResponse(e) => {
-                    let err = server_error(&e);
-                    drain_to_ready(self.conn).await;
-                    return Err(PgError::Server(err));
-                }
-                Message::NoticeResponse(_) => {}
-                _ => {
-                    return Err(PgError::Protocol(
-                        "unexpected message inside BASE_BACKUP's COPY".into(),
-                    ))
-                }
+        match self.conn.next_message().await? {
+            Message::CopyData(body) => parse_copy_message(body.into_bytes())
+                .map(Some)
+                .map_err(|e| PgError::Protocol(e.to_string())),
+            Message::CopyDone => {
+                self.finished = true;
+                Ok(None)
             }
+            Message::ErrorResponse(e) => {
+                let err = server_error(&e);
+                drain_to_ready(self.conn).await;
+                Err(PgError::Server(err))
+            }
+            _ => Err(PgError::Protocol(
+                "unexpected message inside BASE_BACKUP's COPY".into(),
+            )),
         }
     }
 

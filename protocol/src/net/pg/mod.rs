@@ -194,7 +194,7 @@ impl PgConnection {
                         conn.parameters.insert(n.to_string(), v.to_string());
                     }
                 }
-                Message::BackendKeyData(_) | Message::NoticeResponse(_) => {}
+                Message::BackendKeyData(_) => {}
                 Message::ErrorResponse(e) => return Err(PgError::Server(server_error(&e))),
                 _ => {
                     return Err(PgError::Protocol(
@@ -293,7 +293,6 @@ impl PgConnection {
                     }
                 }
                 Message::ErrorResponse(e) => return Err(PgError::Server(server_error(&e))),
-                Message::NoticeResponse(_) => {}
                 _ => {
                     return Err(PgError::Auth(format!(
                         "PostgreSQL at {} asks for an authentication method walvault does not \
@@ -317,7 +316,8 @@ impl PgConnection {
             .map_err(io_err("sending to PostgreSQL"))
     }
 
-    /// Reads the next backend message.
+    /// Reads the next backend message. NoticeResponses (NOTICE, WARNING...) are logged
+    /// here and never returned: every exchange sees only the messages it acts on.
     pub(crate) async fn next_message(&mut self) -> Result<Message, PgError> {
         loop {
             if self.read.len() >= 5 {
@@ -332,6 +332,10 @@ impl PgConnection {
                 }
                 if self.read.len() > len {
                     return match Message::parse(&mut self.read) {
+                        Ok(Some(Message::NoticeResponse(n))) => {
+                            log_notice(&self.endpoint, &notice_fields(n.fields()));
+                            continue;
+                        }
                         Ok(Some(m)) => Ok(m),
                         Ok(None) => Err(PgError::Protocol("incomplete message".into())),
                         Err(e) => Err(PgError::Protocol(format!("malformed message: {e}"))),
@@ -377,7 +381,6 @@ impl PgConnection {
                 Message::ReadyForQuery(_) => break,
                 Message::CommandComplete(_)
                 | Message::EmptyQueryResponse
-                | Message::NoticeResponse(_)
                 | Message::ParameterStatus(_) => {}
                 Message::CopyOutResponse(_) | Message::CopyInResponse(_) => {
                     return Err(PgError::Protocol(
@@ -393,16 +396,20 @@ impl PgConnection {
         }
     }
 
-    /// The server's `server_version_num`-style number (from the `server_version`
-    /// parameter, e.g. "15.4 (Debian ...)" -> 150004).
-    pub fn server_version_num(&self) -> Option<u32> {
-        let v = self.parameters.get("server_version")?;
-        let mut parts = v
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|s| !s.is_empty());
-        let major: u32 = parts.next()?.parse().ok()?;
-        let minor: u32 = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
-        Some(major * 10_000 + minor)
+    /// `server_version_num` as the server reports it (`SHOW`, which replication
+    /// connections accept too), e.g. 150004: never parsed from `server_version`, where
+    /// "16beta1" would read as 160001.
+    pub async fn server_version_num(&mut self) -> Result<u32, PgError> {
+        let rows = self.simple_query("SHOW server_version_num").await?;
+        let text = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .unwrap_or_default();
+        text.trim().parse().map_err(|_| {
+            PgError::Protocol(format!(
+                "SHOW server_version_num answered {text:?}, not a number"
+            ))
+        })
     }
 
     /// `IDENTIFY_SYSTEM` (replication connections).
@@ -459,12 +466,30 @@ pub(crate) fn data_row(
 pub(crate) fn server_error(
     body: &postgres_protocol::message::backend::ErrorResponseBody,
 ) -> ServerError {
+    notice_fields(body.fields())
+}
+
+/// Logs a NoticeResponse: WARNING at warn level, the rest (NOTICE, INFO, LOG, DEBUG) at
+/// info, with its DETAIL and HINT. BASE_BACKUP reports damaged pages this way.
+fn log_notice(endpoint: &Endpoint, n: &ServerError) {
+    let detail = n.detail.as_deref().unwrap_or("");
+    let hint = n.hint.as_deref().unwrap_or("");
+    if n.severity == "WARNING" {
+        tracing::warn!(postgres = %endpoint, sqlstate = %n.code, detail, hint, "PostgreSQL WARNING: {}", n.message);
+    } else {
+        tracing::info!(postgres = %endpoint, sqlstate = %n.code, detail, hint, "PostgreSQL {}: {}", n.severity, n.message);
+    }
+}
+
+/// The fields of an ErrorResponse or a NoticeResponse.
+fn notice_fields(mut fields: postgres_protocol::message::backend::ErrorFields<'_>) -> ServerError {
     let mut e = ServerError::default();
-    let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
-            b'S' => e.severity = v,
+            // 'V' is the severity never localized (PostgreSQL 9.6+); 'S' may be translated.
+            b'V' => e.severity = v,
+            b'S' if e.severity.is_empty() => e.severity = v,
             b'C' => e.code = v,
             b'M' => e.message = v,
             b'D' => e.detail = Some(v),
