@@ -195,3 +195,43 @@ fn serve_reports_the_address_it_bound_when_the_kernel_picks_the_port() {
     );
     assert!(server.try_wait().is_none(), "{}", server.stderr_tail(30));
 }
+
+/// A conninfo keyword walvault does not implement is refused at once, naming it: not
+/// accepted and ignored while pushclient waits on a server that never answers (a
+/// listener that accepts nothing would hold it for its 30 s connect timeout).
+#[test]
+fn a_conninfo_keyword_walvault_does_not_implement_fails_fast() {
+    let archive = Archive::start("main");
+    let push = archive.issue("main", "push");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    for (conninfo, keyword) in [
+        (
+            format!("host=127.0.0.1 port={port} options='-c statement_timeout=0'"),
+            "options",
+        ),
+        (
+            format!("postgresql://127.0.0.1:{port}/postgres?target_session_attrs=read-write"),
+            "target_session_attrs",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let out = try_run(
+            Command::new(archive.bins().pushclient())
+                .args(["backup", "--fast", "--config"])
+                .arg(&push)
+                .args(["--conninfo", &conninfo]),
+        );
+        let took = started.elapsed();
+        assert_eq!(out.code(), Some(1), "{}", out.describe());
+        assert!(
+            out.stderr.contains(keyword) && out.stderr.contains("not implemented"),
+            "the error should name {keyword}\n{}",
+            out.describe()
+        );
+        assert!(
+            took < std::time::Duration::from_secs(5),
+            "took {took:?}: the keyword should be refused before connecting"
+        );
+    }
+}

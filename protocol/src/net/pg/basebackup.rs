@@ -41,6 +41,10 @@ impl<'a> BaseBackup<'a> {
         options: &BaseBackupOptions,
     ) -> Result<BaseBackup<'a>, PgError> {
         conn.send_query(&options.command()).await?;
+        // The server answers only after its checkpoint, which a spread checkpoint can
+        // make minutes: no read timeout until the COPY stream starts (keepalives watch a
+        // TCP peer meanwhile), then the idle timeout again.
+        conn.set_idle_timeout(None);
         let mut result_sets: Vec<Vec<Vec<Option<String>>>> = Vec::new();
         loop {
             match conn.next_message().await? {
@@ -51,9 +55,13 @@ impl<'a> BaseBackup<'a> {
                         return Err(PgError::Protocol("data row before its description".into()))
                     }
                 },
-                Message::CopyOutResponse(_) => break,
+                Message::CopyOutResponse(_) => {
+                    conn.set_idle_timeout(Some(super::IDLE_TIMEOUT));
+                    break;
+                }
                 Message::ErrorResponse(e) => {
                     let err = server_error(&e);
+                    conn.set_idle_timeout(Some(super::IDLE_TIMEOUT));
                     drain_to_ready(conn).await;
                     return Err(PgError::Server(err));
                 }

@@ -3,14 +3,33 @@
 //! Sources, first wins: the connection string (`key=value ...` or a `postgres://` /
 //! `postgresql://` URI), then the environment (`PGHOST`, `PGPORT`, `PGUSER`,
 //! `PGPASSWORD`, `PGDATABASE`, `PGPASSFILE`, `PGAPPNAME`, `PGCONNECT_TIMEOUT`,
-//! `PGSSLMODE`), then libpq's defaults: a Unix socket in `/var/run/postgresql` (Debian's
-//! libpq default) or `/tmp`, port 5432, the OS user's name as user and database. A host
-//! starting with `/` is a Unix socket directory. A password not given otherwise is looked
-//! up in the password file (`PGPASSFILE`, else `~/.pgpass`), whose database field is
+//! `PGSSLMODE`, `PGCLIENTENCODING`, `PGTARGETSESSIONATTRS`, `PGGSSENCMODE`), then
+//! libpq's defaults: a Unix socket in `/var/run/postgresql` (Debian's libpq default) or
+//! `/tmp`, port 5432, the OS user's name as user and database. A host starting with `/`
+//! is a Unix socket directory. A password not given otherwise is looked up in the
+//! password file (`PGPASSFILE`, else `~/.pgpass`), whose database field is
 //! `replication` for replication connections, as libpq does.
 //!
-//! TLS to PostgreSQL is not implemented: `sslmode` `disable`, `allow` and `prefer` connect
-//! in plain text; `require` and stricter are refused with an error saying so.
+//! Every keyword is either honoured or refused with an error saying so; none is accepted
+//! and ignored:
+//!
+//! - honoured: `host`, `hostaddr` (when `host` is not given), `port`, `user`, `password`,
+//!   `dbname`, `passfile`, `application_name`, `fallback_application_name`,
+//!   `connect_timeout` (per host, as libpq: 0 or negative waits without limit, 1 means
+//!   2; walvault's default when it is not given is 30 s, where libpq waits forever), and
+//!   on TCP `keepalives`, `keepalives_idle`, `keepalives_interval`, `keepalives_count`;
+//! - accepted only with the value walvault implements: `sslmode` `disable`, `allow`,
+//!   `prefer` (TLS to PostgreSQL is not implemented: all three connect in plain text);
+//!   `client_encoding` `UTF8`; `target_session_attrs` `any`; `gssencmode` `disable` or
+//!   `prefer` (no GSSAPI: plain text);
+//! - refused: every other libpq keyword (`options`, `replication`, `sslcert`,
+//!   `service`, ...), and `hostaddr` beside `host`.
+//!
+//! Keepalives are on by default, as in libpq, but with walvault's times when the
+//! conninfo gives none: first probe after 60 s idle, then every 10 s, 6 unanswered
+//! probes end the connection. They are what notices a dead server or network while
+//! BASE_BACKUP waits for its checkpoint (the operating system's default of two hours
+//! would not).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,10 +94,33 @@ pub struct ConnParams {
     pub password: Option<String>,
     /// application_name.
     pub application_name: String,
-    /// Connect timeout.
-    pub connect_timeout: Duration,
+    /// Connect timeout per host; `None` waits without limit (`connect_timeout=0`).
+    pub connect_timeout: Option<Duration>,
+    /// TCP keepalives; `None` when turned off (`keepalives=0`).
+    pub keepalives: Option<Keepalives>,
     /// Password file consulted when no password was given.
     pub passfile: Option<PathBuf>,
+}
+
+/// TCP keepalive settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalives {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub count: u32,
+}
+
+impl Default for Keepalives {
+    fn default() -> Keepalives {
+        Keepalives {
+            idle: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            count: 6,
+        }
+    }
 }
 
 /// Why connection parameters cannot be used.
@@ -282,6 +324,32 @@ pub fn resolve(
         Some(c) => parse_conninfo(c)?,
         None => BTreeMap::new(),
     };
+    // libpq keywords walvault does not implement: refused by name rather than ignored.
+    const NOT_IMPLEMENTED: &[&str] = &[
+        "options",
+        "replication",
+        "service",
+        "channel_binding",
+        "sslnegotiation",
+        "sslcompression",
+        "sslcert",
+        "sslkey",
+        "sslpassword",
+        "sslcertmode",
+        "sslrootcert",
+        "sslcrl",
+        "sslcrldir",
+        "sslsni",
+        "requirepeer",
+        "require_auth",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "krbsrvname",
+        "gsslib",
+        "gssdelegation",
+        "load_balance_hosts",
+        "tcp_user_timeout",
+    ];
     const KNOWN: &[&str] = &[
         "host",
         "hostaddr",
@@ -294,14 +362,20 @@ pub fn resolve(
         "fallback_application_name",
         "connect_timeout",
         "sslmode",
-        "options",
         "client_encoding",
-        "replication",
         "target_session_attrs",
+        "gssencmode",
         "keepalives",
         "keepalives_idle",
-        "gssencmode",
+        "keepalives_interval",
+        "keepalives_count",
     ];
+    if let Some(k) = given.keys().find(|k| NOT_IMPLEMENTED.contains(&k.as_str())) {
+        return Err(ConnInfoError(format!(
+            "keyword \"{k}\" is not implemented by walvault's PostgreSQL connection; remove it \
+             (walvault refuses what it would otherwise silently ignore)"
+        )));
+    }
     if let Some(unknown) = given.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(ConnInfoError(format!("unknown keyword \"{unknown}\"")));
     }
@@ -322,6 +396,41 @@ pub fn resolve(
             )))
         }
         other => return Err(ConnInfoError(format!("sslmode \"{other}\" is not a mode"))),
+    }
+    let only = |key: &str, var: &str, allowed: &[&str], what: &str| -> Result<(), ConnInfoError> {
+        match get(key, var) {
+            Some(v) if !allowed.iter().any(|a| a.eq_ignore_ascii_case(v.trim())) => {
+                Err(ConnInfoError(format!(
+                    "{key}={v} is not implemented by walvault ({what}); use {}",
+                    allowed.join(" or ")
+                )))
+            }
+            _ => Ok(()),
+        }
+    };
+    only(
+        "client_encoding",
+        "PGCLIENTENCODING",
+        &["UTF8", "UTF-8"],
+        "it always asks for UTF8",
+    )?;
+    only(
+        "target_session_attrs",
+        "PGTARGETSESSIONATTRS",
+        &["any"],
+        "it takes the first host that answers",
+    )?;
+    only(
+        "gssencmode",
+        "PGGSSENCMODE",
+        &["disable", "prefer"],
+        "it has no GSSAPI encryption",
+    )?;
+    if get("host", "PGHOST").is_some() && given.contains_key("hostaddr") {
+        return Err(ConnInfoError(
+            "hostaddr together with host is not implemented by walvault; give only one of them"
+                .into(),
+        ));
     }
     let hosts: Vec<String> = match get("host", "PGHOST").or_else(|| get("hostaddr", "PGHOSTADDR")) {
         Some(h) => h.split(',').map(|s| s.trim().to_string()).collect(),
@@ -377,15 +486,52 @@ pub fn resolve(
         .or_else(os_user_name)
         .ok_or_else(|| ConnInfoError("no user given and the OS user is unknown".into()))?;
     let dbname = get("dbname", "PGDATABASE").unwrap_or_else(|| user.clone());
+    let seconds = |key: &str, t: &str| -> Result<i64, ConnInfoError> {
+        t.trim()
+            .parse::<i64>()
+            .map_err(|_| ConnInfoError(format!("{key} \"{t}\" is not a number of seconds")))
+    };
     let connect_timeout = match get("connect_timeout", "PGCONNECT_TIMEOUT") {
-        Some(t) => Duration::from_secs(t.trim().parse::<u64>().map_err(|_| {
-            ConnInfoError(format!(
-                "connect_timeout \"{t}\" is not a number of seconds"
-            ))
-        })?),
-        None => Duration::from_secs(30),
-    }
-    .max(Duration::from_secs(2));
+        // libpq: zero or negative waits without limit, and the least timeout is 2 s.
+        Some(t) => match seconds("connect_timeout", &t)? {
+            n if n <= 0 => None,
+            n => Some(Duration::from_secs(n.max(2) as u64)),
+        },
+        None => Some(Duration::from_secs(30)),
+    };
+    let keepalives = match given.get("keepalives").map(|v| v.trim()) {
+        Some("0") => None,
+        Some("1") | None => {
+            let mut k = Keepalives::default();
+            let positive = |key: &str| -> Result<Option<u64>, ConnInfoError> {
+                match given.get(key) {
+                    None => Ok(None),
+                    Some(v) => match seconds(key, v)? {
+                        // libpq: 0 means the system default; walvault's default then.
+                        0 => Ok(None),
+                        n if n > 0 => Ok(Some(n as u64)),
+                        _ => Err(ConnInfoError(format!("{key} \"{v}\" is negative"))),
+                    },
+                }
+            };
+            if let Some(n) = positive("keepalives_idle")? {
+                k.idle = Duration::from_secs(n);
+            }
+            if let Some(n) = positive("keepalives_interval")? {
+                k.interval = Duration::from_secs(n);
+            }
+            if let Some(n) = positive("keepalives_count")? {
+                k.count = u32::try_from(n)
+                    .map_err(|_| ConnInfoError(format!("keepalives_count \"{n}\" is too large")))?;
+            }
+            Some(k)
+        }
+        Some(other) => {
+            return Err(ConnInfoError(format!(
+                "keepalives \"{other}\" is neither 1 (on) nor 0 (off)"
+            )))
+        }
+    };
     let passfile = get("passfile", "PGPASSFILE")
         .map(PathBuf::from)
         .or_else(|| home_dir().map(|h| h.join(".pgpass")));
@@ -398,6 +544,7 @@ pub fn resolve(
             .or_else(|| given.get("fallback_application_name").cloned())
             .unwrap_or_else(|| "walvault".into()),
         connect_timeout,
+        keepalives,
         passfile,
     })
 }
@@ -543,6 +690,114 @@ mod tests {
         assert!(resolve(Some("sslmode=require"), &env).is_err());
         assert!(resolve(Some("bogus=1"), &env).is_err());
         assert!(resolve(Some("port=x"), &env).is_err());
+    }
+
+    #[test]
+    fn timeouts_and_keepalives_are_honoured() {
+        let env = env_of(&[("PGUSER", "u")]);
+        let p = resolve(None, &env).unwrap();
+        assert_eq!(p.connect_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(p.keepalives, Some(Keepalives::default()));
+        let p = resolve(Some("connect_timeout=7"), &env).unwrap();
+        assert_eq!(p.connect_timeout, Some(Duration::from_secs(7)));
+        assert_eq!(
+            resolve(Some("connect_timeout=1"), &env)
+                .unwrap()
+                .connect_timeout,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            resolve(Some("connect_timeout=0"), &env)
+                .unwrap()
+                .connect_timeout,
+            None
+        );
+        assert_eq!(
+            resolve(Some("connect_timeout=-3"), &env)
+                .unwrap()
+                .connect_timeout,
+            None
+        );
+        let env_timeout = env_of(&[("PGUSER", "u"), ("PGCONNECT_TIMEOUT", "5")]);
+        assert_eq!(
+            resolve(None, &env_timeout).unwrap().connect_timeout,
+            Some(Duration::from_secs(5))
+        );
+        assert!(resolve(Some("connect_timeout=soon"), &env).is_err());
+
+        assert_eq!(
+            resolve(Some("keepalives=0"), &env).unwrap().keepalives,
+            None
+        );
+        let p = resolve(
+            Some("keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=3"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            p.keepalives,
+            Some(Keepalives {
+                idle: Duration::from_secs(5),
+                interval: Duration::from_secs(2),
+                count: 3
+            })
+        );
+        let p = resolve(Some("keepalives_idle=0 keepalives_count=9"), &env).unwrap();
+        assert_eq!(
+            p.keepalives,
+            Some(Keepalives {
+                count: 9,
+                ..Keepalives::default()
+            })
+        );
+        for bad in [
+            "keepalives=2",
+            "keepalives_idle=-1",
+            "keepalives_interval=x",
+            "keepalives_count=99999999999",
+        ] {
+            assert!(resolve(Some(bad), &env).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keywords_not_implemented_are_refused_not_ignored() {
+        let env = env_of(&[("PGUSER", "u")]);
+        for refused in [
+            "options='-c statement_timeout=0'",
+            "replication=database",
+            "sslrootcert=/etc/ca.pem",
+            "service=main",
+            "tcp_user_timeout=1000",
+            "client_encoding=LATIN1",
+            "target_session_attrs=read-write",
+            "gssencmode=require",
+            "host=/tmp hostaddr=127.0.0.1",
+        ] {
+            let e = resolve(Some(refused), &env).unwrap_err();
+            assert!(e.0.contains("not implemented"), "{refused}: {e}");
+        }
+        let e = resolve(
+            None,
+            &env_of(&[("PGUSER", "u"), ("PGCLIENTENCODING", "SJIS")]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("client_encoding"), "{e}");
+        for accepted in [
+            "client_encoding=UTF8",
+            "client_encoding=utf8",
+            "target_session_attrs=any",
+            "gssencmode=disable",
+            "gssencmode=prefer",
+            "hostaddr=127.0.0.1",
+            "postgresql://h/db?keepalives_idle=30&connect_timeout=4",
+        ] {
+            assert!(resolve(Some(accepted), &env).is_ok(), "{accepted}");
+        }
+        assert!(resolve(Some("bogus=1"), &env)
+            .unwrap_err()
+            .0
+            .contains("unknown keyword"));
     }
 
     #[test]

@@ -106,7 +106,16 @@ pub struct PgConnection {
     pub parameters: BTreeMap<String, String>,
     /// Where it is connected.
     pub endpoint: Endpoint,
+    /// Longest wait for bytes from the server before the connection is given up;
+    /// `None` while waiting is legitimate for long (BASE_BACKUP's checkpoint), when TCP
+    /// keepalives alone watch the peer.
+    idle_timeout: Option<std::time::Duration>,
 }
+
+/// How long a connection waits for the server's next bytes: during startup, queries and
+/// BASE_BACKUP's COPY stream (which never pauses this long: throttling with MAX_RATE
+/// sends a piece every 1/8 s). A server that stops sending for longer is taken as wedged.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Rows of a simple query's last result set, as text.
 pub type Rows = Vec<Vec<Option<String>>>;
@@ -119,21 +128,23 @@ impl PgConnection {
     ) -> Result<PgConnection, PgError> {
         let mut last: Option<PgError> = None;
         for endpoint in &params.endpoints {
-            match tokio::time::timeout(
-                params.connect_timeout,
-                Self::connect_one(params, endpoint, kind),
-            )
-            .await
-            {
+            let attempt = Self::connect_one(params, endpoint, kind);
+            let result = match params.connect_timeout {
+                Some(limit) => tokio::time::timeout(limit, attempt)
+                    .await
+                    .map_err(|_| limit),
+                None => Ok(attempt.await),
+            };
+            match result {
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(e @ PgError::Server(_))) | Ok(Err(e @ PgError::Auth(_))) => return Err(e),
                 Ok(Err(e)) => last = Some(e),
-                Err(_) => {
+                Err(limit) => {
                     last = Some(PgError::Io {
                         context: format!("connecting to PostgreSQL at {endpoint}"),
                         source: std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
-                            format!("no answer within {:?}", params.connect_timeout),
+                            format!("no answer within {} s (connect_timeout)", limit.as_secs()),
                         ),
                     })
                 }
@@ -159,6 +170,15 @@ impl PgConnection {
                     .await
                     .map_err(io_err(&what))?;
                 let _ = s.set_nodelay(true);
+                if let Some(k) = &params.keepalives {
+                    let keepalive = socket2::TcpKeepalive::new()
+                        .with_time(k.idle)
+                        .with_interval(k.interval)
+                        .with_retries(k.count);
+                    socket2::SockRef::from(&s)
+                        .set_tcp_keepalive(&keepalive)
+                        .map_err(io_err(format!("setting TCP keepalives for {endpoint}")))?;
+                }
                 Box::new(s)
             }
         };
@@ -168,6 +188,7 @@ impl PgConnection {
             write: BytesMut::new(),
             parameters: BTreeMap::new(),
             endpoint: endpoint.clone(),
+            idle_timeout: Some(IDLE_TIMEOUT),
         };
         let mut startup: Vec<(&str, &str)> = vec![
             ("user", params.user.as_str()),
@@ -345,11 +366,22 @@ impl PgConnection {
             } else {
                 self.read.reserve(64 * 1024);
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.read)
-                .await
-                .map_err(io_err("reading from PostgreSQL"))?;
+            let read = self.stream.read_buf(&mut self.read);
+            let n = match self.idle_timeout {
+                Some(limit) => {
+                    tokio::time::timeout(limit, read)
+                        .await
+                        .map_err(|_| PgError::Io {
+                            context: format!("reading from PostgreSQL at {}", self.endpoint),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("nothing received for {} s", limit.as_secs()),
+                            ),
+                        })?
+                }
+                None => read.await,
+            }
+            .map_err(io_err("reading from PostgreSQL"))?;
             if n == 0 {
                 return Err(PgError::Io {
                     context: "reading from PostgreSQL".into(),
@@ -360,6 +392,12 @@ impl PgConnection {
                 });
             }
         }
+    }
+
+    /// Sets how long a read waits for the server ([`IDLE_TIMEOUT`] after connecting;
+    /// `None`: no limit, TCP keepalives alone watch the peer).
+    pub(crate) fn set_idle_timeout(&mut self, limit: Option<std::time::Duration>) {
+        self.idle_timeout = limit;
     }
 
     /// Sends a query (simple protocol) without reading the answer.
