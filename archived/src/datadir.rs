@@ -114,7 +114,7 @@ pub(crate) fn init(dir: &DataDir, listen: &str, extra_names: &[String]) -> Resul
             dir.root.display()
         );
     }
-    std::fs::create_dir_all(dir.tls())
+    walvault_protocol::net::fsutil::create_dir_durable(&dir.tls())
         .with_context(|| format!("cannot create {}", dir.tls().display()))?;
     let ca = pki::generate_ca()?;
     let mut names: Vec<String> = extra_names.to_vec();

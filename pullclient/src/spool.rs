@@ -346,12 +346,8 @@ impl Spool {
 /// could still swap the directory afterwards; `/var/tmp` is sticky, so there nobody
 /// but its owner (and root) can.
 fn open_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-    match std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-    {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    match walvault_protocol::net::fsutil::create_dir_durable_mode(dir, 0o700) {
         Ok(()) => {}
         // An existing symlink (dangling or not) is reported by the open below.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

@@ -35,6 +35,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use walvault_protocol::net::fsutil;
 
 /// The catalog.
 #[derive(Clone)]
@@ -48,12 +49,18 @@ pub(crate) struct Index {
 }
 
 impl Index {
-    /// Opens (or creates) the catalog at `dir` as it is, without rebuilding.
+    /// Opens (or creates) the catalog at `dir` as it is, without rebuilding. The
+    /// directory is made durable in its parent, and the files sled creates in it in the
+    /// directory, before anything is indexed (sled fsyncs its files, not directories).
     pub(crate) fn open(dir: &Path) -> Result<Index> {
+        fsutil::create_dir_durable(dir)
+            .with_context(|| format!("cannot create catalog {}", dir.display()))?;
         let db = sled::Config::new()
             .path(dir)
             .open()
             .with_context(|| format!("cannot open catalog {}", dir.display()))?;
+        fsutil::fsync_dir(dir)
+            .with_context(|| format!("cannot fsync catalog {}", dir.display()))?;
         Ok(Index {
             clusters: db.open_tree("clusters")?,
             wal: db.open_tree("wal")?,

@@ -4,7 +4,9 @@
 //! A key is a path below the root. An object is written to a `.tmp.*` file beside its
 //! final name, fsynced, hard-linked to the final name (which fails if the name exists:
 //! create-only), and the directory is fsynced; [`LocalStore::put_grouped`] replaces the
-//! two fsyncs with shared syncfs calls (syncgroup.rs). `.tmp.*` files are never objects:
+//! two fsyncs with shared syncfs calls (syncgroup.rs). A directory an object needs is
+//! created with `fsutil::create_dir_durable`: each new component fsynced into its parent
+//! before the object in it is acknowledged. `.tmp.*` files are never objects:
 //! listings skip them and startup removes them.
 
 use std::path::{Path, PathBuf};
@@ -45,7 +47,7 @@ fn read_part(f: &std::fs::File, range: Option<&std::ops::Range<u64>>) -> std::io
 impl LocalStore {
     /// The store in `root`, created if missing.
     pub(super) fn open(root: PathBuf) -> Result<LocalStore> {
-        std::fs::create_dir_all(&root)
+        fsutil::create_dir_durable(&root)
             .with_context(|| format!("cannot create store directory {}", root.display()))?;
         Ok(LocalStore { root })
     }
@@ -59,13 +61,15 @@ impl LocalStore {
         self.root.join(key)
     }
 
-    /// A temporary path beside the object's final name, its directory created.
+    /// A temporary path beside the object's final name, its directory created (durable
+    /// in its parent, fsutil.rs).
     pub(super) async fn temp_path(&self, key: &str) -> Result<PathBuf> {
         let target = self.path(key);
-        let dir = target.parent().ok_or_else(|| anyhow!("bad key {key}"))?;
-        tokio::fs::create_dir_all(dir)
-            .await
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = target
+            .parent()
+            .ok_or_else(|| anyhow!("bad key {key}"))?
+            .to_path_buf();
+        tokio::task::spawn_blocking(move || fsutil::create_dir_durable(&dir)).await??;
         Ok(fsutil::temp_path_beside(&target))
     }
 
@@ -100,7 +104,7 @@ impl LocalStore {
         let (t, target_dir) = (tmp.clone(), target.clone());
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if let Some(dir) = target_dir.parent() {
-                std::fs::create_dir_all(dir)?;
+                fsutil::create_dir_durable(dir)?;
             }
             let write = (|| {
                 let mut f = std::fs::OpenOptions::new()
@@ -143,7 +147,7 @@ impl LocalStore {
         let target = self.path(key);
         let result = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
             if let Some(dir) = target.parent() {
-                std::fs::create_dir_all(dir)?;
+                fsutil::create_dir_durable(dir)?;
             }
             let tmp = fsutil::temp_path_beside(&target);
             let write = (|| {

@@ -84,7 +84,7 @@ impl RemoteStore {
         } else {
             Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
         };
-        std::fs::create_dir_all(spool)
+        walvault_protocol::net::fsutil::create_dir_durable(spool)
             .with_context(|| format!("cannot create spool directory {}", spool.display()))?;
         Ok(RemoteStore {
             store,
