@@ -16,4 +16,5 @@ mod prefetch;
 mod promises;
 mod retention_window;
 mod s3;
+mod store_truth;
 mod waldump;

@@ -123,9 +123,15 @@ fn print_report(r: &RetentionReport) {
         println!("  {verb} backups: {}", c.expired_backups.join(" "));
         println!(
             "  {verb} WAL:     {} files ({})",
-            c.expired_wal.len(),
+            c.expired_wal_files,
             mib(c.expired_wal_bytes)
         );
+        for e in &c.expired_wal {
+            println!(
+                "    timeline {}: {} files, {} .. {}",
+                e.timeline, e.files, e.first, e.last
+            );
+        }
         println!(
             "  {} chunks: {} ({}, {} packs); {} unreferenced chunks within the grace period",
             if r.dry_run {

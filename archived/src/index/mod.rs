@@ -22,7 +22,16 @@
 //! `catalog.damaged.<unix time>`), when it lacks the `complete` mark (a rebuild was
 //! interrupted), or on `archived catalog rebuild`. Writers always store the object first
 //! and index it second; a crash between the two leaves an object without an entry, which
-//! the client's retry (or a rebuild) indexes.
+//! the client's retry (or a rebuild) indexes. Deleters go the other way: the entry is
+//! removed and the catalog flushed before the object is deleted, so a crash never leaves
+//! an entry whose object is gone. The catalog is flushed before a request is answered
+//! for WAL, cluster bindings, manifests and packs; not for loose chunks (`PutChunk`,
+//! written by the thousand): a lost entry of one costs nothing, since `PutBackup` finds
+//! a loose chunk at its key in the store and a rebuild indexes it.
+//!
+//! The catalog is never the last word on what the store holds: an entry only says where
+//! to look. A duplicate upload is acknowledged from the store's object, and a backup is
+//! usable only when the store holds its WAL (service/wal.rs, state.rs).
 
 pub(crate) mod backups;
 pub(crate) mod chunks;

@@ -2,8 +2,8 @@
 //! (*usable*), and its restore window.
 //!
 //! A backup is *usable* when every WAL segment from its start to its stop LSN is in the
-//! archive (a backup spanning a timeline switch may have its later segments on the stop
-//! timeline); `restorable_until` is the archive time of the last segment after it on its
+//! archive, the store's objects checked, not only the catalog (a backup spanning a
+//! timeline switch may have its later segments on the stop timeline); `restorable_until` is the archive time of the last segment after it on its
 //! timeline without a gap.
 
 use anyhow::Result;
@@ -51,7 +51,24 @@ pub(crate) async fn summarize(
             timeline: last.timeline,
             ..seg
         };
-        if !index.has_segment(cluster, &seg)? && !index.has_segment(cluster, &on_stop_tli)? {
+        let archived = if index.has_segment(cluster, &seg)? {
+            Some(seg)
+        } else if index.has_segment(cluster, &on_stop_tli)? {
+            Some(on_stop_tli)
+        } else {
+            None
+        };
+        // The store outranks the catalog: an entry whose object is gone (deleted behind
+        // archived's back) does not make a backup usable. One look per segment of the
+        // backup's own range (a few), not of its restore window.
+        let stored = match archived {
+            Some(s) => store
+                .len(&layout::wal_key(cluster, &WalFileName::Segment(s)))
+                .await?
+                .is_some(),
+            None => false,
+        };
+        if !stored {
             usable = false;
             break;
         }

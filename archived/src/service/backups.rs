@@ -428,15 +428,21 @@ pub(crate) async fn put_chunk(
             format!("chunk of {raw_size} bytes exceeds the {MAX_CHUNK_SIZE} byte limit"),
         ));
     }
-    if ctx
+    // A catalog hit is acknowledged only when the store holds the object it points at
+    // (only duplicates pay the look); otherwise the chunk is stored again, loose.
+    if let Some(entry) = ctx
         .index
         .chunk(cluster, blake3)
         .map_err(Refusal::internal)?
-        .is_some()
     {
-        return Ok(Response::Stored {
-            already_present: true,
-        });
+        let loc = entry.location(cluster, blake3);
+        let len = ctx.store.len(&loc.key).await.map_err(Refusal::internal)?;
+        if matches!(len, Some(n) if loc.range.as_ref().is_none_or(|r| r.end <= n)) {
+            return Ok(Response::Stored {
+                already_present: true,
+            });
+        }
+        tracing::warn!(%cluster, chunk = %blake3, object = %loc.key, "the catalog lists a chunk the store does not hold; storing it again");
     }
     let key = layout::chunk_key(cluster, blake3);
     let mut hash = [0u8; 32];
@@ -642,11 +648,14 @@ pub(crate) async fn delete(ctx: &Ctx<'_>, cluster: &str, backup_id: &str) -> Rep
     {
         return Err(not_such_backup(cluster, backup_id));
     }
-    ctx.store.delete(&key).await.map_err(Refusal::internal)?;
+    // Index first, object second (as every deletion): a crash in between leaves a
+    // manifest no listing shows, which a catalog rebuild lists again, never a listed
+    // backup without its manifest.
     ctx.index
         .remove_backup(cluster, backup_id)
         .map_err(Refusal::internal)?;
     ctx.index.flush().await.map_err(Refusal::internal)?;
+    ctx.store.delete(&key).await.map_err(Refusal::internal)?;
     tracing::info!(%cluster, %backup_id, "backup deleted; its chunks are collected by the next retention run");
     Ok(Response::Deleted)
 }

@@ -173,22 +173,47 @@ async fn run_cluster(
         cluster: cluster.to_string(),
         ..Default::default()
     };
-    let summaries = state::list_backups(store, index, cluster).await?;
+    let mut summaries = state::list_backups(store, index, cluster).await?;
+    // A backup listed without its manifest (deleted outside archived, or a crash of an
+    // older archived between the two steps of a deletion) is no backup: it is not
+    // counted by the plan, and forgotten.
+    let mut listed = Vec::with_capacity(summaries.len());
+    for s in summaries {
+        let key = layout::manifest_key(cluster, &s.record.id);
+        if store.read_header(&key).await?.is_some() {
+            listed.push(s);
+            continue;
+        }
+        out.notes.push(format!(
+            "backup {} was listed but its manifest is gone from the store: forgotten",
+            s.record.id
+        ));
+        tracing::warn!(%cluster, backup = %s.record.id, "listed backup without a manifest; forgotten");
+        if !dry_run {
+            index.remove_backup(cluster, &s.record.id)?;
+        }
+    }
+    summaries = listed;
     let list: Vec<(String, i64, BackupState)> = summaries
         .iter()
         .map(|s| (s.record.id.clone(), s.record.stop_time, s.state))
         .collect();
     let (kept, expired, notes) =
         plan_backups(&list, policy, policy.window_end.unwrap_or_else(unix_now));
-    out.notes = notes;
+    out.notes.extend(notes);
     out.kept_backups = kept.clone();
     out.expired_backups = expired.clone();
 
-    // Backups.
+    // Backups, index first (flushed), object second as every deletion: a crash in
+    // between leaves an unlisted manifest (a rebuild lists it again), never a listed
+    // backup without one.
     if !dry_run {
         for id in &expired {
-            store.delete(&layout::manifest_key(cluster, id)).await?;
             index.remove_backup(cluster, id)?;
+        }
+        index.flush().await?;
+        for id in &expired {
+            store.delete(&layout::manifest_key(cluster, id)).await?;
             tracing::info!(%cluster, backup = %id, "backup expired");
         }
     }
@@ -204,6 +229,7 @@ async fn run_cluster(
             let seg_size = index.segment_size(cluster)?;
             let (horizon, _) = state::wal_range(oldest, seg_size)?;
             let horizon_no = horizon.segno(seg_size);
+            let mut doomed = Vec::new();
             for (name, entry) in index.wal_files(cluster)? {
                 if name.timeline() > horizon.timeline {
                     continue;
@@ -217,15 +243,22 @@ async fn run_cluster(
                 if segment.segno(seg_size) >= horizon_no {
                     continue;
                 }
-                out.expired_wal.push(name.to_string());
-                out.expired_wal_bytes += entry.stored_size;
-                if !dry_run {
-                    store.delete(&layout::wal_key(cluster, &name)).await?;
-                    index.remove_wal(cluster, &name)?;
+                out.add_expired_wal(name.timeline().0, &name.to_string(), entry.stored_size);
+                doomed.push(name);
+            }
+            // Index first (flushed), objects second: a push meanwhile or a crash in
+            // between leaves objects without entries, never entries without objects.
+            if !dry_run && !doomed.is_empty() {
+                for name in &doomed {
+                    index.remove_wal(cluster, name)?;
+                }
+                index.flush().await?;
+                for name in &doomed {
+                    store.delete(&layout::wal_key(cluster, name)).await?;
                 }
             }
-            if !out.expired_wal.is_empty() {
-                tracing::info!(%cluster, files = out.expired_wal.len(), horizon = %horizon, dry_run, "WAL expired");
+            if out.expired_wal_files > 0 {
+                tracing::info!(%cluster, files = out.expired_wal_files, horizon = %horizon, dry_run, "WAL expired");
             }
         } else {
             out.notes.push("no usable backup: WAL kept".to_string());
@@ -353,23 +386,19 @@ async fn run_cluster(
     Ok(out)
 }
 
-/// Adds the chunks backup `id`'s manifest names to `referenced`.
+/// Adds the chunks backup `id`'s manifest names to `referenced`. A manifest the store
+/// does not hold names nothing: that backup cannot be restored, and its record was
+/// forgotten at the start of the run (a dry run only reports it).
 async fn read_referenced(
     store: &Store,
     cluster: &str,
     id: &str,
     referenced: &mut BTreeSet<String>,
 ) -> Result<()> {
-    match read_manifest(store, cluster, id).await? {
-        Some((m, _)) => {
-            referenced.extend(m.chunk_hashes().map(String::from));
-            Ok(())
-        }
-        None => anyhow::bail!(
-            "backup {id} of cluster '{cluster}' is listed but its manifest is missing; \
-             run `archived catalog rebuild` before retention"
-        ),
+    if let Some((m, _)) = read_manifest(store, cluster, id).await? {
+        referenced.extend(m.chunk_hashes().map(String::from));
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! consistent with the name and with the cluster's binding); anything else is refused
 //! and leaves neither an object nor a catalog entry behind. A file already archived with
 //! the same blake3 is `Stored { already_present: true }`; with another, `Conflict`, and
-//! the archived copy stays. The body is read [`CHUNK_SIZE`] at a time however large
+//! the archived copy stays. "Already archived" is the store's answer, never the
+//! catalog's alone: a catalog entry whose object is gone is stored again. The body is read [`CHUNK_SIZE`] at a time however large
 //! the file.
 
 use bytes::Bytes;
@@ -73,21 +74,35 @@ pub(crate) async fn ingest(
     hex::decode_to_slice(blake3, &mut hash)
         .map_err(|_| Refusal::invalid("blake3 must be 64 hex digits"))?;
 
-    if let Some(existing) = ctx
+    let key = layout::wal_key(cluster, &wal_name);
+    // The catalog only says where to look: a duplicate is acknowledged from the object's
+    // header in the store (only duplicates pay that read), and an entry whose object is
+    // gone (a crash, an operator, a bucket lifecycle rule) is stored again.
+    if ctx
         .index
         .wal(cluster, &wal_name)
         .map_err(Refusal::internal)?
+        .is_some()
     {
-        return if existing.blake3.eq_ignore_ascii_case(blake3) {
-            Ok(Response::Stored {
-                already_present: true,
-            })
-        } else {
-            Err(conflict(cluster, name, &existing.blake3, blake3))
-        };
+        match ctx
+            .store
+            .read_header(&key)
+            .await
+            .map_err(Refusal::internal)?
+        {
+            Some(h) if h.blake3 == hash => {
+                return Ok(Response::Stored {
+                    already_present: true,
+                })
+            }
+            Some(h) => return Err(conflict(cluster, name, &h.blake3_hex(), blake3)),
+            None => tracing::warn!(
+                %cluster, %name,
+                "the catalog lists a WAL file the store does not hold; storing it again"
+            ),
+        }
     }
 
-    let key = layout::wal_key(cluster, &wal_name);
     let mut pending = ctx.store.begin(&key).await.map_err(Refusal::internal)?;
     let mut decoder = VerifyingDecoder::new(raw_size).map_err(|e| Refusal::internal(e.into()))?;
     let mut batch: Vec<u8> = Vec::with_capacity(CHUNK_SIZE);

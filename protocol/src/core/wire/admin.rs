@@ -20,8 +20,13 @@ pub struct ClusterRetention {
     pub kept_backups: Vec<String>,
     /// Backups expired.
     pub expired_backups: Vec<String>,
-    /// WAL files expired.
-    pub expired_wal: Vec<String>,
+    /// WAL files expired, per timeline: counts and the first and last names, never every
+    /// name (a first run on a large archive expires tens of thousands, and the answer
+    /// must fit in one frame).
+    pub expired_wal: Vec<ExpiredWal>,
+    /// WAL files expired, all timelines.
+    #[serde(default)]
+    pub expired_wal_files: u64,
     /// Bytes of those WAL files.
     pub expired_wal_bytes: u64,
     /// Chunks collected (unreferenced and past the grace period).
@@ -35,4 +40,81 @@ pub struct ClusterRetention {
     pub collected_packs: u64,
     /// Why nothing or less than the policy asked was expired, for the operator.
     pub notes: Vec<String>,
+}
+
+/// The WAL files a retention run expired on one timeline.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiredWal {
+    /// The timeline.
+    pub timeline: u32,
+    /// Files expired (segments, partial segments, backup history files).
+    pub files: u64,
+    /// Bytes of those files in the store.
+    pub bytes: u64,
+    /// The first of them in name order.
+    pub first: String,
+    /// The last of them in name order.
+    pub last: String,
+}
+
+impl ClusterRetention {
+    /// Counts an expired WAL file of `timeline` (files come in name order).
+    pub fn add_expired_wal(&mut self, timeline: u32, name: &str, bytes: u64) {
+        self.expired_wal_files += 1;
+        self.expired_wal_bytes += bytes;
+        match self.expired_wal.iter_mut().find(|e| e.timeline == timeline) {
+            Some(e) => {
+                e.files += 1;
+                e.bytes += bytes;
+                if name < e.first.as_str() {
+                    e.first = name.to_string();
+                }
+                if name > e.last.as_str() {
+                    e.last = name.to_string();
+                }
+            }
+            None => self.expired_wal.push(ExpiredWal {
+                timeline,
+                files: 1,
+                bytes,
+                first: name.to_string(),
+                last: name.to_string(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expired_wal_is_counted_per_timeline_with_its_first_and_last_names() {
+        let mut c = ClusterRetention::default();
+        c.add_expired_wal(1, "000000010000000000000003", 10);
+        c.add_expired_wal(1, "000000010000000000000001", 10);
+        c.add_expired_wal(2, "000000020000000000000004", 5);
+        c.add_expired_wal(1, "000000010000000000000002.00000028.backup", 1);
+        assert_eq!(c.expired_wal_files, 4);
+        assert_eq!(c.expired_wal_bytes, 26);
+        assert_eq!(
+            c.expired_wal,
+            [
+                ExpiredWal {
+                    timeline: 1,
+                    files: 3,
+                    bytes: 21,
+                    first: "000000010000000000000001".into(),
+                    last: "000000010000000000000003".into(),
+                },
+                ExpiredWal {
+                    timeline: 2,
+                    files: 1,
+                    bytes: 5,
+                    first: "000000020000000000000004".into(),
+                    last: "000000020000000000000004".into(),
+                },
+            ]
+        );
+    }
 }
