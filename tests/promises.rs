@@ -322,7 +322,7 @@ async fn malformed_and_oversized_frames_get_errors_and_the_server_keeps_serving(
     let mut junk = 10u32.to_be_bytes().to_vec();
     junk.extend_from_slice(b"\xff\xfe{not json");
     expect(raw(junk).await, ErrorCode::Invalid, "not JSON");
-    let unknown = wire::encode_frame(&serde_json::json!({"op": "drop_everything"}));
+    let unknown = wire::encode_frame(&serde_json::json!({"op": "drop_everything"})).unwrap();
     expect(raw(unknown).await, ErrorCode::Invalid, "unknown operation");
     expect(
         raw(vec![0, 0]).await,

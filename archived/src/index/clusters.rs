@@ -15,7 +15,9 @@ use crate::store::{layout, Store};
 pub(crate) struct ClusterBinding {
     /// pg_control system identifier.
     pub(crate) system_identifier: u64,
-    /// WAL segment size.
+    /// WAL segment size; one PostgreSQL cannot have is refused wherever a binding is
+    /// parsed (cluster.toml, the catalog), so segment arithmetic never sees it.
+    #[serde(deserialize_with = "walvault_protocol::core::pg::wal::deserialize_segment_size")]
     pub(crate) wal_segment_size: u32,
     /// PostgreSQL major version of the first segment pushed.
     pub(crate) pg_version: u32,
@@ -81,4 +83,30 @@ pub(super) async fn index_object(
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Before: a cluster.toml with segment size 0 was indexed, and the first listing of
+    /// its backups divided by zero.
+    #[test]
+    fn a_binding_with_an_impossible_segment_size_is_refused_when_parsed() {
+        let text = |size: u32| {
+            format!("system_identifier = 7\nwal_segment_size = {size}\npg_version = 15\n")
+        };
+        for bad in [0, 3 << 20, 1 << 31] {
+            let e = toml::from_str::<ClusterBinding>(&text(bad)).unwrap_err();
+            assert!(
+                e.to_string().contains("implausible WAL segment size"),
+                "{e}"
+            );
+            let json =
+                format!(r#"{{"system_identifier":7,"wal_segment_size":{bad},"pg_version":15}}"#);
+            assert!(serde_json::from_str::<ClusterBinding>(&json).is_err());
+        }
+        let b: ClusterBinding = toml::from_str(&text(1 << 20)).unwrap();
+        assert_eq!(b.wal_segment_size, 1 << 20);
+    }
 }

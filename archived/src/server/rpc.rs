@@ -1,7 +1,8 @@
 //! Reply plumbing: a handler's answer onto a QUIC stream.
 //!
-//! A [`Reply`] becomes one response frame (a refusal an `Error` frame), after telling the
-//! peer to stop sending whatever body is left. A [`Streamed`] answer is its frame, then
+//! A [`Reply`] becomes one response frame (a refusal an `Error` frame, and so does an
+//! answer over the frame limit), after telling the peer to stop sending whatever body is
+//! left. A [`Streamed`] answer is its frame, then
 //! its body, then FIN; a failure while the body is sent (storage, a client that went
 //! away) resets the stream, so the client sees an interrupted download, never a short
 //! one. Neither waits more than [`RESPONSE_DELIVERY_TIMEOUT`] for the client to take
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use walvault_protocol::core::wire::Response;
+use walvault_protocol::core::wire::{self, ErrorCode, Response};
 use walvault_protocol::net::transport::write_frame;
 
 use crate::service::{Refusal, Reply, Streamed};
@@ -34,9 +35,29 @@ pub(crate) async fn respond(
         // Whatever body is left is not wanted; tell the peer to stop sending it.
         let _ = recv.stop(0u32.into());
     }
-    let _ = write_frame(&mut send, &response).await;
+    let _ = send.write_all(&answer_frame(&response)).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(RESPONSE_DELIVERY_TIMEOUT, send.stopped()).await;
+}
+
+/// The frame of an answer, or of a `TooLarge` refusal saying why it cannot be sent: the
+/// encoder refuses a frame over the limit, and a client must not be left with a stream
+/// that ends without an answer. Paged requests keep every answer far below the limit.
+fn answer_frame(response: &Response) -> Vec<u8> {
+    match wire::encode_frame(response) {
+        Ok(frame) => frame,
+        Err(e) => {
+            tracing::error!(error = %e, "an answer exceeds the frame limit; refused");
+            let refusal = Response::Error {
+                code: ErrorCode::TooLarge,
+                message: format!(
+                    "the answer is too large to send ({e}); ask for it in pages (a newer client does)"
+                ),
+            };
+            // A short refusal always fits.
+            wire::encode_frame(&refusal).unwrap_or_default()
+        }
+    }
 }
 
 /// Sends an answer with a body: the frame, the body, FIN (or a reset on failure).

@@ -317,6 +317,10 @@ pub(crate) async fn put_pack(
             .map_err(Refusal::internal)?;
         new_chunks += 1;
     }
+    // Flushed before the answer: after a crash, a packed chunk without its entry could
+    // only be found again by a rebuild (PutBackup probes loose chunk keys, not packs),
+    // and the next backup would upload it again. One flush per pack of many chunks.
+    ctx.index.flush().await.map_err(Refusal::internal)?;
     Ok(Response::PackStored {
         new_chunks,
         stored_bytes,
@@ -505,6 +509,9 @@ pub(crate) async fn put_chunk(
             .map(|h| HEADER_LEN as u64 + h.compressed_size)
             .unwrap_or(stored_size),
     };
+    // Not flushed before the answer (a flush per chunk would cost what the shared syncs
+    // of put_grouped save): an entry lost in a crash leaves a loose chunk that PutBackup
+    // finds at its key anyway and a catalog rebuild indexes.
     ctx.index
         .put_chunk(
             cluster,

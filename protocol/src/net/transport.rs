@@ -328,14 +328,14 @@ impl ArchiveConnection {
 
 /// A request as the frame that starts its stream.
 pub fn encode_request(request: &wire::Request) -> Vec<u8> {
-    wire::encode_frame(request)
+    wire::encode_frame_unbounded(request)
 }
 
-/// Writes one frame.
+/// Writes one frame; a message over the frame limit is refused before anything is sent
+/// ([`FrameError::TooLarge`] in the error's chain).
 pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, message: &T) -> Result<()> {
-    send.write_all(&wire::encode_frame(message))
-        .await
-        .context("sending frame")?;
+    let frame = wire::encode_frame(message)?;
+    send.write_all(&frame).await.context("sending frame")?;
     Ok(())
 }
 

@@ -44,6 +44,40 @@ pub const XLP_LONG_HEADER: u16 = 0x0002;
 pub const MIN_SEGMENT_SIZE: u32 = 1 << 20;
 /// Largest segment size PostgreSQL accepts (`initdb --wal-segsize=1024`).
 pub const MAX_SEGMENT_SIZE: u32 = 1 << 30;
+/// Refuses a segment size PostgreSQL cannot have (a power of two from
+/// [`MIN_SEGMENT_SIZE`] to [`MAX_SEGMENT_SIZE`]). Every size that reaches the segment
+/// arithmetic of this module from outside (a WAL header, the store's `cluster.toml`, a
+/// wire listing) passes here first: 0 would divide by zero in [`segments_per_log`].
+pub fn validate_segment_size(size: u32) -> Result<(), String> {
+    if size.is_power_of_two() && (MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&size) {
+        Ok(())
+    } else {
+        Err(format!(
+            "implausible WAL segment size {size}: PostgreSQL's are powers of two from \
+             {MIN_SEGMENT_SIZE} to {MAX_SEGMENT_SIZE} bytes"
+        ))
+    }
+}
+
+/// `#[serde(deserialize_with)]` for a segment size: refused unless
+/// [`validate_segment_size`] accepts it.
+pub fn deserialize_segment_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let size = u32::deserialize(d)?;
+    validate_segment_size(size).map_err(serde::de::Error::custom)?;
+    Ok(size)
+}
+
+/// [`deserialize_segment_size`] for an optional one (with `#[serde(default)]`).
+pub fn deserialize_opt_segment_size<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u32>, D::Error> {
+    let size = Option::<u32>::deserialize(d)?;
+    if let Some(s) = size {
+        validate_segment_size(s).map_err(serde::de::Error::custom)?;
+    }
+    Ok(size)
+}
+
 /// History and backup-history files are a few lines of text; anything bigger is not one.
 pub const MAX_TEXT_FILE_SIZE: u64 = 1 << 20;
 
@@ -314,12 +348,8 @@ impl LongPageHeader {
                 "first page has no long header (XLP_LONG_HEADER not set)".into(),
             ));
         }
-        let seg = header.segment_size;
-        if !seg.is_power_of_two() || !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&seg) {
-            return Err(WalError::BadHeader(format!(
-                "implausible segment size {seg} in header"
-            )));
-        }
+        validate_segment_size(header.segment_size)
+            .map_err(|e| WalError::BadHeader(format!("{e} (in the long page header)")))?;
         let blk = header.block_size;
         if !blk.is_power_of_two() || !(1024..=65536).contains(&blk) {
             return Err(WalError::BadHeader(format!(

@@ -318,7 +318,12 @@ pub struct WalListing {
     pub cluster: String,
     /// System identifier bound to the cluster, once a segment was pushed.
     pub system_identifier: Option<u64>,
-    /// Segment size bound to the cluster.
+    /// Segment size bound to the cluster; a size PostgreSQL cannot have is refused when
+    /// the listing is decoded.
+    #[serde(
+        default,
+        deserialize_with = "crate::core::pg::wal::deserialize_opt_segment_size"
+    )]
     pub segment_size: Option<u32>,
     /// Per timeline, ascending.
     pub timelines: Vec<TimelineListing>,
@@ -350,7 +355,23 @@ pub struct TimelineListing {
 }
 
 /// Encodes a message as one frame.
-pub fn encode_frame<T: Serialize>(message: &T) -> Vec<u8> {
+///
+/// A message whose frame would exceed [`MAX_FRAME_LEN`] is refused
+/// ([`FrameError::TooLarge`]): the peer would refuse it anyway, after the sender had
+/// done the work (a retention run, a listing). Listings that can grow are paged instead.
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let out = encode_frame_unbounded(message);
+    let len = out.len() - 4;
+    if len > MAX_FRAME_LEN as usize {
+        return Err(FrameError::TooLarge(u32::try_from(len).unwrap_or(u32::MAX)));
+    }
+    Ok(out)
+}
+
+/// [`encode_frame`] without the limit: for requests, which the wire's own limits (hashes
+/// per request, ...) keep far below it; the archive refuses an oversized one by its
+/// length prefix.
+pub(crate) fn encode_frame_unbounded<T: Serialize>(message: &T) -> Vec<u8> {
     // Serializing our own plain data types cannot fail.
     let json = serde_json::to_vec(message).unwrap_or_default();
     let mut out = Vec::with_capacity(4 + json.len());
@@ -400,7 +421,7 @@ mod tests {
             raw_size: 16 << 20,
             blake3: "00".repeat(32),
         };
-        let frame = encode_frame(&req);
+        let frame = encode_frame(&req).unwrap();
         let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
         assert_eq!(len, frame.len() - 4);
         assert_eq!(decode_frame::<Request>(&frame[4..]).unwrap(), req);
@@ -420,6 +441,61 @@ mod tests {
             decode_frame::<Request>(b"\xff\xfe"),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    /// Before: encoded whatever its size, for the peer to refuse after the work was done.
+    #[test]
+    fn the_encoder_refuses_a_frame_over_the_limit() {
+        let listing = |files: usize| {
+            Response::WalList(WalListing {
+                cluster: "main".into(),
+                history_files: vec!["0000000A.history".to_string(); files],
+                ..Default::default()
+            })
+        };
+        // 19 bytes per name with its quotes and comma.
+        let small = encode_frame(&listing(1000)).unwrap();
+        assert_eq!(
+            frame_len(small[..4].try_into().unwrap()).unwrap(),
+            small.len() - 4
+        );
+        match encode_frame(&listing(MAX_FRAME_LEN as usize / 19 + 1)) {
+            Err(FrameError::TooLarge(len)) => assert!(len > MAX_FRAME_LEN),
+            other => panic!(
+                "an oversized frame was encoded: {:?}",
+                other.map(|f| f.len())
+            ),
+        }
+    }
+
+    /// Before: a listing with segment size 0 decoded, and the prefetch daemon divided by
+    /// it.
+    #[test]
+    fn a_listing_with_an_impossible_segment_size_is_refused_when_decoded() {
+        let listing = |size: Option<u32>| {
+            encode_frame(&Response::WalList(WalListing {
+                cluster: "main".into(),
+                segment_size: size,
+                ..Default::default()
+            }))
+            .unwrap()
+        };
+        for bad in [0, 3 << 20, 1 << 19, 1 << 31] {
+            let frame = listing(Some(bad));
+            match decode_frame::<Response>(&frame[4..]) {
+                Err(FrameError::Malformed(m)) => {
+                    assert!(m.contains("implausible WAL segment size"), "{m}")
+                }
+                other => panic!("segment size {bad} was not refused: {other:?}"),
+            }
+        }
+        for good in [Some(1 << 20), Some(16 << 20), Some(1 << 30), None] {
+            let frame = listing(good);
+            assert!(decode_frame::<Response>(&frame[4..]).is_ok(), "{good:?}");
+        }
+        // A listing without the field at all (an older server) is still read.
+        let old = br#"{"result":"wal_list","cluster":"main","system_identifier":null,"timelines":[],"history_files":[],"backup_history_files":[]}"#;
+        assert!(decode_frame::<Response>(old).is_ok());
     }
 
     proptest! {
