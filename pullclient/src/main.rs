@@ -8,7 +8,6 @@
 //! early. `restore` and `clone` exit 2 for an unusable config, 1 for any other failure.
 
 mod get;
-mod pgconf;
 mod prefault;
 mod prefetch;
 mod restore;

@@ -14,7 +14,7 @@
 //!
 //! `warmed_for_pg_prefetch` counts the blocks warmed only because PostgreSQL's own
 //! `recovery_prefetch` would read them; the setting comes from the configuration files
-//! (see `pgconf`) and, once a connection works, from `SHOW`.
+//! (see `walvault_protocol::core::pg::conf`) and, once a connection works, from `SHOW`.
 //!
 //! Files under PGDATA are held open in a small cache only while PostgreSQL runs
 //! (`postmaster.pid` names a live process); the moment the postmaster exits (a pidfd

@@ -24,7 +24,7 @@ use walvault_protocol::core::pg::wal::Lsn;
 use super::{
     learn_pg_prefetch, lock, Inner, PgState, Prefaulter, CONNECT_BACKOFF_MAX, CONNECT_BACKOFF_MIN,
 };
-use crate::pgconf;
+use walvault_protocol::core::pg::conf as pgconf;
 
 impl Prefaulter {
     /// Is PostgreSQL running, and where is replay? Closes files when it stopped.

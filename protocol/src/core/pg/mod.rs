@@ -2,6 +2,7 @@
 
 pub mod backup_manifest;
 pub mod basebackup;
+pub mod conf;
 pub mod control;
 pub mod relpath;
 pub mod tar;

@@ -1,5 +1,5 @@
-//! Reads a few PostgreSQL settings from the files PostgreSQL reads them from, so the
-//! prefetch daemon knows them before it can connect (archive recovery accepts no
+//! PostgreSQL's configuration files: reads settings from the files PostgreSQL reads them
+//! from (the prefetch daemon needs them before it can connect: archive recovery accepts no
 //! connections until it is consistent, and never with `hot_standby = off`).
 //!
 //! Sources, later ones winning, as PostgreSQL applies them:
@@ -26,7 +26,7 @@ const MAX_DEPTH: usize = 10;
 
 /// The settings named in `wanted` (lower case) as the configuration files and the
 /// postmaster's command line set them; absent names are not set anywhere readable.
-pub(crate) fn read_settings(pgdata: &Path, wanted: &[&str]) -> HashMap<String, String> {
+pub fn read_settings(pgdata: &Path, wanted: &[&str]) -> HashMap<String, String> {
     let mut out = HashMap::new();
     let opts = std::fs::read_to_string(pgdata.join("postmaster.opts"))
         .map(|s| command_line_settings(&s))
