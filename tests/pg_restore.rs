@@ -1,6 +1,7 @@
 //! `pullclient restore` and `archive-get` against the things that can go wrong around
 //! them: a server still running in the target directory, a spool planted by another
-//! user, an archive that goes away in the middle of a recovery. Real PostgreSQL 15 and a
+//! user, an archive that goes away in the middle of a recovery, a backup that carries an
+//! earlier restore's recovery target. Real PostgreSQL 15 and a
 //! real `archived` on loopback in every test.
 
 use std::fs;
@@ -69,6 +70,59 @@ fn delta_restore_refuses_a_running_server() {
     );
     assert_eq!(primary.psql(ACCOUNTS), expected, "{}", primary.diag());
     assert_eq!(primary.psql("SELECT pg_is_in_recovery()"), "f");
+}
+
+/// A primary that was itself restored to a target and promoted keeps the old recovery
+/// settings in postgresql.auto.conf (PostgreSQL never removes them), and its backups carry
+/// them. A restore of such a backup with no target must not inherit the old one: before,
+/// the old `recovery_target_name` stayed in force beside the appended settings and
+/// recovery ended with "recovery ended before configured recovery target was reached".
+/// Now every recovery target the backup came with is commented out (left there, with a
+/// note, for the DBA to read) and the restore's own settings appear once.
+#[test]
+fn a_restore_does_not_inherit_the_recovery_target_the_backup_came_with() {
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let pull = archive.issue(CLUSTER, "pull");
+    let primary = archiving_primary(&archive, &push, &[]);
+    // What a primary restored with --target-name and promoted has in its auto.conf.
+    primary.psql("ALTER SYSTEM SET recovery_target_name = 'never_created'");
+    primary.psql("ALTER SYSTEM SET recovery_target_action = 'shutdown'");
+    primary.psql("ALTER SYSTEM SET restore_command = 'false'");
+    primary.pgbench_init(1);
+    backup(&archive, &push, &primary, &["--fast"]);
+    primary.pgbench(&["-n", "-t", "200"]);
+    let expected = primary.psql(ACCOUNTS);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+
+    let mut copy = restore(&archive, &pull, "inherits", &[]);
+    let auto = fs::read_to_string(copy.data_dir().join("postgresql.auto.conf")).unwrap();
+    let live: Vec<&str> = auto
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert!(
+        !live.iter().any(|l| l.starts_with("recovery_target_name")
+            || l.starts_with("recovery_target_action")),
+        "an inherited recovery target is still in force:\n{auto}"
+    );
+    assert_eq!(
+        live.iter().filter(|l| l.starts_with("restore_command")).count(),
+        1,
+        "restore_command is set more than once:\n{auto}"
+    );
+    assert!(
+        auto.contains("was: recovery_target_name = 'never_created'"),
+        "the inherited setting was not kept as a comment:\n{auto}"
+    );
+    start_and_wait_promoted(&mut copy);
+    assert_eq!(copy.psql(ACCOUNTS), expected, "{}", copy.diag());
+    assert!(
+        copy.log().contains("redo done"),
+        "recovery did not replay to the end\n{}",
+        copy.diag()
+    );
 }
 
 /// Removes a directory outside the test's temp dirs when dropped.

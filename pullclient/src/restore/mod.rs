@@ -7,7 +7,9 @@
 //! the writes, so writeback errors are reported); PostgreSQL's `backup_manifest` is beside them (so
 //! `pg_verifybackup` can check the result); `postgresql.auto.conf` ends with the recovery
 //! settings (`restore_command` running this pullclient with this config, the target, and
-//! for archive recovery with the prefaulter on, `recovery_prefetch = off`) and
+//! for archive recovery with the prefaulter on, `recovery_prefetch = off`), and every
+//! earlier assignment of those keys and every recovery target it came with from the
+//! backup is commented out (a restored-and-promoted primary keeps its old target there); and
 //! `recovery.signal` (restore) or `standby.signal` (clone) exists. `pg_ctl start` then
 //! replays the archived WAL. On failure the directory is not startable (no signal file
 //! and no recovery settings were written): fix the cause and run again with `--delta`.
@@ -55,6 +57,7 @@ use walvault_protocol::core::format::manifest::{
     chunk_range, BackupManifest, FileEntry, FileKind, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
 };
 use walvault_protocol::core::format::names::format_unix_utc;
+use walvault_protocol::core::pg::conf;
 use walvault_protocol::core::format::object::{with_thread_decoder, ObjectHeader, HEADER_LEN};
 use walvault_protocol::core::wire::backup::MAX_CHUNKS_PER_GET;
 use walvault_protocol::net::client::ArchiveClient;
@@ -349,10 +352,6 @@ fn process_exists(pid: i32) -> bool {
     // SAFETY: kill with signal 0 sends nothing; it only checks that the pid exists.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-fn quote_conf(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
 }
 
 pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()> {
@@ -677,58 +676,62 @@ fn finish_pgdata(
             args.config_path.display()
         )
     })?;
-    let mut conf = format!(
-        "\n# walvault: restored from backup {} (stopped {}) by pullclient\nrestore_command = {}\nrecovery_target_timeline = 'latest'\n",
-        manifest.id,
-        format_unix_utc(manifest.stop_time),
-        quote_conf(&format!(
-            "{} archive-get %f %p --config {}",
-            exe.display(),
-            config.display()
-        ))
-    );
+    let mut set: Vec<(&str, String)> = vec![
+        (
+            "restore_command",
+            format!(
+                "{} archive-get %f %p --config {}",
+                exe.display(),
+                config.display()
+            ),
+        ),
+        ("recovery_target_timeline", "latest".to_string()),
+    ];
     let signal = match &args.mode {
         Mode::Recovery { target, action } => {
             match target {
                 RecoveryTarget::End => {}
-                RecoveryTarget::Time(t, _) => {
-                    conf += &format!("recovery_target_time = {}\n", quote_conf(t))
-                }
-                RecoveryTarget::Lsn(l) => conf += &format!("recovery_target_lsn = '{l}'\n"),
-                RecoveryTarget::Xid(x) => {
-                    conf += &format!("recovery_target_xid = {}\n", quote_conf(x))
-                }
-                RecoveryTarget::Name(n) => {
-                    conf += &format!("recovery_target_name = {}\n", quote_conf(n))
-                }
-                RecoveryTarget::Immediate => conf += "recovery_target = 'immediate'\n",
+                RecoveryTarget::Time(t, _) => set.push(("recovery_target_time", t.clone())),
+                RecoveryTarget::Lsn(l) => set.push(("recovery_target_lsn", l.to_string())),
+                RecoveryTarget::Xid(x) => set.push(("recovery_target_xid", x.clone())),
+                RecoveryTarget::Name(n) => set.push(("recovery_target_name", n.clone())),
+                RecoveryTarget::Immediate => set.push(("recovery_target", "immediate".into())),
             }
             if let Some(a) = action {
-                conf += &format!("recovery_target_action = {}\n", quote_conf(a));
+                set.push(("recovery_target_action", a.clone()));
             }
             if cfg.prefetch.enabled && cfg.prefetch.prefault {
                 // Measured (benches/RESULTS.md, replay): with walvault's prefaulter warming
                 // blocks ahead, PostgreSQL's own prefetch only adds work during archive
                 // recovery (and with full_page_writes on, reads of pages replay overwrites).
-                conf += "recovery_prefetch = off  # walvault's prefaulter warms the blocks replay reads\n";
+                set.push(("recovery_prefetch", "off".into()));
             }
             "recovery.signal"
         }
         Mode::Standby { primary_conninfo } => {
             if let Some(c) = primary_conninfo {
-                conf += &format!("primary_conninfo = {}\n", quote_conf(c));
+                set.push(("primary_conninfo", c.clone()));
             }
             "standby.signal"
         }
     };
+    // The backup's own postgresql.auto.conf may hold recovery settings of an earlier
+    // restore of this cluster (PostgreSQL keeps them after promotion): every recovery
+    // target in it is commented out, whether or not this restore sets one, so a stale
+    // target cannot stop this recovery (core::pg::conf).
     let auto = pgdata.join("postgresql.auto.conf");
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&auto)
-        .with_context(|| format!("cannot open {}", auto.display()))?;
-    f.write_all(conf.as_bytes())?;
-    f.sync_all()?;
+    let old = match std::fs::read_to_string(&auto) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", auto.display())),
+    };
+    let note = format!(
+        "walvault: restored from backup {} (stopped {}) by pullclient",
+        manifest.id,
+        format_unix_utc(manifest.stop_time)
+    );
+    let text = conf::replace_settings(&old, &note, |k| k.starts_with("recovery_target"), &set);
+    write_new("postgresql.auto.conf", text.as_bytes())?;
     write_new(signal, b"")?;
     walvault_protocol::net::fsutil::fsync_dir(pgdata)?;
     Ok(())
