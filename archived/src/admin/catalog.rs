@@ -24,8 +24,9 @@ pub(crate) async fn run(command: CatalogCommand) -> Result<()> {
     let dir = DataDir::new(&data_dir);
     let cfg = dir.load_config()?;
     let store = dir.open_store(&cfg)?;
-    let index = rebuild::open_or_rebuild(&dir.catalog(), &store)
-        .await
+    // Opened as it is (a damaged one moved aside), then rebuilt once: not through
+    // open_or_rebuild, which would already rebuild an incomplete catalog.
+    let index = rebuild::open_or_move_aside(&dir.catalog())
         .context("opening the catalog (is archived serve still running?)")?;
     let summary = rebuild::rebuild(&index, &store).await?;
     println!(

@@ -15,22 +15,7 @@ use crate::store::Store;
 /// damaged or incomplete.
 pub(crate) async fn open_or_rebuild(dir: &Path, store: &Store) -> Result<Index> {
     let existed = dir.exists();
-    let index = match Index::open(dir) {
-        Ok(c) => c,
-        Err(e) => {
-            let aside = dir.with_file_name(format!(
-                "catalog.damaged.{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            ));
-            tracing::warn!(error = %format!("{e:#}"), aside = %aside.display(), "catalog cannot be opened; moving it aside and rebuilding from the store");
-            std::fs::rename(dir, &aside)
-                .with_context(|| format!("cannot move damaged catalog {} aside", dir.display()))?;
-            Index::open(dir)?
-        }
-    };
+    let index = open_or_move_aside(dir)?;
     if !index.is_complete()? {
         if existed {
             tracing::warn!(
@@ -42,6 +27,28 @@ pub(crate) async fn open_or_rebuild(dir: &Path, store: &Store) -> Result<Index> 
         rebuild(&index, store).await?;
     }
     Ok(index)
+}
+
+/// Opens the catalog at `dir` as it is; one sled cannot open is moved aside to
+/// `catalog.damaged.<unix time>` and an empty one is opened in its place (not yet
+/// complete: the caller rebuilds it).
+pub(crate) fn open_or_move_aside(dir: &Path) -> Result<Index> {
+    match Index::open(dir) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            let aside = dir.with_file_name(format!(
+                "catalog.damaged.{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            ));
+            tracing::warn!(error = %format!("{e:#}"), aside = %aside.display(), "catalog cannot be opened; moving it aside and rebuilding from the store");
+            std::fs::rename(dir, &aside)
+                .with_context(|| format!("cannot move damaged catalog {} aside", dir.display()))?;
+            Index::open(dir)
+        }
+    }
 }
 
 /// Rebuilds every tree from a listing of the store.
