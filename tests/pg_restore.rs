@@ -103,12 +103,16 @@ fn a_restore_does_not_inherit_the_recovery_target_the_backup_came_with() {
         .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
         .collect();
     assert!(
-        !live.iter().any(|l| l.starts_with("recovery_target_name")
-            || l.starts_with("recovery_target_action")),
+        !live
+            .iter()
+            .any(|l| l.starts_with("recovery_target_name")
+                || l.starts_with("recovery_target_action")),
         "an inherited recovery target is still in force:\n{auto}"
     );
     assert_eq!(
-        live.iter().filter(|l| l.starts_with("restore_command")).count(),
+        live.iter()
+            .filter(|l| l.starts_with("restore_command"))
+            .count(),
         1,
         "restore_command is set more than once:\n{auto}"
     );

@@ -57,8 +57,8 @@ use walvault_protocol::core::format::manifest::{
     chunk_range, BackupManifest, FileEntry, FileKind, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
 };
 use walvault_protocol::core::format::names::format_unix_utc;
-use walvault_protocol::core::pg::conf;
 use walvault_protocol::core::format::object::{with_thread_decoder, ObjectHeader, HEADER_LEN};
+use walvault_protocol::core::pg::conf;
 use walvault_protocol::core::wire::backup::MAX_CHUNKS_PER_GET;
 use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;

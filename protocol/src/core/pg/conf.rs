@@ -248,7 +248,11 @@ mod tests {
     fn quoted_values_read_back_as_written() {
         for v in ["plain", "it's", "C:\\wal\\%f", "a\\'b", "", "x'' \\\\ y"] {
             let line = format!("restore_command = {}", quote(v));
-            assert_eq!(parse_line(&line), Some(("restore_command".into(), v.into())), "{line}");
+            assert_eq!(
+                parse_line(&line),
+                Some(("restore_command".into(), v.into())),
+                "{line}"
+            );
         }
         assert_eq!(quote("a\\b'c"), "'a\\\\b''c'");
     }
@@ -266,7 +270,10 @@ mod tests {
             "walvault restore 2026-12-02",
             |n| n.starts_with("recovery_target"),
             &[
-                ("restore_command", "pullclient archive-get %f %p".to_string()),
+                (
+                    "restore_command",
+                    "pullclient archive-get %f %p".to_string(),
+                ),
                 ("recovery_target_timeline", "latest".to_string()),
             ],
         );
@@ -287,14 +294,24 @@ mod tests {
         std::fs::write(dir.path().join("postgresql.auto.conf"), &after).unwrap();
         let s = read_settings(
             dir.path(),
-            &["restore_command", "recovery_target_time", "recovery_target_action", "work_mem"],
+            &[
+                "restore_command",
+                "recovery_target_time",
+                "recovery_target_action",
+                "work_mem",
+            ],
         );
         assert_eq!(s["restore_command"], "pullclient archive-get %f %p");
         assert_eq!(s["work_mem"], "64MB");
         assert!(!s.contains_key("recovery_target_time"), "{s:?}");
         assert!(!s.contains_key("recovery_target_action"), "{s:?}");
         // A second restore over the first replaces ours too, so nothing stacks up.
-        let again = replace_settings(&after, "second", |_| false, &[("restore_command", "x".into())]);
+        let again = replace_settings(
+            &after,
+            "second",
+            |_| false,
+            &[("restore_command", "x".into())],
+        );
         assert_eq!(again.matches("\nrestore_command = ").count(), 1, "{again}");
     }
 
