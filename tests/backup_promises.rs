@@ -428,7 +428,7 @@ async fn restore_verifies_every_chunk_and_writes_nothing_unverified() {
     assert!(good.join("recovery.signal").exists());
     let auto = std::fs::read_to_string(good.join("postgresql.auto.conf")).unwrap();
     assert!(
-        auto.contains("restore_command = ") && auto.contains("recovery_prefetch = off"),
+        auto.contains("restore_command = ") && auto.contains("recovery_prefetch = 'off'"),
         "{auto}"
     );
 
