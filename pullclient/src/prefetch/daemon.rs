@@ -258,30 +258,57 @@ impl Daemon {
         Ok(size)
     }
 
-    /// Segments to have in the spool now, in replay order, and removes what is stale.
-    fn plan(&self, seg_size: u32) -> Vec<SegmentName> {
-        let mut st = lock_state(&self.state);
-        let Some(requested) = st.requested else {
+    /// Segments to have in the spool now, in replay order (none in flight), and removes
+    /// what is stale. The spool directory is read and stale segments unlinked on a
+    /// blocking thread, without the state lock: the lock is the control socket's and the
+    /// watch loop's too, and the runtime has few workers.
+    async fn plan(self: &Arc<Self>, seg_size: u32) -> Vec<SegmentName> {
+        let (requested, wanted) = {
+            let st = lock_state(&self.state);
+            let Some(requested) = st.requested else {
+                return Vec::new();
+            };
+            let budget = (self.cfg.prefetch.spool_max_bytes / seg_size as u64).max(1);
+            let mut wanted = Vec::new();
+            let mut next = requested.next(seg_size);
+            for _ in 0..budget {
+                if let Some((end, retry_at, _)) = st.archive_end {
+                    if next >= end && next.timeline == end.timeline {
+                        // At the end of the archive: probe only the first missing segment,
+                        // and only when its back-off has passed.
+                        if next == end && Instant::now() >= retry_at {
+                            wanted.push(next);
+                        }
+                        break;
+                    }
+                }
+                wanted.push(next);
+                next = next.next(seg_size);
+            }
+            // Only this task starts downloads: what is not in flight now will not be
+            // until this plan is carried out.
+            wanted.retain(|s| !st.inflight.contains(s));
+            (requested, wanted)
+        };
+        let daemon = self.clone();
+        let scanned =
+            tokio::task::spawn_blocking(move || daemon.scan_spool(requested, wanted)).await;
+        let Ok((spooled, wanted)) = scanned else {
             return Vec::new();
         };
-        let budget = (self.cfg.prefetch.spool_max_bytes / seg_size as u64).max(1);
-        let mut wanted = Vec::new();
-        let mut next = requested.next(seg_size);
-        for _ in 0..budget {
-            if let Some((end, retry_at, _)) = st.archive_end {
-                if next >= end && next.timeline == end.timeline {
-                    // At the end of the archive: probe only the first missing segment,
-                    // and only when its back-off has passed.
-                    if next == end && Instant::now() >= retry_at {
-                        wanted.push(next);
-                    }
-                    break;
-                }
-            }
-            wanted.push(next);
-            next = next.next(seg_size);
-        }
-        // Evict what replay has passed (or another timeline's segments) and count the rest.
+        let mut st = lock_state(&self.state);
+        st.counters.spooled_segments = spooled;
+        st.counters.bytes_ahead = spooled * seg_size as u64;
+        wanted
+    }
+
+    /// Evicts the spooled segments replay has passed (or of another timeline) and counts
+    /// the rest; of `wanted`, those not spooled yet.
+    fn scan_spool(
+        &self,
+        requested: SegmentName,
+        mut wanted: Vec<SegmentName>,
+    ) -> (u64, Vec<SegmentName>) {
         let mut spooled = 0;
         for e in std::fs::read_dir(self.spool.ready_dir())
             .into_iter()
@@ -300,11 +327,8 @@ impl Daemon {
                 spooled += 1;
             }
         }
-        st.counters.spooled_segments = spooled;
-        st.counters.bytes_ahead = spooled * seg_size as u64;
-        wanted
-            .retain(|s| !st.inflight.contains(s) && !self.spool.hash_file(&s.to_string()).exists());
-        wanted
+        wanted.retain(|s| !self.spool.hash_file(&s.to_string()).exists());
+        (spooled, wanted)
     }
 
     fn prefault_step(&self, pg: &PgState) {
@@ -334,7 +358,7 @@ async fn fetch_loop(daemon: Arc<Daemon>) {
             }
         };
         if let Some(seg_size) = seg_size {
-            for seg in daemon.plan(seg_size) {
+            for seg in daemon.plan(seg_size).await {
                 let Ok(permit) = daemon.downloads.clone().try_acquire_owned() else {
                     break;
                 };
