@@ -113,7 +113,7 @@ WORK=$(mktemp -d "$BENCH_TMPDIR/walvault-close.XXXXXX")
 chmod 0755 "$WORK"
 cd "$WORK"
 mkdir -p bin logs sock runs base
-chown postgres: sock runs base
+chown postgres: sock runs base logs
 chmod 0700 base
 LOGS=$WORK/logs
 BIN=$WORK/bin
@@ -199,12 +199,12 @@ EOF
 as_pg "$PGBIN/pg_ctl" -D "$PRIMARY" -l "$LOGS/primary.log" -w -t 60 start >/dev/null ||
     { tail -20 "$LOGS/primary.log" >&2; die "pg_ctl start (primary) failed"; }
 PRIMARY_UP=1
-run_logged "$LOGS/pgbench.log" as_pg "$PGBIN/pgbench" -h "$WORK/sock" -p "$PGPORT" -i -q -s "$SCALE" postgres
-run_logged "$LOGS/basebackup.log" as_pg "$PGBIN/pg_basebackup" -h "$WORK/sock" -p "$PGPORT" -U postgres \
+run_logged "$LOGS/pgbench.log" runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK/sock" -p "$PGPORT" -i -q -s "$SCALE" postgres
+run_logged "$LOGS/basebackup.log" runuser -u postgres -- "$PGBIN/pg_basebackup" -h "$WORK/sock" -p "$PGPORT" -U postgres \
     -D "$WORK/base" -X none -c fast
 START_LSN=$(psql_primary "select pg_current_wal_lsn()")
 while (($(psql_primary "select pg_wal_lsn_diff(pg_current_wal_lsn(), '$START_LSN')::bigint") < SEGS * SEG_BYTES)); do
-    run_logged "$LOGS/pgbench.log" as_pg "$PGBIN/pgbench" -h "$WORK/sock" -p "$PGPORT" -n -c 4 -j 2 -T 5 postgres
+    run_logged "$LOGS/pgbench.log" runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK/sock" -p "$PGPORT" -n -c 4 -j 2 -T 5 postgres
 done
 LAST=$(psql_primary "select pg_walfile_name(pg_switch_wal())")
 for ((i = 0; ; i++)); do
