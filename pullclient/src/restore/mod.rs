@@ -40,14 +40,16 @@
 //! (protocol::retry).
 
 mod cli;
+mod delta;
+mod recovery_conf;
 mod target;
+mod write;
 
 pub(crate) use cli::{command, CloneCommand, Invocation, RestoreCommand};
 pub(crate) use target::RecoveryTarget;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Write;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,8 +59,7 @@ use walvault_protocol::core::format::manifest::{
     chunk_range, BackupManifest, FileEntry, FileKind, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
 };
 use walvault_protocol::core::format::names::format_unix_utc;
-use walvault_protocol::core::format::object::{with_thread_decoder, ObjectHeader, HEADER_LEN};
-use walvault_protocol::core::pg::conf;
+use walvault_protocol::core::format::object::{ObjectHeader, HEADER_LEN};
 use walvault_protocol::core::wire::backup::MAX_CHUNKS_PER_GET;
 use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
@@ -66,7 +67,10 @@ use walvault_protocol::net::fanout::Fanout;
 use walvault_protocol::net::progress;
 use walvault_protocol::net::retry::{retry, RetryPolicy};
 
+use delta::{differing_chunks, refuse_running_server, remove_extra};
+use recovery_conf::finish_pgdata;
 use target::choose;
+use write::{create_dir, dir_is_empty, write_chunks, Layout};
 
 /// Raw bytes of chunks asked for in one `GetChunks` request (32 chunks of 128 KiB).
 const BATCH_BYTES: u64 = 4 << 20;
@@ -101,257 +105,6 @@ pub(crate) struct RestoreArgs {
 fn max_chunks_body(count: usize, chunk_size: u64) -> u64 {
     count as u64
         * (HEADER_LEN as u64 + ObjectHeader::max_compressed_size(chunk_size.min(MAX_CHUNK_SIZE)))
-}
-
-/// Splits a `GetChunks` body into its objects, verifies each against the hash asked for
-/// (size, blake3 of the decompressed bytes), then writes them everywhere they belong,
-/// one file at a time under that file's lock: concurrent buffered writes into one file
-/// spin on its inode lock in the kernel (a third of the CPU of a 2 GiB restore). Nothing
-/// of a batch is written before all of it verified. Returns the bytes written.
-fn write_chunks(
-    body: &[u8],
-    batch: &[(String, Vec<(usize, u64)>)],
-    paths: &[PathBuf],
-    locks: &[std::sync::Mutex<()>],
-    chunk_size: u64,
-) -> Result<u64> {
-    let decoded = with_thread_decoder(|decoder| -> Result<Vec<Vec<u8>>> {
-        let mut rest = body;
-        let mut out = Vec::with_capacity(batch.len());
-        for (hash, _) in batch {
-            let what = format!("chunk {hash}");
-            let mut expected = [0u8; 32];
-            hex::decode_to_slice(hash, &mut expected)
-                .with_context(|| format!("{what}: not a blake3 hash"))?;
-            let header = ObjectHeader::decode(rest)
-                .with_context(|| format!("{what}: the archive's answer ends or is garbled"))?;
-            let frame = rest
-                .get(HEADER_LEN..)
-                .and_then(|r| r.get(..usize::try_from(header.compressed_size).ok()?))
-                .ok_or_else(|| anyhow!("{what}: the archive's answer is cut short"))?;
-            out.push(
-                decoder
-                    .decode(&header, frame, &expected, chunk_size.min(MAX_CHUNK_SIZE))
-                    .with_context(|| {
-                        format!(
-                            "{what}: archived copy failed verification; nothing of it was written"
-                        )
-                    })?,
-            );
-            rest = &rest[HEADER_LEN + frame.len()..];
-        }
-        if !rest.is_empty() {
-            bail!(
-                "the archive's answer for {} chunks has {} bytes too many",
-                batch.len(),
-                rest.len()
-            );
-        }
-        Ok(out)
-    })
-    .context("cannot set up zstd")??;
-    let mut by_file: BTreeMap<usize, Vec<(u64, &[u8])>> = BTreeMap::new();
-    for ((_, at), data) in batch.iter().zip(&decoded) {
-        for (file, offset) in at {
-            by_file.entry(*file).or_default().push((*offset, data));
-        }
-    }
-    let mut written = 0u64;
-    for (file, mut writes) in by_file {
-        writes.sort_by_key(|(offset, _)| *offset);
-        let path = &paths[file];
-        let _one_writer = locks[file].lock().unwrap_or_else(|p| p.into_inner());
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        let (mut lo, mut hi) = (u64::MAX, 0u64);
-        for (offset, data) in writes {
-            f.write_all_at(data, offset)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            written += data.len() as u64;
-            lo = lo.min(offset);
-            hi = hi.max(offset + data.len() as u64);
-        }
-        // Start writing these pages to disk now, while the rest is fetched and decoded,
-        // so the final syncfs has little left to wait for. Advisory: errors are the
-        // syncfs's to report.
-        if hi > lo {
-            // SAFETY: sync_file_range on a descriptor we hold open, a range we just wrote.
-            unsafe {
-                libc::sync_file_range(
-                    std::os::fd::AsRawFd::as_raw_fd(&f),
-                    lo as i64,
-                    (hi - lo) as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
-        }
-    }
-    Ok(written)
-}
-
-fn dir_is_empty(dir: &Path) -> Result<bool> {
-    match std::fs::read_dir(dir) {
-        Ok(mut it) => Ok(it.next().is_none()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(anyhow!(e).context(format!("cannot read {}", dir.display()))),
-    }
-}
-
-fn create_dir(path: &Path, mode: u32) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot replace {} with a directory", path.display()))?;
-            std::fs::create_dir(path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-        }
-        Err(_) => std::fs::create_dir_all(path)
-            .with_context(|| format!("cannot create {}", path.display()))?,
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot chmod {}", path.display()))
-}
-
-/// Where each entry of the manifest goes.
-struct Layout {
-    pgdata: PathBuf,
-    tablespaces: BTreeMap<u32, PathBuf>,
-}
-
-impl Layout {
-    fn path_of(&self, f: &FileEntry) -> Result<PathBuf> {
-        let base = match f.tablespace {
-            None => &self.pgdata,
-            Some(oid) => self
-                .tablespaces
-                .get(&oid)
-                .ok_or_else(|| anyhow!("file {} is in unknown tablespace {oid}", f.path))?,
-        };
-        Ok(base.join(&f.path))
-    }
-}
-
-/// Removes what is under `root` but not in `keep` (delta restores); never follows
-/// symlinks.
-fn remove_extra(
-    root: &Path,
-    rel: &Path,
-    keep: &BTreeSet<PathBuf>,
-    removed: &mut u64,
-) -> Result<()> {
-    let dir = root.join(rel);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(anyhow!(e).context(format!("cannot list {}", dir.display()))),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let rel_path = rel.join(entry.file_name());
-        let full = root.join(&rel_path);
-        let ft = entry.file_type()?;
-        if ft.is_dir() {
-            if keep.contains(&full) {
-                remove_extra(root, &rel_path, keep, removed)?;
-            } else {
-                std::fs::remove_dir_all(&full)
-                    .with_context(|| format!("cannot remove {}", full.display()))?;
-                *removed += 1;
-            }
-        } else if !keep.contains(&full) || ft.is_symlink() {
-            std::fs::remove_file(&full)
-                .with_context(|| format!("cannot remove {}", full.display()))?;
-            *removed += 1;
-        }
-    }
-    Ok(())
-}
-
-/// Hashes the chunks of an existing file; the indexes that differ from `f` (all, if the
-/// file is missing or not a regular file).
-fn differing_chunks(path: &Path, f: &FileEntry, chunk_size: u64) -> Result<Vec<usize>> {
-    let all = || (0..f.chunks.len()).collect::<Vec<_>>();
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_file() => m,
-        _ => return Ok(all()),
-    };
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut buf = vec![0u8; chunk_size as usize];
-    let mut out = Vec::new();
-    for (i, want) in f.chunks.iter().enumerate() {
-        let range = chunk_range(f.size, chunk_size, i as u64);
-        if range.end > meta.len() {
-            out.push(i);
-            continue;
-        }
-        let len = (range.end - range.start) as usize;
-        file.read_exact_at(&mut buf[..len], range.start)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if blake3::hash(&buf[..len]).to_hex().as_str() != want {
-            out.push(i);
-        }
-    }
-    Ok(out)
-}
-
-/// Refuses a data directory whose `postmaster.pid` names a live process, as pgBackRest
-/// does. A `postmaster.pid` whose process is gone (a crash) is no obstacle: `--delta`
-/// removes it with every other file the backup does not have. A pid that another process
-/// has taken over since is refused too: this cannot tell it from PostgreSQL, the operator
-/// can (the message says how).
-fn refuse_running_server(pgdata: &Path) -> Result<()> {
-    let pid_file = pgdata.join("postmaster.pid");
-    let text = match std::fs::read_to_string(&pid_file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => return Ok(()),
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot read {} to check that PostgreSQL is not running there",
-                    pid_file.display()
-                )
-            })
-        }
-    };
-    // Line 1 is the postmaster's pid (negative for a single-user backend).
-    let Some(pid) = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok())
-        .map(|p| p.unsigned_abs())
-        .filter(|p| *p > 0 && *p <= i32::MAX as u32)
-    else {
-        bail!(
-            "{} does not start with a process id, so whether PostgreSQL runs in {} is unknown: \
-             stop PostgreSQL (pg_ctl -D {} stop), or if none runs there, remove postmaster.pid",
-            pid_file.display(),
-            pgdata.display(),
-            pgdata.display()
-        );
-    };
-    if process_exists(pid as i32) {
-        bail!(
-            "PostgreSQL is running in {}: postmaster.pid names live process {pid}; stop it first \
-             (pg_ctl -D {} stop -m fast) and run the restore again. If that process is not \
-             PostgreSQL (a stale postmaster.pid whose pid was reused), remove {}",
-            pgdata.display(),
-            pgdata.display(),
-            pid_file.display()
-        );
-    }
-    Ok(())
-}
-
-/// Whether a process with this pid exists (also one we may not signal).
-fn process_exists(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()> {
@@ -639,100 +392,5 @@ pub(crate) async fn restore(cfg: &ClientConfig, args: &RestoreArgs) -> Result<()
         fetch_bytes as f64 / (1 << 20) as f64,
     );
     println!("next: pg_ctl -D {} start", layout.pgdata.display());
-    Ok(())
-}
-
-/// PostgreSQL's backup_manifest, pg_wal, recovery settings and the signal file.
-fn finish_pgdata(
-    pgdata: &Path,
-    manifest: &BackupManifest,
-    args: &RestoreArgs,
-    cfg: &ClientConfig,
-) -> Result<()> {
-    let write_new = |name: &str, contents: &[u8]| -> Result<()> {
-        let path = pgdata.join(name);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        f.write_all(contents)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.sync_all()
-            .with_context(|| format!("cannot fsync {}", path.display()))
-    };
-    write_new("backup_manifest", manifest.pg_backup_manifest.as_bytes())?;
-    create_dir(&pgdata.join("pg_wal"), 0o700)?;
-    create_dir(&pgdata.join("pg_wal/archive_status"), 0o700)?;
-    for stale in ["recovery.signal", "standby.signal"] {
-        let _ = std::fs::remove_file(pgdata.join(stale));
-    }
-
-    let exe = std::env::current_exe().context("cannot find this pullclient's own path")?;
-    let config = std::fs::canonicalize(&args.config_path).with_context(|| {
-        format!(
-            "cannot resolve the config path {}",
-            args.config_path.display()
-        )
-    })?;
-    let mut set: Vec<(&str, String)> = vec![
-        (
-            "restore_command",
-            format!(
-                "{} archive-get %f %p --config {}",
-                exe.display(),
-                config.display()
-            ),
-        ),
-        ("recovery_target_timeline", "latest".to_string()),
-    ];
-    let signal = match &args.mode {
-        Mode::Recovery { target, action } => {
-            match target {
-                RecoveryTarget::End => {}
-                RecoveryTarget::Time(t, _) => set.push(("recovery_target_time", t.clone())),
-                RecoveryTarget::Lsn(l) => set.push(("recovery_target_lsn", l.to_string())),
-                RecoveryTarget::Xid(x) => set.push(("recovery_target_xid", x.clone())),
-                RecoveryTarget::Name(n) => set.push(("recovery_target_name", n.clone())),
-                RecoveryTarget::Immediate => set.push(("recovery_target", "immediate".into())),
-            }
-            if let Some(a) = action {
-                set.push(("recovery_target_action", a.clone()));
-            }
-            if cfg.prefetch.enabled && cfg.prefetch.prefault {
-                // Measured (benches/RESULTS.md, replay): with walvault's prefaulter warming
-                // blocks ahead, PostgreSQL's own prefetch only adds work during archive
-                // recovery (and with full_page_writes on, reads of pages replay overwrites).
-                set.push(("recovery_prefetch", "off".into()));
-            }
-            "recovery.signal"
-        }
-        Mode::Standby { primary_conninfo } => {
-            if let Some(c) = primary_conninfo {
-                set.push(("primary_conninfo", c.clone()));
-            }
-            "standby.signal"
-        }
-    };
-    // The backup's own postgresql.auto.conf may hold recovery settings of an earlier
-    // restore of this cluster (PostgreSQL keeps them after promotion): every recovery
-    // target in it is commented out, whether or not this restore sets one, so a stale
-    // target cannot stop this recovery (core::pg::conf).
-    let auto = pgdata.join("postgresql.auto.conf");
-    let old = match std::fs::read_to_string(&auto) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", auto.display())),
-    };
-    let note = format!(
-        "walvault: restored from backup {} (stopped {}) by pullclient",
-        manifest.id,
-        format_unix_utc(manifest.stop_time)
-    );
-    let text = conf::replace_settings(&old, &note, |k| k.starts_with("recovery_target"), &set);
-    write_new("postgresql.auto.conf", text.as_bytes())?;
-    write_new(signal, b"")?;
-    walvault_protocol::net::fsutil::fsync_dir(pgdata)?;
     Ok(())
 }
