@@ -85,22 +85,33 @@ pub(crate) async fn run(command: BackupsCommand) -> Result<()> {
                 println!("cluster {cluster}: no backups");
                 return Ok(());
             }
-            println!(
-                "{:<21} {:<15} {:<10} {:<22} {:>12} {:>12}  restore window",
-                "ID", "STATE", "LABEL", "STOPPED", "SIZE", "STORED"
+            let rows: Vec<Vec<String>> = backups
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.record.id.clone(),
+                        b.state.to_string(),
+                        b.record.label.clone(),
+                        format_unix_utc(b.record.stop_time),
+                        mib(b.record.logical_bytes),
+                        mib(b.record.stored_bytes),
+                        window(b),
+                    ]
+                })
+                .collect();
+            super::print_table(
+                &[
+                    "ID",
+                    "STATE",
+                    "LABEL",
+                    "STOPPED",
+                    "SIZE",
+                    "STORED",
+                    "RESTORE WINDOW",
+                ],
+                &[false, false, false, false, true, true, false],
+                &rows,
             );
-            for b in &backups {
-                println!(
-                    "{:<21} {:<15} {:<10} {:<22} {:>12} {:>12}  {}",
-                    b.record.id,
-                    b.state.to_string(),
-                    b.record.label,
-                    format_unix_utc(b.record.stop_time),
-                    mib(b.record.logical_bytes),
-                    mib(b.record.stored_bytes),
-                    window(b)
-                );
-            }
             Ok(())
         }
         BackupsCommand::Show {

@@ -55,3 +55,66 @@ where
     archive.close().await;
     Ok(answer?)
 }
+
+/// Prints `rows` under `header` as columns as wide as their widest cell (labels and ids of
+/// any length line up); columns whose `right[i]` is true are right-aligned (numbers). The
+/// last column is not padded.
+pub(crate) fn print_table(header: &[&str], right: &[bool], rows: &[Vec<String>]) {
+    print!("{}", table(header, right, rows));
+}
+
+fn table(header: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, cell) in cells.enumerate() {
+            let last = i + 1 == widths.len();
+            let pad = widths[i].saturating_sub(cell.chars().count());
+            if i > 0 {
+                out.push_str("  ");
+            }
+            if right.get(i).copied().unwrap_or(false) {
+                out.push_str(&" ".repeat(pad));
+                out.push_str(cell);
+            } else {
+                out.push_str(cell);
+                if !last {
+                    out.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(&mut header.iter().copied());
+    for row in rows {
+        out += &line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn columns_are_as_wide_as_their_widest_cell() {
+        let rows = vec![
+            vec![
+                "a-very-long-label".to_string(),
+                "1".to_string(),
+                "x".to_string(),
+            ],
+            vec!["b".to_string(), "12345".to_string(), "yz".to_string()],
+        ];
+        assert_eq!(
+            super::table(&["LABEL", "SIZE", "NOTE"], &[false, true, false], &rows),
+            "LABEL               SIZE  NOTE\n\
+             a-very-long-label      1  x\n\
+             b                  12345  yz\n"
+        );
+    }
+}
