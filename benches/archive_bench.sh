@@ -123,26 +123,6 @@ s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])'
 }
 
-# start_archived DATADIR LOG: starts `archived serve` in the background, waits until a
-# push config (PUSH_CHECK_CONFIG) can reach it.
-start_archived() {
-    local dir=$1 logf=$2 i
-    "$BIN/archived" serve --data-dir "$dir" >>"$logf" 2>&1 &
-    ARCHIVED_PID=$!
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$ARCHIVED_PID" 2>/dev/null || {
-            cat "$logf" >&2
-            die "archived serve --data-dir $dir exited at start (log above)"
-        }
-        if timeout 10 "$BIN/pushclient" --config "$PUSH_CHECK_CONFIG" check >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    timeout 10 "$BIN/pushclient" --config "$PUSH_CHECK_CONFIG" check >&2 || true
-    die "archived serve --data-dir $dir did not answer pushclient check within 20 s"
-}
-
 stop_archived() {
     local i
     [[ -n $ARCHIVED_PID ]] || return 0
@@ -296,8 +276,7 @@ run_logged "$LOGS/archived-admin.log" "$BIN/archived" issue --data-dir "$WV" --c
     --role push --out "$WORK/push.toml"
 run_logged "$LOGS/archived-admin.log" "$BIN/archived" issue --data-dir "$WV" --cluster bench \
     --role pull --out "$WORK/pull.toml"
-PUSH_CHECK_CONFIG=$WORK/push.toml
-start_archived "$WV" "$LOGS/archived-serve.log"
+start_archived "$WV" "$LOGS/archived-serve.log" "$WORK/push.toml"
 
 sync
 t0=$(now)
@@ -358,8 +337,7 @@ for ((k = 1; k <= PUSHERS; k++)); do
     run_logged "$LOGS/archived-admin.log" "$BIN/archived" issue --data-dir "$WV8" \
         --cluster "bench$k" --role push --out "$WORK/push$k.toml"
 done
-PUSH_CHECK_CONFIG=$WORK/push1.toml
-start_archived "$WV8" "$LOGS/archived-serve8.log"
+start_archived "$WV8" "$LOGS/archived-serve8.log" "$WORK/push1.toml"
 
 sync
 BG_PIDS=()

@@ -126,12 +126,7 @@ WV_PORT=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK
 "$BIN/archived" issue --data-dir "$WV" --cluster bench --role push --out "$WORK/push.toml" >>"$LOGS/admin.log" 2>&1
 "$BIN/archived" issue --data-dir "$WV" --cluster bench --role pull --out "$WORK/pull.toml" >>"$LOGS/admin.log" 2>&1
 chown postgres: "$WORK/push.toml" "$WORK/pull.toml"
-"$BIN/archived" serve --data-dir "$WV" >>"$LOGS/archived.log" 2>&1 &
-ARCHIVED_PID=$!
-for ((i = 0; i < 100; i++)); do
-    "$BIN/pushclient" --config "$WORK/push.toml" check >/dev/null 2>&1 && break
-    sleep 0.2
-done
+start_archived "$WV" "$LOGS/archived.log" "$WORK/push.toml"
 
 # ---------------------------------------------------------------- PostgreSQL + pgBackRest
 PGDATA=$WORK/pgdata

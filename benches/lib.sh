@@ -51,6 +51,27 @@ release_build() {
     done
 }
 
+# start_archived DATADIR LOG PUSH_CONFIG: starts `archived serve` (from $BIN) in the
+# background, sets ARCHIVED_PID, and waits until `pushclient check` with PUSH_CONFIG gets an
+# answer (20 s at most); dies with the server's log if it exits first.
+start_archived() {
+    local dir=$1 logf=$2 push=$3 i
+    "$BIN/archived" serve --data-dir "$dir" >>"$logf" 2>&1 &
+    ARCHIVED_PID=$!
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$ARCHIVED_PID" 2>/dev/null || {
+            cat "$logf" >&2
+            die "archived serve --data-dir $dir exited at start (log above)"
+        }
+        if timeout 10 "$BIN/pushclient" --config "$push" check >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    timeout 10 "$BIN/pushclient" --config "$push" check >&2 || true
+    die "archived serve --data-dir $dir did not answer pushclient check within 20 s"
+}
+
 # results_insert FILE: reads one run's section (from its "## " heading on) on stdin and puts
 # it first among FILE's runs, just below the marker line, so runs stay newest first and the
 # current-figures table at the top of the file is left alone (it is kept by hand).

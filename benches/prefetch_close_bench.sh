@@ -167,14 +167,7 @@ run_logged "$LOGS/archived-admin.log" "$BIN/archived" init --data-dir "$WV" --li
 run_logged "$LOGS/archived-admin.log" "$BIN/archived" issue --data-dir "$WV" --cluster close --role push --out "$WORK/push.toml"
 run_logged "$LOGS/archived-admin.log" "$BIN/archived" issue --data-dir "$WV" --cluster close --role pull --out "$WORK/pull.toml"
 chown postgres: "$WORK/push.toml" "$WORK/pull.toml"
-"$BIN/archived" serve --data-dir "$WV" >>"$LOGS/archived-serve.log" 2>&1 &
-ARCHIVED_PID=$!
-for ((i = 0; ; i++)); do
-    kill -0 "$ARCHIVED_PID" 2>/dev/null || { cat "$LOGS/archived-serve.log" >&2; die "archived serve exited at start"; }
-    timeout 10 "$BIN/pushclient" --config "$WORK/push.toml" check >/dev/null 2>&1 && break
-    ((i < 100)) || die "archived did not answer pushclient check within 20 s"
-    sleep 0.2
-done
+start_archived "$WV" "$LOGS/archived-serve.log" "$WORK/push.toml"
 
 PRIMARY=$WORK/primary
 mkdir "$PRIMARY" && chown postgres: "$PRIMARY"

@@ -307,14 +307,7 @@ for phase in off on; do
         --cluster "replay-$phase" --role pull --out "$WORK/pull-$phase.toml"
 done
 chown postgres: "$WORK"/push-*.toml "$WORK"/pull-*.toml
-"$BIN/archived" serve --data-dir "$WV" >>"$LOGS/archived-serve.log" 2>&1 &
-ARCHIVED_PID=$!
-for ((i = 0; ; i++)); do
-    kill -0 "$ARCHIVED_PID" 2>/dev/null || { cat "$LOGS/archived-serve.log" >&2; die "archived serve exited at start"; }
-    timeout 10 "$BIN/pushclient" --config "$WORK/push-off.toml" check >/dev/null 2>&1 && break
-    ((i < 100)) || die "archived did not answer pushclient check within 20 s"
-    sleep 0.2
-done
+start_archived "$WV" "$LOGS/archived-serve.log" "$WORK/push-off.toml"
 
 # ---------------------------------------------------------------- the primary and the two sets
 PRIMARY=$WORK/primary
