@@ -3,8 +3,8 @@
 //!
 //! A backup is *usable* when every WAL segment from its start to its stop LSN is in the
 //! archive, the store's objects checked, not only the catalog (a backup spanning a
-//! timeline switch may have its later segments on the stop timeline); `restorable_until` is the archive time of the last segment after it on its
-//! timeline without a gap.
+//! timeline switch may have its later segments on the stop timeline); `restorable_until`
+//! is the archive time of the last segment after it on its timeline without a gap.
 
 use anyhow::Result;
 use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId, WalFileName};

@@ -8,8 +8,8 @@
 //! and leaves neither an object nor a catalog entry behind. A file already archived with
 //! the same blake3 is `Stored { already_present: true }`; with another, `Conflict`, and
 //! the archived copy stays. "Already archived" is the store's answer, never the
-//! catalog's alone: a catalog entry whose object is gone is stored again. The body is read [`CHUNK_SIZE`] at a time however large
-//! the file.
+//! catalog's alone: a catalog entry whose object is gone is stored again. The body is
+//! read [`CHUNK_SIZE`] at a time however large the file.
 
 use bytes::Bytes;
 use tokio::io::AsyncRead;
