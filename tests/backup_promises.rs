@@ -15,7 +15,7 @@ fn b3(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-async fn connect(archive: &Archive, cluster: &str, role: &str) -> ArchiveConnection {
+pub(crate) async fn connect(archive: &Archive, cluster: &str, role: &str) -> ArchiveConnection {
     let cfg = ClientConfig::load(&archive.issue(cluster, role)).unwrap();
     ArchiveConnection::connect(&cfg.tls()).await.unwrap()
 }
@@ -43,7 +43,7 @@ async fn put_chunk(
     send(conn, request, body).await
 }
 
-async fn put_manifest(conn: &ArchiveConnection, m: &BackupManifest) -> Response {
+pub(crate) async fn put_manifest(conn: &ArchiveConnection, m: &BackupManifest) -> Response {
     let raw = serde_json::to_vec(m).unwrap();
     let request = Request::PutBackup {
         lease: None,
@@ -62,7 +62,7 @@ fn code(r: Response) -> ErrorCode {
     }
 }
 
-fn manifest(id: &str, files: Vec<FileEntry>) -> BackupManifest {
+pub(crate) fn manifest(id: &str, files: Vec<FileEntry>) -> BackupManifest {
     BackupManifest {
         format: MANIFEST_FORMAT,
         id: id.into(),

@@ -9,7 +9,7 @@ use walvault_protocol::core::wire::ErrorCode;
 use walvault_protocol::net::client::{ArchiveClient, ClientError, Deadline, ErrorClass};
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::transport::Timeouts;
-use walvault_tests::Archive;
+use walvault_tests::{synthetic_segment, Archive, SegmentFill};
 
 use crate::promises::{fake_segment, seg_name};
 
@@ -68,15 +68,13 @@ fn body(pieces: Vec<Bytes>) -> impl futures::Stream<Item = std::io::Result<Bytes
 /// A segment with a valid header and random (incompressible) content: its compressed
 /// body is larger than QUIC's per-stream window, so a download cannot be in flight whole.
 fn random_segment(tli: u32, segno: u64, sysid: u64) -> Vec<u8> {
-    let mut seg = fake_segment(tli, segno, sysid);
-    let mut x = segno ^ 0xDEAD_BEEF_u64;
-    for chunk in seg.chunks_mut(8).skip(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes());
-    }
-    seg
+    synthetic_segment(
+        16 << 20,
+        tli,
+        segno,
+        sysid,
+        SegmentFill::Random(0xDEAD_BEEF),
+    )
 }
 
 async fn push(client: &ArchiveClient, name: &str, raw: &[u8]) -> Result<bool, ClientError> {

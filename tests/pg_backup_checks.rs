@@ -23,15 +23,18 @@ fn a_bit_flipped_in_the_copy_stream_fails_the_backup_naming_the_file() {
     ));
     let relfile = pg.psql("SELECT pg_relation_filepath('flipme')");
 
+    let backup_through = |proxy: &PgProxy| {
+        let port = proxy.port().to_string();
+        try_backup(
+            &archive,
+            &push,
+            &pg,
+            &["--fast"],
+            &[("PGHOST", "127.0.0.1"), ("PGPORT", &port)],
+        )
+    };
     let clean = PgProxy::start(pg.sock_dir(), PG_PORT, None);
-    let port = clean.port().to_string();
-    let out = try_backup(
-        &archive,
-        &push,
-        &pg,
-        &["--fast"],
-        &[("PGHOST", "127.0.0.1"), ("PGPORT", &port)],
-    );
+    let out = backup_through(&clean);
     assert!(
         out.success(),
         "backup through a proxy that changes nothing\n{}\n{}\n{}",
@@ -46,14 +49,7 @@ fn a_bit_flipped_in_the_copy_stream_fails_the_backup_naming_the_file() {
     let good = backup_id(&out);
 
     let flipping = PgProxy::start(pg.sock_dir(), PG_PORT, Some(MARKER.as_bytes()));
-    let port = flipping.port().to_string();
-    let out = try_backup(
-        &archive,
-        &push,
-        &pg,
-        &["--fast"],
-        &[("PGHOST", "127.0.0.1"), ("PGPORT", &port)],
-    );
+    let out = backup_through(&flipping);
     assert!(
         flipping.flipped(),
         "the proxy never saw the marker\n{}",

@@ -8,30 +8,13 @@ use std::path::{Path, PathBuf};
 use walvault_protocol::core::wire::{self, ErrorCode, Request, Response};
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::transport::{read_frame, write_frame, ArchiveConnection};
-use walvault_tests::{chown_pg, Archive, TestDir};
+use walvault_tests::{chown_pg, synthetic_segment, Archive, SegmentFill, TestDir};
 
 const SEG: usize = 16 << 20;
 
 /// A 16 MiB segment with a valid PostgreSQL 15 long page header and varied content.
 pub(crate) fn fake_segment(tli: u32, segno: u64, sysid: u64) -> Vec<u8> {
-    let mut b = vec![0u8; SEG];
-    let mut x = segno.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sysid;
-    for chunk in b.chunks_mut(8).skip(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        // Half the words vary, half repeat: compressible like real WAL, not trivially.
-        chunk.copy_from_slice(&(x & 0x0000_FFFF_0000_00FF).to_le_bytes());
-    }
-    b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
-    b[2..4].copy_from_slice(&2u16.to_le_bytes());
-    b[4..8].copy_from_slice(&tli.to_le_bytes());
-    b[8..16].copy_from_slice(&(segno * SEG as u64).to_le_bytes());
-    b[16..24].fill(0);
-    b[24..32].copy_from_slice(&sysid.to_le_bytes());
-    b[32..36].copy_from_slice(&(SEG as u32).to_le_bytes());
-    b[36..40].copy_from_slice(&8192u32.to_le_bytes());
-    b
+    synthetic_segment(SEG, tli, segno, sysid, SegmentFill::Compressible)
 }
 
 pub(crate) fn seg_name(tli: u32, segno: u64) -> String {
@@ -791,23 +774,7 @@ fn set_client_deadlines(conf: &Path, request_timeout_secs: u64, standby_retry_se
 /// incompressible content: its transfer outlasts QUIC's 8 MiB stream window many times,
 /// so a freeze seen after its first bytes catches it in the middle.
 fn random_64mib_segment(segno: u64, sysid: u64) -> (String, Vec<u8>) {
-    const SIZE: usize = 64 << 20;
-    let mut b = vec![0u8; SIZE];
-    let mut x = segno.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sysid ^ 1;
-    for chunk in b.chunks_mut(8).skip(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes());
-    }
-    b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
-    b[2..4].copy_from_slice(&2u16.to_le_bytes());
-    b[4..8].copy_from_slice(&1u32.to_le_bytes());
-    b[8..16].copy_from_slice(&(segno * SIZE as u64).to_le_bytes());
-    b[16..24].fill(0);
-    b[24..32].copy_from_slice(&sysid.to_le_bytes());
-    b[32..36].copy_from_slice(&(SIZE as u32).to_le_bytes());
-    b[36..40].copy_from_slice(&8192u32.to_le_bytes());
+    let b = synthetic_segment(64 << 20, 1, segno, sysid, SegmentFill::Random(1));
     // 64 segments of 64 MiB per 4 GiB "xlogid".
     (format!("00000001{:08X}{:08X}", segno / 64, segno % 64), b)
 }

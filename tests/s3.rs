@@ -23,23 +23,7 @@ const BUCKET: &str = "walvault";
 /// A segment of `seg_size` bytes with a valid PostgreSQL 15 long page header and
 /// incompressible content (so its stored object is as large as the segment).
 fn random_segment(seg_size: usize, segno: u64, sysid: u64, salt: u64) -> Vec<u8> {
-    let mut b = vec![0u8; seg_size];
-    let mut x = 0x2545_F491_4F6C_DD1D ^ segno ^ salt.rotate_left(17);
-    for chunk in b.chunks_mut(8).skip(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes());
-    }
-    b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
-    b[2..4].copy_from_slice(&2u16.to_le_bytes());
-    b[4..8].copy_from_slice(&1u32.to_le_bytes());
-    b[8..16].copy_from_slice(&(segno * seg_size as u64).to_le_bytes());
-    b[16..40].fill(0);
-    b[24..32].copy_from_slice(&sysid.to_le_bytes());
-    b[32..36].copy_from_slice(&(seg_size as u32).to_le_bytes());
-    b[36..40].copy_from_slice(&8192u32.to_le_bytes());
-    b
+    synthetic_segment(seg_size, 1, segno, sysid, SegmentFill::Random(salt))
 }
 
 /// `archive-get NAME` into a fresh file; its bytes, or `None` when archive-get exits 1.

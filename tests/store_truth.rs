@@ -7,12 +7,10 @@ use std::fs;
 use std::path::PathBuf;
 
 use serde_json::Value;
-use walvault_protocol::core::format::manifest::{BackupManifest, BackupStats, MANIFEST_FORMAT};
-use walvault_protocol::core::wire::{Request, Response};
-use walvault_protocol::net::config::ClientConfig;
-use walvault_protocol::net::transport::{read_frame, ArchiveConnection};
+use walvault_protocol::core::wire::Response;
 use walvault_tests::{chown_pg, Archive, TestDir};
 
+use crate::backup_promises::{connect, manifest, put_manifest};
 use crate::promises::{fake_segment, put_file, seg_name};
 
 const SYSID: u64 = 7;
@@ -27,42 +25,8 @@ fn wal_object(archive: &Archive, name: &str) -> PathBuf {
 /// Commits a backup of no files whose WAL is segment 2 of timeline 1, through the raw
 /// protocol.
 async fn commit_backup(archive: &Archive, id: &str) {
-    let cfg = ClientConfig::load(&archive.issue("main", "push")).unwrap();
-    let conn = ArchiveConnection::connect(&cfg.tls()).await.unwrap();
-    let m = BackupManifest {
-        format: MANIFEST_FORMAT,
-        id: id.into(),
-        cluster: "main".into(),
-        label: "raw".into(),
-        system_identifier: SYSID,
-        pg_version: 150000,
-        timeline: 1,
-        stop_timeline: 1,
-        start_lsn: "0/2000028".into(),
-        stop_lsn: "0/2000100".into(),
-        start_time: 1,
-        stop_time: 2,
-        chunk_size: 128 << 10,
-        tablespaces: Vec::new(),
-        files: Vec::new(),
-        backup_label: "START WAL LOCATION: 0/2000028\n".into(),
-        pg_backup_manifest: "{}".into(),
-        stats: BackupStats::default(),
-    };
-    let raw = serde_json::to_vec(&m).unwrap();
-    let request = Request::PutBackup {
-        lease: None,
-        cluster: "main".into(),
-        backup_id: id.into(),
-        raw_size: raw.len() as u64,
-        blake3: blake3::hash(&raw).to_hex().to_string(),
-    };
-    let (mut send, mut recv) = conn.open(&request).await.unwrap();
-    send.write_all(&zstd::encode_all(&raw[..], 1).unwrap())
-        .await
-        .unwrap();
-    send.finish().unwrap();
-    let answer = read_frame(&mut recv).await.unwrap();
+    let conn = connect(archive, "main", "push").await;
+    let answer = put_manifest(&conn, &manifest(id, Vec::new())).await;
     assert!(
         matches!(answer, Response::Stored { .. }),
         "backup {id} not committed: {answer:?}"

@@ -88,3 +88,51 @@ pub fn b3_file(path: &Path) -> blake3::Hash {
         .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     hasher.finalize()
 }
+
+/// What fills a [`synthetic_segment`] after its long page header.
+#[derive(Clone, Copy, Debug)]
+pub enum SegmentFill {
+    /// Half the bits of each word vary: compressible like real WAL, not trivially.
+    Compressible,
+    /// Random words from this salt: incompressible (the stored object is as large as the
+    /// segment); different salts give different contents.
+    Random(u64),
+}
+
+/// A WAL segment of `size` bytes whose long page header PostgreSQL 15 (and archived's
+/// validation) accepts: magic, timeline, page address, system identifier, segment and
+/// block size; the rest filled as `fill` says, the same for the same arguments.
+pub fn synthetic_segment(
+    size: usize,
+    tli: u32,
+    segno: u64,
+    sysid: u64,
+    fill: SegmentFill,
+) -> Vec<u8> {
+    let mut b = vec![0u8; size];
+    let (mut x, mask) = match fill {
+        SegmentFill::Compressible => (
+            segno.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sysid,
+            0x0000_FFFF_0000_00FF,
+        ),
+        SegmentFill::Random(salt) => (
+            (segno.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sysid ^ salt.rotate_left(17)) | 1,
+            u64::MAX,
+        ),
+    };
+    for chunk in b.chunks_mut(8).skip(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&(x & mask).to_le_bytes());
+    }
+    b[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    b[2..4].copy_from_slice(&2u16.to_le_bytes());
+    b[4..8].copy_from_slice(&tli.to_le_bytes());
+    b[8..16].copy_from_slice(&(segno * size as u64).to_le_bytes());
+    b[16..24].fill(0);
+    b[24..32].copy_from_slice(&sysid.to_le_bytes());
+    b[32..36].copy_from_slice(&(size as u32).to_le_bytes());
+    b[36..40].copy_from_slice(&8192u32.to_le_bytes());
+    b
+}
