@@ -21,6 +21,8 @@
 #   BENCH_TMPDIR [/tmp] where the work directory is made (its disk is what is measured)
 #   CMD_TIMEOUT [120]   seconds allowed to any single push/get/cp process
 #   SKIP_BUILD [0]      1 = use the existing target/release binaries
+#   CARGO_TARGET_DIR    whose release/ binaries to measure [this tree's target]; with
+#                       SKIP_BUILD=1, another worktree's build (its commit is recorded)
 #   KEEP_WORK [0]       1 = keep the work directory (for post-mortems)
 #   RESULTS [benches/RESULTS.md]
 set -Eeuo pipefail
@@ -40,13 +42,13 @@ LOAD_SECS=10
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 RESULTS=${RESULTS:-$SCRIPT_DIR/RESULTS.md}
-BIN=$REPO_ROOT/target/release
+BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release
 SEG_BYTES=16777216
 INVOCATION=$(printf '%q ' "$0" "$@")
 INVOCATION=${INVOCATION% }
 # Knobs given in the environment, for the "exact command" in RESULTS.md.
 ENV_USED=""
-for v in SEGMENTS PUSHERS PGBENCH_SCALE PGBIN BENCH_TMPDIR CMD_TIMEOUT SKIP_BUILD PGPORT; do
+for v in SEGMENTS PUSHERS PGBENCH_SCALE PGBIN BENCH_TMPDIR CMD_TIMEOUT SKIP_BUILD CARGO_TARGET_DIR PGPORT; do
     if printenv "$v" >/dev/null; then ENV_USED+="$v=$(printenv "$v") "; fi
 done
 
@@ -84,8 +86,6 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- helpers
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
 ROWS=()
 # add_row TOOL PHASE SEGMENTS SECONDS
@@ -95,32 +95,6 @@ add_row() {
     mb_s=$(awk -v n="$3" -v s="$4" -v b="$SEG_BYTES" 'BEGIN { printf "%.1f", n * b / 1e6 / s }')
     ROWS+=("$1|$2|$3|$4|$segs_s|$mb_s")
     log "$1 $2: $3 segments in $4 s = $segs_s segments/s, $mb_s MB/s"
-}
-
-# run_logged LOGFILE CMD...: runs CMD under a timeout, appending its stdout+stderr to
-# LOGFILE; on failure prints the exact command and that invocation's output, then dies.
-run_logged() {
-    local logfile=$1
-    shift
-    local out rc=0
-    out=$(timeout "$CMD_TIMEOUT" "$@" 2>&1) || rc=$?
-    [[ -n $out ]] && printf '%s\n' "$out" >>"$logfile"
-    if ((rc != 0)); then
-        printf '\ncommand failed (exit %d): %s\n--- its output ---\n%s\n------------------\n' \
-            "$rc" "$(printf '%q ' "$@")" "$out" >&2
-        die "see the command above"
-    fi
-}
-
-as_pg() { runuser -u postgres -- "$@"; }
-
-psql_q() { as_pg "$PGBIN/psql" -X -h "$WORK/sock" -p "$PGPORT" -d postgres -Atqc "$1"; }
-
-free_udp_port() {
-    python3 -c 'import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])'
 }
 
 stop_archived() {
@@ -366,7 +340,6 @@ WV8_HWM_MIB=$(awk -v k="$WV8_HWM_KIB" 'BEGIN { printf "%.1f", k / 1024 }')
 WV_SEQ_HWM_MIB=$(awk -v k="$WV_SEQ_HWM_KIB" 'BEGIN { printf "%.1f", k / 1024 }')
 
 # ---------------------------------------------------------------- report
-mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 RAW_BYTES=$((SEGMENTS * SEG_BYTES))
 
@@ -396,15 +369,14 @@ DISK_DEV=$(basename "${DISK_SRC%%[*}")
 DISK_ROT=$(cat "/sys/class/block/$DISK_DEV/queue/rotational" 2>/dev/null || echo "?")
 case $DISK_ROT in 0) DISK_KIND="non-rotational" ;; 1) DISK_KIND="rotational" ;; *) DISK_KIND="unknown kind" ;; esac
 DISK_SIZE=$(df -h --output=size "$BENCH_TMPDIR" | tail -1 | tr -d ' ')
-GIT_REV=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
-GIT_DIRTY=$(git -C "$REPO_ROOT" status --porcelain 2>/dev/null | grep -q . && echo " (with uncommitted changes)" || true)
+GIT_REV=$(build_rev "$BIN")
 
 section() {
     cat <<EOF
 ## Archive benchmark, run $(date -u '+%Y-%m-%d %H:%M:%S UTC')
 
 - command: \`cd $REPO_ROOT && ${ENV_USED}$INVOCATION\` (as root)
-- walvault: commit $GIT_REV$GIT_DIRTY, release build (\`cargo build --release --workspace --bins\`)
+- walvault: commit $GIT_REV, release build (\`cargo build --release --workspace --bins\`)
 - machine: $(nproc) CPUs ($CPU_MODEL), $MEM_TOTAL memory, disk $DISK_SRC ($DISK_FS, $DISK_KIND, $DISK_SIZE), kernel $(uname -r)
 - $PG_VERSION; $PGBR_VERSION (posix repo, compress-type=zst, default level, archive-async=n)
 - set: $SEGMENTS segments of 16 MiB (${NAMES[0]} .. ${NAMES[-1]}), $SET_MB MB raw WAL, made in this run

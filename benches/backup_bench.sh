@@ -23,6 +23,8 @@
 #   PGBIN [/usr/lib/postgresql/15/bin]
 #   BENCH_TMPDIR [/tmp] where the work directory is made (its disk is what is measured)
 #   SKIP_BUILD [0]      1 = use the existing release binaries
+#   CARGO_TARGET_DIR    whose release/ binaries to measure [this tree's target]; with
+#                       SKIP_BUILD=1, another worktree's build (its commit is recorded)
 #   KEEP_WORK [0]       1 = keep the work directory
 #   RESTORE_ROUNDS [3]  restores of each tool, order alternating; the median is reported
 #   RESULTS [benches/RESULTS.md]
@@ -65,11 +67,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
-mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
-as_pg() { runuser -u postgres -- "$@"; }
-psql_q() { as_pg "$PGBIN/psql" -X -h "$WORK/sock" -p "$PGPORT" -d postgres -Atqc "$1"; }
 dusb() { du -sb "$1" | awk '{ print $1 }'; }
 
 # timed LOG CMD...: runs CMD (stdout+stderr to LOG) under /usr/bin/time; sets SECS and
@@ -267,13 +265,12 @@ done
 ARCHIVED_HWM_KIB=$(awk '$1 == "VmHWM:" { print $2 }' "/proc/$ARCHIVED_PID/status")
 
 # ---------------------------------------------------------------- report
-COMMIT=$(cd "$REPO_ROOT" && git rev-parse --short HEAD)
-DIRTY=$(cd "$REPO_ROOT" && git status --porcelain --untracked-files=no | grep -q . && echo " (with uncommitted changes)" || true)
+COMMIT=$(build_rev "$BUILD_BIN")
 {
     echo
     echo "## Backup benchmark, run $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo
-    echo "- command: \`benches/backup_bench.sh\` (as root; SCALE=$SCALE PROCESS_MAX=$PROCESS_MAX RESTORE_ROUNDS=$RESTORE_ROUNDS), commit $COMMIT$DIRTY, release build"
+    echo "- command: \`benches/backup_bench.sh\` (as root; SCALE=$SCALE PROCESS_MAX=$PROCESS_MAX RESTORE_ROUNDS=$RESTORE_ROUNDS), commit $COMMIT, release build"
     echo "- machine: $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo), $BENCH_TMPDIR on $(df --output=source "$BENCH_TMPDIR" | tail -n 1)"
     echo "- $("$PGBIN/postgres" --version); $PGBR_VERSION: posix repos, compress-type=zst, process-max=$PROCESS_MAX, start-fast=y; repo2 with repo-bundle=y repo-block=y beta=y"
     echo "- database: pgbench -i -s $SCALE, $(mib "$DB_BYTES") MiB (pg_database_size); MB/s = database bytes (10^6) / seconds"

@@ -1,10 +1,57 @@
 # benches/lib.sh: what the benchmark scripts share; sourced after they set BENCH_NAME,
-# PGBIN, REPO_ROOT and SKIP_BUILD.
+# PGBIN, REPO_ROOT and SKIP_BUILD (and, for the helpers that use them, WORK, PGPORT and
+# CMD_TIMEOUT, read when a helper is called).
 
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() {
     printf '\n%s: FAILED: %s\n' "$BENCH_NAME" "$*" >&2
     exit 1
+}
+
+now() { printf '%s' "$EPOCHREALTIME"; }
+# elapsed T0 T1 [DECIMALS]: seconds between two now() readings (3 decimals by default).
+elapsed() { awk -v a="$1" -v b="$2" -v d="${3:-3}" 'BEGIN { printf "%.*f", d, b - a }'; }
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+as_pg() { runuser -u postgres -- "$@"; }
+# psql_q SQL: one statement on the benchmark's PostgreSQL (socket $WORK/sock), unaligned.
+psql_q() { as_pg "$PGBIN/psql" -X -h "$WORK/sock" -p "$PGPORT" -d postgres -Atqc "$1"; }
+
+free_udp_port() {
+    python3 -c 'import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])'
+}
+
+# run_logged LOGFILE CMD...: runs CMD under a timeout ($CMD_TIMEOUT), appending its
+# stdout+stderr to LOGFILE; on failure prints the exact command and that invocation's
+# output, then dies.
+run_logged() {
+    local logfile=$1
+    shift
+    local out rc=0
+    out=$(timeout "$CMD_TIMEOUT" "$@" 2>&1) || rc=$?
+    [[ -n $out ]] && printf '%s\n' "$out" >>"$logfile"
+    if ((rc != 0)); then
+        printf '\ncommand failed (exit %d): %s\n--- its output ---\n%s\n------------------\n' \
+            "$rc" "$(printf '%q ' "$@")" "$out" >&2
+        die "see the command above"
+    fi
+}
+
+# build_rev BINDIR: the commit of the tree whose target/release is BINDIR, with
+# " (with uncommitted changes outside benches/)" when that tree has such changes. With
+# CARGO_TARGET_DIR pointing at another worktree's target (and SKIP_BUILD=1), a run measures
+# and records that tree's binaries: how a before/after comparison runs one script over two
+# builds.
+build_rev() {
+    local tree rev
+    tree=$(cd "$1/../.." 2>/dev/null && pwd) && rev=$(git -C "$tree" rev-parse --short HEAD 2>/dev/null) ||
+        { echo "?"; return 0; }
+    if git -C "$tree" status --porcelain --untracked-files=no -- ':!benches' 2>/dev/null | grep -q .; then
+        rev+=" (with uncommitted changes outside benches/)"
+    fi
+    echo "$rev"
 }
 
 # need_pg_tools TOOL...: PostgreSQL 15's programs under $PGBIN and its 'postgres' user.

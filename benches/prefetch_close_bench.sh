@@ -26,6 +26,8 @@
 #   PGBIN [/usr/lib/postgresql/15/bin]
 #   BENCH_TMPDIR [/tmp]       where the work directory is made
 #   SKIP_BUILD [0]            1 = use the existing release binaries
+#   CARGO_TARGET_DIR          whose release/ binaries to measure [this tree's target]; with
+#                             SKIP_BUILD=1, another worktree's build (its commit is recorded)
 #   KEEP_WORK [0]             1 = keep the work directory (logs, daemon logs)
 #   RESULTS [benches/RESULTS.md]
 set -Eeuo pipefail
@@ -38,6 +40,7 @@ BASELINE_PULLCLIENT=${BASELINE_PULLCLIENT:-}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 BENCH_TMPDIR=${BENCH_TMPDIR:-/tmp}
 SKIP_BUILD=${SKIP_BUILD:-0}
+CMD_TIMEOUT=${CMD_TIMEOUT:-300}
 KEEP_WORK=${KEEP_WORK:-0}
 PGPORT=5432
 SEG_BYTES=16777216
@@ -49,7 +52,7 @@ BUILD_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release
 INVOCATION=$(printf '%q ' "$0" "$@")
 INVOCATION=${INVOCATION% }
 ENV_USED=""
-for v in RUNS SCALE SEGS BASELINE_PULLCLIENT PGBIN BENCH_TMPDIR SKIP_BUILD; do
+for v in RUNS SCALE SEGS BASELINE_PULLCLIENT PGBIN BENCH_TMPDIR SKIP_BUILD CARGO_TARGET_DIR; do
     if printenv "$v" >/dev/null; then ENV_USED+="$v=$(printenv "$v") "; fi
 done
 LOAD_START=$(cut -d" " -f1-3 /proc/loadavg)
@@ -87,15 +90,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-as_pg() { runuser -u postgres -- "$@"; }
-psql_primary() { as_pg "$PGBIN/psql" -X -h "$WORK/sock" -p "$PGPORT" -d postgres -Atqc "$1"; }
-run_logged() {
-    local logfile=$1 out rc=0
-    shift
-    out=$(timeout 300 "$@" 2>&1) || rc=$?
-    [[ -n $out ]] && printf '%s\n' "$out" >>"$logfile"
-    ((rc == 0)) || { printf '%s\n' "$out" >&2; die "failed (exit $rc): $*"; }
-}
 
 [[ $(id -u) == 0 ]] || die "run as root (PostgreSQL runs as 'postgres' via runuser)"
 for n in RUNS SCALE SEGS; do
@@ -105,9 +99,7 @@ need_pg_tools initdb pg_ctl pgbench psql pg_basebackup
 need_commands runuser timeout python3
 [[ -z $BASELINE_PULLCLIENT || -x $BASELINE_PULLCLIENT ]] || die "BASELINE_PULLCLIENT=$BASELINE_PULLCLIENT is not executable"
 release_build "$BUILD_BIN"
-GIT_REV=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
-GIT_DIRTY=$(git -C "$REPO_ROOT" status --porcelain -- ':!benches' 2>/dev/null | grep -q . &&
-    echo " (with uncommitted changes outside benches/)" || true)
+GIT_REV=$(build_rev "$BUILD_BIN")
 
 WORK=$(mktemp -d "$BENCH_TMPDIR/walvault-close.XXXXXX")
 chmod 0755 "$WORK"
@@ -120,7 +112,7 @@ BIN=$WORK/bin
 cp "$BUILD_BIN/archived" "$BUILD_BIN/pushclient" "$BUILD_BIN/pullclient" "$BIN/"
 [[ -n $BASELINE_PULLCLIENT ]] && cp "$BASELINE_PULLCLIENT" "$BIN/pullclient-baseline"
 chmod 0755 "$BIN"/*
-log "work directory $WORK (walvault $GIT_REV$GIT_DIRTY)"
+log "work directory $WORK (walvault $GIT_REV)"
 
 # closewatch.py DAEMON_PID POSTMASTER_PID PGDATA: prints "ready" once it holds a pidfd of
 # the postmaster, then, after the postmaster exits, "DELAY_MS HELD_AT_EXIT": milliseconds
@@ -195,13 +187,13 @@ PRIMARY_UP=1
 run_logged "$LOGS/pgbench.log" runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK/sock" -p "$PGPORT" -i -q -s "$SCALE" postgres
 run_logged "$LOGS/basebackup.log" runuser -u postgres -- "$PGBIN/pg_basebackup" -h "$WORK/sock" -p "$PGPORT" -U postgres \
     -D "$WORK/base" -X none -c fast
-START_LSN=$(psql_primary "select pg_current_wal_lsn()")
-while (($(psql_primary "select pg_wal_lsn_diff(pg_current_wal_lsn(), '$START_LSN')::bigint") < SEGS * SEG_BYTES)); do
+START_LSN=$(psql_q "select pg_current_wal_lsn()")
+while (($(psql_q "select pg_wal_lsn_diff(pg_current_wal_lsn(), '$START_LSN')::bigint") < SEGS * SEG_BYTES)); do
     run_logged "$LOGS/pgbench.log" runuser -u postgres -- "$PGBIN/pgbench" -h "$WORK/sock" -p "$PGPORT" -n -c 4 -j 2 -T 5 postgres
 done
-LAST=$(psql_primary "select pg_walfile_name(pg_switch_wal())")
+LAST=$(psql_q "select pg_walfile_name(pg_switch_wal())")
 for ((i = 0; ; i++)); do
-    a=$(psql_primary "select coalesce(last_archived_wal, '') from pg_stat_archiver")
+    a=$(psql_q "select coalesce(last_archived_wal, '') from pg_stat_archiver")
     [[ $a > $LAST || $a == "$LAST" ]] && break
     ((i < 600)) || die "$LAST not archived after 120 s"
     sleep 0.2
@@ -302,7 +294,7 @@ Written by \`benches/prefetch_close_bench.sh\`. Goal (issue 10 item 10): the pre
 closes every file under PGDATA within 100 ms of the postmaster's exit.
 
 - command: \`cd $REPO_ROOT && ${ENV_USED}$INVOCATION\` (as root)
-- walvault: commit $GIT_REV$GIT_DIRTY, release build${BASELINE_PULLCLIENT:+; baseline: \`$BASELINE_PULLCLIENT\`}
+- walvault: commit $GIT_REV, release build${BASELINE_PULLCLIENT:+; baseline: \`$BASELINE_PULLCLIENT\`}
 - machine: $(nproc) CPUs, kernel $(uname -r); load average $LOAD_START at the start, $LOAD_AFTER at the end (shared machine)
 - $("$PGBIN/postgres" --version); \`pgbench -i -s $SCALE\`, then $SEGS segments of pgbench WAL (full_page_writes = off)
   after \`pg_basebackup -X none -c fast\`

@@ -41,6 +41,8 @@
 #   BENCH_TMPDIR [/tmp] where the work directory is made (its disk is what is measured)
 #   RECOVERY_TIMEOUT [300] seconds allowed to one recovery
 #   SKIP_BUILD [0]      1 = use the existing release binaries
+#   CARGO_TARGET_DIR    whose release/ binaries to measure [this tree's target]; with
+#                       SKIP_BUILD=1, another worktree's build (its commit is recorded)
 #   KEEP_WORK [0]       1 = keep the work directory (logs, per-run files)
 #   RESULTS [benches/RESULTS.md]
 set -Eeuo pipefail
@@ -71,7 +73,7 @@ BUILD_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release
 INVOCATION=$(printf '%q ' "$0" "$@")
 INVOCATION=${INVOCATION% }
 ENV_USED=""
-for v in SCALE SEGS_OFF SEGS_ON RUNS RUNS_ON PASSES TUNE PGBIN BENCH_TMPDIR RECOVERY_TIMEOUT SKIP_BUILD; do
+for v in SCALE SEGS_OFF SEGS_ON RUNS RUNS_ON PASSES TUNE PGBIN BENCH_TMPDIR RECOVERY_TIMEOUT SKIP_BUILD CARGO_TARGET_DIR; do
     if printenv "$v" >/dev/null; then ENV_USED+="$v=$(printenv "$v") "; fi
 done
 T_SCRIPT0=$EPOCHREALTIME
@@ -125,33 +127,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-as_pg() { runuser -u postgres -- "$@"; }
-now() { printf '%s' "$EPOCHREALTIME"; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
-# run_logged LOGFILE CMD...: CMD under a timeout, output appended to LOGFILE; on failure
-# the exact command and its output, then die.
-run_logged() {
-    local logfile=$1
-    shift
-    local out rc=0
-    out=$(timeout "$CMD_TIMEOUT" "$@" 2>&1) || rc=$?
-    [[ -n $out ]] && printf '%s\n' "$out" >>"$logfile"
-    if ((rc != 0)); then
-        printf '\ncommand failed (exit %d): %s\n--- its output ---\n%s\n------------------\n' \
-            "$rc" "$(printf '%q ' "$@")" "$out" >&2
-        die "see the command above"
-    fi
-}
 
-psql_primary() { as_pg "$PGBIN/psql" -X -h "$WORK/sock" -p "$PGPORT" -d postgres -Atqc "$1"; }
-
-free_udp_port() {
-    python3 -c 'import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])'
-}
 
 # ---------------------------------------------------------------- preflight
 [[ $(id -u) == 0 ]] || die "run as root (PostgreSQL and pgBackRest run as 'postgres' via runuser)"
@@ -165,9 +142,7 @@ need_commands runuser timeout python3 awk pgrep fincore getconf
 ensure_pgbackrest
 PG_VERSION=$("$PGBIN/postgres" --version)
 release_build "$BUILD_BIN"
-GIT_REV=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo "?")
-GIT_DIRTY=$(git -C "$REPO_ROOT" status --porcelain -- ':!benches' 2>/dev/null | grep -q . &&
-    echo " (with uncommitted changes outside benches/)" || true)
+GIT_REV=$(build_rev "$BUILD_BIN")
 
 WORK=$(mktemp -d "$BENCH_TMPDIR/walvault-replay.XXXXXX")
 chmod 0755 "$WORK"
@@ -180,7 +155,7 @@ BIN=$WORK/bin
 # A private copy of the binaries: others may rebuild target/ while this runs.
 cp "$BUILD_BIN/archived" "$BUILD_BIN/pushclient" "$BUILD_BIN/pullclient" "$BIN/"
 chmod 0755 "$BIN"/*
-log "work directory $WORK (walvault $GIT_REV$GIT_DIRTY)"
+log "work directory $WORK (walvault $GIT_REV)"
 
 # ---------------------------------------------------------------- helper programs
 # timed.sh TIMES NAME CMD...: runs CMD, appends "NAME elapsed_ns exit_code" to TIMES
@@ -362,18 +337,18 @@ T_INIT0=$(now)
 run_logged "$LOGS/pgbench.log" runuser -u postgres -- \
     "$PGBIN/pgbench" -h "$WORK/sock" -p "$PGPORT" -i -q -s "$SCALE" postgres
 T_INIT1=$(now)
-psql_primary "checkpoint" >/dev/null
-DB_BYTES=$(psql_primary "select pg_database_size('postgres')")
+psql_q "checkpoint" >/dev/null
+DB_BYTES=$(psql_q "select pg_database_size('postgres')")
 
 # wait_archived LSN_SEGMENT: until pg_stat_archiver has archived that segment.
 wait_archived() {
     local want=$1 last i
     for ((i = 0; i < 600; i++)); do
-        last=$(psql_primary "select coalesce(last_archived_wal, '') from pg_stat_archiver")
+        last=$(psql_q "select coalesce(last_archived_wal, '') from pg_stat_archiver")
         [[ $last > $want || $last == "$want" ]] && return 0
         sleep 0.2
     done
-    die "segment $want not archived after 120 s (pg_stat_archiver: $(psql_primary 'select * from pg_stat_archiver'))"
+    die "segment $want not archived after 120 s (pg_stat_archiver: $(psql_q 'select * from pg_stat_archiver'))"
 }
 
 # make_set PHASE SEGMENTS: base backup of the primary as it is now, then pgbench until
@@ -385,10 +360,10 @@ make_set() {
     run_logged "$LOGS/basebackup.log" runuser -u postgres -- "$PGBIN/pg_basebackup" \
         -h "$WORK/sock" -p "$PGPORT" -U postgres -D "$WORK/base-$phase" -X none -c fast
     SET_FIRST[$phase]=$(awk '/^START WAL LOCATION/ { gsub(/\)/, "", $NF); print $NF }' "$WORK/base-$phase/backup_label")
-    start_lsn=$(psql_primary "select pg_current_wal_lsn()")
+    start_lsn=$(psql_q "select pg_current_wal_lsn()")
     local txns=0
     while :; do
-        bytes=$(psql_primary "select pg_wal_lsn_diff(pg_current_wal_lsn(), '$start_lsn')::bigint")
+        bytes=$(psql_q "select pg_wal_lsn_diff(pg_current_wal_lsn(), '$start_lsn')::bigint")
         ((bytes >= segs * SEG_BYTES)) && break
         ((rounds < MAX_LOAD_ROUNDS)) || die "only $bytes bytes of WAL after $rounds pgbench rounds"
         rounds=$((rounds + 1))
@@ -400,8 +375,8 @@ make_set() {
     done
     SET_ROUNDS[$phase]=$rounds
     SET_TPS[$phase]=$((txns / ((rounds > 0 ? rounds : 1) * LOAD_SECS)))
-    SET_END_LSN[$phase]=$(psql_primary "select pg_current_wal_lsn()")
-    sw=$(psql_primary "select pg_walfile_name(pg_switch_wal())")
+    SET_END_LSN[$phase]=$(psql_q "select pg_current_wal_lsn()")
+    sw=$(psql_q "select pg_walfile_name(pg_switch_wal())")
     SET_LAST[$phase]=$sw
     wait_archived "$sw"
     log "set $phase: ${SET_FIRST[$phase]} .. $sw ($rounds x ${LOAD_SECS}s of pgbench, ~${SET_TPS[$phase]} tps)"
@@ -410,11 +385,11 @@ make_set off "$SEGS_OFF"
 # Set "on": from here the archive_command files WAL under the other cluster / directory.
 echo on >"$WORK/phase"
 printf 'full_page_writes = on\n' >>"$PRIMARY/postgresql.conf"
-psql_primary "select pg_reload_conf()" >/dev/null
+psql_q "select pg_reload_conf()" >/dev/null
 sleep 1
-[[ $(psql_primary "show full_page_writes") == on ]] || die "full_page_writes did not turn on"
+[[ $(psql_q "show full_page_writes") == on ]] || die "full_page_writes did not turn on"
 make_set on "$SEGS_ON"
-SYSID=$(psql_primary "select system_identifier from pg_control_system()")
+SYSID=$(psql_q "select system_identifier from pg_control_system()")
 as_pg "$PGBIN/pg_ctl" -D "$PRIMARY" -m fast -w -t 120 stop >/dev/null || die "pg_ctl stop (primary) failed"
 PRIMARY_UP=0
 
@@ -812,7 +787,7 @@ replay with walvault within 1.3x of warm and faster than PostgreSQL's own prefet
 defaults; recovery from the archive within 1.2x of \`cp\` from a local directory.
 
 - command: \`cd $REPO_ROOT && ${ENV_USED}$INVOCATION\` (as root), $T_TOTAL s in all
-- walvault: commit $GIT_REV$GIT_DIRTY, release build (\`cargo build --release --workspace --bins\`)
+- walvault: commit $GIT_REV, release build (\`cargo build --release --workspace --bins\`)
 - machine: $(nproc) CPUs ($CPU_MODEL), $MEM_TOTAL memory, disk $DISK_SRC ($DISK_FS, $DISK_KIND, read_ahead_kb $DISK_RA), kernel $(uname -r);
   load average $LOAD_START when the script started, $LOAD_AFTER after the recoveries (the machine is shared)
 - $PG_VERSION; $PGBR_VERSION

@@ -17,14 +17,7 @@ use walvault_tests::*;
 pub(crate) const CLUSTER: &str = "main";
 pub(crate) const ACCOUNTS: &str = "SELECT count(*), sum(abalance) FROM pgbench_accounts";
 
-pub(crate) fn archiving_primary(archive: &Archive, push_conf: &Path, extra: &[&str]) -> PgCluster {
-    let mut p = PgCluster::initdb("primary", &[]);
-    p.append_conf(&["wal_level = replica", "archive_mode = on"]);
-    p.set_conf("archive_command", &archive.archive_command(push_conf));
-    p.append_conf(extra);
-    p.start();
-    p
-}
+pub(crate) use crate::pg_archive::archiving_primary;
 
 /// `pushclient backup ARGS` as the `postgres` user against `pg`'s socket; no check.
 pub(crate) fn try_backup(

@@ -7,6 +7,7 @@ mod backup_promises;
 mod backup_topologies;
 mod cli;
 mod client;
+mod layout;
 mod pg_archive;
 mod pg_backup;
 mod pg_backup_checks;

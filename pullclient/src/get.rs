@@ -4,48 +4,34 @@
 //! bytes go to a temporary file beside the destination while they are decompressed and
 //! hashed; only when size and blake3 match what the archive recorded at push time is the
 //! file fsynced and renamed into place. A spool hit is hashed again against the
-//! archive's blake3 before it is moved into place (see [`crate::spool`]). PostgreSQL
-//! never sees a partial or corrupt file.
+//! archive's blake3 before it is moved into place (see [`crate::spool`]); a fetch writes
+//! through [`crate::fetch`]. PostgreSQL never sees a partial or corrupt file.
 //!
 //! Exit codes are PostgreSQL's contract (DESIGN promise 7, table in `main.rs`): "not in
 //! the archive" is [`Fetched::NotFound`] (exit 1, everywhere). A failure that may pass
-//! (as [`ClientError::is_transient`] decides: archive unreachable, a deadline passed,
-//! connection lost, the archive answering `Unavailable` or `Internal`) is retried with doubling delays for `[archive_get] recovery_retry_secs`
-//! in archive recovery (`recovery.signal` and no `standby.signal` in the working
-//! directory, which PostgreSQL makes its data directory), `standby_retry_secs`
-//! otherwise. What is left after that, and any failure that will not pass (the archived
-//! copy fails verification, the file cannot be written), is a [`GetFailure`]: in archive
-//! recovery it must stop recovery (exit 1 there would make PostgreSQL end recovery at
-//! this file and promote, silently short of the archive's WAL), elsewhere it is exit 1
+//! (as `ClientError::is_transient` decides: archive unreachable, a deadline passed,
+//! connection lost, the archive answering `Unavailable` or `Internal`) is retried with
+//! doubling delays for `[archive_get] recovery_retry_secs` in archive recovery
+//! (`recovery.signal` and no `standby.signal` in the working directory, which PostgreSQL
+//! makes its data directory), `standby_retry_secs` otherwise. What is left after that, and
+//! any failure that will not pass (the archived copy fails verification, the file cannot
+//! be written), is a [`GetFailure`]: in archive recovery it must stop recovery (exit 1
+//! there would make PostgreSQL end recovery at this file and promote, silently short of
+//! the archive's WAL), elsewhere it is exit 1
 //! (a standby tries streaming and asks again).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use walvault_protocol::core::pg::wal::WalFileName;
-use walvault_protocol::net::client::{ArchiveClient, ClientError};
+use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
-use walvault_protocol::net::fsutil;
 use walvault_protocol::net::retry::{retry, RetryPolicy};
 
+use crate::fetch::{fetch_to, Fetched};
 use crate::spool::Spool;
-
-/// Outcome of a fetch that did not fail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Fetched {
-    /// The file is at the destination; its size and blake3 as the archive recorded them.
-    Written {
-        /// Raw size.
-        raw_size: u64,
-        /// blake3, hex.
-        blake3: String,
-    },
-    /// The archive does not have it.
-    NotFound,
-}
 
 /// What PostgreSQL does with a failed restore_command, by the signal files in its data
 /// directory.
@@ -141,7 +127,7 @@ pub(crate) async fn archive_get(
 }
 
 /// Connects and fetches, again with doubling delays while the failure may pass
-/// ([`ClientError::is_transient`] decides) and `retry_for` has not run out.
+/// ([`walvault_protocol::net::client::ClientError::is_transient`] decides) and `retry_for` has not run out.
 async fn fetch_retrying(
     cfg: &ClientConfig,
     name: &str,
@@ -173,74 +159,4 @@ async fn fetch_retrying(
         ))),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Fetches `name` over `archive` into `dest` (temporary file, verify, fsync, rename).
-/// On any error nothing is left at `dest` or beside it.
-pub(crate) async fn fetch_to(
-    archive: &ArchiveClient,
-    name: &str,
-    dest: &Path,
-) -> Result<Fetched, ClientError> {
-    let tmp = fsutil::temp_path_beside(dest);
-    let result = async {
-        // Created at the first byte: an answer without a body leaves nothing to remove.
-        // Decoded output arrives in pieces as small as a QUIC packet's worth: batch writes.
-        let mut file: Option<std::io::BufWriter<std::fs::File>> = None;
-        let delivered = archive
-            .get_wal(name, |raw| {
-                let f = match &mut file {
-                    Some(f) => f,
-                    None => file.insert(create_temp(&tmp)?),
-                };
-                f.write_all(raw)
-            })
-            .await?;
-        let local =
-            |what: String| move |source: std::io::Error| ClientError::Local { what, source };
-        let file = match file {
-            Some(f) => f,
-            None => create_temp(&tmp).map_err(local(format!("writing {name}")))?,
-        };
-        let file = file
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all().map(|()| f))
-            .map_err(local(format!("writing {}", tmp.display())))?;
-        drop(file);
-        fsutil::durable_rename(&tmp, dest)
-            .map_err(local(format!("moving the file into {}", dest.display())))?;
-        Ok::<_, ClientError>(delivered)
-    }
-    .await;
-    match result {
-        Ok(delivered) => Ok(Fetched::Written {
-            raw_size: delivered.raw_size,
-            blake3: delivered.blake3,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            if e.is_not_found() {
-                Ok(Fetched::NotFound)
-            } else {
-                Err(e)
-            }
-        }
-    }
-}
-
-fn create_temp(tmp: &Path) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot create {}: {e}", tmp.display()))
-        })?;
-    Ok(std::io::BufWriter::with_capacity(1 << 20, file))
-}
-
-/// The data directory a restore_command runs in, made absolute.
-pub(crate) fn absolute(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }

@@ -7,6 +7,7 @@
 //! delivered after `recovery_retry_secs`, so PostgreSQL stops instead of ending recovery
 //! early. `restore` and `clone` exit 2 for an unusable config, 1 for any other failure.
 
+mod fetch;
 mod get;
 mod prefault;
 mod prefetch;
@@ -117,8 +118,8 @@ fn main() -> ExitCode {
         Command::ArchiveGet { name, path } => {
             let (config_path, cfg) = common.load_config("pullclient")?;
             match runtime.block_on(get::archive_get(&cfg, &config_path, &name, &path)) {
-                Ok(get::Fetched::Written { .. }) => Ok(Exit::Success),
-                Ok(get::Fetched::NotFound) => Ok(Exit::Failure),
+                Ok(fetch::Fetched::Written { .. }) => Ok(Exit::Success),
+                Ok(fetch::Fetched::NotFound) => Ok(Exit::Failure),
                 Err(f) if f.kind == get::RecoveryKind::Archive => Err(StopRecovery {
                     file: name,
                     error: f.error,

@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::fsutil;
 
-use crate::get::Fetched;
+use crate::fetch::Fetched;
 
 /// How long archive-get waits for the daemon to take a notification.
 const NOTIFY_TIMEOUT: Duration = Duration::from_millis(200);
@@ -92,7 +92,7 @@ pub(crate) struct Spool {
 impl Spool {
     /// The spool for `pgdata`, created if needed.
     pub(crate) fn for_pgdata(cfg: &ClientConfig, pgdata: &Path) -> Result<Spool> {
-        let pgdata = crate::get::absolute(pgdata);
+        let pgdata = crate::fetch::absolute(pgdata);
         let candidates: Vec<PathBuf> = match &cfg.prefetch.spool_dir {
             Some(dir) => vec![dir.clone()],
             None => {
@@ -248,7 +248,7 @@ impl Spool {
             .arg("--pgdata")
             .arg(&self.pgdata)
             .arg("--config")
-            .arg(crate::get::absolute(config_path))
+            .arg(crate::fetch::absolute(config_path))
             .arg("--start-at")
             .arg(name)
             .arg("--exit-when-idle")

@@ -929,6 +929,17 @@ fn idle_deadline(what: &str, after: Duration, answered: bool) -> ClientError {
     }
 }
 
+/// An `anyhow` error is transient when a [`ClientError`] in its chain is; an error
+/// nothing classifies is permanent.
+impl Transient for anyhow::Error {
+    fn is_transient(&self) -> bool {
+        self.chain().any(|c| {
+            c.downcast_ref::<ClientError>()
+                .is_some_and(ClientError::is_transient)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,23 +13,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::net::client::ClientError;
-
 /// An error that knows whether trying again may succeed.
 pub trait Transient {
     /// Whether the same request may succeed later.
     fn is_transient(&self) -> bool;
-}
-
-/// An `anyhow` error is transient when a [`ClientError`] in its chain is; an error
-/// nothing classifies is permanent.
-impl Transient for anyhow::Error {
-    fn is_transient(&self) -> bool {
-        self.chain().any(|c| {
-            c.downcast_ref::<ClientError>()
-                .is_some_and(ClientError::is_transient)
-        })
-    }
 }
 
 /// How often and how patiently to retry.
@@ -111,6 +98,7 @@ where
 mod tests {
     use super::*;
     use crate::core::wire::ErrorCode;
+    use crate::net::client::ClientError;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[derive(Debug, PartialEq)]

@@ -15,7 +15,7 @@ use walvault_protocol::core::pg::wal::{SegmentName, WalFileName};
 use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
 
-use crate::get::{fetch_to, Fetched};
+use crate::fetch::{fetch_to, Fetched};
 use crate::prefault::{PgState, Prefaulter};
 use crate::spool::{Spool, SOCKET_NAME};
 

@@ -106,17 +106,8 @@ pub struct TablespaceEntry {
     pub location: String,
 }
 
-/// What a manifest entry is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FileKind {
-    /// Regular file.
-    File,
-    /// Directory.
-    Directory,
-    /// Symbolic link (pg_tblspc entries).
-    Symlink,
-}
+/// What a manifest entry is: the kind of the tar member it came from.
+pub use crate::core::pg::tar::FileKind;
 
 /// One entry of a backup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

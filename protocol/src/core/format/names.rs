@@ -38,19 +38,7 @@ pub fn validate_chunk_hash(hash: &str) -> Result<(), String> {
     }
 }
 
-/// Paths inside a backup: relative, no `.`/`..`/empty components, no NUL.
-pub fn validate_relative_path(path: &str) -> Result<(), String> {
-    if path.is_empty() || path.starts_with('/') || path.contains('\0') || path.len() > 4096 {
-        return Err("not a relative path".into());
-    }
-    if path
-        .split('/')
-        .any(|c| c.is_empty() || c == "." || c == "..")
-    {
-        return Err("path has an empty, '.' or '..' component".into());
-    }
-    Ok(())
-}
+pub use crate::core::pg::tar::validate_relative_path;
 
 /// The backup id for a backup started at `unix_millis` (`YYYYMMDDTHHMMSSmmmZ`, UTC).
 pub fn backup_id_at(unix_millis: i64) -> String {

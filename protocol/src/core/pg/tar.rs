@@ -5,8 +5,7 @@
 //! and two zero blocks at the end of each archive. Anything else is refused with a typed
 //! error, as are paths that could leave the directory they are restored into.
 
-use crate::core::format::manifest::FileKind;
-use crate::core::format::names::validate_relative_path;
+use serde::{Deserialize, Serialize};
 
 /// Tar block size.
 const BLOCK: usize = 512;
@@ -324,6 +323,33 @@ pub fn tar_header(path: &str, kind: FileKind, mode: u32, size: u64, link: &str) 
     let s = format!("{sum:06o}\0 ");
     b[148..156].copy_from_slice(s.as_bytes());
     b
+}
+
+/// What a tar member is (the kinds PostgreSQL's base backup sends); a backup
+/// manifest entry records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Directory,
+    /// Symbolic link (pg_tblspc entries).
+    Symlink,
+}
+
+/// Paths inside a backup: relative, no `.`/`..`/empty components, no NUL.
+pub fn validate_relative_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.starts_with('/') || path.contains('\0') || path.len() > 4096 {
+        return Err("not a relative path".into());
+    }
+    if path
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err("path has an empty, '.' or '..' component".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
