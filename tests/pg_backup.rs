@@ -179,6 +179,9 @@ pub(crate) fn segment_range(first: &str, last: &str) -> Vec<String> {
 }
 
 /// Objects holding backup chunks in the store (packs and loose chunks).
+/// Chunk and pack objects in the local store: committed ones only, never the `.tmp.*`
+/// files an upload in progress writes beside them (counting those let the killed-backup
+/// case below kill the backup before any chunk of it was stored).
 fn store_chunks(archive: &Archive) -> usize {
     fn walk(dir: &Path) -> usize {
         fs::read_dir(dir)
@@ -188,6 +191,8 @@ fn store_chunks(archive: &Archive) -> usize {
             .map(|e| {
                 if e.path().is_dir() {
                     walk(&e.path())
+                } else if e.file_name().to_string_lossy().contains(".tmp.") {
+                    0
                 } else {
                     1
                 }
