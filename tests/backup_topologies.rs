@@ -9,8 +9,8 @@ use walvault_tests::serde_json::Value;
 use walvault_tests::*;
 
 use crate::pg_backup::{
-    archiving_primary, backup, backup_id, backup_json, backups_json, markers, restore,
-    start_and_wait_promoted, try_backup, verifybackup, ACCOUNTS, CLUSTER,
+    archiving_primary, assert_times_between, backup, backup_id, backup_json, backups_json, markers,
+    restore, server_clock, start_and_wait_promoted, try_backup, verifybackup, ACCOUNTS, CLUSTER,
 };
 
 /// A streaming standby of `primary` (pg_basebackup -R; its postgresql.conf is the
@@ -43,9 +43,15 @@ fn wait_caught_up(primary: &PgCluster, standby: &PgCluster) {
     );
 }
 
-/// `pushclient backup ARGS` against `pg`, which must succeed; the whole output.
-fn backup_output(archive: &Archive, push: &Path, pg: &PgCluster, args: &[&str]) -> Output {
-    let out = try_backup(archive, push, pg, args, &[]);
+/// `pushclient backup ARGS` against `pg` with `env`, which must succeed; the whole output.
+fn backup_output(
+    archive: &Archive,
+    push: &Path,
+    pg: &PgCluster,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let out = try_backup(archive, push, pg, args, env);
     assert!(
         out.success(),
         "pushclient backup of {} failed\n{}\n{}\n{}",
@@ -70,7 +76,8 @@ fn restored_label(c: &PgCluster) -> String {
 /// primary archives): without a way to reach the primary
 /// it waits for the primary to complete the segment holding its stop LSN and says so
 /// (exit 1 after --wal-timeout, usable as soon as the primary switches); with
-/// `--primary-conninfo` it switches WAL on the primary itself and exits 0. The restored
+/// `--primary-conninfo` it switches WAL on the primary itself (an SQL session there) and
+/// exits 0, its times on the standby's clock even with pushclient's clock skewed. The restored
 /// standby backup (BACKUP FROM: standby) passes pg_verifybackup, replays the primary's
 /// later WAL from the archive and equals the primary.
 #[test]
@@ -147,12 +154,18 @@ fn backup_from_a_standby_waits_for_the_primary_to_archive_its_wal() {
         "host={} port={PG_PORT} user=postgres dbname=postgres",
         primary.sock_dir().display()
     );
+    // pushclient's wall clock two hours ahead: the backup's times are the standby's clock.
+    let skew = SkewedClock::build(2 * 3600);
+    let preload = skew.library().to_string_lossy().into_owned();
+    let before = server_clock(&standby, false);
     let out = backup_output(
         &archive,
         &push,
         &standby,
         &["--fast", "--primary-conninfo", &conninfo],
+        &[("LD_PRELOAD", preload.as_str())],
     );
+    let after = server_clock(&standby, true);
     assert!(
         out.stdout.contains("asked the primary to switch WAL"),
         "{}",
@@ -161,6 +174,30 @@ fn backup_from_a_standby_waits_for_the_primary_to_archive_its_wal() {
     let id = backup_id(&out);
     let b = backup_json(&archive, &id);
     assert_eq!(b["state"], "usable", "{b:#}");
+    assert_times_between(&b, before, after);
+
+    // A role the primary does not let run pg_switch_wal(): the backup is committed, and
+    // the command fails with PostgreSQL's own error and SQLSTATE.
+    primary.psql("CREATE ROLE bk_noswitch LOGIN");
+    let unprivileged = format!(
+        "host={} port={PG_PORT} user=bk_noswitch dbname=postgres",
+        primary.sock_dir().display()
+    );
+    let out = try_backup(
+        &archive,
+        &push,
+        &standby,
+        &["--fast", "--primary-conninfo", &unprivileged],
+        &[],
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("permission denied for function pg_switch_wal")
+            && out.stderr.contains("SQLSTATE 42501"),
+        "{}",
+        out.describe()
+    );
 
     // --primary-conninfo must name the primary of this system, and only for a standby.
     let out = try_backup(

@@ -203,6 +203,86 @@ fn store_chunks(archive: &Archive) -> usize {
     walk(&cluster.join("chunks")) + walk(&cluster.join("packs"))
 }
 
+/// PostgreSQL's clock now, whole seconds since the Unix epoch (rounded down, or up).
+pub(crate) fn server_clock(pg: &PgCluster, round_up: bool) -> i64 {
+    let f = if round_up { "ceil" } else { "floor" };
+    let t = pg.psql(&format!(
+        "SELECT {f}(extract(epoch from clock_timestamp()))::bigint"
+    ));
+    t.parse()
+        .unwrap_or_else(|e| panic!("clock_timestamp() gave {t:?}: {e}"))
+}
+
+/// Asserts that backup `b` started and stopped between the server clock readings
+/// `before` and `after` (PostgreSQL's clock, one-second resolution).
+pub(crate) fn assert_times_between(b: &Value, before: i64, after: i64) {
+    let (start, stop) = (
+        b["start_time"].as_i64().unwrap(),
+        b["stop_time"].as_i64().unwrap(),
+    );
+    assert!(
+        before <= start && start <= stop && stop <= after,
+        "backup times {start} .. {stop} are not within the server's clock readings {before} .. {after} \
+         (taken just before and just after the backup)\n{b:#}"
+    );
+}
+
+/// A backup's start and stop times are on PostgreSQL's clock (the one recovery targets
+/// are compared with), not on the client's: with pushclient's wall clock two hours ahead,
+/// they are still between the server's clock readings just before and after the backup,
+/// and a recovery target between them still selects the backup.
+#[test]
+fn backup_times_are_the_servers_clock_not_a_skewed_clients() {
+    let skew = SkewedClock::build(2 * 3600);
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let pull = archive.issue(CLUSTER, "pull");
+    let primary = archiving_primary(&archive, &push, &[]);
+    primary.psql("CREATE TABLE marker (id int PRIMARY KEY)");
+    primary.psql("INSERT INTO marker VALUES (1)");
+    let before = server_clock(&primary, false);
+    let preload = skew.library().to_string_lossy().into_owned();
+    let out = try_backup(
+        &archive,
+        &push,
+        &primary,
+        &["--fast"],
+        &[("LD_PRELOAD", preload.as_str())],
+    );
+    assert!(out.success(), "{}\n{}", out.describe(), archive.diag());
+    let after = server_clock(&primary, true);
+    let id = backup_id(&out);
+    let b = backup_json(&archive, &id);
+    assert_eq!(b["state"], "usable", "{b:#}");
+    assert_times_between(&b, before, after);
+
+    // A target a second after the backup (on the server's clock) restores from it: with
+    // the client's clock as stop time, the backup would look two hours younger than it
+    // is and no backup would be usable for this target.
+    next_second(&primary);
+    next_second(&primary);
+    let target = primary.psql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || '+00'",
+    );
+    next_second(&primary);
+    primary.psql("INSERT INTO marker VALUES (2)");
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+    let mut c = restore(
+        &archive,
+        &pull,
+        "at-target",
+        &[
+            "--target-time",
+            target.as_str(),
+            "--target-action",
+            "promote",
+        ],
+    );
+    start_and_wait_promoted(&mut c);
+    assert_eq!(markers(&c), "1", "{}", c.diag());
+}
+
 /// Returns once PostgreSQL's clock is in a later second than when this was called, so
 /// what committed before and what happens after differ even at one-second resolution
 /// (PostgreSQL waits on its own clock: the one recovery targets are compared with).

@@ -14,6 +14,7 @@
 //! - [`MotoServer`]: an S3 server (`moto_server`, PyPI `moto[server]`) on a 127.0.0.1
 //!   TCP port the kernel picked, for archives whose store is `s3://`
 //!   ([`Archive::start_s3`]).
+//! - [`SkewedClock`]: an `LD_PRELOAD` library that moves a client's wall clock.
 //! - [`PgProxy`]: a TCP proxy to a cluster's socket that can flip a bit of what the
 //!   server sends.
 //!
@@ -25,6 +26,7 @@ mod harness;
 
 pub use harness::archive::*;
 pub use harness::bins::*;
+pub use harness::clock::*;
 pub use harness::cmd::*;
 pub use harness::files::*;
 pub use harness::moto::*;

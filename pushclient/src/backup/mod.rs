@@ -14,7 +14,13 @@
 //! file's size and CRC32C, computed on the way in, are checked against PostgreSQL's own
 //! `backup_manifest` (and that manifest against its checksum) before anything is
 //! committed: damage between PostgreSQL and pushclient fails the backup, naming the file.
-//! The manifest is written last, and its commit is the backup's.
+//! The manifest is written last, and its commit is the backup's. Its start and stop times
+//! are on the clock of the server backed up, read over the replication connection right
+//! after BASE_BACKUP ends (`net::pg::replication`), not on this client's clock.
+//!
+//! Connections: one replication connection to the server backed up (`--conninfo`:
+//! IDENTIFY_SYSTEM, SHOW, BASE_BACKUP, the clock), and for a standby with
+//! `--primary-conninfo` one SQL session to its primary (`net::pg::sql`).
 //!
 //! From a standby (PostgreSQL 15 runs BASE_BACKUP there too): the backup ends at the
 //! standby's minimum recovery point, and PostgreSQL does not switch WAL at its end as it
@@ -45,7 +51,8 @@ use walvault_protocol::core::wire::backup::BackupState;
 use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::pg::basebackup::BaseBackup;
-use walvault_protocol::net::pg::{conninfo, ConnectionKind, PgConnection};
+use walvault_protocol::net::pg::sql::{self, SqlClient};
+use walvault_protocol::net::pg::{conninfo, PgConnection};
 use walvault_protocol::net::progress;
 
 use collector::Collector;
@@ -77,7 +84,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         .unwrap_or_else(|| format!("walvault {id}"));
 
     let params = conninfo::resolve(args.conninfo.as_deref(), &|k| std::env::var(k).ok())?;
-    let mut pg = PgConnection::connect(&params, ConnectionKind::Replication)
+    let mut pg = PgConnection::connect(&params)
         .await
         .context("cannot open a replication connection to PostgreSQL (set PGHOST/PGPORT/PGUSER or --conninfo; the role needs REPLICATION and a `replication` line in pg_hba.conf)")?;
     let pg_version = pg.server_version_num().await?;
@@ -102,12 +109,8 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
             pg.endpoint
         );
     }
-    let archive_mode = pg
-        .simple_query("SHOW archive_mode")
-        .await?
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .unwrap_or_default();
+    // SHOW is a command of the replication grammar: no SQL session is needed for it.
+    let archive_mode = pg.show("archive_mode").await?;
     if archive_mode == "off" && !from_standby {
         bail!(
             "archive_mode is off on PostgreSQL at {}: the backup's WAL would never reach the archive and \
@@ -195,6 +198,18 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         .finish()
         .await
         .context("BASE_BACKUP failed at its end")?;
+    // The backup's times are on the clock of the server backed up (a standby's own),
+    // the clock recovery targets are compared with, never on this client's, which may
+    // be skewed. stop_time is read right after BASE_BACKUP ended, over the same
+    // replication connection (a brief START_REPLICATION whose keepalive carries the
+    // server's clock), so it needs no SQL session and no privilege beyond REPLICATION.
+    // The backup history file's STOP TIME is not an option: BASE_BACKUP without WAL does
+    // not send it, a standby writes none, and it is printed in the server's log_timezone.
+    let server_stop = pg
+        .server_clock()
+        .await
+        .context("reading the server's clock at the end of the backup")?;
+    let since_start = started.elapsed();
     pg.close().await;
     let checked = collector
         .verify(&pg_manifest)
@@ -205,7 +220,12 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
     );
     let (files, tablespaces, backup_label, mut stats) = collector.finish().await?;
     progress.finish_and_clear();
-    let stop_time = unix_now_millis() / 1000;
+    // Rounded up: the backup is consistent before this instant, so a recovery target at
+    // or after stop_time is never before the backup's end. start_time is when this
+    // command started, on the same clock (the stop reading less the time elapsed here).
+    let stop_time = server_stop.unix_seconds_ceil();
+    let start_time =
+        (server_stop.unix_micros() - since_start.as_micros() as i64).div_euclid(1_000_000);
 
     let manifest = BackupManifest {
         format: MANIFEST_FORMAT,
@@ -218,7 +238,7 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
         stop_timeline: end.stop_timeline,
         start_lsn: start_lsn_of(&backup_label).unwrap_or_default(),
         stop_lsn: end.stop_lsn.clone(),
-        start_time: start_millis / 1000,
+        start_time,
         stop_time,
         chunk_size: BACKUP_CHUNK_SIZE,
         tablespaces,
@@ -307,39 +327,35 @@ pub(crate) async fn backup(cfg: &ClientConfig, args: &BackupArgs) -> Result<()> 
 /// same PostgreSQL system.
 async fn switch_primary_wal(conninfo: &str, system_identifier: u64) -> Result<()> {
     let params = conninfo::resolve(Some(conninfo), &|k| std::env::var(k).ok())?;
-    let mut primary = PgConnection::connect(&params, ConnectionKind::Sql)
+    let primary = SqlClient::connect(&params)
         .await
         .context("cannot connect to the primary given by --primary-conninfo")?;
-    let rows = primary
-        .simple_query(
-            "SELECT system_identifier::text, pg_is_in_recovery()::text FROM pg_control_system()",
-        )
+    const IDENTITY: &str =
+        "SELECT system_identifier::text, pg_is_in_recovery() FROM pg_control_system()";
+    let row = primary
+        .query_one(IDENTITY, &[])
         .await
         .context("asking the primary for its system identifier")?;
-    let field = |i: usize| {
-        rows.first()
-            .and_then(|r| r.get(i).cloned().flatten())
-            .unwrap_or_default()
-    };
-    if field(0) != system_identifier.to_string() {
+    let system: String = sql::column(&row, 0, IDENTITY)?;
+    let in_recovery: bool = sql::column(&row, 1, IDENTITY)?;
+    if system != system_identifier.to_string() {
         bail!(
-            "--primary-conninfo points at PostgreSQL system {} ({}), not at the primary of the backed-up standby \
-             (system {system_identifier})",
-            field(0),
-            primary.endpoint
+            "--primary-conninfo points at PostgreSQL system {system} ({}), not at the primary of the \
+             backed-up standby (system {system_identifier})",
+            primary.endpoint()
         );
     }
-    if field(1) == "true" {
+    if in_recovery {
         bail!(
             "--primary-conninfo points at {}, which is itself a standby: give the primary",
-            primary.endpoint
+            primary.endpoint()
         );
     }
-    primary
-        .simple_query("SELECT pg_switch_wal()")
+    let switched: String = primary
+        .query_value("SELECT pg_switch_wal()::text", &[])
         .await
         .context("pg_switch_wal() on the primary failed (the role needs superuser or EXECUTE on pg_switch_wal)")?;
-    primary.close().await;
+    tracing::info!(primary = %primary.endpoint(), switched_at = %switched, "switched WAL on the primary");
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 pub mod archive;
 pub mod bins;
+pub mod clock;
 pub mod cmd;
 pub mod files;
 pub mod moto;

@@ -29,7 +29,8 @@
 //! pg_version         server_version_num, e.g. 150004
 //! timeline           timeline of the start LSN; stop_timeline of the stop LSN
 //! start_lsn/stop_lsn "X/X" as PostgreSQL prints them
-//! start_time/stop_time unix seconds (the backing-up client's clock)
+//! start_time/stop_time unix seconds on the clock of the PostgreSQL server backed up
+//!                    (stop_time rounded up; older pushclients used their own clock)
 //! chunk_size         bytes per chunk (128 KiB)
 //! tablespaces        [{oid, location}] of the source (restore may remap them)
 //! files              [{tablespace, path, kind, mode, size, mtime, link, chunks}]

@@ -5,6 +5,7 @@ pub mod basebackup;
 pub mod conf;
 pub mod control;
 pub mod relpath;
+pub mod replication;
 pub mod tar;
 pub mod wal;
 pub mod waldecode;

@@ -62,7 +62,7 @@ impl<'a> BaseBackup<'a> {
                 Message::ErrorResponse(e) => {
                     let err = server_error(&e);
                     conn.set_idle_timeout(Some(super::IDLE_TIMEOUT));
-                    drain_to_ready(conn).await;
+                    conn.drain_to_ready().await;
                     return Err(PgError::Server(err));
                 }
                 Message::CommandComplete(_) => {}
@@ -130,7 +130,7 @@ impl<'a> BaseBackup<'a> {
             }
             Message::ErrorResponse(e) => {
                 let err = server_error(&e);
-                drain_to_ready(self.conn).await;
+                self.conn.drain_to_ready().await;
                 Err(PgError::Server(err))
             }
             _ => Err(PgError::Protocol(
@@ -170,13 +170,5 @@ impl<'a> BaseBackup<'a> {
                 .and_then(|t| t.parse().ok())
                 .ok_or_else(|| PgError::Protocol("BASE_BACKUP sent no stop timeline".into()))?,
         })
-    }
-}
-
-async fn drain_to_ready(conn: &mut PgConnection) {
-    while let Ok(m) = conn.next_message().await {
-        if matches!(m, Message::ReadyForQuery(_)) {
-            break;
-        }
     }
 }

@@ -1,14 +1,23 @@
-//! PostgreSQL connections, hand-rolled over `postgres-protocol`: startup, authentication
-//! (trust, password, md5, SCRAM-SHA-256), simple queries, and the replication commands
-//! walvault needs (IDENTIFY_SYSTEM, BASE_BACKUP).
+//! PostgreSQL connections. Two kinds, one resolution of where and as whom ([`conninfo`],
+//! libpq's rules):
 //!
-//! Parameters are resolved like libpq ([`conninfo`]); the byte stream is Unix socket or
-//! TCP, plain text. Every message is length-checked against [`MAX_MESSAGE_LEN`] before
-//! it is buffered, so a confused or hostile server cannot make us allocate without
-//! bound.
+//! - [`PgConnection`], hand-rolled over `postgres-protocol`, for the replication protocol
+//!   only: a physical replication session (`replication=true`) with startup,
+//!   authentication (trust, password, md5, SCRAM-SHA-256), and the commands walvault
+//!   needs: IDENTIFY_SYSTEM, SHOW (the replication grammar's), BASE_BACKUP
+//!   ([`basebackup`]) and a brief START_REPLICATION that reads the server's clock
+//!   ([`replication`]);
+//! - [`sql::SqlClient`], over `tokio-postgres`, for plain SQL (`SELECT ...`).
+//!
+//! Both are Unix socket or TCP, plain text, with TCP keepalives, `connect_timeout` and a
+//! deadline on every read or query. The replication connection length-checks every
+//! message against [`MAX_MESSAGE_LEN`] before it is buffered, so a confused or hostile
+//! server cannot make us allocate without bound. NOTICE and WARNING messages are logged.
 
 pub mod basebackup;
 pub mod conninfo;
+pub mod replication;
+pub mod sql;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -88,15 +97,6 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgError 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-/// What a connection is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectionKind {
-    /// A normal session (SQL).
-    Sql,
-    /// A physical replication session (replication commands only).
-    Replication,
-}
-
 /// An open, authenticated connection, idle (ready for a query).
 pub struct PgConnection {
     stream: Box<dyn Stream>,
@@ -121,14 +121,12 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 pub type Rows = Vec<Vec<Option<String>>>;
 
 impl PgConnection {
-    /// Connects to the first endpoint of `params` that answers, and authenticates.
-    pub async fn connect(
-        params: &ConnParams,
-        kind: ConnectionKind,
-    ) -> Result<PgConnection, PgError> {
+    /// Opens a physical replication connection (`replication=true`) to the first
+    /// endpoint of `params` that answers, and authenticates.
+    pub async fn connect(params: &ConnParams) -> Result<PgConnection, PgError> {
         let mut last: Option<PgError> = None;
         for endpoint in &params.endpoints {
-            let attempt = Self::connect_one(params, endpoint, kind);
+            let attempt = Self::connect_one(params, endpoint);
             let result = match params.connect_timeout {
                 Some(limit) => tokio::time::timeout(limit, attempt)
                     .await
@@ -156,7 +154,6 @@ impl PgConnection {
     async fn connect_one(
         params: &ConnParams,
         endpoint: &Endpoint,
-        kind: ConnectionKind,
     ) -> Result<PgConnection, PgError> {
         let what = format!("connecting to PostgreSQL at {endpoint}");
         let stream: Box<dyn Stream> = match endpoint {
@@ -190,23 +187,17 @@ impl PgConnection {
             endpoint: endpoint.clone(),
             idle_timeout: Some(IDLE_TIMEOUT),
         };
-        let mut startup: Vec<(&str, &str)> = vec![
+        let startup: Vec<(&str, &str)> = vec![
             ("user", params.user.as_str()),
             ("application_name", params.application_name.as_str()),
             ("client_encoding", "UTF8"),
+            ("replication", "true"),
         ];
-        match kind {
-            ConnectionKind::Sql => startup.push(("database", params.dbname.as_str())),
-            ConnectionKind::Replication => startup.push(("replication", "true")),
-        }
         frontend::startup_message(startup, &mut conn.write)
             .map_err(io_err("encoding the startup message"))?;
         conn.flush().await?;
-        let database = match kind {
-            ConnectionKind::Sql => params.dbname.as_str(),
-            ConnectionKind::Replication => "replication",
-        };
-        conn.authenticate(params, database).await?;
+        // The password file names replication connections' database "replication".
+        conn.authenticate(params, "replication").await?;
         loop {
             match conn.next_message().await? {
                 Message::ReadyForQuery(_) => return Ok(conn),
@@ -227,26 +218,8 @@ impl PgConnection {
     }
 
     fn password(&self, params: &ConnParams, database: &str) -> Result<String, PgError> {
-        if let Some(p) = &params.password {
-            return Ok(p.clone());
-        }
-        if let Some(file) = &params.passfile {
-            if let Some(p) = conninfo::passfile_lookup(file, &self.endpoint, database, &params.user)
-            {
-                return Ok(p);
-            }
-        }
-        Err(PgError::Auth(format!(
-            "PostgreSQL at {} asks for a password for role \"{}\" and none was given: set PGPASSWORD, \
-             add password=... to --conninfo, or add a line to the password file ({})",
-            self.endpoint,
-            params.user,
-            params
-                .passfile
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "~/.pgpass".into())
-        )))
+        password_for(params, &self.endpoint, database)
+            .ok_or_else(|| no_password(params, &self.endpoint))
     }
 
     async fn authenticate(&mut self, params: &ConnParams, database: &str) -> Result<(), PgError> {
@@ -340,6 +313,17 @@ impl PgConnection {
     /// Reads the next backend message. NoticeResponses (NOTICE, WARNING...) are logged
     /// here and never returned: every exchange sees only the messages it acts on.
     pub(crate) async fn next_message(&mut self) -> Result<Message, PgError> {
+        match self.next_incoming().await? {
+            Incoming::Message(m) => Ok(m),
+            Incoming::CopyBothResponse => Err(PgError::Protocol(
+                "unexpected CopyBothResponse (the server started streaming)".into(),
+            )),
+        }
+    }
+
+    /// [`next_message`](Self::next_message), and CopyBothResponse, which `START_REPLICATION`
+    /// answers with and `postgres-protocol` 0.6 does not parse.
+    pub(crate) async fn next_incoming(&mut self) -> Result<Incoming, PgError> {
         loop {
             if self.read.len() >= 5 {
                 let len =
@@ -352,12 +336,17 @@ impl PgConnection {
                     )));
                 }
                 if self.read.len() > len {
+                    if self.read[0] == b'W' {
+                        // Format and column formats: nothing walvault acts on.
+                        let _ = self.read.split_to(len + 1);
+                        return Ok(Incoming::CopyBothResponse);
+                    }
                     return match Message::parse(&mut self.read) {
                         Ok(Some(Message::NoticeResponse(n))) => {
                             log_notice(&self.endpoint, &notice_fields(n.fields()));
                             continue;
                         }
-                        Ok(Some(m)) => Ok(m),
+                        Ok(Some(m)) => Ok(Incoming::Message(m)),
                         Ok(None) => Err(PgError::Protocol("incomplete message".into())),
                         Err(e) => Err(PgError::Protocol(format!("malformed message: {e}"))),
                     };
@@ -406,7 +395,8 @@ impl PgConnection {
         self.flush().await
     }
 
-    /// Runs one statement and returns the rows of its (last) result set.
+    /// Runs one replication command (simple query protocol) and returns the rows of its
+    /// (last) result set. Plain SQL goes through [`sql::SqlClient`].
     pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, PgError> {
         self.send_query(sql).await?;
         let mut rows = Vec::new();
@@ -434,15 +424,27 @@ impl PgConnection {
         }
     }
 
-    /// `server_version_num` as the server reports it (`SHOW`, which replication
-    /// connections accept too), e.g. 150004: never parsed from `server_version`, where
-    /// "16beta1" would read as 160001.
-    pub async fn server_version_num(&mut self) -> Result<u32, PgError> {
-        let rows = self.simple_query("SHOW server_version_num").await?;
-        let text = rows
+    /// A setting as the server reports it: `SHOW name`, a command of the replication
+    /// grammar (`name` must be a setting name).
+    pub async fn show(&mut self, name: &str) -> Result<String, PgError> {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        {
+            return Err(PgError::Protocol(format!("{name:?} is not a setting name")));
+        }
+        let rows = self.simple_query(&format!("SHOW {name}")).await?;
+        Ok(rows
             .first()
             .and_then(|r| r.first().cloned().flatten())
-            .unwrap_or_default();
+            .unwrap_or_default())
+    }
+
+    /// `server_version_num` as the server reports it (`SHOW`), e.g. 150004: never parsed
+    /// from `server_version`, where "16beta1" would read as 160001.
+    pub async fn server_version_num(&mut self) -> Result<u32, PgError> {
+        let text = self.show("server_version_num").await?;
         text.trim().parse().map_err(|_| {
             PgError::Protocol(format!(
                 "SHOW server_version_num answered {text:?}, not a number"
@@ -473,6 +475,37 @@ impl PgConnection {
         frontend::terminate(&mut self.write);
         let _ = self.flush().await;
     }
+}
+
+/// The password for `endpoint`: the one given, else the password file's.
+fn password_for(params: &ConnParams, endpoint: &Endpoint, database: &str) -> Option<String> {
+    if let Some(p) = &params.password {
+        return Some(p.clone());
+    }
+    let file = params.passfile.as_ref()?;
+    conninfo::passfile_lookup(file, endpoint, database, &params.user)
+}
+
+/// The server asks for a password and no source gave one.
+fn no_password(params: &ConnParams, endpoint: &Endpoint) -> PgError {
+    PgError::Auth(format!(
+        "PostgreSQL at {endpoint} asks for a password for role \"{}\" and none was given: set PGPASSWORD, \
+         add password=... to --conninfo, or add a line to the password file ({})",
+        params.user,
+        params
+            .passfile
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "~/.pgpass".into())
+    ))
+}
+
+/// A backend message as [`PgConnection::next_incoming`] reads it.
+pub(crate) enum Incoming {
+    /// Any message `postgres-protocol` parses.
+    Message(Message),
+    /// CopyBothResponse ('W'): the server starts streaming (`START_REPLICATION`).
+    CopyBothResponse,
 }
 
 /// What IDENTIFY_SYSTEM says.
