@@ -32,7 +32,7 @@ pub(crate) fn put_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 /// Every object file in the store (temporary files excluded).
-fn stored_objects(archive: &Archive) -> Vec<String> {
+pub(crate) fn stored_objects(archive: &Archive) -> Vec<String> {
     let mut out = Vec::new();
     fn walk(dir: &Path, out: &mut Vec<String>) {
         for e in fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -49,7 +49,12 @@ fn stored_objects(archive: &Archive) -> Vec<String> {
     out
 }
 
-fn get_bytes(archive: &Archive, conf: &Path, name: &str, dir: &TestDir) -> Option<Vec<u8>> {
+pub(crate) fn get_bytes(
+    archive: &Archive,
+    conf: &Path,
+    name: &str,
+    dir: &TestDir,
+) -> Option<Vec<u8>> {
     let out_dir = dir.join("restored");
     fs::create_dir_all(&out_dir).unwrap();
     chown_pg(&out_dir);

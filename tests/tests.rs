@@ -17,5 +17,6 @@ mod prefetch;
 mod promises;
 mod retention_window;
 mod s3;
+mod server_bounds;
 mod store_truth;
 mod waldump;

@@ -6,6 +6,7 @@
 //! storage = ""                  # "" = DIR/store; or s3://bucket/prefix, gs://..., az://...
 //! max_connections = 256         # concurrent client connections
 //! shutdown_grace_secs = 30      # how long SIGTERM waits for in-flight requests
+//! body_idle_timeout_secs = 60   # each read of a request body must progress within this
 //! [storage_options]             # object_store keys (aws_endpoint, aws_region...), over the
 //!                               # AWS_* / GOOGLE_* / AZURE_* environment (store/remote.rs)
 //! [retention]                   # archived retention run; its flags override these
@@ -49,6 +50,10 @@ pub(crate) struct ServerConfig {
     /// Seconds SIGTERM waits for in-flight requests.
     #[serde(default = "default_grace")]
     pub(crate) shutdown_grace_secs: u64,
+    /// Seconds each read of a request body may wait for data before the request is
+    /// dropped (the client stalled after its header).
+    #[serde(default = "default_body_idle_timeout")]
+    pub(crate) body_idle_timeout_secs: u64,
     /// Backup retention policy (`archived retention run`).
     #[serde(default)]
     pub(crate) retention: RetentionConfig,
@@ -59,6 +64,9 @@ fn default_max_connections() -> usize {
 }
 fn default_grace() -> u64 {
     30
+}
+fn default_body_idle_timeout() -> u64 {
+    60
 }
 
 impl ServerConfig {
@@ -71,6 +79,7 @@ impl ServerConfig {
             storage_options: BTreeMap::new(),
             max_connections: default_max_connections(),
             shutdown_grace_secs: default_grace(),
+            body_idle_timeout_secs: default_body_idle_timeout(),
             retention: Default::default(),
         }
     }
@@ -93,6 +102,12 @@ impl ServerConfig {
                 cfg.listen
             )
         })?;
+        if cfg.body_idle_timeout_secs == 0 {
+            anyhow::bail!(
+                "{}: body_idle_timeout_secs must be at least 1",
+                path.display()
+            );
+        }
         Ok(cfg)
     }
 

@@ -1,7 +1,10 @@
 //! One request per bidirectional stream: read its frame (within
 //! [`REQUEST_HEADER_TIMEOUT`]), refuse it while shutting down, check that the certificate
 //! may touch the cluster it names, and hand it to its handler (service/) with the rest of
-//! the stream as its body.
+//! the stream as its body, every read of which must make progress within
+//! `body_idle_timeout_secs` (body.rs). A request whose body stalls is logged (cluster,
+//! operation, bytes received) and its stream reset with [`RESET_BODY_STALLED`]: no
+//! answer, and nothing of it stored (its handler failed as on any broken body).
 
 use std::time::Duration;
 
@@ -10,6 +13,7 @@ use walvault_protocol::core::wire::{ErrorCode, FrameError, Request, Response};
 use walvault_protocol::net::pki::ClientIdentity;
 use walvault_protocol::net::transport::{read_frame, ReadFrameError};
 
+use super::body::IdleReader;
 use super::rpc::{respond, send_streamed};
 use crate::service::backups::ManifestUpload;
 use crate::service::retention::RetentionRequest;
@@ -20,12 +24,18 @@ use crate::service::{self, Refusal, StreamReply};
 /// How long a client may take to send its request frame.
 const REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Answers the request on one stream; `shutting_down` refuses it as `Unavailable`.
+/// The QUIC application error code of a stream reset because its request body stalled
+/// for `body_idle_timeout_secs`.
+pub(super) const RESET_BODY_STALLED: u32 = 2;
+
+/// Answers the request on one stream; `shutting_down` refuses it as `Unavailable`;
+/// every body read must progress within `body_idle`.
 pub(super) async fn handle_stream(
     archive: &Archive,
     shutting_down: impl Fn() -> bool,
+    body_idle: Duration,
     identity: &ClientIdentity,
-    send: quinn::SendStream,
+    mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let request = match tokio::time::timeout(
@@ -85,6 +95,9 @@ pub(super) async fn handle_stream(
         }
     }
     let ctx = archive.ctx(identity);
+    let cluster_name = request.cluster().unwrap_or_default().to_string();
+    let mut body = IdleReader::new(recv, body_idle);
+    let recv = &mut body;
     let reply = match request {
         Request::PutWal {
             cluster,
@@ -98,7 +111,7 @@ pub(super) async fn handle_stream(
                 raw_size,
                 blake3: &blake3,
             };
-            let reply = service::wal::ingest(&ctx, &upload, &mut recv).await;
+            let reply = service::wal::ingest(&ctx, &upload, recv).await;
             match &reply {
                 Ok(Response::Stored { already_present }) => {
                     tracing::info!(%cluster, %name, already_present, "stored")
@@ -111,8 +124,8 @@ pub(super) async fn handle_stream(
             reply
         }
         Request::GetWal { cluster, name } => {
-            return answer_streamed(send, recv, service::wal::get(&ctx, &cluster, &name).await)
-                .await;
+            let answer = service::wal::get(&ctx, &cluster, &name).await;
+            return answer_streamed(send, body.into_inner(), answer, body_idle).await;
         }
         Request::ListWal { cluster } => service::wal::list(&ctx, &cluster),
         Request::BeginBackup { cluster } => service::backups::begin_backup(&ctx, &cluster),
@@ -127,24 +140,17 @@ pub(super) async fn handle_stream(
             raw_size,
             lease,
         } => {
-            service::backups::put_chunk(
-                &ctx,
-                &cluster,
-                &blake3,
-                raw_size,
-                lease.as_deref(),
-                &mut recv,
-            )
-            .await
+            service::backups::put_chunk(&ctx, &cluster, &blake3, raw_size, lease.as_deref(), recv)
+                .await
         }
         Request::PutPack {
             cluster,
             chunks,
             lease,
-        } => service::backups::put_pack(&ctx, &cluster, chunks, lease.as_deref(), &mut recv).await,
+        } => service::backups::put_pack(&ctx, &cluster, chunks, lease.as_deref(), recv).await,
         Request::GetChunks { cluster, hashes } => {
             let answer = service::backups::get_chunks(&ctx, &cluster, hashes).await;
-            return answer_streamed(send, recv, answer).await;
+            return answer_streamed(send, body.into_inner(), answer, body_idle).await;
         }
         Request::PutBackup {
             cluster,
@@ -160,7 +166,7 @@ pub(super) async fn handle_stream(
                 blake3: &blake3,
                 lease: lease.as_deref(),
             };
-            let reply = service::backups::put_backup(&ctx, &upload, &mut recv).await;
+            let reply = service::backups::put_backup(&ctx, &upload, recv).await;
             match &reply {
                 Ok(_) => tracing::info!(%cluster, %backup_id, "backup committed"),
                 Err(r) => {
@@ -171,7 +177,7 @@ pub(super) async fn handle_stream(
         }
         Request::GetBackup { cluster, backup_id } => {
             let answer = service::backups::get_backup(&ctx, &cluster, &backup_id).await;
-            return answer_streamed(send, recv, answer).await;
+            return answer_streamed(send, body.into_inner(), answer, body_idle).await;
         }
         Request::ListBackups { cluster } => service::backups::list(&ctx, &cluster).await,
         Request::DeleteBackup { cluster, backup_id } => {
@@ -201,12 +207,31 @@ pub(super) async fn handle_stream(
             version: walvault_protocol::VERSION.to_string(),
         }),
     };
-    respond(send, Some(recv), reply).await;
+    if body.stalled() {
+        tracing::warn!(
+            cluster = %cluster_name,
+            %op,
+            received = body.received(),
+            idle_secs = body_idle.as_secs(),
+            "request body stalled: no data for idle_secs (body_idle_timeout_secs); \
+             request dropped, stream reset, nothing stored"
+        );
+        let mut recv = body.into_inner();
+        let _ = recv.stop(RESET_BODY_STALLED.into());
+        let _ = send.reset(RESET_BODY_STALLED.into());
+        return;
+    }
+    respond(send, Some(body.into_inner()), reply).await;
 }
 
-async fn answer_streamed(send: quinn::SendStream, recv: quinn::RecvStream, answer: StreamReply) {
+async fn answer_streamed(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    answer: StreamReply,
+    idle: Duration,
+) {
     match answer {
-        Ok(s) => send_streamed(send, s).await,
+        Ok(s) => send_streamed(send, s, idle).await,
         Err(r) => respond(send, Some(recv), Err(r)).await,
     }
 }

@@ -3,14 +3,16 @@
 //! only after the effect is durable (rpc.rs). The only code that knows quinn.
 //!
 //! Bounds: at most `max_connections` connections, `MAX_STREAMS_PER_CONNECTION`
-//! requests each (quinn refuses more streams); what each request holds in memory is
-//! written on its handler (service/).
+//! requests each (quinn refuses more streams); a request header must arrive within 30 s
+//! and each read of a body make progress within `body_idle_timeout_secs` (body.rs);
+//! what each request holds in memory is written on its handler (service/).
 //!
 //! SIGTERM/SIGINT: new connections and requests are refused, in-flight requests get
 //! `shutdown_grace_secs` to finish, and whatever has not finished by then is dropped
 //! unacknowledged.
 
 mod auth;
+mod body;
 mod dispatch;
 mod rpc;
 
@@ -65,6 +67,8 @@ struct ServerState {
     archive: Archive,
     shutting_down: AtomicBool,
     inflight: InFlight,
+    /// How long each read of a request body may wait for data.
+    body_idle: Duration,
 }
 
 impl ServerState {
@@ -107,6 +111,7 @@ pub(crate) async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> 
         archive: Archive::new(store, index, cfg.retention.clone()),
         shutting_down: AtomicBool::new(false),
         inflight: InFlight::default(),
+        body_idle: Duration::from_secs(cfg.body_idle_timeout_secs),
     });
     let connections = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -198,7 +203,15 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) {
         streams.spawn(async move {
             let _guard = state.inflight.enter();
             let shutting_down = || state.is_shutting_down();
-            dispatch::handle_stream(&state.archive, shutting_down, &identity, send, recv).await
+            dispatch::handle_stream(
+                &state.archive,
+                shutting_down,
+                state.body_idle,
+                &identity,
+                send,
+                recv,
+            )
+            .await
         });
         // Reap finished requests; quinn caps open streams at MAX_STREAMS_PER_CONNECTION.
         while streams.try_join_next().is_some() {}

@@ -4,8 +4,9 @@
 //! answer over the frame limit), after telling the peer to stop sending whatever body is
 //! left. A [`Streamed`] answer is its frame, then
 //! its body, then FIN; a failure while the body is sent (storage, a client that went
-//! away) resets the stream, so the client sees an interrupted download, never a short
-//! one. Neither waits more than [`RESPONSE_DELIVERY_TIMEOUT`] for the client to take
+//! away, or one that takes no data for `body_idle_timeout_secs`: each write must make
+//! progress within it) resets the stream, so the client sees an interrupted download,
+//! never a short one. Neither waits more than [`RESPONSE_DELIVERY_TIMEOUT`] for the client to take
 //! the end of the answer: a client that vanished must not hold shutdown hostage.
 
 use std::time::Duration;
@@ -60,8 +61,9 @@ fn answer_frame(response: &Response) -> Vec<u8> {
     }
 }
 
-/// Sends an answer with a body: the frame, the body, FIN (or a reset on failure).
-pub(crate) async fn send_streamed(mut send: quinn::SendStream, answer: Streamed) {
+/// Sends an answer with a body: the frame, the body, FIN (or a reset on failure); each
+/// write must make progress within `idle`.
+pub(crate) async fn send_streamed(mut send: quinn::SendStream, answer: Streamed, idle: Duration) {
     let Streamed {
         response,
         mut body,
@@ -75,7 +77,13 @@ pub(crate) async fn send_streamed(mut send: quinn::SendStream, answer: Streamed)
             break;
         };
         streamed = match chunk {
-            Ok(c) => send.write_chunk(c).await.context("client went away"),
+            Ok(c) => match tokio::time::timeout(idle, send.write_chunk(c)).await {
+                Ok(written) => written.context("client went away"),
+                Err(_) => Err(anyhow::anyhow!(
+                    "the client took no data for {} s (body_idle_timeout_secs)",
+                    idle.as_secs()
+                )),
+            },
             Err(e) => Err(e),
         };
     }

@@ -42,6 +42,11 @@ use crate::index::backups::record_of;
 use crate::index::chunks::ChunkEntry;
 use crate::store::{self, layout, CreateOutcome, ObjectHeader, PendingObject, HEADER_LEN};
 
+/// Longest backup label `PutBackup` accepts, in bytes: PostgreSQL's own limit for a
+/// `BASE_BACKUP` label (MAXPGPATH), so every backup PostgreSQL made fits. The label is
+/// shown by every listing and kept in the catalog.
+pub(crate) const MAX_BACKUP_LABEL_LEN: usize = 1024;
+
 /// A manifest offered for storage: what `PutBackup` announces.
 #[derive(Clone, Debug)]
 pub(crate) struct ManifestUpload<'a> {
@@ -562,6 +567,13 @@ pub(crate) async fn put_backup(
     manifest
         .validate()
         .map_err(|e| Refusal::invalid(format!("{what}: {e}")))?;
+    if manifest.label.len() > MAX_BACKUP_LABEL_LEN {
+        return Err(Refusal::invalid(format!(
+            "{what} has a label of {} bytes; a label is at most {MAX_BACKUP_LABEL_LEN} bytes \
+             (PostgreSQL's own limit): back up again with a shorter --label",
+            manifest.label.len()
+        )));
+    }
     if manifest.id != backup_id || manifest.cluster != cluster {
         return Err(Refusal::invalid(format!(
             "{what} names backup {} of cluster '{}'",

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use walvault_protocol::core::wire::{ErrorCode, Response};
 use walvault_protocol::net::pki::{ClientIdentity, Role};
 
+use super::backups::{self, ManifestUpload, MAX_BACKUP_LABEL_LEN};
 use super::wal::{self, WalUpload};
 use super::{Archive, Refusal};
 use crate::config::RetentionConfig;
@@ -190,5 +191,82 @@ async fn wal_of_another_system_and_a_lying_body_are_refused_and_store_nothing() 
     assert_eq!(
         fetch(&t, &name).await.unwrap_err().code,
         ErrorCode::NotFound
+    );
+}
+
+/// A backup without files labelled `label`, offered as `PutBackup` by a push client.
+async fn put_labelled_backup(
+    t: &TestArchive,
+    id: &str,
+    label: String,
+) -> Result<Response, Refusal> {
+    use walvault_protocol::core::format::manifest::{
+        BackupManifest, BackupStats, BACKUP_CHUNK_SIZE, MANIFEST_FORMAT,
+    };
+    let manifest = BackupManifest {
+        format: MANIFEST_FORMAT,
+        id: id.into(),
+        cluster: "main".into(),
+        label,
+        system_identifier: SYSID,
+        pg_version: 150000,
+        timeline: 1,
+        stop_timeline: 1,
+        start_lsn: "0/2000028".into(),
+        stop_lsn: "0/2000100".into(),
+        start_time: 0,
+        stop_time: 0,
+        chunk_size: BACKUP_CHUNK_SIZE,
+        tablespaces: Vec::new(),
+        files: Vec::new(),
+        backup_label: String::new(),
+        pg_backup_manifest: String::new(),
+        stats: BackupStats::default(),
+    };
+    let raw = serde_json::to_vec(&manifest).unwrap();
+    let (frame, hash) = body(&raw);
+    let id_push = identity(Role::Push);
+    let upload = ManifestUpload {
+        cluster: "main",
+        backup_id: id,
+        raw_size: raw.len() as u64,
+        blake3: &hash,
+        lease: None,
+    };
+    backups::put_backup(&t.archive.ctx(&id_push), &upload, &mut &frame[..]).await
+}
+
+#[tokio::test]
+async fn a_backup_label_longer_than_1024_bytes_is_refused_and_nothing_is_stored() {
+    let t = TestArchive::new();
+    let refused = put_labelled_backup(
+        &t,
+        "20261202T100000000Z",
+        "x".repeat(MAX_BACKUP_LABEL_LEN + 1),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Invalid, "{}", refused.message);
+    assert!(
+        refused.message.contains("label of 1025 bytes") && refused.message.contains("1024"),
+        "{}",
+        refused.message
+    );
+    assert!(t.archive.index.backups("main").unwrap().is_empty());
+    let keys: Vec<_> = t.memory.list(None).collect().await;
+    assert!(keys.is_empty(), "a refused backup left {keys:?}");
+    // At the limit (and PostgreSQL's): accepted.
+    let stored = put_labelled_backup(
+        &t,
+        "20261202T100001000Z",
+        "é".repeat(MAX_BACKUP_LABEL_LEN / 2),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        Response::Stored {
+            already_present: false
+        }
     );
 }
