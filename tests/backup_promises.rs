@@ -301,7 +301,7 @@ fn dir(path: &str) -> FileEntry {
 }
 
 /// A file of `data` cut into 128 KiB chunks, as pushclient does.
-fn chunked_file(path: &str, data: &[u8]) -> FileEntry {
+pub(crate) fn chunked_file(path: &str, data: &[u8]) -> FileEntry {
     let mut f = file(path, data);
     f.chunks = data.chunks(128 << 10).map(b3).collect();
     f
@@ -482,7 +482,11 @@ async fn restore_verifies_every_chunk_and_writes_nothing_unverified() {
 }
 
 /// `PutPack` of `chunks` as (announced raw bytes, bytes actually compressed into the body).
-async fn put_pack(conn: &ArchiveConnection, cluster: &str, chunks: &[(&[u8], &[u8])]) -> Response {
+pub(crate) async fn put_pack(
+    conn: &ArchiveConnection,
+    cluster: &str,
+    chunks: &[(&[u8], &[u8])],
+) -> Response {
     let mut listed = Vec::new();
     let mut body = Vec::new();
     for (announced, actual) in chunks {

@@ -7,6 +7,7 @@
 //! max_connections = 256         # concurrent client connections
 //! shutdown_grace_secs = 30      # how long SIGTERM waits for in-flight requests
 //! body_idle_timeout_secs = 60   # each read of a request body must progress within this
+//! request_memory_mib = 1024     # what all requests together may buffer (service/budget.rs)
 //! [storage_options]             # object_store keys (aws_endpoint, aws_region...), over the
 //!                               # AWS_* / GOOGLE_* / AZURE_* environment (store/remote.rs)
 //! [retention]                   # archived retention run; its flags override these
@@ -28,6 +29,10 @@ use serde::{Deserialize, Serialize};
 
 /// Default UDP address.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:7433";
+
+/// The smallest `request_memory_mib`: its header pool (an eighth, service/budget.rs)
+/// must hold the largest request frame twice over.
+pub(crate) const MIN_REQUEST_MEMORY_MIB: u64 = 16;
 
 /// `archived.toml`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -54,6 +59,9 @@ pub(crate) struct ServerConfig {
     /// dropped (the client stalled after its header).
     #[serde(default = "default_body_idle_timeout")]
     pub(crate) body_idle_timeout_secs: u64,
+    /// MiB the buffers of all requests together may hold (at least 16).
+    #[serde(default = "default_request_memory")]
+    pub(crate) request_memory_mib: u64,
     /// Backup retention policy (`archived retention run`).
     #[serde(default)]
     pub(crate) retention: RetentionConfig,
@@ -68,6 +76,9 @@ fn default_grace() -> u64 {
 fn default_body_idle_timeout() -> u64 {
     60
 }
+fn default_request_memory() -> u64 {
+    1024
+}
 
 impl ServerConfig {
     /// A new configuration listening on `listen`, everything else by default.
@@ -80,6 +91,7 @@ impl ServerConfig {
             max_connections: default_max_connections(),
             shutdown_grace_secs: default_grace(),
             body_idle_timeout_secs: default_body_idle_timeout(),
+            request_memory_mib: default_request_memory(),
             retention: Default::default(),
         }
     }
@@ -106,6 +118,15 @@ impl ServerConfig {
             anyhow::bail!(
                 "{}: body_idle_timeout_secs must be at least 1",
                 path.display()
+            );
+        }
+        let min = MIN_REQUEST_MEMORY_MIB;
+        if !(min..=4 << 20).contains(&cfg.request_memory_mib) {
+            anyhow::bail!(
+                "{}: request_memory_mib = {} is outside {min}..=4194304 (the largest request \
+                 header must fit)",
+                path.display(),
+                cfg.request_memory_mib
             );
         }
         Ok(cfg)

@@ -5,17 +5,22 @@
 //! `body_idle_timeout_secs` (body.rs). A request whose body stalls is logged (cluster,
 //! operation, bytes received) and its stream reset with [`RESET_BODY_STALLED`]: no
 //! answer, and nothing of it stored (its handler failed as on any broken body).
+//!
+//! Memory: the frame's header grant is taken from its length prefix before the frame is
+//! read and held for the whole request; listings and other one-frame answers up to the
+//! frame limit hold `ANSWER_MEMORY` until sent (service/budget.rs).
 
 use std::time::Duration;
 
+use tokio::time::Instant;
 use walvault_protocol::core::format::names;
-use walvault_protocol::core::wire::{ErrorCode, FrameError, Request, Response};
+use walvault_protocol::core::wire::{self, ErrorCode, FrameError, Request, Response};
 use walvault_protocol::net::pki::ClientIdentity;
-use walvault_protocol::net::transport::{read_frame, ReadFrameError};
 
 use super::body::IdleReader;
 use super::rpc::{respond, send_streamed};
 use crate::service::backups::ManifestUpload;
+use crate::service::budget::{Budget, Grant, ANSWER_MEMORY};
 use crate::service::retention::RetentionRequest;
 use crate::service::wal::WalUpload;
 use crate::service::Archive;
@@ -38,14 +43,9 @@ pub(super) async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let request = match tokio::time::timeout(
-        REQUEST_HEADER_TIMEOUT,
-        read_frame::<Request>(&mut recv),
-    )
-    .await
-    {
-        Ok(Ok(r)) => r,
-        Ok(Err(ReadFrameError::Frame(e))) => {
+    let (request, _header) = match read_request(&mut recv, &archive.budget).await {
+        Ok(r) => r,
+        Err(HeaderError::Frame(e)) => {
             let code = if matches!(e, FrameError::TooLarge(_)) {
                 ErrorCode::TooLarge
             } else {
@@ -55,11 +55,11 @@ pub(super) async fn handle_stream(
             respond(send, Some(recv), Err(Refusal::new(code, e.to_string()))).await;
             return;
         }
-        Ok(Err(ReadFrameError::Stream(e))) => {
+        Err(HeaderError::Stream(e)) => {
             tracing::debug!(error = %e, "stream failed before a request arrived");
             return;
         }
-        Err(_) => {
+        Err(HeaderError::Late) => {
             let refusal = Refusal::invalid("no request header within 30 s");
             respond(send, Some(recv), Err(refusal)).await;
             return;
@@ -94,6 +94,21 @@ pub(super) async fn handle_stream(
             return;
         }
     }
+    // One-frame answers that can be large (up to the frame limit) hold their memory
+    // until they are sent; the other handlers take theirs themselves.
+    let _answer = match request {
+        Request::ListWal { .. }
+        | Request::ListBackups { .. }
+        | Request::ChunksMissing { .. }
+        | Request::Retention { .. } => match archive.budget.body(ANSWER_MEMORY, op).await {
+            Ok(grant) => Some(grant),
+            Err(refusal) => {
+                respond(send, Some(recv), Err(refusal)).await;
+                return;
+            }
+        },
+        _ => None,
+    };
     let ctx = archive.ctx(identity);
     let cluster_name = request.cluster().unwrap_or_default().to_string();
     let mut body = IdleReader::new(recv, body_idle);
@@ -222,6 +237,50 @@ pub(super) async fn handle_stream(
         return;
     }
     respond(send, Some(body.into_inner()), reply).await;
+}
+
+/// Why no request was read.
+enum HeaderError {
+    /// Too large, malformed or cut short.
+    Frame(FrameError),
+    /// The stream failed.
+    Stream(quinn::ReadExactError),
+    /// Not within [`REQUEST_HEADER_TIMEOUT`].
+    Late,
+}
+
+/// Reads the request frame and takes its header grant, from its length prefix and
+/// before the frame is read. Reading has [`REQUEST_HEADER_TIMEOUT`]; waiting for the
+/// grant does not count.
+async fn read_request(
+    recv: &mut quinn::RecvStream,
+    budget: &Budget,
+) -> Result<(Request, Grant), HeaderError> {
+    async fn read_by(
+        recv: &mut quinn::RecvStream,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<(), HeaderError> {
+        match tokio::time::timeout_at(deadline, recv.read_exact(buf)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(quinn::ReadExactError::FinishedEarly(_))) => {
+                Err(HeaderError::Frame(FrameError::Truncated))
+            }
+            Ok(Err(e)) => Err(HeaderError::Stream(e)),
+            Err(_) => Err(HeaderError::Late),
+        }
+    }
+    let mut deadline = Instant::now() + REQUEST_HEADER_TIMEOUT;
+    let mut prefix = [0u8; 4];
+    read_by(recv, &mut prefix, deadline).await?;
+    let len = wire::frame_len(prefix).map_err(HeaderError::Frame)?;
+    let waiting = Instant::now();
+    let grant = budget.header(len).await;
+    deadline += waiting.elapsed();
+    let mut payload = vec![0u8; len];
+    read_by(recv, &mut payload, deadline).await?;
+    let request = wire::decode_frame(&payload).map_err(HeaderError::Frame)?;
+    Ok((request, grant))
 }
 
 async fn answer_streamed(

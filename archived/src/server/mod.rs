@@ -5,7 +5,8 @@
 //! Bounds: at most `max_connections` connections, `MAX_STREAMS_PER_CONNECTION`
 //! requests each (quinn refuses more streams); a request header must arrive within 30 s
 //! and each read of a body make progress within `body_idle_timeout_secs` (body.rs);
-//! what each request holds in memory is written on its handler (service/).
+//! what requests hold in memory stays under `request_memory_mib`, whatever the number
+//! of connections and streams (service/budget.rs; each handler says what it takes).
 //!
 //! SIGTERM/SIGINT: new connections and requests are refused, in-flight requests get
 //! `shutdown_grace_secs` to finish, and whatever has not finished by then is dropped
@@ -27,6 +28,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::datadir::DataDir;
 use crate::index::rebuild;
+use crate::service::budget::Budget;
 use crate::service::Archive;
 
 /// Counts requests in flight so shutdown can wait for them.
@@ -108,7 +110,12 @@ pub(crate) async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> 
     tracing::info!(listen = %bound, store = %store.describe(), "archived is serving");
 
     let state = Arc::new(ServerState {
-        archive: Archive::new(store, index, cfg.retention.clone()),
+        archive: Archive::new(
+            store,
+            index,
+            cfg.retention.clone(),
+            Budget::new(cfg.request_memory_mib),
+        ),
         shutting_down: AtomicBool::new(false),
         inflight: InFlight::default(),
         body_idle: Duration::from_secs(cfg.body_idle_timeout_secs),

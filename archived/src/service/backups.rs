@@ -16,14 +16,22 @@
 //!
 //! # Bounds
 //!
-//! A chunk body (at most `MAX_CHUNK_SIZE` plus zstd's worst case) is held whole while it
-//! is verified; a pack about 2 MiB of its chunks at a time; a manifest body is read
-//! [`CHUNK_SIZE`] at a time, but its raw JSON (up to `MAX_MANIFEST_SIZE`) is kept to be
-//! parsed.
+//! Each request takes what it holds from the byte budget ([`super::budget`]) once its
+//! body's first bytes are there, before it buffers, and never while it holds the GC lock:
+//!
+//! - `PutChunk`: the body whole (at most `MAX_CHUNK_SIZE` plus zstd's worst case) while
+//!   it is verified, the decoder's window, and on a remote store the object's copy;
+//! - `PutPack`: [`PACK_RECEIVE_MEMORY`] while it receives ([`PACK_GROUP_BYTES`] of
+//!   frames at a time, one decoded chunk); then, given back, what the commit holds;
+//! - `PutBackup`: the decoder, and [`MANIFEST_MEMORY_FACTOR`] times the raw manifest (up
+//!   to `MAX_MANIFEST_SIZE`: its JSON is kept to be parsed), and the remote commit;
+//! - `GetChunks`: what the store reads ahead of the answer (all of its chunks on a
+//!   remote store), until the answer is sent.
 
 use std::collections::BTreeSet;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use walvault_protocol::core::format::codec::HEAD_LEN;
 use walvault_protocol::core::format::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
 use walvault_protocol::core::format::manifest::{
     BackupManifest, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE,
@@ -36,6 +44,7 @@ use walvault_protocol::core::wire::backup::{
 };
 use walvault_protocol::core::wire::{ErrorCode, Response};
 
+use super::budget::{FrameStart, DECODER_OVERHEAD, READ_BUFFER};
 use super::{BodyError, Ctx, Refusal, Reply, StreamReply, Streamed};
 use crate::clock::unix_now;
 use crate::index::backups::record_of;
@@ -46,6 +55,20 @@ use crate::store::{self, layout, CreateOutcome, ObjectHeader, PendingObject, HEA
 /// `BASE_BACKUP` label (MAXPGPATH), so every backup PostgreSQL made fits. The label is
 /// shown by every listing and kept in the catalog.
 pub(crate) const MAX_BACKUP_LABEL_LEN: usize = 1024;
+
+/// Bytes of chunk frames a `PutPack` reads at a time (a single larger chunk is read
+/// alone).
+const PACK_GROUP_BYTES: u64 = 2 << 20;
+
+/// What a `PutPack` holds while it receives: a group of frames, one decoded chunk, and
+/// the pack's index and chunk headers (1024 chunks at most) with the decoder's context.
+pub(crate) const PACK_RECEIVE_MEMORY: u64 = PACK_GROUP_BYTES + MAX_CHUNK_SIZE + DECODER_OVERHEAD;
+
+/// What a manifest holds while `PutBackup` checks it, per raw byte: its JSON and the
+/// manifest parsed from it side by side while it is parsed (the parse is at most about
+/// 1.6 times the JSON: a chunk hash is 67 bytes of JSON and 104 parsed), then the
+/// manifest and the set of its distinct chunks.
+pub(crate) const MANIFEST_MEMORY_FACTOR: u64 = 3;
 
 /// A manifest offered for storage: what `PutBackup` announces.
 #[derive(Clone, Debug)]
@@ -122,12 +145,23 @@ pub(crate) async fn get_chunks(ctx: &Ctx<'_>, cluster: &str, hashes: Vec<String>
         )
     };
     let mut locs = Vec::with_capacity(hashes.len());
+    let mut sizes = Vec::with_capacity(hashes.len());
     for h in &hashes {
         match ctx.index.chunk(cluster, h).map_err(Refusal::internal)? {
-            Some(e) => locs.push(e.location(cluster, h)),
+            Some(e) => {
+                sizes.push(e.stored_size);
+                locs.push(e.location(cluster, h));
+            }
             None => return Err(not_found(h)),
         }
     }
+    let grant = ctx
+        .budget
+        .body(
+            ctx.store.get_many_memory(&sizes),
+            &format!("GetChunks of {} chunks", hashes.len()),
+        )
+        .await?;
     let objects = match ctx.store.get_many(locs).await.map_err(Refusal::internal)? {
         store::Many::Missing(i) => return Err(not_found(&hashes[i])),
         store::Many::Objects(s) => s,
@@ -136,7 +170,7 @@ pub(crate) async fn get_chunks(ctx: &Ctx<'_>, cluster: &str, hashes: Vec<String>
         response: Response::Chunks {
             count: hashes.len() as u32,
         },
-        body: objects,
+        body: super::holding(objects, grant),
         what: format!("{} chunks of {cluster}", hashes.len()),
     })
 }
@@ -209,6 +243,9 @@ pub(crate) async fn put_pack(
     // read, verified and appended, a few at a time: memory stays at about one 2 MiB group
     // per upload whatever the pack's size. A chunk that fails verification, or a body
     // longer or shorter than announced, drops the temporary file: nothing is stored.
+    let start = FrameStart::read(source, "pack").await?;
+    let receiving = ctx.budget.body(PACK_RECEIVE_MEMORY, "PutPack").await?;
+    let source = &mut AsyncReadExt::chain(start.bytes(), &mut *source);
     let headers: Vec<ObjectHeader> = chunks
         .iter()
         .map(|c| {
@@ -233,7 +270,7 @@ pub(crate) async fn put_pack(
         let mut end = next;
         let mut group_bytes = 0u64;
         while end < headers.len()
-            && (end == next || group_bytes + headers[end].compressed_size <= 2 << 20)
+            && (end == next || group_bytes + headers[end].compressed_size <= PACK_GROUP_BYTES)
         {
             group_bytes += headers[end].compressed_size;
             end += 1;
@@ -292,6 +329,11 @@ pub(crate) async fn put_pack(
         Err(e) => return Err(Refusal::invalid(format!("pack body stream failed: {e}"))),
     }
     let stored_bytes = pending.written();
+    drop(receiving);
+    let _committing = ctx
+        .budget
+        .body(ctx.store.commit_memory(stored_bytes), "storing a pack")
+        .await?;
     // Committed and indexed under the shared side of the GC lock: retention never sees
     // this pack committed but its chunks unindexed (gc.rs).
     let _keep = ctx.gc.keep_chunks().await;
@@ -376,7 +418,8 @@ async fn receive_verified(
     let max_body = raw_size + raw_size / 8 + 4096;
     let mut pending = ctx.store.begin(key).await.map_err(Refusal::internal)?;
     let mut decoder = VerifyingDecoder::new(raw_size).map_err(|e| Refusal::internal(e.into()))?;
-    let mut raw = Vec::new();
+    // Reserved whole: grown by doubling it could hold twice what the budget counts.
+    let mut raw = Vec::with_capacity(if keep_raw { raw_size as usize } else { 0 });
     let invalid = |e: String| Refusal::invalid(format!("{what}: {e}"));
     let mut buf = Vec::with_capacity(CHUNK_SIZE);
     loop {
@@ -460,6 +503,16 @@ pub(crate) async fn put_chunk(
     // A chunk body is small (bounded by MAX_CHUNK_SIZE plus zstd's worst case): it is read
     // whole, verified off the async threads, and written in one go.
     let max_body = raw_size + raw_size / 8 + 4096;
+    let what = format!("chunk {blake3}");
+    let start = FrameStart::read(source, &what).await?;
+    let _holding = ctx
+        .budget
+        .body(
+            max_body + start.decoder_memory() + ctx.store.put_grouped_memory(max_body),
+            &format!("PutChunk of {what}"),
+        )
+        .await?;
+    let source = &mut AsyncReadExt::chain(start.bytes(), &mut *source);
     let body = super::read_to_end_bounded(source, max_body as usize)
         .await
         .map_err(|e| match e {
@@ -559,6 +612,20 @@ pub(crate) async fn put_backup(
     }
     let key = layout::manifest_key(cluster, backup_id);
     let what = format!("manifest of backup {backup_id}");
+    let start = FrameStart::read(source, &what).await?;
+    let max_body = raw_size + raw_size / 8 + 4096;
+    let _holding = ctx
+        .budget
+        .body(
+            start.decoder_memory()
+                + READ_BUFFER
+                + HEAD_LEN as u64
+                + MANIFEST_MEMORY_FACTOR * raw_size
+                + ctx.store.commit_memory(HEADER_LEN as u64 + max_body),
+            &format!("PutBackup of a {raw_size} byte manifest"),
+        )
+        .await?;
+    let source = &mut AsyncReadExt::chain(start.bytes(), &mut *source);
     let (pending, header, raw) =
         receive_verified(ctx, &key, &what, raw_size, blake3, source, true).await?;
     let manifest: BackupManifest = serde_json::from_slice(&raw)

@@ -9,9 +9,13 @@
 //!
 //! - [`wal`]: `PutWal` ([`wal::ingest`]), `GetWal`, `ListWal` and the cluster binding;
 //! - [`backups`]: chunks, packs, manifests, listings and deletion of base backups;
-//! - [`retention`]: what the archive may forget.
+//! - [`retention`]: what the archive may forget;
+//! - [`budget`]: the byte budget every request takes what it buffers from, so resident
+//!   request buffers stay under `request_memory_mib` regardless of connection and
+//!   stream count.
 
 pub(crate) mod backups;
+pub(crate) mod budget;
 pub(crate) mod retention;
 pub(crate) mod wal;
 
@@ -20,9 +24,12 @@ mod tests;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use walvault_protocol::core::wire::{ErrorCode, Response};
 use walvault_protocol::net::pki::{ClientIdentity, Role};
+
+use budget::{Budget, Grant};
 
 use crate::config::RetentionConfig;
 use crate::gc::Gc;
@@ -80,6 +87,8 @@ pub(crate) struct Archive {
     pub(crate) gc: Gc,
     /// The policy from archived.toml.
     pub(crate) policy: RetentionConfig,
+    /// What requests may buffer (`request_memory_mib`).
+    pub(crate) budget: Budget,
     /// Serializes the first binding of a cluster name.
     binding_lock: tokio::sync::Mutex<()>,
     /// Shared syncs of concurrent chunk writes (local store), made at first use.
@@ -87,12 +96,18 @@ pub(crate) struct Archive {
 }
 
 impl Archive {
-    pub(crate) fn new(store: Store, index: Index, policy: RetentionConfig) -> Archive {
+    pub(crate) fn new(
+        store: Store,
+        index: Index,
+        policy: RetentionConfig,
+        budget: Budget,
+    ) -> Archive {
         Archive {
             store,
             index,
             gc: Gc::default(),
             policy,
+            budget,
             binding_lock: tokio::sync::Mutex::new(()),
             sync_group: std::sync::OnceLock::new(),
         }
@@ -104,6 +119,7 @@ impl Archive {
             store: &self.store,
             index: &self.index,
             gc: &self.gc,
+            budget: &self.budget,
             identity,
             archive: self,
         }
@@ -119,6 +135,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) store: &'a Store,
     pub(crate) index: &'a Index,
     pub(crate) gc: &'a Gc,
+    pub(crate) budget: &'a Budget,
     /// Who asks (from the client certificate).
     pub(crate) identity: &'a ClientIdentity,
     archive: &'a Archive,
@@ -150,9 +167,25 @@ impl Ctx<'_> {
     }
 }
 
+/// `body` holding `grant` until the stream is dropped (sent, or abandoned).
+fn holding(
+    body: BoxStream<'static, anyhow::Result<Bytes>>,
+    grant: Grant,
+) -> BoxStream<'static, anyhow::Result<Bytes>> {
+    body.map(move |item| {
+        let _held = &grant;
+        item
+    })
+    .boxed()
+}
+
 /// A stored object as an answer: an `Object` frame, then its zstd frame; a missing
-/// object is `not_found()`.
+/// object is `not_found()`. Memory: the store's read-ahead of one body stream.
 async fn object(ctx: &Ctx<'_>, key: &str, not_found: impl FnOnce() -> Refusal) -> StreamReply {
+    let grant = ctx
+        .budget
+        .body(ctx.store.body_stream_memory(), &format!("sending {key}"))
+        .await?;
     let header = ctx
         .store
         .read_header(key)
@@ -170,7 +203,7 @@ async fn object(ctx: &Ctx<'_>, key: &str, not_found: impl FnOnce() -> Refusal) -
             blake3: header.blake3_hex(),
             compressed_size: header.compressed_size,
         },
-        body,
+        body: holding(body, grant),
         what: key.to_string(),
     })
 }
@@ -204,12 +237,15 @@ enum BodyError {
     Io(std::io::Error),
 }
 
-/// A whole body of at most `max` bytes.
+/// A whole body of at most `max` bytes, in a buffer of `max` and a few bytes allocated
+/// once (grown by doubling it could reach twice what the budget counts).
 async fn read_to_end_bounded(
     source: &mut (impl AsyncRead + Unpin + Send),
     max: usize,
 ) -> Result<Vec<u8>, BodyError> {
-    let mut body = Vec::new();
+    // The one byte past `max` that tells a longer body, and the 32 bytes tokio's
+    // read_to_end wants free before each read.
+    let mut body = Vec::with_capacity(max + 1 + 32);
     source
         .take(max as u64 + 1)
         .read_to_end(&mut body)

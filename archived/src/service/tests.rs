@@ -9,6 +9,7 @@ use walvault_protocol::core::wire::{ErrorCode, Response};
 use walvault_protocol::net::pki::{ClientIdentity, Role};
 
 use super::backups::{self, ManifestUpload, MAX_BACKUP_LABEL_LEN};
+use super::budget::Budget;
 use super::wal::{self, WalUpload};
 use super::{Archive, Refusal};
 use crate::config::RetentionConfig;
@@ -40,7 +41,7 @@ impl TestArchive {
         let index = Index::open(&dir.path().join("catalog")).unwrap();
         TestArchive {
             _dir: dir,
-            archive: Archive::new(store, index, RetentionConfig::default()),
+            archive: Archive::new(store, index, RetentionConfig::default(), Budget::new(1024)),
             memory,
         }
     }

@@ -8,16 +8,24 @@
 //! and leaves neither an object nor a catalog entry behind. A file already archived with
 //! the same blake3 is `Stored { already_present: true }`; with another, `Conflict`, and
 //! the archived copy stays. "Already archived" is the store's answer, never the
-//! catalog's alone: a catalog entry whose object is gone is stored again. The body is
-//! read [`CHUNK_SIZE`] at a time however large the file.
+//! catalog's alone: a catalog entry whose object is gone is stored again.
+//!
+//! Memory ([`super::budget`]): the body is read [`CHUNK_SIZE`] at a time however large
+//! the file, through a decoder whose window the frame header declares (2 MiB for a
+//! push at zstd level 3; at most 128 MiB); that much is granted once the frame header
+//! has arrived, and given back before the commit, which takes its own grant (nothing on
+//! a local store, the object up to 16 MiB or its parts in flight on a remote one).
 
 use bytes::Bytes;
-use tokio::io::AsyncRead;
-use walvault_protocol::core::format::codec::{DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use walvault_protocol::core::format::codec::{
+    DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE, HEAD_LEN,
+};
 use walvault_protocol::core::pg::wal::{validate_wal_file, LongPageHeader, WalFileName};
 use walvault_protocol::core::wire::{ErrorCode, Response, MAX_OBJECT_SIZE};
 use walvault_protocol::net::pki::Role;
 
+use super::budget::{FrameStart, READ_BUFFER};
 use super::{Ctx, Refusal, Reply, StreamReply};
 use crate::index::clusters::ClusterBinding;
 use crate::index::wal::WalEntry;
@@ -103,6 +111,15 @@ pub(crate) async fn ingest(
         }
     }
 
+    let start = FrameStart::read(source, name).await?;
+    let receiving = ctx
+        .budget
+        .body(
+            start.decoder_memory() + READ_BUFFER + HEAD_LEN as u64,
+            &format!("PutWal {name}"),
+        )
+        .await?;
+    let source = &mut AsyncReadExt::chain(start.bytes(), &mut *source);
     let mut pending = ctx.store.begin(&key).await.map_err(Refusal::internal)?;
     let mut decoder = VerifyingDecoder::new(raw_size).map_err(|e| Refusal::internal(e.into()))?;
     let mut batch: Vec<u8> = Vec::with_capacity(CHUNK_SIZE);
@@ -130,7 +147,9 @@ pub(crate) async fn ingest(
     }
     let not_announced =
         |e| Refusal::invalid(format!("{name}: body is not the announced file: {e}"));
+    drop(batch);
     let summary = decoder.finish().map_err(not_announced)?;
+    drop(receiving);
     summary.check(raw_size, blake3).map_err(not_announced)?;
     let facts = validate_wal_file(name, &summary.head, summary.raw_len)
         .map_err(|e| Refusal::invalid(format!("{name}: {e}")))?;
@@ -144,6 +163,13 @@ pub(crate) async fn ingest(
         compressed_size: pending.written(),
     };
     let stored_size = HEADER_LEN as u64 + pending.written();
+    let _committing = ctx
+        .budget
+        .body(
+            ctx.store.commit_memory(stored_size),
+            &format!("storing {name}"),
+        )
+        .await?;
     let outcome = ctx
         .store
         .commit(pending, &object_header)

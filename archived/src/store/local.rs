@@ -22,6 +22,14 @@ use walvault_protocol::net::fsutil;
 use super::object::{CreateOutcome, Loc, Many, ObjectHeader, PendingObject, HEADER_LEN};
 use super::syncgroup::SyncGroup;
 
+/// Objects a `get_many` holds at most: those waiting in its channel, the one its reader
+/// is reading and the one the answer is sending.
+pub(super) const GET_MANY_AHEAD: usize = 6;
+/// What a body stream holds while its answer is sent: the piece being read and the one
+/// being sent.
+pub(super) const BODY_STREAM_MEMORY: u64 =
+    2 * walvault_protocol::core::format::codec::CHUNK_SIZE as u64;
+
 /// A store in a local directory.
 #[derive(Clone)]
 pub(crate) struct LocalStore {
@@ -183,7 +191,7 @@ impl LocalStore {
     pub(super) async fn get_many(&self, locs: Vec<Loc>) -> Result<Many> {
         let paths: Vec<PathBuf> = locs.iter().map(|l| self.path(&l.key)).collect();
         let (opened_tx, opened_rx) = tokio::sync::oneshot::channel::<Result<Option<usize>>>();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(4);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(GET_MANY_AHEAD - 2);
         tokio::task::spawn_blocking(move || {
             let mut files: Vec<Arc<std::fs::File>> = Vec::with_capacity(paths.len());
             for (i, p) in paths.iter().enumerate() {

@@ -266,6 +266,47 @@ impl Store {
         }
     }
 
+    /// Bytes [`commit`](Self::commit) or [`commit_raw`](Self::commit_raw) of a pending
+    /// object of `len` bytes holds in memory: none on a local store; on a remote one the
+    /// whole object up to `SINGLE_PUT_MAX`, the parts in flight above it.
+    pub(crate) fn commit_memory(&self, len: u64) -> u64 {
+        match self {
+            Store::Local(_) => 0,
+            Store::Remote(_) => remote::commit_memory(len),
+        }
+    }
+
+    /// Bytes [`put_grouped`](Self::put_grouped) of a body of `len` bytes holds beside
+    /// the body itself: none locally, a copy with its header on a remote store.
+    pub(crate) fn put_grouped_memory(&self, len: u64) -> u64 {
+        match self {
+            Store::Local(_) => 0,
+            Store::Remote(_) => HEADER_LEN as u64 + len,
+        }
+    }
+
+    /// Bytes [`get_many`](Self::get_many) of objects of `sizes` holds at most: a few
+    /// of the largest locally (the reader runs ahead of the answer by its channel), all
+    /// of them on a remote store (every object is fetched before the answer starts).
+    pub(crate) fn get_many_memory(&self, sizes: &[u64]) -> u64 {
+        let all: u64 = sizes.iter().sum();
+        match self {
+            Store::Local(_) => {
+                let largest = sizes.iter().copied().max().unwrap_or(0);
+                all.min(local::GET_MANY_AHEAD as u64 * largest)
+            }
+            Store::Remote(_) => all,
+        }
+    }
+
+    /// Bytes a [`body_stream`](Self::body_stream) holds while its answer is sent.
+    pub(crate) fn body_stream_memory(&self) -> u64 {
+        match self {
+            Store::Local(_) => local::BODY_STREAM_MEMORY,
+            Store::Remote(_) => remote::BODY_STREAM_MEMORY,
+        }
+    }
+
     /// Lists every key in the store with a prefix (`""` for all), sorted.
     pub(crate) async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         match self {

@@ -48,6 +48,22 @@ const PART_SIZE: usize = 8 << 20;
 /// Parts uploaded at once per streamed object: a large upload holds at most
 /// (PARTS_IN_FLIGHT + 1) x PART_SIZE = 40 MiB, whatever the object's size.
 const PARTS_IN_FLIGHT: usize = 4;
+/// What a streamed upload holds: the parts in flight, the one being filled, and the
+/// read buffer of the spool file.
+const STREAMED_UPLOAD_MEMORY: u64 = ((PARTS_IN_FLIGHT + 1) * PART_SIZE + (1 << 20)) as u64;
+/// What a body stream holds at most while its answer is sent: the HTTP client's read
+/// buffers and the piece in hand.
+pub(super) const BODY_STREAM_MEMORY: u64 = 1 << 20;
+
+/// Bytes the commit of an object of `len` bytes holds (see [`RemoteStore::commit`]).
+pub(super) fn commit_memory(len: u64) -> u64 {
+    if len <= SINGLE_PUT_MAX {
+        len
+    } else {
+        STREAMED_UPLOAD_MEMORY
+    }
+}
+
 /// Temporary upload keys older than this are removed at startup (a crash mid-upload).
 const STALE_UPLOAD_SECS: i64 = 3600;
 
