@@ -95,11 +95,15 @@ impl Index {
         Ok(())
     }
 
-    /// Flushes everything to disk.
+    /// Flushes everything to disk, on a blocking thread. Not sled's `flush_async`: in
+    /// sled 0.34 concurrent `flush_async` calls can miss their wake-up and wait forever
+    /// (sled issue #1308, fixed only on its unreleased main branch); with 32 parallel
+    /// pushes archived stopped answering after ~1500 of them (tests/wal_scale.rs).
     pub(crate) async fn flush(&self) -> Result<()> {
-        self.db
-            .flush_async()
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
             .await
+            .context("the catalog flush was cancelled")?
             .context("flushing the catalog")?;
         Ok(())
     }
