@@ -106,12 +106,13 @@ async fn list(conn: &ArchiveConnection) -> Vec<String> {
     match conn
         .call(&Request::ListBackups {
             cluster: "main".into(),
+            after: None,
         })
         .await
         .unwrap()
         .0
     {
-        Response::Backups { backups } => backups.into_iter().map(|b| b.record.id).collect(),
+        Response::Backups { backups, .. } => backups.into_iter().map(|b| b.record.id).collect(),
         other => panic!("{other:?}"),
     }
 }

@@ -19,4 +19,5 @@ mod retention_window;
 mod s3;
 mod server_bounds;
 mod store_truth;
+mod wal_scale;
 mod waldump;

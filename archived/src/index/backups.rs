@@ -60,6 +60,24 @@ impl Index {
     }
 }
 
+impl Index {
+    /// At most `limit` backups of a cluster whose id sorts after `after` (from the
+    /// oldest without it), oldest first: a range scan from the cursor.
+    pub(crate) fn backups_after(
+        &self,
+        cluster: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<BackupRecord>> {
+        Ok(
+            super::scan_cluster_after::<BackupRecord>(&self.backups, cluster, after, limit)?
+                .into_iter()
+                .map(|(_, r)| r)
+                .collect(),
+        )
+    }
+}
+
 /// Reads, verifies and parses a manifest; also returns its stored size.
 pub(crate) async fn read_manifest(
     store: &Store,

@@ -140,6 +140,34 @@ fn put_json<T: serde::Serialize>(tree: &sled::Tree, key: &str, value: &T) -> Res
     Ok(())
 }
 
+/// At most `limit` `(rest of key, entry)` of a tree under `<cluster>/` whose rest sorts
+/// after `after` (from the start without it), in key order: a range scan from the
+/// cursor, never a scan of what precedes it.
+fn scan_cluster_after<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    cluster: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, T)>> {
+    use std::ops::Bound;
+    let prefix = format!("{cluster}/");
+    let start = match after {
+        Some(a) => Bound::Excluded(format!("{prefix}{a}").into_bytes()),
+        None => Bound::Included(prefix.clone().into_bytes()),
+    };
+    // '0' is the byte after '/': the first key past the cluster's prefix.
+    let end = Bound::Excluded(format!("{cluster}0").into_bytes());
+    let mut out = Vec::new();
+    for item in tree.range::<Vec<u8>, _>((start, end)).take(limit) {
+        let (k, v) = item?;
+        let k = String::from_utf8_lossy(&k);
+        if let Some(rest) = k.strip_prefix(&prefix) {
+            out.push((rest.to_string(), serde_json::from_slice(&v)?));
+        }
+    }
+    Ok(out)
+}
+
 /// Every `(rest of key, entry)` of a tree under `<cluster>/`, in key order.
 fn scan_cluster<T: serde::de::DeserializeOwned>(
     tree: &sled::Tree,

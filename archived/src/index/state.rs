@@ -102,6 +102,37 @@ pub(crate) async fn summarize(
     })
 }
 
+/// One page of the backups of a cluster with their state, oldest first: those whose id
+/// sorts after `after`, at most `limit`, ending early once their JSON passes
+/// `max_bytes` (the summary that passes it is the last); and the cursor of the next page
+/// when more follow.
+pub(crate) async fn backups_page(
+    store: &Store,
+    index: &Index,
+    cluster: &str,
+    after: Option<&str>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<(Vec<BackupSummary>, Option<String>)> {
+    let limit = limit.max(1);
+    // One more than a page tells whether another follows.
+    let records = index.backups_after(cluster, after, limit + 1)?;
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for r in &records {
+        if out.len() == limit || bytes > max_bytes {
+            break;
+        }
+        let summary = summarize(store, index, cluster, r).await?;
+        bytes += serde_json::to_vec(&summary).map(|j| j.len()).unwrap_or(0);
+        out.push(summary);
+    }
+    let next = (out.len() < records.len())
+        .then(|| out.last().map(|b| b.record.id.clone()))
+        .flatten();
+    Ok((out, next))
+}
+
 /// Every backup of a cluster with its state, oldest first.
 pub(crate) async fn list_backups(
     store: &Store,

@@ -1,14 +1,14 @@
 //! WAL files in the catalog: tree "wal", `<cluster>/<file name>` -> JSON [`WalEntry`].
 //!
 //! Segment names sort in WAL order within a timeline, so a prefix scan of `<cluster>/`
-//! yields each timeline's segments in order.
-
-use std::collections::BTreeMap;
+//! yields each timeline's segments in order, and a page of the listing is a range scan
+//! from its cursor's key.
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId, WalFileName};
-use walvault_protocol::core::wire::{TimelineListing, WalListing};
+use walvault_protocol::core::pg::wal::{SegmentName, WalFileName};
+use walvault_protocol::core::wire::paging::{wal_listing_page, WalFileEntry};
+use walvault_protocol::core::wire::WalListing;
 
 use super::{Index, RebuildSummary};
 use crate::store::{layout, Store, HEADER_LEN};
@@ -70,75 +70,37 @@ impl Index {
         Ok(())
     }
 
-    /// The listing `archived wal list` shows.
-    pub(crate) fn listing(&self, cluster: &str) -> Result<WalListing> {
-        let binding = self.binding(cluster)?;
-        let seg_size = binding
-            .as_ref()
-            .map(|b| b.wal_segment_size)
-            .unwrap_or(16 << 20);
-        let mut listing = WalListing {
-            cluster: cluster.to_string(),
-            system_identifier: binding.as_ref().map(|b| b.system_identifier),
-            segment_size: binding.as_ref().map(|b| b.wal_segment_size),
-            ..Default::default()
+    /// One page of the listing `archived wal list` shows: the files that sort after
+    /// `after` (from the first without it), at most `limit` of them, summarized by
+    /// `paging::wal_listing_page`; `next` is the last one's name when more follow.
+    pub(crate) fn listing_page(
+        &self,
+        cluster: &str,
+        after: Option<&WalFileName>,
+        limit: usize,
+    ) -> Result<WalListing> {
+        let binding = self
+            .binding(cluster)?
+            .map(|b| (b.system_identifier, b.wal_segment_size));
+        let after = after.map(|a| a.to_string());
+        let limit = limit.max(1);
+        // One more than a page tells whether another follows.
+        let mut raw =
+            super::scan_cluster_after::<WalEntry>(&self.wal, cluster, after.as_deref(), limit + 1)?;
+        let next = if raw.len() > limit {
+            raw.truncate(limit);
+            raw.last().map(|(name, _)| name.clone())
+        } else {
+            None
         };
-        let mut per_tli: BTreeMap<TimelineId, (Vec<SegmentName>, TimelineListing)> =
-            BTreeMap::new();
-        for (name, entry) in self.wal_files(cluster)? {
-            let tli = name.timeline();
-            let slot = per_tli.entry(tli).or_insert_with(|| {
-                (
-                    Vec::new(),
-                    TimelineListing {
-                        timeline: tli,
-                        segments: 0,
-                        first: None,
-                        last: None,
-                        gaps: Vec::new(),
-                        partials: Vec::new(),
-                        raw_bytes: 0,
-                        stored_bytes: 0,
-                    },
-                )
-            });
-            match name {
-                WalFileName::Segment(s) => slot.0.push(s),
-                WalFileName::Partial(_) => slot.1.partials.push(name.to_string()),
-                WalFileName::History(_) => {
-                    listing.history_files.push(name.to_string());
-                    continue;
-                }
-                WalFileName::BackupHistory(..) => {
-                    listing.backup_history_files.push(name.to_string());
-                    continue;
-                }
-            }
-            slot.1.raw_bytes += entry.raw_size;
-            slot.1.stored_bytes += entry.stored_size;
-        }
-        for (_, (mut segs, mut tl)) in per_tli {
-            segs.sort();
-            tl.segments = segs.len() as u64;
-            tl.first = segs.first().map(|s| s.to_string());
-            tl.last = segs.last().map(|s| s.to_string());
-            for pair in segs.windows(2) {
-                let (a, b) = (pair[0].segno(seg_size), pair[1].segno(seg_size));
-                if b > a + 1 {
-                    let last_missing = SegmentName::containing(
-                        pair[0].timeline,
-                        Lsn((b - 1) * seg_size as u64),
-                        seg_size,
-                    );
-                    tl.gaps
-                        .push((pair[0].next(seg_size).to_string(), last_missing.to_string()));
-                }
-            }
-            if tl.segments > 0 || !tl.partials.is_empty() {
-                listing.timelines.push(tl);
-            }
-        }
-        Ok(listing)
+        let files = raw.into_iter().filter_map(|(name, e)| {
+            Some(WalFileEntry {
+                name: name.parse::<WalFileName>().ok()?,
+                raw_bytes: e.raw_size,
+                stored_bytes: e.stored_size,
+            })
+        });
+        Ok(wal_listing_page(cluster, binding, files, next))
     }
 }
 

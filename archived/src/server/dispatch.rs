@@ -142,7 +142,7 @@ pub(super) async fn handle_stream(
             let answer = service::wal::get(&ctx, &cluster, &name).await;
             return answer_streamed(send, body.into_inner(), answer, body_idle).await;
         }
-        Request::ListWal { cluster } => service::wal::list(&ctx, &cluster),
+        Request::ListWal { cluster, after } => service::wal::list(&ctx, &cluster, after.as_deref()),
         Request::BeginBackup { cluster } => service::backups::begin_backup(&ctx, &cluster),
         Request::ChunksMissing {
             cluster,
@@ -194,7 +194,9 @@ pub(super) async fn handle_stream(
             let answer = service::backups::get_backup(&ctx, &cluster, &backup_id).await;
             return answer_streamed(send, body.into_inner(), answer, body_idle).await;
         }
-        Request::ListBackups { cluster } => service::backups::list(&ctx, &cluster).await,
+        Request::ListBackups { cluster, after } => {
+            service::backups::list(&ctx, &cluster, after.as_deref()).await
+        }
         Request::DeleteBackup { cluster, backup_id } => {
             service::backups::delete(&ctx, &cluster, &backup_id).await
         }

@@ -42,6 +42,7 @@ use walvault_protocol::core::format::pack;
 use walvault_protocol::core::wire::backup::{
     PackChunk, MAX_CHUNKS_PER_GET, MAX_CHUNKS_PER_PACK, MAX_HASHES_PER_REQUEST, MAX_PACK_RAW_BYTES,
 };
+use walvault_protocol::core::wire::paging::{BACKUP_PAGE_BYTES, BACKUP_PAGE_ENTRIES};
 use walvault_protocol::core::wire::{ErrorCode, Response};
 
 use super::budget::{FrameStart, DECODER_OVERHEAD, READ_BUFFER};
@@ -184,12 +185,23 @@ pub(crate) async fn get_backup(ctx: &Ctx<'_>, cluster: &str, backup_id: &str) ->
     .await
 }
 
-/// `ListBackups`.
-pub(crate) async fn list(ctx: &Ctx<'_>, cluster: &str) -> Reply {
-    crate::index::state::list_backups(ctx.store, ctx.index, cluster)
-        .await
-        .map(|backups| Response::Backups { backups })
-        .map_err(Refusal::internal)
+/// `ListBackups`: one page, the backups after the cursor `after` (a backup id, as the
+/// previous page's `next` gave it).
+pub(crate) async fn list(ctx: &Ctx<'_>, cluster: &str, after: Option<&str>) -> Reply {
+    if let Some(a) = after {
+        names::validate_backup_id(a).map_err(Refusal::invalid)?;
+    }
+    crate::index::state::backups_page(
+        ctx.store,
+        ctx.index,
+        cluster,
+        after,
+        BACKUP_PAGE_ENTRIES,
+        BACKUP_PAGE_BYTES,
+    )
+    .await
+    .map(|(backups, next)| Response::Backups { backups, next })
+    .map_err(Refusal::internal)
 }
 
 /// `PutPack`: receives a pack of chunks, verifies every one (size and blake3 of the

@@ -271,3 +271,122 @@ async fn a_backup_label_longer_than_1024_bytes_is_refused_and_nothing_is_stored(
         }
     );
 }
+
+/// A page of the WAL listing is a range scan from its cursor within the cluster (never
+/// another cluster's keys, whose names share a prefix), and the pages of any size merge
+/// into the listing of one page, gaps across page boundaries included.
+#[tokio::test]
+async fn wal_listing_pages_stay_in_their_cluster_and_merge_into_the_whole_listing() {
+    use crate::index::wal::WalEntry;
+    use walvault_protocol::core::pg::wal::WalFileName;
+    use walvault_protocol::core::wire::paging::merge_wal_pages;
+
+    let t = TestArchive::new();
+    let index = &t.archive.index;
+    let entry = WalEntry {
+        raw_size: 100,
+        blake3: "00".repeat(32),
+        stored_size: 40,
+    };
+    let names = [
+        "00000001.history",
+        "000000010000000000000001",
+        "000000010000000000000001.00000028.backup",
+        "000000010000000000000002",
+        "000000010000000000000005",
+        "000000010000000000000005.partial",
+        "00000002.history",
+        "0000000200000000000000FF",
+        "000000020000000100000001",
+        "000000020000000100000001.00000060.backup",
+        "000000020000000100000004",
+    ];
+    for cluster in ["main", "main-a", "main0", "mai"] {
+        for n in &names[..if cluster == "main" { names.len() } else { 2 }] {
+            let name: WalFileName = n.parse().unwrap();
+            index.put_wal(cluster, &name, &entry).await.unwrap();
+        }
+    }
+    let whole = index.listing_page("main", None, 1000).unwrap();
+    assert_eq!(whole.next, None);
+    assert_eq!(whole.timelines.len(), 2, "{whole:#?}");
+    assert_eq!(whole.timelines[0].segments, 3);
+    assert_eq!(whole.timelines[1].gaps.len(), 2, "{whole:#?}");
+    for per_page in 1..=names.len() {
+        let mut pages = Vec::new();
+        let mut after: Option<WalFileName> = None;
+        loop {
+            let page = index
+                .listing_page("main", after.as_ref(), per_page)
+                .unwrap();
+            let files = page.history_files.len()
+                + page.backup_history_files.len()
+                + page
+                    .timelines
+                    .iter()
+                    .map(|t| t.segments as usize + t.partials.len())
+                    .sum::<usize>();
+            assert!(files <= per_page, "{page:#?}");
+            after = page.next.as_ref().map(|n| n.parse().unwrap());
+            pages.push(page);
+            if after.is_none() {
+                break;
+            }
+        }
+        assert_eq!(pages.len(), names.len().div_ceil(per_page));
+        assert_eq!(merge_wal_pages(pages), whole, "pages of {per_page}");
+    }
+}
+
+/// A page of the backup listing ends at its count, or once its JSON passes the byte
+/// bound; the pages together are the whole listing, in order.
+#[tokio::test]
+async fn backup_listing_pages_end_at_their_count_or_byte_bound() {
+    use crate::index::state::{backups_page, list_backups};
+    use walvault_protocol::core::wire::backup::BackupRecord;
+
+    let t = TestArchive::new();
+    let (store, index) = (&t.archive.store, &t.archive.index);
+    for i in 0..7 {
+        index
+            .put_backup(
+                "main",
+                &BackupRecord {
+                    id: format!("20260101T00000{i}000Z"),
+                    label: "x".repeat(100 * i),
+                    timeline: 1,
+                    stop_timeline: 1,
+                    start_lsn: "0/2000028".into(),
+                    stop_lsn: "0/2000100".into(),
+                    start_time: 1,
+                    stop_time: 2,
+                    pg_version: 150000,
+                    logical_bytes: 0,
+                    stored_bytes: 0,
+                    files: 0,
+                    chunks: 0,
+                },
+            )
+            .unwrap();
+    }
+    let whole = list_backups(store, index, "main").await.unwrap();
+    assert_eq!(whole.len(), 7);
+    for (limit, max_bytes, expect_pages) in [(3, usize::MAX, 3), (7, usize::MAX, 1), (100, 1, 7)] {
+        let (mut all, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let (page, next) =
+                backups_page(store, index, "main", after.as_deref(), limit, max_bytes)
+                    .await
+                    .unwrap();
+            assert!(!page.is_empty() && page.len() <= limit);
+            all.extend(page);
+            pages += 1;
+            after = next;
+            if after.is_none() {
+                break;
+            }
+        }
+        assert_eq!(pages, expect_pages, "limit {limit}, {max_bytes} bytes");
+        assert_eq!(all, whole);
+    }
+}

@@ -22,6 +22,7 @@ use walvault_protocol::core::format::codec::{
     DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE, HEAD_LEN,
 };
 use walvault_protocol::core::pg::wal::{validate_wal_file, LongPageHeader, WalFileName};
+use walvault_protocol::core::wire::paging::WAL_PAGE_FILES;
 use walvault_protocol::core::wire::{ErrorCode, Response, MAX_OBJECT_SIZE};
 use walvault_protocol::net::pki::Role;
 
@@ -297,10 +298,12 @@ pub(crate) async fn get(ctx: &Ctx<'_>, cluster: &str, name: &str) -> StreamReply
     .await
 }
 
-/// `ListWal`.
-pub(crate) fn list(ctx: &Ctx<'_>, cluster: &str) -> Reply {
+/// `ListWal`: one page of the listing, the files after the cursor `after` (a WAL file
+/// name, as the previous page's `next` gave it).
+pub(crate) fn list(ctx: &Ctx<'_>, cluster: &str, after: Option<&str>) -> Reply {
+    let after = after.map(parse_name).transpose()?;
     ctx.index
-        .listing(cluster)
+        .listing_page(cluster, after.as_ref(), WAL_PAGE_FILES)
         .map(Response::WalList)
         .map_err(Refusal::internal)
 }

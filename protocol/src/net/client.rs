@@ -24,6 +24,12 @@
 //!   the archive" and "the archive has it but could not deliver it" apart, for callers
 //!   whose exit code depends on that (archive-get).
 //!
+//! - **Listings are whole.** [`ArchiveClient::list_wal`] and
+//!   [`ArchiveClient::list_backups`] ask for every page of a listing in turn (each a
+//!   request of its own, with its own deadlines) and return the whole of it;
+//!   [`ArchiveClient::binding`] reads only the first page, for callers that need only the
+//!   cluster's system identifier and segment size.
+//!
 //! One [`ArchiveClient`] is one QUIC connection; clones share it, and requests on it run
 //! concurrently (one stream each, at most
 //! [`crate::net::transport::MAX_STREAMS_PER_CONNECTION`] at once).
@@ -48,6 +54,15 @@ use crate::net::transport::{
 /// Body bytes handed to QUIC per write. The idle deadline applies to each write, so an
 /// upload that is slow but moving never trips it, and one that stops does within `idle`.
 const SEND_PIECE: usize = 256 << 10;
+
+/// The PostgreSQL system a cluster name is bound to ([`ArchiveClient::binding`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalBinding {
+    /// pg_control's system identifier.
+    pub system_identifier: u64,
+    /// The WAL segment size.
+    pub segment_size: u32,
+}
 
 /// Which deadline a request passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -428,15 +443,50 @@ impl ArchiveClient {
         self.get_object(name, &request, MAX_OBJECT_SIZE, sink).await
     }
 
-    /// `ListWal`: the WAL the archive holds for the cluster.
+    /// `ListWal`: the WAL the archive holds for the cluster, every page of it asked for
+    /// in turn and merged into one listing ([`WalListing::merge_page`]).
     pub async fn list_wal(&self) -> Result<WalListing, ClientError> {
         let what = format!("the WAL listing of cluster '{}'", self.cluster);
+        let mut listing = WalListing::default();
+        let mut after = None;
+        loop {
+            let page = self.wal_page(&what, after.take()).await?;
+            let next = page.next.clone();
+            listing.merge_page(page);
+            match next {
+                Some(n) => after = Some(n),
+                None => return Ok(listing),
+            }
+        }
+    }
+
+    /// The PostgreSQL system the cluster name is bound to (by the first segment archived
+    /// under it), `None` before any: the first page of the WAL listing only.
+    pub async fn binding(&self) -> Result<Option<WalBinding>, ClientError> {
+        let what = format!("the WAL binding of cluster '{}'", self.cluster);
+        let page = self.wal_page(&what, None).await?;
+        Ok(match (page.system_identifier, page.segment_size) {
+            (Some(system_identifier), Some(segment_size)) => Some(WalBinding {
+                system_identifier,
+                segment_size,
+            }),
+            _ => None,
+        })
+    }
+
+    /// One page of the WAL listing, after cursor `after`; a page whose `next` does not
+    /// move past `after` is refused (a listing that would never end).
+    async fn wal_page(&self, what: &str, after: Option<String>) -> Result<WalListing, ClientError> {
         let request = Request::ListWal {
             cluster: self.cluster.clone(),
+            after: after.clone(),
         };
-        match self.simple(&what, &request).await? {
-            Response::WalList(listing) => Ok(listing),
-            other => Err(answer_error(&what, other)),
+        match self.simple(what, &request).await? {
+            Response::WalList(page) => {
+                check_cursor(what, after.as_deref(), page.next.as_deref())?;
+                Ok(page)
+            }
+            other => Err(answer_error(what, other)),
         }
     }
 
@@ -603,15 +653,27 @@ impl ArchiveClient {
         Ok(raw)
     }
 
-    /// `ListBackups`: the cluster's backups, oldest first.
+    /// `ListBackups`: the cluster's backups, oldest first, every page asked for in turn.
     pub async fn list_backups(&self) -> Result<Vec<BackupSummary>, ClientError> {
         let what = format!("the backup listing of cluster '{}'", self.cluster);
-        let request = Request::ListBackups {
-            cluster: self.cluster.clone(),
-        };
-        match self.simple(&what, &request).await? {
-            Response::Backups { backups } => Ok(backups),
-            other => Err(answer_error(&what, other)),
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let request = Request::ListBackups {
+                cluster: self.cluster.clone(),
+                after: after.clone(),
+            };
+            match self.simple(&what, &request).await? {
+                Response::Backups { backups, next } => {
+                    check_cursor(&what, after.as_deref(), next.as_deref())?;
+                    all.extend(backups);
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => return Ok(all),
+                    }
+                }
+                other => return Err(answer_error(&what, other)),
+            }
         }
     }
 
@@ -792,6 +854,18 @@ fn pieces(body: Bytes) -> impl Stream<Item = io::Result<Bytes>> + Send {
 }
 
 /// The error for an answer other than the success response of a request.
+/// Refuses a page cursor `next` that does not sort after the page's `after`: a
+/// listing that would never end.
+fn check_cursor(what: &str, after: Option<&str>, next: Option<&str>) -> Result<(), ClientError> {
+    match (after, next) {
+        (Some(a), Some(n)) if n <= a => Err(ClientError::Unexpected {
+            what: what.to_string(),
+            answer: format!("a page after {a:?} whose next page starts after {n:?}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn answer_error(what: &str, answer: Response) -> ClientError {
     match answer {
         Response::Error { code, message } => ClientError::Refused {

@@ -250,10 +250,9 @@ impl Daemon {
         let size = self
             .connection()
             .await?
-            .list_wal()
+            .binding()
             .await?
-            .segment_size
-            .unwrap_or(16 << 20);
+            .map_or(16 << 20, |b| b.segment_size);
         lock_state(&self.state).segment_size = Some(size);
         Ok(size)
     }

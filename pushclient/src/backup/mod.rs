@@ -381,7 +381,7 @@ fn mib(bytes: u64) -> String {
 }
 
 async fn check_cluster(archive: &ArchiveClient, sysid: u64) -> Result<()> {
-    match archive.list_wal().await?.system_identifier {
+    match archive.binding().await?.map(|b| b.system_identifier) {
         Some(bound) if bound != sysid => bail!(
             "this PostgreSQL (system {sysid}) is not the one cluster '{}' is bound to (system {bound}); \
              use the push config of this server's cluster",
@@ -393,12 +393,16 @@ async fn check_cluster(archive: &ArchiveClient, sysid: u64) -> Result<()> {
 
 /// The cluster's segment size, as the archive knows it from its WAL.
 async fn segment_size(archive: &ArchiveClient) -> Result<u32> {
-    archive.list_wal().await?.segment_size.ok_or_else(|| {
-        anyhow!(
-            "cluster '{}' has no WAL in the archive yet: is the primary archiving to it?",
-            archive.cluster()
-        )
-    })
+    archive
+        .binding()
+        .await?
+        .map(|b| b.segment_size)
+        .ok_or_else(|| {
+            anyhow!(
+                "cluster '{}' has no WAL in the archive yet: is the primary archiving to it?",
+                archive.cluster()
+            )
+        })
 }
 
 /// Commits the backup: its manifest, under the lease `archive` names.

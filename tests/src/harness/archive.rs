@@ -75,6 +75,17 @@ impl Archive {
         )
     }
 
+    /// [`start`](Self::start) with the data dir (and binaries and configs) under
+    /// `parent` instead of /tmp, e.g. [`crate::fast_tmp`].
+    pub fn start_in(cluster: &str, parent: &Path) -> Archive {
+        Archive::start_with_dir(
+            TestDir::new_in("archive", parent),
+            cluster,
+            |_| {},
+            Vec::new(),
+        )
+    }
+
     /// `archived init`, then `configure(archived.toml)`, then `archived serve` with `env`
     /// (also given to every admin command).
     pub fn start_configured(
@@ -82,7 +93,15 @@ impl Archive {
         configure: impl FnOnce(&Path),
         env: Vec<(String, String)>,
     ) -> Archive {
-        let dir = TestDir::new("archive");
+        Archive::start_with_dir(TestDir::new("archive"), cluster, configure, env)
+    }
+
+    fn start_with_dir(
+        dir: TestDir,
+        cluster: &str,
+        configure: impl FnOnce(&Path),
+        env: Vec<(String, String)>,
+    ) -> Archive {
         let bins = Binaries::copy_to(&dir.join("bin"));
         let conf_dir = dir.subdir("conf");
         let data_dir = dir.join("data");

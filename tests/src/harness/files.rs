@@ -17,10 +17,16 @@ pub struct TestDir {
 impl TestDir {
     /// Creates `/tmp/walvault-<label>-XXXXXX`.
     pub fn new(label: &str) -> TestDir {
+        TestDir::new_in(label, Path::new("/tmp"))
+    }
+
+    /// Creates `<parent>/walvault-<label>-XXXXXX` (`/dev/shm` for tests that write tens
+    /// of thousands of files: see [`fast_tmp`]).
+    pub fn new_in(label: &str, parent: &Path) -> TestDir {
         let dir = tempfile::Builder::new()
             .prefix(&format!("walvault-{label}-"))
-            .tempdir_in("/tmp")
-            .unwrap_or_else(|e| panic!("cannot create a temp dir in /tmp: {e}"));
+            .tempdir_in(parent)
+            .unwrap_or_else(|e| panic!("cannot create a temp dir in {}: {e}", parent.display()));
         let path = dir.path().to_path_buf();
         chmod(&path, 0o755);
         TestDir {
@@ -55,6 +61,17 @@ impl Drop for TestDir {
                 eprintln!("keeping {}", d.keep().display());
             }
         }
+    }
+}
+
+/// A memory-backed temp dir parent (`/dev/shm`, where fsync costs nothing) when there is
+/// one, else `/tmp`: for tests whose cost would be the disk's, not the code's.
+pub fn fast_tmp() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        PathBuf::from("/tmp")
     }
 }
 
@@ -97,6 +114,10 @@ pub enum SegmentFill {
     /// Random words from this salt: incompressible (the stored object is as large as the
     /// segment); different salts give different contents.
     Random(u64),
+    /// Zeros, as PostgreSQL leaves a segment it switched away from right after its first
+    /// record (and `wal_init_zero` fills new ones): compresses to almost nothing, for tests
+    /// that push tens of thousands of segments.
+    Zero,
 }
 
 /// A WAL segment of `size` bytes whose long page header PostgreSQL 15 (and archived's
@@ -111,7 +132,7 @@ pub fn synthetic_segment(
 ) -> Vec<u8> {
     let mut b = vec![0u8; size];
     let (mut x, mask) = match fill {
-        SegmentFill::Compressible => (
+        SegmentFill::Compressible | SegmentFill::Zero => (
             segno.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sysid,
             0x0000_FFFF_0000_00FF,
         ),
@@ -120,7 +141,13 @@ pub fn synthetic_segment(
             u64::MAX,
         ),
     };
-    for chunk in b.chunks_mut(8).skip(8) {
+    // Zeros need no filling (and the loop is slow in a debug build, 50 000 times).
+    let words = if matches!(fill, SegmentFill::Zero) {
+        0
+    } else {
+        size / 8
+    };
+    for chunk in b.chunks_mut(8).skip(8).take(words) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;

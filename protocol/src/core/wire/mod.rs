@@ -16,11 +16,23 @@
 //! Bodies of WAL objects are one zstd frame of the raw file; the frame carries the raw
 //! file's blake3 so the receiver can verify what it decompressed before it uses it.
 //!
+//! Answers that grow with the archive are paged, so that no answer outgrows the frame
+//! limit: `ListWal` and `ListBackups` carry a cursor `after` (the last WAL file name or
+//! backup id of the previous page; absent for the first page) and their answers a cursor
+//! `next` for the following page (absent on the last page). A page covers at most
+//! [`paging::WAL_PAGE_FILES`] WAL files or [`paging::BACKUP_PAGE_ENTRIES`] backups; WAL
+//! pages are merged back into one listing by [`WalListing::merge_page`], which also finds
+//! the gaps that span a page boundary (see [`paging`]). The typed client
+//! (`net::client`) asks for every page.
+//!
 //! The protocol version is negotiated by ALPN ([`ALPN`]); an incompatible change gets a
-//! new ALPN string, so an old peer is refused at the handshake, not mid-stream.
+//! new ALPN string, so an old peer is refused at the handshake, not mid-stream. Fields
+//! added later (the paging cursors, a lease) have serde defaults: a message without them
+//! still decodes.
 
 pub mod admin;
 pub mod backup;
+pub mod paging;
 
 use serde::{Deserialize, Serialize};
 
@@ -28,8 +40,8 @@ use crate::core::pg::wal::TimelineId;
 
 /// ALPN protocol name for this version of the wire protocol.
 pub const ALPN: &[u8] = b"walvault/1";
-/// Largest frame (request or response header) either side accepts: 1 MiB, enough for a
-/// WAL listing of ~10 000 segments; larger listings are paged.
+/// Largest frame (request or response header) either side accepts: 1 MiB. Listings are
+/// paged to stay far below it (see [`paging`]).
 pub const MAX_FRAME_LEN: u32 = 1 << 20;
 /// Largest object body accepted: a 1 GiB segment plus zstd's worst-case expansion.
 pub const MAX_OBJECT_SIZE: u64 = (1 << 30) + (1 << 24);
@@ -56,10 +68,14 @@ pub enum Request {
         /// WAL file name.
         name: String,
     },
-    /// List the WAL of a cluster.
+    /// List the WAL of a cluster, one page: the files that sort after `after`, at most
+    /// [`paging::WAL_PAGE_FILES`] of them. Answer: [`Response::WalList`].
     ListWal {
         /// Cluster name.
         cluster: String,
+        /// The previous page's last WAL file name (its `next`); `None`: the first page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
     },
     /// Who am I, and is the server alive.
     Ping,
@@ -137,10 +153,14 @@ pub enum Request {
         /// Backup id.
         backup_id: String,
     },
-    /// List the backups of a cluster. Answer: [`Response::Backups`].
+    /// List the backups of a cluster, one page: those whose id sorts after `after`, at
+    /// most [`paging::BACKUP_PAGE_ENTRIES`]. Answer: [`Response::Backups`].
     ListBackups {
         /// Cluster name.
         cluster: String,
+        /// The previous page's last backup id (its `next`); `None`: the first page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
     },
     /// Delete a backup's manifest (admin); its chunks go at the next retention run.
     DeleteBackup {
@@ -174,14 +194,14 @@ impl Request {
         match self {
             Request::PutWal { cluster, .. }
             | Request::GetWal { cluster, .. }
-            | Request::ListWal { cluster } => Some(cluster),
+            | Request::ListWal { cluster, .. } => Some(cluster),
             Request::ChunksMissing { cluster, .. }
             | Request::PutChunk { cluster, .. }
             | Request::PutPack { cluster, .. }
             | Request::GetChunks { cluster, .. }
             | Request::PutBackup { cluster, .. }
             | Request::GetBackup { cluster, .. }
-            | Request::ListBackups { cluster }
+            | Request::ListBackups { cluster, .. }
             | Request::DeleteBackup { cluster, .. }
             | Request::BeginBackup { cluster } => Some(cluster),
             Request::Retention { cluster, .. } => cluster.as_deref(),
@@ -241,7 +261,7 @@ pub enum Response {
         /// Number of objects that follow.
         count: u32,
     },
-    /// WAL listing of a cluster.
+    /// WAL listing of a cluster: one page of it (its `next` names the following one).
     WalList(WalListing),
     /// Answer to [`Request::Ping`].
     Pong {
@@ -257,10 +277,13 @@ pub enum Response {
         /// blake3 of each missing chunk, hex.
         hashes: Vec<String>,
     },
-    /// Answer to [`Request::ListBackups`], oldest first.
+    /// Answer to [`Request::ListBackups`]: one page, oldest first.
     Backups {
         /// The backups.
         backups: Vec<crate::core::wire::backup::BackupSummary>,
+        /// The cursor of the following page (its `after`); `None`: this is the last.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     /// The object was deleted.
     Deleted,
@@ -331,6 +354,10 @@ pub struct WalListing {
     pub history_files: Vec<String>,
     /// Backup history files present.
     pub backup_history_files: Vec<String>,
+    /// In a page: the cursor of the following page (its `after`); `None` on the last page
+    /// and in a merged listing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// WAL of one timeline.
@@ -496,6 +523,40 @@ mod tests {
         // A listing without the field at all (an older server) is still read.
         let old = br#"{"result":"wal_list","cluster":"main","system_identifier":null,"timelines":[],"history_files":[],"backup_history_files":[]}"#;
         assert!(decode_frame::<Response>(old).is_ok());
+    }
+
+    /// Requests and answers of clients and servers before paging still decode: no
+    /// cursor means the first page, no `next` the last.
+    #[test]
+    fn messages_without_the_paging_cursors_still_decode() {
+        assert_eq!(
+            decode_frame::<Request>(br#"{"op":"list_wal","cluster":"main"}"#).unwrap(),
+            Request::ListWal {
+                cluster: "main".into(),
+                after: None
+            }
+        );
+        assert_eq!(
+            decode_frame::<Request>(br#"{"op":"list_backups","cluster":"main"}"#).unwrap(),
+            Request::ListBackups {
+                cluster: "main".into(),
+                after: None
+            }
+        );
+        assert_eq!(
+            decode_frame::<Response>(br#"{"result":"backups","backups":[]}"#).unwrap(),
+            Response::Backups {
+                backups: Vec::new(),
+                next: None
+            }
+        );
+        // And a first page asks as an old client did.
+        let first = encode_frame(&Request::ListWal {
+            cluster: "main".into(),
+            after: None,
+        })
+        .unwrap();
+        assert_eq!(&first[4..], br#"{"op":"list_wal","cluster":"main"}"#);
     }
 
     proptest! {
