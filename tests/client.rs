@@ -154,6 +154,11 @@ async fn requests_answer_typed_results_and_refusals_classify_themselves() {
 
     let backups = puller.list_backups().await.unwrap();
     assert!(backups.is_empty());
+    let no_backup = puller
+        .backup_state("20260101T000000000Z")
+        .await
+        .unwrap_err();
+    assert!(no_backup.is_not_found(), "{no_backup}");
     pusher.close().await;
     puller.close().await;
 }

@@ -61,6 +61,11 @@ impl Index {
 }
 
 impl Index {
+    /// The record of one backup.
+    pub(crate) fn backup(&self, cluster: &str, id: &str) -> Result<Option<BackupRecord>> {
+        super::get_json(&self.backups, &key(cluster, id))
+    }
+
     /// At most `limit` backups of a cluster whose id sorts after `after` (from the
     /// oldest without it), oldest first: a range scan from the cursor.
     pub(crate) fn backups_after(

@@ -102,6 +102,19 @@ pub(crate) async fn summarize(
     })
 }
 
+/// One backup with its state, `None` if the cluster has no backup of that id.
+pub(crate) async fn backup_state(
+    store: &Store,
+    index: &Index,
+    cluster: &str,
+    id: &str,
+) -> Result<Option<BackupSummary>> {
+    match index.backup(cluster, id)? {
+        Some(r) => Ok(Some(summarize(store, index, cluster, &r).await?)),
+        None => Ok(None),
+    }
+}
+
 /// One page of the backups of a cluster with their state, oldest first: those whose id
 /// sorts after `after`, at most `limit`, ending early once their JSON passes
 /// `max_bytes` (the summary that passes it is the last); and the cursor of the next page

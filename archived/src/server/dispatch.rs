@@ -197,6 +197,9 @@ pub(super) async fn handle_stream(
         Request::ListBackups { cluster, after } => {
             service::backups::list(&ctx, &cluster, after.as_deref()).await
         }
+        Request::BackupState { cluster, backup_id } => {
+            service::backups::state(&ctx, &cluster, &backup_id).await
+        }
         Request::DeleteBackup { cluster, backup_id } => {
             service::backups::delete(&ctx, &cluster, &backup_id).await
         }

@@ -204,6 +204,16 @@ pub(crate) async fn list(ctx: &Ctx<'_>, cluster: &str, after: Option<&str>) -> R
     .map_err(Refusal::internal)
 }
 
+/// `BackupState`: one backup and its state, as a listing would say it.
+pub(crate) async fn state(ctx: &Ctx<'_>, cluster: &str, backup_id: &str) -> Reply {
+    names::validate_backup_id(backup_id).map_err(Refusal::invalid)?;
+    crate::index::state::backup_state(ctx.store, ctx.index, cluster, backup_id)
+        .await
+        .map_err(Refusal::internal)?
+        .map(|backup| Response::Backup { backup })
+        .ok_or_else(|| not_such_backup(cluster, backup_id))
+}
+
 /// `PutPack`: receives a pack of chunks, verifies every one (size and blake3 of the
 /// decompressed bytes) before anything is stored, stores the pack as one object
 /// (`core::format::pack`) and indexes the chunks the catalog did not hold. A chunk

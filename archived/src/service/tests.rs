@@ -390,3 +390,61 @@ async fn backup_listing_pages_end_at_their_count_or_byte_bound() {
         assert_eq!(all, whole);
     }
 }
+
+/// `BackupState` answers what the listing says of one backup, without the others;
+/// `NotFound` for an id the cluster lacks, `Invalid` for one that cannot be an id.
+#[tokio::test]
+async fn backup_state_answers_one_backup_as_the_listing_does() {
+    use super::backups;
+    use crate::index::state::list_backups;
+    use walvault_protocol::core::wire::backup::BackupRecord;
+
+    let t = TestArchive::new();
+    let (store, index) = (&t.archive.store, &t.archive.index);
+    let (name, raw) = segment(2, SYSID, 0);
+    push(&t, &name, &raw).await.unwrap();
+    for (i, start) in [(1, "0/200028"), (2, "0/300028")] {
+        index
+            .put_backup(
+                "main",
+                &BackupRecord {
+                    id: format!("20260101T00000{i}000Z"),
+                    label: String::new(),
+                    timeline: 1,
+                    stop_timeline: 1,
+                    start_lsn: start.into(),
+                    stop_lsn: start.replace("28", "80"),
+                    start_time: 1,
+                    stop_time: 2,
+                    pg_version: 150000,
+                    logical_bytes: 0,
+                    stored_bytes: 0,
+                    files: 0,
+                    chunks: 0,
+                },
+            )
+            .unwrap();
+    }
+    let listed = list_backups(store, index, "main").await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let id = identity(Role::Pull);
+    let ctx = t.archive.ctx(&id);
+    for summary in &listed {
+        assert_eq!(
+            backups::state(&ctx, "main", &summary.record.id)
+                .await
+                .unwrap(),
+            Response::Backup {
+                backup: summary.clone()
+            }
+        );
+    }
+    // One usable (its segment is archived), one not: the state is each one's own.
+    assert_ne!(listed[0].state, listed[1].state);
+    let missing = backups::state(&ctx, "main", "20260101T000009000Z")
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code, ErrorCode::NotFound, "{}", missing.message);
+    let bad = backups::state(&ctx, "main", "../x").await.unwrap_err();
+    assert_eq!(bad.code, ErrorCode::Invalid);
+}

@@ -677,6 +677,20 @@ impl ArchiveClient {
         }
     }
 
+    /// `BackupState`: one backup and its state now (not in the archive:
+    /// [`ClientError::is_not_found`]).
+    pub async fn backup_state(&self, backup_id: &str) -> Result<BackupSummary, ClientError> {
+        let what = format!("the state of backup {backup_id}");
+        let request = Request::BackupState {
+            cluster: self.cluster.clone(),
+            backup_id: backup_id.to_string(),
+        };
+        match self.simple(&what, &request).await? {
+            Response::Backup { backup } => Ok(backup),
+            other => Err(answer_error(&what, other)),
+        }
+    }
+
     /// `DeleteBackup` (admin): deletes the manifest of backup `backup_id`.
     pub async fn delete_backup(&self, backup_id: &str) -> Result<(), ClientError> {
         let what = format!("deletion of backup {backup_id}");

@@ -6,7 +6,9 @@
 //! before the manifest is committed leaves no listed backup, only chunks that retention
 //! collects after its grace period. If the manifest was committed but the WAL did not
 //! arrive within `--wal-timeout`, the backup stays listed as `incomplete-wal` (it becomes
-//! usable as soon as the WAL is archived) and the command fails saying so.
+//! usable as soon as the WAL is archived) and the command fails saying so. The wait asks
+//! the archive for this backup's state alone (`BackupState`), after pauses growing from
+//! 100 ms to 2 s, never for the whole listing.
 //!
 //! Flow: IDENTIFY_SYSTEM, then BASE_BACKUP (PostgreSQL's manifest, no WAL, fast or spread
 //! checkpoint). The tar stream of each tablespace is parsed as it arrives and cut into
@@ -422,30 +424,54 @@ async fn put_manifest(
     Ok(())
 }
 
+/// First pause between two looks at a backup's state in [`wait_usable`].
+const WAIT_FIRST_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between two looks.
+const WAIT_MAX_PAUSE: Duration = Duration::from_secs(2);
+
+/// The pause after `pause`: doubled, at most [`WAIT_MAX_PAUSE`].
+fn next_pause(pause: Duration) -> Duration {
+    (pause * 2).min(WAIT_MAX_PAUSE)
+}
+
+/// Waits until the archive calls backup `id` usable (all its WAL archived), asking for
+/// that one backup's state (`BackupState`, not the whole listing) after pauses of
+/// 100 ms, doubling up to 2 s; `Ok(false)` once `timeout` has passed.
 async fn wait_usable(archive: &ArchiveClient, id: &str, timeout: Duration) -> Result<bool> {
     let deadline = Instant::now() + timeout;
+    let mut pause = WAIT_FIRST_PAUSE;
     loop {
-        let state = archive
-            .list_backups()
-            .await?
-            .into_iter()
-            .find(|b| b.record.id == id)
-            .map(|b| b.state);
-        match state {
-            Some(BackupState::Usable) => return Ok(true),
-            Some(BackupState::IncompleteWal) => {}
-            None => bail!("backup {id} vanished from the archive's listing (deleted meanwhile?)"),
+        match archive.backup_state(id).await {
+            Ok(b) if b.state == BackupState::Usable => return Ok(true),
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {
+                bail!("backup {id} vanished from the archive (deleted meanwhile?)")
+            }
+            Err(e) => return Err(e.into()),
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = next_pause(pause);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waits_for_a_usable_backup_back_off_from_100_ms_to_2_s() {
+        let mut pause = WAIT_FIRST_PAUSE;
+        let mut pauses = Vec::new();
+        for _ in 0..7 {
+            pauses.push(pause.as_millis());
+            pause = next_pause(pause);
+        }
+        assert_eq!(pauses, [100, 200, 400, 800, 1600, 2000, 2000]);
+    }
 
     #[test]
     fn backup_label_fields() {

@@ -162,6 +162,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<String>,
     },
+    /// The state of one backup: what `ListBackups` says of it, without listing the
+    /// others. Answer: [`Response::Backup`], or `NotFound`.
+    BackupState {
+        /// Cluster name.
+        cluster: String,
+        /// Backup id.
+        backup_id: String,
+    },
     /// Delete a backup's manifest (admin); its chunks go at the next retention run.
     DeleteBackup {
         /// Cluster name.
@@ -202,6 +210,7 @@ impl Request {
             | Request::PutBackup { cluster, .. }
             | Request::GetBackup { cluster, .. }
             | Request::ListBackups { cluster, .. }
+            | Request::BackupState { cluster, .. }
             | Request::DeleteBackup { cluster, .. }
             | Request::BeginBackup { cluster } => Some(cluster),
             Request::Retention { cluster, .. } => cluster.as_deref(),
@@ -223,6 +232,7 @@ impl Request {
             Request::PutBackup { .. } => "put_backup",
             Request::GetBackup { .. } => "get_backup",
             Request::ListBackups { .. } => "list_backups",
+            Request::BackupState { .. } => "backup_state",
             Request::DeleteBackup { .. } => "delete_backup",
             Request::Retention { .. } => "retention",
             Request::BeginBackup { .. } => "begin_backup",
@@ -284,6 +294,11 @@ pub enum Response {
         /// The cursor of the following page (its `after`); `None`: this is the last.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         next: Option<String>,
+    },
+    /// Answer to [`Request::BackupState`].
+    Backup {
+        /// The backup and its state.
+        backup: crate::core::wire::backup::BackupSummary,
     },
     /// The object was deleted.
     Deleted,
