@@ -107,6 +107,7 @@ async fn list(conn: &ArchiveConnection) -> Vec<String> {
         .call(&Request::ListBackups {
             cluster: "main".into(),
             after: None,
+            paged: false,
         })
         .await
         .unwrap()

@@ -129,7 +129,7 @@ pub(crate) async fn backups_page(
 ) -> Result<(Vec<BackupSummary>, Option<String>)> {
     let limit = limit.max(1);
     // One more than a page tells whether another follows.
-    let records = index.backups_after(cluster, after, limit + 1)?;
+    let records = index.backups_after(cluster, after, limit.saturating_add(1))?;
     let mut out = Vec::new();
     let mut bytes = 0;
     for r in &records {

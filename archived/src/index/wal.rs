@@ -85,8 +85,12 @@ impl Index {
         let after = after.map(|a| a.to_string());
         let limit = limit.max(1);
         // One more than a page tells whether another follows.
-        let mut raw =
-            super::scan_cluster_after::<WalEntry>(&self.wal, cluster, after.as_deref(), limit + 1)?;
+        let mut raw = super::scan_cluster_after::<WalEntry>(
+            &self.wal,
+            cluster,
+            after.as_deref(),
+            limit.saturating_add(1),
+        )?;
         let next = if raw.len() > limit {
             raw.truncate(limit);
             raw.last().map(|(name, _)| name.clone())

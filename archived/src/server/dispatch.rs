@@ -142,7 +142,11 @@ pub(super) async fn handle_stream(
             let answer = service::wal::get(&ctx, &cluster, &name).await;
             return answer_streamed(send, body.into_inner(), answer, body_idle).await;
         }
-        Request::ListWal { cluster, after } => service::wal::list(&ctx, &cluster, after.as_deref()),
+        Request::ListWal {
+            cluster,
+            after,
+            paged,
+        } => service::wal::list(&ctx, &cluster, after.as_deref(), paged),
         Request::BeginBackup { cluster } => service::backups::begin_backup(&ctx, &cluster),
         Request::ChunksMissing {
             cluster,
@@ -194,9 +198,11 @@ pub(super) async fn handle_stream(
             let answer = service::backups::get_backup(&ctx, &cluster, &backup_id).await;
             return answer_streamed(send, body.into_inner(), answer, body_idle).await;
         }
-        Request::ListBackups { cluster, after } => {
-            service::backups::list(&ctx, &cluster, after.as_deref()).await
-        }
+        Request::ListBackups {
+            cluster,
+            after,
+            paged,
+        } => service::backups::list(&ctx, &cluster, after.as_deref(), paged).await,
         Request::BackupState { cluster, backup_id } => {
             service::backups::state(&ctx, &cluster, &backup_id).await
         }

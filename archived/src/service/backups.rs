@@ -187,21 +187,20 @@ pub(crate) async fn get_backup(ctx: &Ctx<'_>, cluster: &str, backup_id: &str) ->
 
 /// `ListBackups`: one page, the backups after the cursor `after` (a backup id, as the
 /// previous page's `next` gave it).
-pub(crate) async fn list(ctx: &Ctx<'_>, cluster: &str, after: Option<&str>) -> Reply {
+pub(crate) async fn list(ctx: &Ctx<'_>, cluster: &str, after: Option<&str>, paged: bool) -> Reply {
     if let Some(a) = after {
         names::validate_backup_id(a).map_err(Refusal::invalid)?;
     }
-    crate::index::state::backups_page(
-        ctx.store,
-        ctx.index,
-        cluster,
-        after,
-        BACKUP_PAGE_ENTRIES,
-        BACKUP_PAGE_BYTES,
-    )
-    .await
-    .map(|(backups, next)| Response::Backups { backups, next })
-    .map_err(Refusal::internal)
+    // A client from before paging: the whole listing in one answer (or TooLarge).
+    let (entries, bytes) = if paged {
+        (BACKUP_PAGE_ENTRIES, BACKUP_PAGE_BYTES)
+    } else {
+        (usize::MAX, usize::MAX)
+    };
+    crate::index::state::backups_page(ctx.store, ctx.index, cluster, after, entries, bytes)
+        .await
+        .map(|(backups, next)| Response::Backups { backups, next })
+        .map_err(Refusal::internal)
 }
 
 /// `BackupState`: one backup and its state, as a listing would say it.

@@ -448,3 +448,86 @@ async fn backup_state_answers_one_backup_as_the_listing_does() {
     let bad = backups::state(&ctx, "main", "../x").await.unwrap_err();
     assert_eq!(bad.code, ErrorCode::Invalid);
 }
+
+/// A listing request without `paged` comes from a client before paging, which takes its
+/// one answer for the whole listing: it gets the whole (more than a page of WAL files and
+/// of backups here), never a first page it would mistake for everything. A paging
+/// client gets pages.
+#[tokio::test]
+async fn a_client_before_paging_gets_the_whole_listing_not_a_first_page() {
+    use crate::index::wal::WalEntry;
+    use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId, WalFileName};
+    use walvault_protocol::core::wire::backup::BackupRecord;
+    use walvault_protocol::core::wire::paging::{BACKUP_PAGE_ENTRIES, WAL_PAGE_FILES};
+
+    let t = TestArchive::new();
+    let index = &t.archive.index;
+    let entry = WalEntry {
+        raw_size: 16 << 20,
+        blake3: "00".repeat(32),
+        stored_size: 40,
+    };
+    let segments = WAL_PAGE_FILES as u64 + 10;
+    for n in 1..=segments {
+        let seg = SegmentName::containing(TimelineId(1), Lsn(n << 24), 16 << 20);
+        let name: WalFileName = seg.to_string().parse().unwrap();
+        index.put_wal("main", &name, &entry).await.unwrap();
+    }
+    let backups = BACKUP_PAGE_ENTRIES + 5;
+    for i in 0..backups {
+        let record = BackupRecord {
+            id: format!(
+                "20260101T{:02}{:02}{:02}000Z",
+                i / 3600,
+                i / 60 % 60,
+                i % 60
+            ),
+            label: String::new(),
+            timeline: 1,
+            stop_timeline: 1,
+            start_lsn: "0/1000028".into(),
+            stop_lsn: "0/1000100".into(),
+            start_time: 1,
+            stop_time: 2,
+            pg_version: 150000,
+            logical_bytes: 0,
+            stored_bytes: 0,
+            files: 0,
+            chunks: 0,
+        };
+        index.put_backup("main", &record).unwrap();
+    }
+    let id = identity(Role::Pull);
+    let ctx = t.archive.ctx(&id);
+
+    let Response::WalList(whole) = wal::list(&ctx, "main", None, false).unwrap() else {
+        panic!("not a WAL listing");
+    };
+    assert_eq!(whole.next, None, "an old client cannot follow a cursor");
+    assert_eq!(
+        whole.timelines[0].segments, segments,
+        "{:?}",
+        whole.timelines
+    );
+    let Response::WalList(first) = wal::list(&ctx, "main", None, true).unwrap() else {
+        panic!("not a WAL listing");
+    };
+    assert_eq!(first.timelines[0].segments, WAL_PAGE_FILES as u64);
+    assert!(first.next.is_some());
+
+    let Response::Backups { backups: all, next } =
+        backups::list(&ctx, "main", None, false).await.unwrap()
+    else {
+        panic!("not a backup listing");
+    };
+    assert_eq!((all.len(), next), (backups, None));
+    let Response::Backups {
+        backups: page,
+        next,
+    } = backups::list(&ctx, "main", None, true).await.unwrap()
+    else {
+        panic!("not a backup listing");
+    };
+    assert_eq!(page.len(), BACKUP_PAGE_ENTRIES);
+    assert!(next.is_some());
+}

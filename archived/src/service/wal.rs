@@ -300,10 +300,13 @@ pub(crate) async fn get(ctx: &Ctx<'_>, cluster: &str, name: &str) -> StreamReply
 
 /// `ListWal`: one page of the listing, the files after the cursor `after` (a WAL file
 /// name, as the previous page's `next` gave it).
-pub(crate) fn list(ctx: &Ctx<'_>, cluster: &str, after: Option<&str>) -> Reply {
+pub(crate) fn list(ctx: &Ctx<'_>, cluster: &str, after: Option<&str>, paged: bool) -> Reply {
     let after = after.map(parse_name).transpose()?;
+    // A client from before paging takes its one answer for the whole listing: give it
+    // the whole (the frame limit turns one too large into TooLarge), not a first page.
+    let per_page = if paged { WAL_PAGE_FILES } else { usize::MAX };
     ctx.index
-        .listing_page(cluster, after.as_ref(), WAL_PAGE_FILES)
+        .listing_page(cluster, after.as_ref(), per_page)
         .map(Response::WalList)
         .map_err(Refusal::internal)
 }

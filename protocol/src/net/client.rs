@@ -480,6 +480,7 @@ impl ArchiveClient {
         let request = Request::ListWal {
             cluster: self.cluster.clone(),
             after: after.clone(),
+            paged: true,
         };
         match self.simple(what, &request).await? {
             Response::WalList(page) => {
@@ -662,6 +663,7 @@ impl ArchiveClient {
             let request = Request::ListBackups {
                 cluster: self.cluster.clone(),
                 after: after.clone(),
+                paged: true,
             };
             match self.simple(&what, &request).await? {
                 Response::Backups { backups, next } => {

@@ -23,7 +23,9 @@
 //! [`paging::WAL_PAGE_FILES`] WAL files or [`paging::BACKUP_PAGE_ENTRIES`] backups; WAL
 //! pages are merged back into one listing by [`WalListing::merge_page`], which also finds
 //! the gaps that span a page boundary (see [`paging`]). The typed client
-//! (`net::client`) asks for every page.
+//! (`net::client`) marks its requests `paged` and asks for every page; a request without
+//! `paged` (a client from before paging, which reads one answer as the whole listing) is
+//! answered with the whole listing or `TooLarge`, never silently with a first page.
 //!
 //! The protocol version is negotiated by ALPN ([`ALPN`]); an incompatible change gets a
 //! new ALPN string, so an old peer is refused at the handshake, not mid-stream. Fields
@@ -76,6 +78,12 @@ pub enum Request {
         /// The previous page's last WAL file name (its `next`); `None`: the first page.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<String>,
+        /// Set by every client that reads `next` and asks for the following pages. A
+        /// request without it (a client from before paging) gets the whole listing in
+        /// one answer, or `TooLarge` when that exceeds the frame limit: never a first
+        /// page it would take for the whole.
+        #[serde(default)]
+        paged: bool,
     },
     /// Who am I, and is the server alive.
     Ping,
@@ -161,6 +169,10 @@ pub enum Request {
         /// The previous page's last backup id (its `next`); `None`: the first page.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<String>,
+        /// As for [`Request::ListWal`]: without it (a client from before paging), the
+        /// whole listing in one answer, or `TooLarge`.
+        #[serde(default)]
+        paged: bool,
     },
     /// The state of one backup: what `ListBackups` says of it, without listing the
     /// others. Answer: [`Response::Backup`], or `NotFound`.
@@ -541,21 +553,24 @@ mod tests {
     }
 
     /// Requests and answers of clients and servers before paging still decode: no
-    /// cursor means the first page, no `next` the last.
+    /// cursor means the first page, no `next` the last, and no `paged` marks a client
+    /// that would take a first page for the whole listing (the server answers it whole).
     #[test]
-    fn messages_without_the_paging_cursors_still_decode() {
+    fn messages_without_the_paging_fields_still_decode() {
         assert_eq!(
             decode_frame::<Request>(br#"{"op":"list_wal","cluster":"main"}"#).unwrap(),
             Request::ListWal {
                 cluster: "main".into(),
-                after: None
+                after: None,
+                paged: false,
             }
         );
         assert_eq!(
             decode_frame::<Request>(br#"{"op":"list_backups","cluster":"main"}"#).unwrap(),
             Request::ListBackups {
                 cluster: "main".into(),
-                after: None
+                after: None,
+                paged: false,
             }
         );
         assert_eq!(
@@ -565,13 +580,17 @@ mod tests {
                 next: None
             }
         );
-        // And a first page asks as an old client did.
+        // A paging client says so.
         let first = encode_frame(&Request::ListWal {
             cluster: "main".into(),
             after: None,
+            paged: true,
         })
         .unwrap();
-        assert_eq!(&first[4..], br#"{"op":"list_wal","cluster":"main"}"#);
+        assert_eq!(
+            &first[4..],
+            br#"{"op":"list_wal","cluster":"main","paged":true}"#
+        );
     }
 
     proptest! {
