@@ -8,7 +8,7 @@
 //! arrive within `--wal-timeout`, the backup stays listed as `incomplete-wal` (it becomes
 //! usable as soon as the WAL is archived) and the command fails saying so. The wait asks
 //! the archive for this backup's state alone (`BackupState`), after pauses growing from
-//! 100 ms to 2 s, never for the whole listing.
+//! 50 ms to 1 s, never for the whole listing.
 //!
 //! Flow: IDENTIFY_SYSTEM, then BASE_BACKUP (PostgreSQL's manifest, no WAL, fast or spread
 //! checkpoint). The tar stream of each tablespace is parsed as it arrives and cut into
@@ -425,9 +425,12 @@ async fn put_manifest(
 }
 
 /// First pause between two looks at a backup's state in [`wait_usable`].
-const WAIT_FIRST_PAUSE: Duration = Duration::from_millis(100);
+const WAIT_FIRST_PAUSE: Duration = Duration::from_millis(50);
 /// Longest pause between two looks.
-const WAIT_MAX_PAUSE: Duration = Duration::from_secs(2);
+// At most 1 s: the WAL of a backup usually arrives within a second of its end (the
+// switch after BASE_BACKUP), and each pause past its arrival lengthens the backup; one
+// BackupState a second is cheap (one backup's WAL range), unlike the whole listing.
+const WAIT_MAX_PAUSE: Duration = Duration::from_secs(1);
 
 /// The pause after `pause`: doubled, at most [`WAIT_MAX_PAUSE`].
 fn next_pause(pause: Duration) -> Duration {
@@ -436,7 +439,7 @@ fn next_pause(pause: Duration) -> Duration {
 
 /// Waits until the archive calls backup `id` usable (all its WAL archived), asking for
 /// that one backup's state (`BackupState`, not the whole listing) after pauses of
-/// 100 ms, doubling up to 2 s; `Ok(false)` once `timeout` has passed.
+/// 50 ms, doubling up to 1 s; `Ok(false)` once `timeout` has passed.
 async fn wait_usable(archive: &ArchiveClient, id: &str, timeout: Duration) -> Result<bool> {
     let deadline = Instant::now() + timeout;
     let mut pause = WAIT_FIRST_PAUSE;
@@ -463,14 +466,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn waits_for_a_usable_backup_back_off_from_100_ms_to_2_s() {
+    fn waits_for_a_usable_backup_back_off_from_50_ms_to_1_s() {
         let mut pause = WAIT_FIRST_PAUSE;
         let mut pauses = Vec::new();
         for _ in 0..7 {
             pauses.push(pause.as_millis());
             pause = next_pause(pause);
         }
-        assert_eq!(pauses, [100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000]);
     }
 
     #[test]
