@@ -120,35 +120,50 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 /// Rows of a simple query's last result set, as text.
 pub type Rows = Vec<Vec<Option<String>>>;
 
+/// Tries the endpoints of `params` in order, as libpq does: the first that connects
+/// wins; a refusal by a server or a failed authentication ends the search (another host
+/// would refuse the same way); a network failure or `connect_timeout` (bounding each
+/// attempt whole, authentication included) moves on to the next host.
+pub(crate) async fn connect_first<'a, T, F, Fut>(
+    params: &'a ConnParams,
+    mut connect_one: F,
+) -> Result<T, PgError>
+where
+    F: FnMut(&'a Endpoint) -> Fut,
+    Fut: std::future::Future<Output = Result<T, PgError>>,
+{
+    let mut last: Option<PgError> = None;
+    for endpoint in &params.endpoints {
+        let attempt = connect_one(endpoint);
+        let result = match params.connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, attempt)
+                .await
+                .map_err(|_| limit),
+            None => Ok(attempt.await),
+        };
+        match result {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e @ PgError::Server(_))) | Ok(Err(e @ PgError::Auth(_))) => return Err(e),
+            Ok(Err(e)) => last = Some(e),
+            Err(limit) => {
+                last = Some(PgError::Io {
+                    context: format!("connecting to PostgreSQL at {endpoint}"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {} s (connect_timeout)", limit.as_secs()),
+                    ),
+                })
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| PgError::Protocol("no host to connect to".into())))
+}
+
 impl PgConnection {
     /// Opens a physical replication connection (`replication=true`) to the first
     /// endpoint of `params` that answers, and authenticates.
     pub async fn connect(params: &ConnParams) -> Result<PgConnection, PgError> {
-        let mut last: Option<PgError> = None;
-        for endpoint in &params.endpoints {
-            let attempt = Self::connect_one(params, endpoint);
-            let result = match params.connect_timeout {
-                Some(limit) => tokio::time::timeout(limit, attempt)
-                    .await
-                    .map_err(|_| limit),
-                None => Ok(attempt.await),
-            };
-            match result {
-                Ok(Ok(c)) => return Ok(c),
-                Ok(Err(e @ PgError::Server(_))) | Ok(Err(e @ PgError::Auth(_))) => return Err(e),
-                Ok(Err(e)) => last = Some(e),
-                Err(limit) => {
-                    last = Some(PgError::Io {
-                        context: format!("connecting to PostgreSQL at {endpoint}"),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no answer within {} s (connect_timeout)", limit.as_secs()),
-                        ),
-                    })
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| PgError::Protocol("no host to connect to".into())))
+        connect_first(params, |endpoint| Self::connect_one(params, endpoint)).await
     }
 
     async fn connect_one(

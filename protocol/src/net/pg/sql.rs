@@ -39,31 +39,7 @@ impl SqlClient {
     /// Connects to the database `params.dbname` on the first endpoint of `params` that
     /// answers, and authenticates.
     pub async fn connect(params: &ConnParams) -> Result<SqlClient, PgError> {
-        let mut last: Option<PgError> = None;
-        for endpoint in &params.endpoints {
-            let attempt = Self::connect_one(params, endpoint);
-            let result = match params.connect_timeout {
-                Some(limit) => tokio::time::timeout(limit, attempt)
-                    .await
-                    .map_err(|_| limit),
-                None => Ok(attempt.await),
-            };
-            match result {
-                Ok(Ok(c)) => return Ok(c),
-                Ok(Err(e @ PgError::Server(_))) | Ok(Err(e @ PgError::Auth(_))) => return Err(e),
-                Ok(Err(e)) => last = Some(e),
-                Err(limit) => {
-                    last = Some(PgError::Io {
-                        context: format!("connecting to PostgreSQL at {endpoint}"),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no answer within {} s (connect_timeout)", limit.as_secs()),
-                        ),
-                    })
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| PgError::Protocol("no host to connect to".into())))
+        super::connect_first(params, |endpoint| Self::connect_one(params, endpoint)).await
     }
 
     async fn connect_one(params: &ConnParams, endpoint: &Endpoint) -> Result<SqlClient, PgError> {
