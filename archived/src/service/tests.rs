@@ -343,7 +343,6 @@ async fn wal_listing_pages_stay_in_their_cluster_and_merge_into_the_whole_listin
 #[tokio::test]
 async fn backup_listing_pages_end_at_their_count_or_byte_bound() {
     use crate::index::state::{backups_page, list_backups};
-    use walvault_protocol::core::wire::backup::BackupRecord;
 
     let t = TestArchive::new();
     let (store, index) = (&t.archive.store, &t.archive.index);
@@ -351,21 +350,12 @@ async fn backup_listing_pages_end_at_their_count_or_byte_bound() {
         index
             .put_backup(
                 "main",
-                &BackupRecord {
-                    id: format!("20260101T00000{i}000Z"),
-                    label: "x".repeat(100 * i),
-                    timeline: 1,
-                    stop_timeline: 1,
-                    start_lsn: "0/2000028".into(),
-                    stop_lsn: "0/2000100".into(),
-                    start_time: 1,
-                    stop_time: 2,
-                    pg_version: 150000,
-                    logical_bytes: 0,
-                    stored_bytes: 0,
-                    files: 0,
-                    chunks: 0,
-                },
+                &backup_record(
+                    format!("20260101T00000{i}000Z"),
+                    "x".repeat(100 * i),
+                    "0/2000028",
+                    "0/2000100",
+                ),
             )
             .unwrap();
     }
@@ -397,7 +387,6 @@ async fn backup_listing_pages_end_at_their_count_or_byte_bound() {
 async fn backup_state_answers_one_backup_as_the_listing_does() {
     use super::backups;
     use crate::index::state::list_backups;
-    use walvault_protocol::core::wire::backup::BackupRecord;
 
     let t = TestArchive::new();
     let (store, index) = (&t.archive.store, &t.archive.index);
@@ -407,21 +396,12 @@ async fn backup_state_answers_one_backup_as_the_listing_does() {
         index
             .put_backup(
                 "main",
-                &BackupRecord {
-                    id: format!("20260101T00000{i}000Z"),
-                    label: String::new(),
-                    timeline: 1,
-                    stop_timeline: 1,
-                    start_lsn: start.into(),
-                    stop_lsn: start.replace("28", "80"),
-                    start_time: 1,
-                    stop_time: 2,
-                    pg_version: 150000,
-                    logical_bytes: 0,
-                    stored_bytes: 0,
-                    files: 0,
-                    chunks: 0,
-                },
+                &backup_record(
+                    format!("20260101T00000{i}000Z"),
+                    String::new(),
+                    start,
+                    &start.replace("28", "80"),
+                ),
             )
             .unwrap();
     }
@@ -457,7 +437,6 @@ async fn backup_state_answers_one_backup_as_the_listing_does() {
 async fn a_client_before_paging_gets_the_whole_listing_not_a_first_page() {
     use crate::index::wal::WalEntry;
     use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId, WalFileName};
-    use walvault_protocol::core::wire::backup::BackupRecord;
     use walvault_protocol::core::wire::paging::{BACKUP_PAGE_ENTRIES, WAL_PAGE_FILES};
 
     let t = TestArchive::new();
@@ -475,26 +454,17 @@ async fn a_client_before_paging_gets_the_whole_listing_not_a_first_page() {
     }
     let backups = BACKUP_PAGE_ENTRIES + 5;
     for i in 0..backups {
-        let record = BackupRecord {
-            id: format!(
+        let record = backup_record(
+            format!(
                 "20260101T{:02}{:02}{:02}000Z",
                 i / 3600,
                 i / 60 % 60,
                 i % 60
             ),
-            label: String::new(),
-            timeline: 1,
-            stop_timeline: 1,
-            start_lsn: "0/1000028".into(),
-            stop_lsn: "0/1000100".into(),
-            start_time: 1,
-            stop_time: 2,
-            pg_version: 150000,
-            logical_bytes: 0,
-            stored_bytes: 0,
-            files: 0,
-            chunks: 0,
-        };
+            String::new(),
+            "0/1000028",
+            "0/1000100",
+        );
         index.put_backup("main", &record).unwrap();
     }
     let id = identity(Role::Pull);
@@ -530,4 +500,29 @@ async fn a_client_before_paging_gets_the_whole_listing_not_a_first_page() {
     };
     assert_eq!(page.len(), BACKUP_PAGE_ENTRIES);
     assert!(next.is_some());
+}
+
+/// A catalog record of a backup of cluster main on timeline 1 (times 1 to 2), for the
+/// listing tests.
+fn backup_record(
+    id: String,
+    label: String,
+    start_lsn: &str,
+    stop_lsn: &str,
+) -> walvault_protocol::core::wire::backup::BackupRecord {
+    walvault_protocol::core::wire::backup::BackupRecord {
+        id,
+        label,
+        timeline: 1,
+        stop_timeline: 1,
+        start_lsn: start_lsn.into(),
+        stop_lsn: stop_lsn.into(),
+        start_time: 1,
+        stop_time: 2,
+        pg_version: 150000,
+        logical_bytes: 0,
+        stored_bytes: 0,
+        files: 0,
+        chunks: 0,
+    }
 }
