@@ -15,6 +15,8 @@
 //! keep_within_days = 7          # every backup needed to restore to any point of 7 days
 //! min_full = 1                  # never fewer usable backups than this
 //! chunk_grace_hours = 24        # unreferenced chunks untouched this long are collected
+//! [stream]                      # the streaming receiver's unfinished segments
+//! upload_interval_secs = 2      # stored in the object store at least this often
 //! ```
 //!
 //! With neither `keep_full` nor `keep_within_days` no backup expires; when both are set a
@@ -65,6 +67,32 @@ pub(crate) struct ServerConfig {
     /// Backup retention policy (`archived retention run`).
     #[serde(default)]
     pub(crate) retention: RetentionConfig,
+    /// The streaming receiver's unfinished segments.
+    #[serde(default)]
+    pub(crate) stream: StreamConfig,
+}
+
+/// `[stream]`: the streaming receiver's unfinished segments (service/stream.rs).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StreamConfig {
+    /// Seconds between uploads of an unfinished segment that grew to the object store
+    /// (the local disk has it at once; the store makes it visible to other archived and
+    /// survives the loss of this host).
+    #[serde(default = "default_upload_interval")]
+    pub(crate) upload_interval_secs: u64,
+}
+
+impl Default for StreamConfig {
+    fn default() -> StreamConfig {
+        StreamConfig {
+            upload_interval_secs: default_upload_interval(),
+        }
+    }
+}
+
+fn default_upload_interval() -> u64 {
+    2
 }
 
 fn default_max_connections() -> usize {
@@ -93,6 +121,7 @@ impl ServerConfig {
             body_idle_timeout_secs: default_body_idle_timeout(),
             request_memory_mib: default_request_memory(),
             retention: Default::default(),
+            stream: Default::default(),
         }
     }
 

@@ -55,6 +55,11 @@ impl DataDir {
     pub(crate) fn catalog(&self) -> PathBuf {
         self.root.join("catalog")
     }
+    /// The streaming receiver's unfinished segments (service/stream.rs).
+    pub(crate) fn stream(&self) -> PathBuf {
+        self.root.join("stream")
+    }
+
     /// Upload spool directory.
     pub(crate) fn spool(&self) -> PathBuf {
         self.root.join("spool")

@@ -22,6 +22,10 @@ pub(crate) enum Fetched {
         raw_size: u64,
         /// blake3, hex.
         blake3: String,
+        /// The streaming receiver's unfinished segment, zero-padded: the bytes of WAL it
+        /// holds. Good for PostgreSQL now (it replays up to there and asks again later),
+        /// never for keeping in the spool.
+        partial_bytes: Option<u64>,
     },
     /// The archive does not have it.
     NotFound,
@@ -69,6 +73,7 @@ pub(crate) async fn fetch_to(
         Ok(delivered) => Ok(Fetched::Written {
             raw_size: delivered.raw_size,
             blake3: delivered.blake3,
+            partial_bytes: delivered.partial_bytes,
         }),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);

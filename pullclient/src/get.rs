@@ -118,8 +118,18 @@ pub(crate) async fn archive_get(
         spool.record_served(name, false);
     }
     match &outcome {
-        Fetched::Written { raw_size, .. } => {
+        Fetched::Written {
+            raw_size,
+            partial_bytes: None,
+            ..
+        } => {
             tracing::info!(file = %name, bytes = raw_size, "restored")
+        }
+        Fetched::Written {
+            partial_bytes: Some(held),
+            ..
+        } => {
+            tracing::info!(file = %name, wal_bytes = held, "restored the streaming receiver's unfinished segment (zero-padded)")
         }
         Fetched::NotFound => tracing::info!(file = %name, "not in the archive"),
     }

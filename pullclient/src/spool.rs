@@ -335,6 +335,7 @@ impl Spool {
         Ok(Some(Fetched::Written {
             raw_size,
             blake3: expected,
+            partial_bytes: None,
         }))
     }
 }

@@ -6,6 +6,7 @@
 
 mod backup;
 mod push;
+mod stream;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +71,54 @@ enum Command {
         #[arg(long)]
         max_rate: Option<u32>,
     },
+    /// Stream WAL from a replication slot into the archive as it is written (RPO 0).
+    ///
+    /// A physical replication receiver: each burst of WAL is appended to the archive,
+    /// which fsyncs it on its own disk before the receiver reports it to PostgreSQL as
+    /// flushed, so with synchronous_standby_names = 'walvault' (the --application-name)
+    /// no commit returns before its WAL is in the archive. Starts where the archive's WAL
+    /// ends (never a silent gap), follows timeline switches, reconnects for ever after
+    /// failures; stops cleanly on SIGTERM. Completed segments become normal archived
+    /// segments (archive_command may stay on as a second line of defence), and restores
+    /// use the unfinished one. Connects like libpq: PGHOST, PGPORT, PGUSER, PGPASSWORD,
+    /// PGPASSFILE, or --conninfo; the role needs the REPLICATION attribute.
+    Stream {
+        /// Connection string: "host=/var/run/postgresql user=postgres" or postgres://...
+        #[arg(long)]
+        conninfo: Option<String>,
+        /// Physical replication slot that keeps the server's WAL until the archive has it.
+        #[arg(long, default_value = "walvault")]
+        slot: String,
+        /// Create the slot (reserving WAL at once) if it does not exist.
+        #[arg(long)]
+        create_slot: bool,
+        /// application_name of the replication connection: the name to put in
+        /// synchronous_standby_names. Wins over an application_name in --conninfo.
+        #[arg(long, default_value = "walvault")]
+        application_name: String,
+        /// When the server no longer has the WAL the archive needs next, start at the
+        /// slot's restart LSN anyway and record the gap (otherwise: refuse, exit 1).
+        #[arg(long)]
+        allow_gap: bool,
+        /// Where the receiver writes its status (read by stream-status); default
+        /// /var/lib/walvault/stream-<slot>.json.
+        #[arg(long)]
+        status_file: Option<PathBuf>,
+    },
+    /// Show the streaming receiver's status: server WAL end, received, flushed in the
+    /// archive, lag, slot, timeline, reconnects. Exit 0 when it is streaming and up to
+    /// date, 1 otherwise (for monitoring).
+    StreamStatus {
+        /// The receiver's slot (names its default status file).
+        #[arg(long, default_value = "walvault")]
+        slot: String,
+        /// The receiver's --status-file.
+        #[arg(long)]
+        status_file: Option<PathBuf>,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,10 +128,12 @@ fn main() -> ExitCode {
         config_exit: Exit::BadConfig,
     };
     cli::run(&cli.common.log, setup, |runtime| {
-        let (_, cfg) = cli.common.load_config("pushclient")?;
+        let config = || cli.common.load_config("pushclient").map(|(_, cfg)| cfg);
         match cli.command {
-            Command::ArchivePush { path } => runtime.block_on(push::archive_push(&cfg, &path)),
-            Command::Check => runtime.block_on(push::check(&cfg)),
+            Command::ArchivePush { path } => {
+                runtime.block_on(push::archive_push(&config()?, &path))
+            }
+            Command::Check => runtime.block_on(push::check(&config()?)),
             Command::Backup {
                 label,
                 fast,
@@ -91,7 +142,7 @@ fn main() -> ExitCode {
                 wal_timeout,
                 max_rate,
             } => runtime.block_on(backup::backup(
-                &cfg,
+                &config()?,
                 &backup::BackupArgs {
                     label,
                     fast,
@@ -101,7 +152,57 @@ fn main() -> ExitCode {
                     max_rate_kb: max_rate,
                 },
             )),
+            Command::Stream {
+                conninfo,
+                slot,
+                create_slot,
+                application_name,
+                allow_gap,
+                status_file,
+            } => runtime.block_on(stream::stream(
+                &config()?,
+                &stream::StreamArgs {
+                    conninfo,
+                    slot,
+                    create_slot,
+                    application_name,
+                    allow_gap,
+                    status_file,
+                },
+            )),
+            Command::StreamStatus {
+                slot,
+                status_file,
+                json,
+            } => return stream_status(&slot, status_file.as_deref(), json),
         }?;
         Ok(Exit::Success)
+    })
+}
+
+/// `pushclient stream-status`.
+fn stream_status(
+    slot: &str,
+    status_file: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<Exit> {
+    let path = status_file
+        .map(PathBuf::from)
+        .unwrap_or_else(|| stream::status::default_path(slot));
+    let status = stream::status::read(&path)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (text, healthy) = stream::status::render(&status, now);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{text}");
+    }
+    Ok(if healthy {
+        Exit::Success
+    } else {
+        Exit::Failure
     })
 }

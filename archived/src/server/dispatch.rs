@@ -146,7 +146,32 @@ pub(super) async fn handle_stream(
             cluster,
             after,
             paged,
-        } => service::wal::list(&ctx, &cluster, after.as_deref(), paged),
+        } => service::wal::list(&ctx, &cluster, after.as_deref(), paged).await,
+        Request::StreamAppend {
+            cluster,
+            segment,
+            offset,
+            len,
+            system_identifier,
+            segment_size,
+        } => {
+            let append = service::stream::Append {
+                cluster: &cluster,
+                segment: &segment,
+                offset,
+                len,
+                system_identifier,
+                segment_size,
+            };
+            let reply = service::stream::append(&ctx, &append, recv).await;
+            if let Err(r) = &reply {
+                tracing::warn!(%cluster, %segment, offset, code = ?r.code, message = %r.message, "stream append refused");
+            }
+            reply
+        }
+        Request::StreamSeal { cluster, segment } => {
+            service::stream::seal(&ctx, &cluster, &segment).await
+        }
         Request::BeginBackup { cluster } => service::backups::begin_backup(&ctx, &cluster),
         Request::ChunksMissing {
             cluster,

@@ -29,6 +29,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::datadir::DataDir;
 use crate::index::rebuild;
 use crate::service::budget::Budget;
+use crate::service::stream::Streams;
 use crate::service::Archive;
 
 /// Counts requests in flight so shutdown can wait for them.
@@ -109,17 +110,33 @@ pub(crate) async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> 
     }
     tracing::info!(listen = %bound, store = %store.describe(), "archived is serving");
 
+    let streams = Streams::new(
+        dir.stream(),
+        Duration::from_secs(cfg.stream.upload_interval_secs.max(1)),
+    );
+    let recovered = streams.recover()?;
+    if recovered > 0 {
+        tracing::info!(
+            recovered,
+            "found the streaming receiver's unfinished segments of an earlier run"
+        );
+    }
     let state = Arc::new(ServerState {
         archive: Archive::new(
             store,
             index,
             cfg.retention.clone(),
             Budget::new(cfg.request_memory_mib),
+            streams,
         ),
         shutting_down: AtomicBool::new(false),
         inflight: InFlight::default(),
         body_idle: Duration::from_secs(cfg.body_idle_timeout_secs),
     });
+    let worker = {
+        let state = state.clone();
+        tokio::spawn(async move { crate::service::stream::run(&state.archive).await })
+    };
     let connections = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -154,6 +171,7 @@ pub(crate) async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> 
             "requests still running after the shutdown grace period; they are dropped unacknowledged"
         );
     }
+    worker.abort();
     endpoint.close(0u32.into(), b"archived shutting down");
     state.archive.index.flush().await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

@@ -10,6 +10,8 @@
 //! - [`wal`]: `PutWal` ([`wal::ingest`]), `GetWal`, `ListWal` and the cluster binding;
 //! - [`backups`]: chunks, packs, manifests, listings and deletion of base backups;
 //! - [`retention`]: what the archive may forget;
+//! - [`stream`]: the streaming receiver's appends, its unfinished segments and their
+//!   way into the store;
 //! - [`budget`]: the byte budget every request takes what it buffers from, so resident
 //!   request buffers stay under `request_memory_mib` regardless of connection and
 //!   stream count.
@@ -17,6 +19,7 @@
 pub(crate) mod backups;
 pub(crate) mod budget;
 pub(crate) mod retention;
+pub(crate) mod stream;
 pub(crate) mod wal;
 
 #[cfg(test)]
@@ -89,6 +92,8 @@ pub(crate) struct Archive {
     pub(crate) policy: RetentionConfig,
     /// What requests may buffer (`request_memory_mib`).
     pub(crate) budget: Budget,
+    /// The streaming receiver's unfinished segments.
+    pub(crate) streams: stream::Streams,
     /// Serializes the first binding of a cluster name.
     binding_lock: tokio::sync::Mutex<()>,
     /// Shared syncs of concurrent chunk writes (local store), made at first use.
@@ -101,6 +106,7 @@ impl Archive {
         index: Index,
         policy: RetentionConfig,
         budget: Budget,
+        streams: stream::Streams,
     ) -> Archive {
         Archive {
             store,
@@ -108,6 +114,7 @@ impl Archive {
             gc: Gc::default(),
             policy,
             budget,
+            streams,
             binding_lock: tokio::sync::Mutex::new(()),
             sync_group: std::sync::OnceLock::new(),
         }
@@ -202,6 +209,7 @@ async fn object(ctx: &Ctx<'_>, key: &str, not_found: impl FnOnce() -> Refusal) -
             raw_size: header.raw_size,
             blake3: header.blake3_hex(),
             compressed_size: header.compressed_size,
+            partial_bytes: None,
         },
         body: holding(body, grant),
         what: key.to_string(),

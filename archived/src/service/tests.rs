@@ -39,9 +39,16 @@ impl TestArchive {
             &spool,
         ));
         let index = Index::open(&dir.path().join("catalog")).unwrap();
+        let stream_dir = dir.path().join("stream");
         TestArchive {
             _dir: dir,
-            archive: Archive::new(store, index, RetentionConfig::default(), Budget::new(1024)),
+            archive: Archive::new(
+                store,
+                index,
+                RetentionConfig::default(),
+                Budget::new(1024),
+                crate::service::stream::Streams::new(stream_dir, std::time::Duration::from_secs(2)),
+            ),
             memory,
         }
     }
@@ -470,7 +477,7 @@ async fn a_client_before_paging_gets_the_whole_listing_not_a_first_page() {
     let id = identity(Role::Pull);
     let ctx = t.archive.ctx(&id);
 
-    let Response::WalList(whole) = wal::list(&ctx, "main", None, false).unwrap() else {
+    let Response::WalList(whole) = wal::list(&ctx, "main", None, false).await.unwrap() else {
         panic!("not a WAL listing");
     };
     assert_eq!(whole.next, None, "an old client cannot follow a cursor");
@@ -479,7 +486,7 @@ async fn a_client_before_paging_gets_the_whole_listing_not_a_first_page() {
         "{:?}",
         whole.timelines
     );
-    let Response::WalList(first) = wal::list(&ctx, "main", None, true).unwrap() else {
+    let Response::WalList(first) = wal::list(&ctx, "main", None, true).await.unwrap() else {
         panic!("not a WAL listing");
     };
     assert_eq!(first.timelines[0].segments, WAL_PAGE_FILES as u64);

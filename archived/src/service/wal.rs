@@ -224,7 +224,7 @@ fn conflict(cluster: &str, name: &str, archived: &str, offered: &str) -> Refusal
 
 /// Binds the cluster name to the segment's system identifier at the first push, and
 /// refuses segments of any other system afterwards.
-async fn check_binding(
+pub(super) async fn check_binding(
     ctx: &Ctx<'_>,
     cluster: &str,
     name: &str,
@@ -289,24 +289,41 @@ async fn check_binding(
 pub(crate) async fn get(ctx: &Ctx<'_>, cluster: &str, name: &str) -> StreamReply {
     let wal_name = parse_name(name)?;
     let key = layout::wal_key(cluster, &wal_name);
-    super::object(ctx, &key, || {
+    let answer = super::object(ctx, &key, || {
         Refusal::new(
             ErrorCode::NotFound,
             format!("{name} is not in the archive of cluster '{cluster}'"),
         )
     })
-    .await
+    .await;
+    match (answer, wal_name) {
+        // Not complete: the streaming receiver's unfinished segment, if there is one.
+        (Err(r), WalFileName::Segment(segment)) if r.code == ErrorCode::NotFound => {
+            match super::stream::partial_object(ctx, cluster, &segment).await {
+                Some(partial) => partial,
+                None => Err(r),
+            }
+        }
+        (answer, _) => answer,
+    }
 }
 
 /// `ListWal`: one page of the listing, the files after the cursor `after` (a WAL file
 /// name, as the previous page's `next` gave it).
-pub(crate) fn list(ctx: &Ctx<'_>, cluster: &str, after: Option<&str>, paged: bool) -> Reply {
+/// The first page also lists the streaming receiver's unfinished segments.
+pub(crate) async fn list(ctx: &Ctx<'_>, cluster: &str, after: Option<&str>, paged: bool) -> Reply {
     let after = after.map(parse_name).transpose()?;
     // A client from before paging takes its one answer for the whole listing: give it
     // the whole (the frame limit turns one too large into TooLarge), not a first page.
     let per_page = if paged { WAL_PAGE_FILES } else { usize::MAX };
-    ctx.index
+    let mut page = ctx
+        .index
         .listing_page(cluster, after.as_ref(), per_page)
-        .map(Response::WalList)
-        .map_err(Refusal::internal)
+        .map_err(Refusal::internal)?;
+    if after.is_none() {
+        page.streamed = super::stream::streamed(ctx, cluster)
+            .await
+            .map_err(Refusal::internal)?;
+    }
+    Ok(Response::WalList(page))
 }

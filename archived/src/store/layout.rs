@@ -4,7 +4,15 @@
 //! <cluster>/cluster.toml                      binding: system identifier, segment size,
 //!                                             PG major (index/clusters.rs)
 //! <cluster>/wal/<TLI>/<SEGMENT>.zst           a segment
-//! <cluster>/wal/<TLI>/<SEGMENT>.partial.zst   a partial segment (end of a timeline)
+//! <cluster>/wal/<TLI>/<SEGMENT>.partial.zst   a partial segment (end of a timeline, as
+//!                                             archive_command pushes it)
+//! <cluster>/stream/<TLI>/<SEGMENT>.<BYTES>.zst the streaming receiver's unfinished
+//!                                             segment holding BYTES (8 hex digits) of
+//!                                             WAL, zero-padded to the segment size; one
+//!                                             object per upload (create-only), older
+//!                                             ones deleted after a newer is stored, all
+//!                                             once the complete segment is
+//!                                             (service/stream.rs)
 //! <cluster>/wal/<TLI>/<SEG>.<OFF>.backup.zst  a backup history file
 //! <cluster>/history/<TLI>.history.zst         a timeline history file
 //! <cluster>/chunks/<h[0..2]>/<blake3>.zst     one backup chunk, named by the blake3 of
@@ -40,7 +48,7 @@
 //! (`core::format::object`: a 64-byte header, then one zstd frame).
 
 use walvault_protocol::core::format::names;
-use walvault_protocol::core::pg::wal::WalFileName;
+use walvault_protocol::core::pg::wal::{SegmentName, WalFileName};
 
 /// Temporary keys of streamed uploads (a cluster name cannot start with '.').
 pub(crate) const UPLOADS_PREFIX: &str = ".uploads/";
@@ -80,6 +88,43 @@ pub(crate) fn parse_wal_key(key: &str) -> Option<(String, WalFileName)> {
         return None;
     }
     Some((cluster.to_string(), name))
+}
+
+/// Prefix of every streamed segment of a cluster.
+pub(crate) fn stream_prefix(cluster: &str) -> String {
+    format!("{cluster}/stream/")
+}
+
+/// Prefix (a directory: store listings match whole path segments) of the uploads of
+/// one streamed segment's timeline; [`parse_stream_key`] tells the segment.
+pub(crate) fn stream_timeline_prefix(cluster: &str, segment: &SegmentName) -> String {
+    format!("{cluster}/stream/{}/", segment.timeline)
+}
+
+/// Key of an upload of the receiver's unfinished `segment` holding `bytes` of WAL.
+pub(crate) fn stream_key(cluster: &str, segment: &SegmentName, bytes: u64) -> String {
+    format!(
+        "{}{segment}.{bytes:08X}.zst",
+        stream_timeline_prefix(cluster, segment)
+    )
+}
+
+/// Parses a streamed segment's key into (cluster, segment, bytes).
+pub(crate) fn parse_stream_key(key: &str) -> Option<(String, SegmentName, u64)> {
+    let mut parts = key.split('/');
+    let (cluster, kind, _, file) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if kind != "stream" || parts.next().is_some() {
+        return None;
+    }
+    let (segment, bytes) = file.strip_suffix(".zst")?.split_once('.')?;
+    let WalFileName::Segment(segment) = segment.parse::<WalFileName>().ok()? else {
+        return None;
+    };
+    if bytes.len() != 8 {
+        return None;
+    }
+    let bytes = u64::from_str_radix(bytes, 16).ok()?;
+    (stream_key(cluster, &segment, bytes) == key).then(|| (cluster.to_string(), segment, bytes))
 }
 
 /// Key of a loose chunk.
@@ -163,6 +208,34 @@ pub(crate) fn parse_manifest_key(key: &str) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_keys_round_trip_and_refuse_tricks() {
+        let seg = match "00000002000000010000000A".parse::<WalFileName>().unwrap() {
+            WalFileName::Segment(s) => s,
+            _ => unreachable!(),
+        };
+        let key = stream_key("main", &seg, 0x1234);
+        assert_eq!(
+            key,
+            "main/stream/00000002/00000002000000010000000A.00001234.zst"
+        );
+        assert_eq!(
+            parse_stream_key(&key),
+            Some(("main".to_string(), seg, 0x1234))
+        );
+        assert!(key.starts_with(&stream_timeline_prefix("main", &seg)));
+        assert!(key.starts_with(&stream_prefix("main")));
+        for bad in [
+            "main/stream/00000002/00000002000000010000000A.1234.zst",
+            "main/stream/00000001/00000002000000010000000A.00001234.zst",
+            "main/stream/00000002/00000002000000010000000A.partial.zst",
+            "main/stream/00000002/x/00000002000000010000000A.00001234.zst",
+            "main/wal/00000002/00000002000000010000000A.00001234.zst",
+        ] {
+            assert_eq!(parse_stream_key(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn wal_keys_round_trip() {

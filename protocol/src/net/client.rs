@@ -274,6 +274,18 @@ pub struct Delivered {
     pub raw_size: u64,
     /// Its blake3, hex, as the archive recorded it at push time (and as checked).
     pub blake3: String,
+    /// For the streaming receiver's unfinished segment (zero-padded to the segment
+    /// size): the bytes of WAL it holds. Never keep such a copy as if complete.
+    pub partial_bytes: Option<u64>,
+}
+
+/// Answer to [`ArchiveClient::stream_append`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamFlushed {
+    /// Offset in the segment up to which the archive holds it fdatasynced.
+    pub flushed: u64,
+    /// The segment is complete.
+    pub complete: bool,
 }
 
 /// Answer to [`ArchiveClient::put_pack`].
@@ -424,6 +436,53 @@ impl ArchiveClient {
         };
         match self.upload(&what, &request, body).await? {
             Response::Stored { already_present } => Ok(already_present),
+            other => Err(answer_error(&what, other)),
+        }
+    }
+
+    /// `StreamAppend`: appends `bytes` at `offset` of the receiver's unfinished `segment`;
+    /// answered once the archive has fdatasynced them.
+    pub async fn stream_append(
+        &self,
+        segment: &str,
+        offset: u64,
+        system_identifier: u64,
+        segment_size: u32,
+        bytes: Bytes,
+    ) -> Result<StreamFlushed, ClientError> {
+        let what = format!("{segment} from offset {offset}");
+        let request = Request::StreamAppend {
+            cluster: self.cluster.clone(),
+            segment: segment.to_string(),
+            offset,
+            len: bytes.len() as u64,
+            system_identifier,
+            segment_size,
+        };
+        let pieces: Vec<io::Result<Bytes>> = (0..bytes.len())
+            .step_by(SEND_PIECE)
+            .map(|at| Ok(bytes.slice(at..(at + SEND_PIECE).min(bytes.len()))))
+            .collect();
+        match self
+            .upload(&what, &request, futures::stream::iter(pieces))
+            .await?
+        {
+            Response::StreamFlushed { flushed, complete } => {
+                Ok(StreamFlushed { flushed, complete })
+            }
+            other => Err(answer_error(&what, other)),
+        }
+    }
+
+    /// `StreamSeal`: the stream's timeline ended inside `segment`.
+    pub async fn stream_seal(&self, segment: &str) -> Result<(), ClientError> {
+        let what = format!("sealing {segment}");
+        let request = Request::StreamSeal {
+            cluster: self.cluster.clone(),
+            segment: segment.to_string(),
+        };
+        match self.simple(&what, &request).await? {
+            Response::Stored { .. } => Ok(()),
             other => Err(answer_error(&what, other)),
         }
     }
@@ -786,12 +845,13 @@ impl ArchiveClient {
         let exchange = async {
             let mut ex = Exchange::open(self, what, request, &answered).await?;
             ex.finish()?;
-            let (raw_size, blake3, compressed_size) = match ex.response().await? {
+            let (raw_size, blake3, compressed_size, partial_bytes) = match ex.response().await? {
                 Response::Object {
                     raw_size,
                     blake3,
                     compressed_size,
-                } => (raw_size, blake3, compressed_size),
+                    partial_bytes,
+                } => (raw_size, blake3, compressed_size, partial_bytes),
                 other => return Err(answer_error(what, other)),
             };
             let corrupt = |reason: String| ClientError::Corrupt {
@@ -830,7 +890,11 @@ impl ArchiveClient {
             summary
                 .check(raw_size, &blake3)
                 .map_err(|e| corrupt(format!("failed verification: {e}")))?;
-            Ok(Delivered { raw_size, blake3 })
+            Ok(Delivered {
+                raw_size,
+                blake3,
+                partial_bytes,
+            })
         };
         self.bounded(what, &answered, exchange).await
     }

@@ -388,6 +388,19 @@ async fn fetch_loop(daemon: Arc<Daemon>) {
 }
 
 impl Daemon {
+    /// `seg` is not (complete) in the archive yet: ask again after a back-off.
+    fn reached_end(&self, seg: SegmentName) {
+        let mut st = lock_state(&self.state);
+        let backoff = match st.archive_end {
+            // Segments fetched in parallel past an end already known say nothing new.
+            Some((end, _, _)) if end < seg && end.timeline == seg.timeline => return,
+            Some((end, _, b)) if end == seg => (b * 2).min(MAX_RETRY),
+            _ => Duration::from_secs(1),
+        };
+        st.archive_end = Some((seg, Instant::now() + backoff, backoff));
+        st.counters.archive_end_reached += 1;
+    }
+
     async fn download(&self, seg: SegmentName) {
         let name = seg.to_string();
         let tmp_dest: PathBuf = self.spool.ready_dir().join(format!("{name}.fetching"));
@@ -404,7 +417,20 @@ impl Daemon {
         }
         .await;
         match result {
-            Ok(Fetched::Written { raw_size, blake3 }) => {
+            Ok(Fetched::Written {
+                partial_bytes: Some(_),
+                ..
+            }) => {
+                // The receiver's unfinished segment: PostgreSQL gets it from archive-get
+                // when it asks (it grows meanwhile); the spool keeps complete ones only.
+                let _ = std::fs::remove_file(&tmp_dest);
+                self.reached_end(seg);
+            }
+            Ok(Fetched::Written {
+                raw_size,
+                blake3,
+                partial_bytes: None,
+            }) => {
                 let done = (|| -> std::io::Result<()> {
                     let hash_path = self.spool.hash_file(&name);
                     std::fs::write(&hash_path, format!("{blake3}\n"))?;
@@ -423,17 +449,7 @@ impl Daemon {
                     }
                 }
             }
-            Ok(Fetched::NotFound) => {
-                let mut st = lock_state(&self.state);
-                let backoff = match st.archive_end {
-                    // Segments fetched in parallel past an end already known say nothing new.
-                    Some((end, _, _)) if end < seg && end.timeline == seg.timeline => return,
-                    Some((end, _, b)) if end == seg => (b * 2).min(MAX_RETRY),
-                    _ => Duration::from_secs(1),
-                };
-                st.archive_end = Some((seg, Instant::now() + backoff, backoff));
-                st.counters.archive_end_reached += 1;
-            }
+            Ok(Fetched::NotFound) => self.reached_end(seg),
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp_dest);
                 let mut st = lock_state(&self.state);

@@ -308,6 +308,32 @@ impl PgCluster {
         self.running = false;
     }
 
+    /// SIGKILL of the postmaster, as when the machine is lost (PostgreSQL gets no chance
+    /// to do anything); waits until it and its children are gone. The data directory
+    /// stays as it was left.
+    pub fn kill9(&mut self) {
+        let text = fs::read_to_string(self.data.join("postmaster.pid"))
+            .unwrap_or_else(|e| panic!("cluster {} has no postmaster.pid: {e}", self.name));
+        let pid: i32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("postmaster.pid of {} has no pid:\n{text}", self.name));
+        // SAFETY: kill(2) with a pid and a signal number; no memory is shared.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let alive = |pid: i32| {
+            // SAFETY: signal 0 only checks that the process exists.
+            unsafe { libc::kill(pid, 0) == 0 }
+        };
+        wait_until(
+            &format!("the postmaster of {} to die", self.name),
+            WAIT_TIMEOUT,
+            || !alive(pid) && children_of_data_dir_gone(&self.data),
+            || self.diag(),
+        );
+        self.running = false;
+    }
+
     /// `pg_ctl promote -w`.
     pub fn promote(&self) {
         let out = try_run(
@@ -505,6 +531,22 @@ impl Drop for PgCluster {
                 .status();
         }
     }
+}
+
+/// Whether no process has its working directory in `data` (PostgreSQL's processes run in
+/// their data directory).
+fn children_of_data_dir_gone(data: &Path) -> bool {
+    let data = fs::canonicalize(data).unwrap_or_else(|_| data.to_path_buf());
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return true;
+    };
+    !procs.flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            && fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd == data)
+    })
 }
 
 /// Whether `name` is a WAL segment file name (24 upper-case hex digits).

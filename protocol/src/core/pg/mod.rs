@@ -7,5 +7,6 @@ pub mod control;
 pub mod relpath;
 pub mod replication;
 pub mod tar;
+pub mod timeline;
 pub mod wal;
 pub mod waldecode;

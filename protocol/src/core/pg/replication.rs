@@ -21,6 +21,8 @@
 
 use bytes::{Buf, BufMut};
 
+use super::wal::{Lsn, TimelineId};
+
 /// Seconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
 pub const PG_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
 
@@ -83,6 +85,102 @@ impl ServerMessage {
             | ServerMessage::Keepalive { send_time, .. } => *send_time,
         }
     }
+}
+
+/// Bytes before the WAL in an XLogData payload (type, dataStart, walEnd, sendTime).
+pub const XLOGDATA_HEADER_LEN: usize = 25;
+
+/// The WAL an XLogData payload carries (after [`parse_server_message`] read it as one):
+/// everything after its header.
+pub fn xlogdata_wal(payload: &[u8]) -> &[u8] {
+    payload.get(XLOGDATA_HEADER_LEN..).unwrap_or_default()
+}
+
+/// What `READ_REPLICATION_SLOT` says of a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// Where the slot keeps WAL from; `None` for a slot that reserves none yet.
+    pub restart_lsn: Option<Lsn>,
+    /// The timeline of `restart_lsn`.
+    pub restart_tli: Option<TimelineId>,
+}
+
+fn field(row: &[Option<String>], i: usize) -> Option<&str> {
+    row.get(i).and_then(|v| v.as_deref())
+}
+
+fn lsn_field(
+    row: &[Option<String>],
+    i: usize,
+    what: &str,
+) -> Result<Option<Lsn>, ReplicationMessageError> {
+    field(row, i)
+        .map(|v| {
+            v.parse::<Lsn>()
+                .map_err(|_| ReplicationMessageError(format!("{what} {v:?} is not a WAL position")))
+        })
+        .transpose()
+}
+
+fn tli_field(
+    row: &[Option<String>],
+    i: usize,
+    what: &str,
+) -> Result<Option<TimelineId>, ReplicationMessageError> {
+    field(row, i)
+        .map(|v| match v.parse::<u32>() {
+            Ok(t) if t > 0 => Ok(TimelineId(t)),
+            _ => Err(ReplicationMessageError(format!(
+                "{what} {v:?} is not a timeline"
+            ))),
+        })
+        .transpose()
+}
+
+/// The row `READ_REPLICATION_SLOT` answers (slot_type, restart_lsn, restart_tli): `None`
+/// for a slot that does not exist (PostgreSQL answers a row of NULLs), an error for a
+/// logical slot or a malformed row.
+pub fn parse_read_slot_row(
+    row: &[Option<String>],
+) -> Result<Option<SlotInfo>, ReplicationMessageError> {
+    if row.len() < 3 {
+        return Err(ReplicationMessageError(format!(
+            "READ_REPLICATION_SLOT answered {} columns, not 3",
+            row.len()
+        )));
+    }
+    match field(row, 0) {
+        None => Ok(None),
+        Some("physical") => Ok(Some(SlotInfo {
+            restart_lsn: lsn_field(row, 1, "restart_lsn")?,
+            restart_tli: tli_field(row, 2, "restart_tli")?,
+        })),
+        Some(other) => Err(ReplicationMessageError(format!(
+            "the slot is a {other} slot; the receiver needs a physical one"
+        ))),
+    }
+}
+
+/// The consistent point of `CREATE_REPLICATION_SLOT ... PHYSICAL RESERVE_WAL` (slot_name,
+/// consistent_point, snapshot_name, output_plugin).
+pub fn parse_create_slot_row(row: &[Option<String>]) -> Result<Lsn, ReplicationMessageError> {
+    lsn_field(row, 1, "consistent_point")?.ok_or_else(|| {
+        ReplicationMessageError("CREATE_REPLICATION_SLOT answered no consistent point".into())
+    })
+}
+
+/// The result set a walsender sends after ending a timeline's stream with CopyDone
+/// (next_tli, next_tli_startpos): the next timeline and where it starts.
+pub fn parse_timeline_end_row(
+    row: &[Option<String>],
+) -> Result<(TimelineId, Lsn), ReplicationMessageError> {
+    let tli = tli_field(row, 0, "next_tli")?.ok_or_else(|| {
+        ReplicationMessageError("the end of the timeline names no next timeline".into())
+    })?;
+    let start = lsn_field(row, 1, "next_tli_startpos")?.ok_or_else(|| {
+        ReplicationMessageError("the end of the timeline gives no start of the next".into())
+    })?;
+    Ok((tli, start))
 }
 
 /// Parses one CopyData payload sent by a walsender.
@@ -207,6 +305,56 @@ mod tests {
             }
         }
         assert!(parse_server_message(b"x").is_err());
+    }
+
+    #[test]
+    fn slot_rows_as_postgresql_answers_them() {
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(parse_read_slot_row(&[None, None, None]).unwrap(), None);
+        assert_eq!(
+            parse_read_slot_row(&[s("physical"), s("0/3000060"), s("1")]).unwrap(),
+            Some(SlotInfo {
+                restart_lsn: Some(Lsn(0x3000060)),
+                restart_tli: Some(TimelineId(1))
+            })
+        );
+        assert_eq!(
+            parse_read_slot_row(&[s("physical"), None, None]).unwrap(),
+            Some(SlotInfo {
+                restart_lsn: None,
+                restart_tli: None
+            })
+        );
+        assert!(parse_read_slot_row(&[s("logical"), s("0/1"), s("1")]).is_err());
+        assert!(parse_read_slot_row(&[s("physical"), s("zz"), s("1")]).is_err());
+        assert!(parse_read_slot_row(&[s("physical"), s("0/1"), s("0")]).is_err());
+        assert!(parse_read_slot_row(&[s("physical")]).is_err());
+        assert_eq!(
+            parse_create_slot_row(&[s("walvault"), s("0/1A2B3C8"), None, None]).unwrap(),
+            Lsn(0x1A2B3C8)
+        );
+        assert!(parse_create_slot_row(&[s("walvault"), None]).is_err());
+        assert_eq!(
+            parse_timeline_end_row(&[s("2"), s("0/5000A0")]).unwrap(),
+            (TimelineId(2), Lsn(0x5000A0))
+        );
+        assert!(parse_timeline_end_row(&[s("2")]).is_err());
+        assert!(parse_timeline_end_row(&[]).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_row_or_payload_makes_a_parser_panic(
+            row in proptest::collection::vec(proptest::option::of("\\PC{0,12}"), 0..5),
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let _ = parse_read_slot_row(&row);
+            let _ = parse_create_slot_row(&row);
+            let _ = parse_timeline_end_row(&row);
+            if let Ok(ServerMessage::XLogData { .. }) = parse_server_message(&payload) {
+                proptest::prop_assert_eq!(xlogdata_wal(&payload).len(), payload.len() - XLOGDATA_HEADER_LEN);
+            }
+        }
     }
 
     #[test]

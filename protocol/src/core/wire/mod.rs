@@ -47,6 +47,8 @@ pub const ALPN: &[u8] = b"walvault/1";
 pub const MAX_FRAME_LEN: u32 = 1 << 20;
 /// Largest object body accepted: a 1 GiB segment plus zstd's worst-case expansion.
 pub const MAX_OBJECT_SIZE: u64 = (1 << 30) + (1 << 24);
+/// Largest body of a [`Request::StreamAppend`].
+pub const MAX_STREAM_APPEND: u64 = 16 << 20;
 
 /// A request from a client to `archived`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +191,36 @@ pub enum Request {
         /// Backup id.
         backup_id: String,
     },
+    /// Append streamed WAL to the receiver's unfinished segment (`pushclient stream`).
+    /// Body: `len` raw WAL bytes (not compressed). Answer: [`Response::StreamFlushed`],
+    /// sent only once the bytes are fdatasynced on the archive's disk. Bytes below what
+    /// the archive already holds of the segment must be identical to them (a receiver
+    /// that reconnected streams the segment again from its start); a segment's first
+    /// append starts at offset 0.
+    StreamAppend {
+        /// Cluster name.
+        cluster: String,
+        /// The segment's file name (a complete segment's name).
+        segment: String,
+        /// Offset in the segment of the body's first byte.
+        offset: u64,
+        /// Body length, 1 ..= [`MAX_STREAM_APPEND`]; `offset + len` within the segment.
+        len: u64,
+        /// The streamed server's system identifier (IDENTIFY_SYSTEM): refused when it is
+        /// not the cluster's.
+        system_identifier: u64,
+        /// The streamed server's `wal_segment_size`.
+        segment_size: u32,
+    },
+    /// The stream's timeline ended inside `segment` (promotion, switchover): what the
+    /// archive holds of it stays as that timeline's last streamed segment, stored now.
+    /// Answer: [`Response::Stored`].
+    StreamSeal {
+        /// Cluster name.
+        cluster: String,
+        /// The segment's file name.
+        segment: String,
+    },
     /// Apply the retention policy (admin). Answer: [`Response::Retention`].
     Retention {
         /// One cluster, or every cluster when `None`.
@@ -224,7 +256,9 @@ impl Request {
             | Request::ListBackups { cluster, .. }
             | Request::BackupState { cluster, .. }
             | Request::DeleteBackup { cluster, .. }
-            | Request::BeginBackup { cluster } => Some(cluster),
+            | Request::BeginBackup { cluster }
+            | Request::StreamAppend { cluster, .. }
+            | Request::StreamSeal { cluster, .. } => Some(cluster),
             Request::Retention { cluster, .. } => cluster.as_deref(),
             Request::Ping => None,
         }
@@ -248,6 +282,8 @@ impl Request {
             Request::DeleteBackup { .. } => "delete_backup",
             Request::Retention { .. } => "retention",
             Request::BeginBackup { .. } => "begin_backup",
+            Request::StreamAppend { .. } => "stream_append",
+            Request::StreamSeal { .. } => "stream_seal",
         }
     }
 }
@@ -269,6 +305,11 @@ pub enum Response {
         blake3: String,
         /// Size of the body that follows.
         compressed_size: u64,
+        /// Set when the object is the streaming receiver's unfinished segment, zero-padded
+        /// to the segment size: the bytes of WAL it holds. Such an answer must not be
+        /// kept as if complete (a later one holds more).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        partial_bytes: Option<u64>,
     },
     /// Answer to [`Request::PutPack`]: every chunk of the pack is durably stored.
     PackStored {
@@ -311,6 +352,13 @@ pub enum Response {
     Backup {
         /// The backup and its state.
         backup: crate::core::wire::backup::BackupSummary,
+    },
+    /// Answer to [`Request::StreamAppend`]: the segment is durable up to `flushed`.
+    StreamFlushed {
+        /// Offset in the segment up to which the archive holds it fdatasynced.
+        flushed: u64,
+        /// The segment is complete; it becomes a normal archived segment shortly.
+        complete: bool,
     },
     /// The object was deleted.
     Deleted,
@@ -381,10 +429,22 @@ pub struct WalListing {
     pub history_files: Vec<String>,
     /// Backup history files present.
     pub backup_history_files: Vec<String>,
+    /// The streaming receiver's unfinished (or sealed) segments, on the first page.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streamed: Vec<StreamedSegment>,
     /// In a page: the cursor of the following page (its `after`); `None` on the last page
     /// and in a merged listing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+}
+
+/// A segment the streaming receiver holds part of.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamedSegment {
+    /// The segment's file name.
+    pub name: String,
+    /// Bytes of WAL held, from the segment's start.
+    pub bytes: u64,
 }
 
 /// WAL of one timeline.

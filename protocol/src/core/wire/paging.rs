@@ -195,6 +195,7 @@ impl WalListing {
         }
         self.history_files.extend(page.history_files);
         self.backup_history_files.extend(page.backup_history_files);
+        self.streamed.extend(page.streamed);
         self.next = page.next;
     }
 }

@@ -18,6 +18,7 @@ pub mod basebackup;
 pub mod conninfo;
 pub mod replication;
 pub mod sql;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -119,6 +120,9 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 
 /// Rows of a simple query's last result set, as text.
 pub type Rows = Vec<Vec<Option<String>>>;
+
+/// Rows of a simple query's last result set, as the bytes the server sent.
+pub type RawRows = Vec<Vec<Option<Vec<u8>>>>;
 
 /// Tries the endpoints of `params` in order, as libpq does: the first that connects
 /// wins; a refusal by a server or a failed authentication ends the search (another host
@@ -313,12 +317,23 @@ impl PgConnection {
         }
     }
 
+    /// Sends what is buffered. Cancel-safe: bytes leave the buffer only once written, so
+    /// a flush cut short (a `select!` taking another branch) is finished by the next.
     async fn flush(&mut self) -> Result<(), PgError> {
-        let buf = self.write.split();
-        self.stream
-            .write_all(&buf)
-            .await
-            .map_err(io_err("sending to PostgreSQL"))?;
+        while !self.write.is_empty() {
+            let n = self
+                .stream
+                .write(&self.write)
+                .await
+                .map_err(io_err("sending to PostgreSQL"))?;
+            if n == 0 {
+                return Err(PgError::Io {
+                    context: "sending to PostgreSQL".into(),
+                    source: std::io::ErrorKind::WriteZero.into(),
+                });
+            }
+            let _ = self.write.split_to(n);
+        }
         self.stream
             .flush()
             .await
@@ -413,13 +428,28 @@ impl PgConnection {
     /// Runs one replication command (simple query protocol) and returns the rows of its
     /// (last) result set. Plain SQL goes through [`sql::SqlClient`].
     pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, PgError> {
+        Ok(self
+            .simple_query_raw(sql)
+            .await?
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// [`simple_query`](Self::simple_query) with the values as the server sent them
+    /// (TIMELINE_HISTORY's file content).
+    pub async fn simple_query_raw(&mut self, sql: &str) -> Result<RawRows, PgError> {
         self.send_query(sql).await?;
         let mut rows = Vec::new();
         let mut error = None;
         loop {
             match self.next_message().await? {
                 Message::RowDescription(_) => rows.clear(),
-                Message::DataRow(row) => rows.push(data_row(&row)?),
+                Message::DataRow(row) => rows.push(data_row_raw(&row)?),
                 Message::ErrorResponse(e) => error = Some(server_error(&e)),
                 Message::ReadyForQuery(_) => break,
                 Message::CommandComplete(_)
@@ -534,9 +564,9 @@ pub struct SystemIdentity {
     pub xlogpos: String,
 }
 
-pub(crate) fn data_row(
+pub(crate) fn data_row_raw(
     row: &postgres_protocol::message::backend::DataRowBody,
-) -> Result<Vec<Option<String>>, PgError> {
+) -> Result<Vec<Option<Vec<u8>>>, PgError> {
     let buf = row.buffer();
     let mut out = Vec::new();
     let mut ranges = row.ranges();
@@ -544,9 +574,18 @@ pub(crate) fn data_row(
         .next()
         .map_err(|e| PgError::Protocol(format!("malformed data row: {e}")))?
     {
-        out.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+        out.push(r.map(|r| buf[r].to_vec()));
     }
     Ok(out)
+}
+
+pub(crate) fn data_row(
+    row: &postgres_protocol::message::backend::DataRowBody,
+) -> Result<Vec<Option<String>>, PgError> {
+    Ok(data_row_raw(row)?
+        .into_iter()
+        .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+        .collect())
 }
 
 pub(crate) fn server_error(

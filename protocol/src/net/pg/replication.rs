@@ -14,13 +14,12 @@
 //! receive the WAL, so it must never count as a synchronous standby's flush and release
 //! commits waiting for one.
 
-use bytes::Bytes;
 use postgres_protocol::message::backend::Message;
-use postgres_protocol::message::frontend;
 
-use super::{server_error, Incoming, PgConnection, PgError};
-use crate::core::pg::replication::{parse_server_message, standby_status_update, PgTimestamp};
-use crate::core::pg::wal::Lsn;
+use super::stream::StreamEvent;
+use super::{PgConnection, PgError};
+use crate::core::pg::replication::PgTimestamp;
+use crate::core::pg::wal::{Lsn, TimelineId};
 
 impl PgConnection {
     /// Reads the server's clock (microsecond resolution). The connection must be an idle
@@ -33,71 +32,25 @@ impl PgConnection {
                 system.xlogpos
             ))
         })?;
-        self.send_query(&format!(
-            "START_REPLICATION PHYSICAL {at} TIMELINE {}",
-            system.timeline
-        ))
-        .await?;
-        loop {
-            match self.next_incoming().await? {
-                Incoming::CopyBothResponse => break,
-                Incoming::Message(Message::ErrorResponse(e)) => {
-                    let err = server_error(&e);
-                    self.drain_to_ready().await;
-                    return Err(PgError::Server(err));
-                }
-                Incoming::Message(Message::ReadyForQuery(_)) => {
-                    return Err(PgError::Protocol(
-                        "START_REPLICATION ended without streaming".into(),
-                    ))
-                }
-                Incoming::Message(_) => {}
+        let mut stream = self
+            .start_physical(None, at, TimelineId(system.timeline))
+            .await?;
+        // No position (InvalidXLogRecPtr): never a synchronous standby's flush.
+        stream.send_status(Lsn(0), Lsn(0), true).await?;
+        let clock = match stream.next().await? {
+            StreamEvent::XLogData { send_time, .. } | StreamEvent::Keepalive { send_time, .. } => {
+                send_time
             }
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or(0);
-        let update = standby_status_update(0, 0, 0, PgTimestamp::from_unix_micros(now), true);
-        frontend::CopyData::new(Bytes::from(update))
-            .map_err(super::io_err("encoding a status update"))?
-            .write(&mut self.write);
-        self.flush().await?;
-        let clock = loop {
-            match self.next_message().await? {
-                Message::CopyData(d) => match parse_server_message(d.data()) {
-                    Ok(m) => break m.send_time(),
-                    Err(e) => return Err(PgError::Protocol(format!("replication stream: {e}"))),
-                },
-                Message::ErrorResponse(e) => {
-                    let err = server_error(&e);
-                    self.drain_to_ready().await;
-                    return Err(PgError::Server(err));
-                }
-                Message::CopyDone | Message::ReadyForQuery(_) => {
-                    return Err(PgError::Protocol(
-                        "the server ended the replication stream before sending its clock".into(),
-                    ))
-                }
-                _ => {}
+            StreamEvent::TimelineEnd { .. } => {
+                return Err(PgError::Protocol(
+                    "the server ended the replication stream before sending its clock".into(),
+                ))
             }
         };
-        // End the stream: the server answers CopyDone, CommandComplete, ReadyForQuery
-        // (CopyData it had already sent comes first and is dropped).
-        frontend::copy_done(&mut self.write);
-        self.flush().await?;
-        let mut error = None;
-        loop {
-            match self.next_message().await? {
-                Message::ReadyForQuery(_) => break,
-                Message::ErrorResponse(e) => error = Some(server_error(&e)),
-                _ => {}
-            }
-        }
-        match error {
-            Some(e) => Err(PgError::Server(e)),
-            None => Ok(clock),
-        }
+        // The server answers CopyDone, CommandComplete, ReadyForQuery (CopyData it had
+        // already sent comes first and is dropped).
+        stream.stop().await?;
+        Ok(clock)
     }
 
     /// Reads and drops messages up to the next ReadyForQuery (after an error).
