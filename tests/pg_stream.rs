@@ -688,3 +688,92 @@ fn a_standby_fed_by_the_archive_alone_sees_commits_before_their_segment_complete
         "archive-fed standby replayed the commit after {lag:?} (wal_retrieve_retry_interval 1 s)"
     );
 }
+
+/// The connection to PostgreSQL breaks in the middle of a message (a proxy cuts it): the
+/// receiver reconnects by itself and the archive ends up with the same bytes as pg_wal,
+/// without a gap.
+#[test]
+fn a_connection_cut_mid_message_is_resumed_without_a_gap() {
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let pull = archive.issue(CLUSTER, "pull");
+    let mut primary = PgCluster::initdb("primary", &[]);
+    primary.append_conf(&["wal_level = replica", "wal_keep_size = '1GB'"]);
+    primary.start();
+    let proxy = PgProxy::start(primary.sock_dir(), PG_PORT, None);
+    let conninfo = format!("host=127.0.0.1 port={} user=postgres", proxy.port());
+    let receiver = StreamReceiver::start(
+        &archive,
+        &push,
+        &primary,
+        &["--create-slot", "--conninfo", &conninfo],
+    );
+    wait_streaming(&primary, "walvault", None, &receiver);
+    // Well into the XLogData stream, at an odd byte.
+    proxy.cut_after(proxy.relayed_from_server() + 3_000_001);
+    primary.pgbench_init(2);
+    let first = primary.switch_wal();
+    wait_until(
+        "the proxy to cut the connection",
+        WAIT_TIMEOUT,
+        || proxy.was_cut(),
+        || receiver.diag(),
+    );
+    wait_streaming(&primary, "walvault", None, &receiver);
+    let end = primary.psql("SELECT pg_current_wal_flush_lsn()");
+    receiver.wait_flushed(&primary, &end);
+    assert!(
+        receiver.status()["reconnects"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        receiver.diag()
+    );
+    let dir = TestDir::new("cut");
+    let local = fs::read(primary.wal_dir().join(&first)).unwrap();
+    wait_until(
+        &format!("{first} in the archive, identical to pg_wal's"),
+        WAIT_TIMEOUT,
+        || archive_get(&archive, &pull, &first, &dir).is_some_and(|b| b == local),
+        || receiver.diag(),
+    );
+    let listing = archive.wal_list_json(CLUSTER);
+    assert!(
+        listing["timelines"][0]["gaps"]
+            .as_array()
+            .is_some_and(|g| g.is_empty()),
+        "{listing:#}"
+    );
+}
+
+/// A short `wal_sender_timeout` (2 s) while archived answers nothing for 6 s (SIGSTOP):
+/// the receiver keeps answering PostgreSQL's keepalives, so the walsender never times
+/// out, and once archived is back the stream goes on in the same session.
+#[test]
+fn a_stalled_archive_does_not_trip_a_short_wal_sender_timeout() {
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let mut primary = PgCluster::initdb("primary", &[]);
+    primary.append_conf(&["wal_level = replica", "wal_sender_timeout = '2s'"]);
+    primary.start();
+    let receiver = StreamReceiver::start(&archive, &push, &primary, &["--create-slot"]);
+    wait_streaming(&primary, "walvault", None, &receiver);
+    primary.pgbench_init(1);
+    let pid = archive.pid() as i32;
+    // SAFETY: kill(2) on archived's pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    primary.pgbench(&["-n", "-c", "2", "-T", "6"]);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let end = primary.psql("SELECT pg_current_wal_flush_lsn()");
+    receiver.wait_flushed(&primary, &end);
+    assert!(
+        !primary.log().contains("replication timeout"),
+        "the walsender timed out\n{}",
+        primary.diag()
+    );
+    assert_eq!(
+        receiver.status()["reconnects"].as_u64(),
+        Some(0),
+        "{}",
+        receiver.diag()
+    );
+}

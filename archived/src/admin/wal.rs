@@ -68,6 +68,12 @@ fn print_listing(l: &WalListing) {
             println!("    partial: {p}");
         }
     }
+    for s in &l.streamed {
+        println!(
+            "  streamed (unfinished, the receiver's): {} ({} bytes of WAL)",
+            s.name, s.bytes
+        );
+    }
     for h in &l.history_files {
         println!("  history: {h}");
     }

@@ -16,7 +16,15 @@ pub struct PgProxy {
     port: u16,
     flipped: Arc<AtomicBool>,
     relayed: Arc<AtomicU64>,
+    cut: Arc<Cut>,
     _runtime: tokio::runtime::Runtime,
+}
+
+/// A connection to cut after so many bytes from the server (0: none), once.
+#[derive(Default)]
+struct Cut {
+    after: AtomicU64,
+    done: AtomicBool,
 }
 
 impl PgProxy {
@@ -37,12 +45,19 @@ impl PgProxy {
         let flipped = Arc::new(AtomicBool::new(false));
         let relayed = Arc::new(AtomicU64::new(0));
         let marker = flip_marker.map(<[u8]>::to_vec);
-        let (f, r) = (flipped.clone(), relayed.clone());
+        let cut = Arc::new(Cut::default());
+        let (f, r, c) = (flipped.clone(), relayed.clone(), cut.clone());
         runtime.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (socket, marker, f, r) = (socket.clone(), marker.clone(), f.clone(), r.clone());
+                let (socket, marker, f, r, c) = (
+                    socket.clone(),
+                    marker.clone(),
+                    f.clone(),
+                    r.clone(),
+                    c.clone(),
+                );
                 tokio::spawn(async move {
-                    let _ = relay(client, socket, marker, f, r).await;
+                    let _ = relay(client, socket, marker, f, r, c).await;
                 });
             }
         });
@@ -50,8 +65,20 @@ impl PgProxy {
             port,
             flipped,
             relayed,
+            cut,
             _runtime: runtime,
         }
+    }
+
+    /// Makes the next connection that receives more than `after` bytes from the server
+    /// end there, in the middle of whatever message those bytes belong to (once).
+    pub fn cut_after(&self, after: u64) {
+        self.cut.after.store(after, Ordering::SeqCst);
+    }
+
+    /// Whether a connection was cut.
+    pub fn was_cut(&self) -> bool {
+        self.cut.done.load(Ordering::SeqCst)
     }
 
     /// The TCP port clients connect to (host 127.0.0.1).
@@ -76,6 +103,7 @@ async fn relay(
     marker: Option<Vec<u8>>,
     flipped: Arc<AtomicBool>,
     relayed: Arc<AtomicU64>,
+    cut: Arc<Cut>,
 ) -> std::io::Result<()> {
     let server = tokio::net::UnixStream::connect(&socket).await?;
     let (mut cr, mut cw) = client.into_split();
@@ -87,11 +115,19 @@ async fn relay(
     // Server to client. A marker split across two reads is not seen: the marker is
     // meant to be in many rows, and never holding bytes back keeps the exchange live.
     let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
     loop {
         let n = sr.read(&mut buf).await?;
         if n == 0 {
             break;
         }
+        let after = cut.after.load(Ordering::SeqCst);
+        if after > 0 && sent + n as u64 > after && !cut.done.swap(true, Ordering::SeqCst) {
+            cw.write_all(&buf[..(after - sent) as usize]).await?;
+            up.abort();
+            return Ok(());
+        }
+        sent += n as u64;
         let data = &mut buf[..n];
         if let Some(m) = &marker {
             if !flipped.load(Ordering::SeqCst) {
