@@ -8,7 +8,8 @@
 //!    than the oldest kept usable backup. Without any usable backup nothing is expired.
 //! 2. WAL: the oldest kept backup's first segment S (timeline T) is the horizon. On
 //!    timelines up to T, segments, partial segments and backup history files before S
-//!    are expired; later timelines and every history file are kept, so a kept backup
+//!    are expired, with the streaming receiver's unfinished segments there (uploads and
+//!    local files); later timelines and every history file are kept, so a kept backup
 //!    stays restorable to every point of its window, on every timeline after it.
 //! 3. Chunks: a chunk no remaining manifest names, untouched (neither stored nor reused
 //!    by a backup) for the grace period, is collectable. A loose chunk is deleted; a pack
@@ -25,6 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use walvault_protocol::core::pg::wal::WalFileName;
+
+use super::stream::Streams;
 use walvault_protocol::core::wire::admin::{ClusterRetention, RetentionReport};
 use walvault_protocol::core::wire::backup::BackupState;
 use walvault_protocol::core::wire::Response;
@@ -128,10 +131,13 @@ pub(crate) async fn request(ctx: &Ctx<'_>, r: &RetentionRequest<'_>) -> Reply {
             .policy
             .with_overrides(r.keep_full, r.keep_within_secs, r.chunk_grace_secs);
     policy.window_end = r.window_end;
-    run(ctx.store, ctx.index, ctx.gc, r.cluster, &policy, r.dry_run)
-        .await
-        .map(Response::Retention)
-        .map_err(Refusal::internal)
+    let streams = &ctx.archive.streams;
+    run(
+        ctx.store, ctx.index, ctx.gc, streams, r.cluster, &policy, r.dry_run,
+    )
+    .await
+    .map(Response::Retention)
+    .map_err(Refusal::internal)
 }
 
 /// Applies the policy to one cluster or to all.
@@ -139,6 +145,7 @@ pub(crate) async fn run(
     store: &Store,
     index: &Index,
     gc: &Gc,
+    streams: &Streams,
     cluster: Option<&str>,
     policy: &Policy,
     dry_run: bool,
@@ -155,7 +162,7 @@ pub(crate) async fn run(
     for c in clusters {
         report
             .clusters
-            .push(run_cluster(store, index, gc, &c, policy, dry_run).await?);
+            .push(run_cluster(store, index, gc, streams, &c, policy, dry_run).await?);
     }
     index.flush().await?;
     Ok(report)
@@ -165,6 +172,7 @@ async fn run_cluster(
     store: &Store,
     index: &Index,
     gc: &Gc,
+    streams: &Streams,
     cluster: &str,
     policy: &Policy,
     dry_run: bool,
@@ -255,6 +263,16 @@ async fn run_cluster(
                 index.flush().await?;
                 for name in &doomed {
                     store.delete(&layout::wal_key(cluster, name)).await?;
+                }
+            }
+            // The streaming receiver's unfinished segments before the horizon (sealed
+            // ends of old timelines): their uploads and local files.
+            for (segment, keys, stored) in
+                streams.before(store, cluster, &horizon, seg_size).await?
+            {
+                out.add_expired_wal(segment.timeline.0, &format!("{segment} (streamed)"), stored);
+                if !dry_run {
+                    streams.expire(store, cluster, &segment, &keys).await?;
                 }
             }
             if out.expired_wal_files > 0 {

@@ -125,6 +125,62 @@ impl Streams {
             .join(format!("{segment}.partial"))
     }
 
+    /// The streaming receiver's segments of `cluster` before `horizon` (on its timeline or
+    /// an earlier one): each with its uploads' keys and their stored bytes.
+    pub(crate) async fn before(
+        &self,
+        store: &crate::store::Store,
+        cluster: &str,
+        horizon: &SegmentName,
+        segment_size: u32,
+    ) -> Result<Vec<(SegmentName, Vec<String>, u64)>> {
+        let old = |s: &SegmentName| {
+            s.timeline <= horizon.timeline && s.segno(segment_size) < horizon.segno(segment_size)
+        };
+        let mut found: std::collections::BTreeMap<SegmentName, (Vec<String>, u64)> =
+            Default::default();
+        for key in store.list(&layout::stream_prefix(cluster)).await? {
+            if let Some((_, segment, _)) = layout::parse_stream_key(&key) {
+                if old(&segment) {
+                    let stored = store.len(&key).await?.unwrap_or(0);
+                    let e = found.entry(segment).or_default();
+                    e.0.push(key);
+                    e.1 += stored;
+                }
+            }
+        }
+        for ((c, segment), _) in self.all() {
+            if c == cluster && old(&segment) {
+                found.entry(segment).or_default();
+            }
+        }
+        Ok(found.into_iter().map(|(s, (k, b))| (s, k, b)).collect())
+    }
+
+    /// Forgets an expired segment: its uploads `keys`, its local file, its slot.
+    pub(crate) async fn expire(
+        &self,
+        store: &crate::store::Store,
+        cluster: &str,
+        segment: &SegmentName,
+        keys: &[String],
+    ) -> Result<()> {
+        if let Some(slot) = self.existing(cluster, segment) {
+            let mut guard = slot.lock().await;
+            if let Some(p) = guard.as_mut().filter(|p| !p.done) {
+                std::fs::remove_file(&p.path)
+                    .with_context(|| format!("removing {}", p.path.display()))?;
+                p.done = true;
+            }
+            drop(guard);
+            self.forget(cluster, segment);
+        }
+        for key in keys {
+            store.delete(key).await?;
+        }
+        Ok(())
+    }
+
     /// Finds the files an earlier run left (start-up): each is registered with what it
     /// holds (up to its last byte that is not zero), to be uploaded or completed by the
     /// worker.
@@ -941,6 +997,44 @@ mod tests {
             .unwrap_err();
         assert_eq!(pull.code, ErrorCode::Unauthorized);
         assert_eq!(get(&t, &name).await.unwrap().1, Some(50_000));
+    }
+
+    #[tokio::test]
+    async fn retention_forgets_streamed_segments_before_its_horizon() {
+        let t = TestArchive::new();
+        let (name, raw) = wal(4);
+        send(&t, &name, 0, &raw[..100_000], SYSID).await.unwrap();
+        work(&t.archive).await;
+        let seg = |n: u32| SegmentName {
+            timeline: walvault_protocol::core::pg::wal::TimelineId(1),
+            log: 0,
+            seg: n,
+        };
+        let streams = &t.archive.streams;
+        let store = &t.archive.store;
+        assert!(streams
+            .before(store, "main", &seg(4), SEG)
+            .await
+            .unwrap()
+            .is_empty());
+        let old = streams.before(store, "main", &seg(6), SEG).await.unwrap();
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].0, seg(4));
+        assert_eq!(old[0].1.len(), 1, "{old:?}");
+        assert!(old[0].2 > 0);
+        let path = streams.path("main", &seg(4));
+        assert!(path.exists());
+        streams
+            .expire(store, "main", &seg(4), &old[0].1)
+            .await
+            .unwrap();
+        assert!(!path.exists());
+        assert!(store
+            .list(&layout::stream_prefix("main"))
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(matches!(get(&t, &name).await, Err(r) if r.code == ErrorCode::NotFound));
     }
 
     #[tokio::test]
