@@ -113,12 +113,6 @@ stop_archived() {
     ARCHIVED_PID=""
 }
 
-status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
-cpu_secs() {
-    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.1f", ($12 + $13) / hz }' \
-        "/proc/$1/stat"
-}
-
 # verify_copies DIR: every segment of the set is present in DIR with identical bytes.
 verify_copies() {
     local dir=$1 name
@@ -361,14 +355,7 @@ echo "archived peak RSS (VmHWM), sequential push+get:            $WV_SEQ_HWM_MIB
 echo "stored: walvault $(mib "$WV_STORED") MiB, pgBackRest $(mib "$PGBR_STORED") MiB for $(mib "$RAW_BYTES") MiB raw"
 
 # machine
-CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-MEM_TOTAL=$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
-DISK_SRC=$(findmnt -no SOURCE -T "$BENCH_TMPDIR" 2>/dev/null | head -1)
-DISK_FS=$(findmnt -no FSTYPE -T "$BENCH_TMPDIR" 2>/dev/null | head -1)
-DISK_DEV=$(basename "${DISK_SRC%%[*}")
-DISK_ROT=$(cat "/sys/class/block/$DISK_DEV/queue/rotational" 2>/dev/null || echo "?")
-case $DISK_ROT in 0) DISK_KIND="non-rotational" ;; 1) DISK_KIND="rotational" ;; *) DISK_KIND="unknown kind" ;; esac
-DISK_SIZE=$(df -h --output=size "$BENCH_TMPDIR" | tail -1 | tr -d ' ')
+MACHINE=$(machine_desc "$BENCH_TMPDIR")
 GIT_REV=$(build_rev "$BIN")
 
 section() {
@@ -377,7 +364,7 @@ section() {
 
 - command: \`cd $REPO_ROOT && ${ENV_USED}$INVOCATION\` (as root)
 - walvault: commit $GIT_REV, release build (\`cargo build --release --workspace --bins\`)
-- machine: $(nproc) CPUs ($CPU_MODEL), $MEM_TOTAL memory, disk $DISK_SRC ($DISK_FS, $DISK_KIND, $DISK_SIZE), kernel $(uname -r)
+- machine: $MACHINE
 - $PG_VERSION; $PGBR_VERSION (posix repo, compress-type=zst, default level, archive-async=n)
 - set: $SEGMENTS segments of 16 MiB (${NAMES[0]} .. ${NAMES[-1]}), $SET_MB MB raw WAL, made in this run
   by pgbench (-i -s $PGBENCH_SCALE, then $rounds rounds of \`-c 4 -j 2 -T $LOAD_SECS\`, then pg_switch_wal);

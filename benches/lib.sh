@@ -16,6 +16,29 @@ as_pg() { runuser -u postgres -- "$@"; }
 # psql_q SQL: one statement on the benchmark's PostgreSQL (socket $WORK/sock), unaligned.
 psql_q() { as_pg "$PGBIN/psql" -X -h "$WORK/sock" -p "$PGPORT" -d postgres -Atqc "$1"; }
 
+# status_kib PID FIELD: a /proc/PID/status field in KiB (VmHWM, VmRSS).
+status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+# cpu_secs PID: user + system CPU seconds PID has used so far.
+cpu_secs() {
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.1f", ($12 + $13) / hz }' \
+        "/proc/$1/stat"
+}
+
+# machine_desc DIR: "N CPUs (model), memory, disk of DIR (file system, kind, size), kernel".
+machine_desc() {
+    local cpu mem src fs dev rot kind size
+    cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+    mem=$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+    src=$(findmnt -no SOURCE -T "$1" 2>/dev/null | head -1)
+    fs=$(findmnt -no FSTYPE -T "$1" 2>/dev/null | head -1)
+    dev=$(basename "${src%%[*}")
+    rot=$(cat "/sys/class/block/$dev/queue/rotational" 2>/dev/null || echo "?")
+    case $rot in 0) kind="non-rotational" ;; 1) kind="rotational" ;; *) kind="unknown kind" ;; esac
+    size=$(df -h --output=size "$1" | tail -1 | tr -d ' ')
+    printf '%s CPUs (%s), %s memory, disk %s (%s, %s, %s), kernel %s' \
+        "$(nproc)" "$cpu" "$mem" "$src" "$fs" "$kind" "$size" "$(uname -r)"
+}
+
 free_udp_port() {
     python3 -c 'import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
