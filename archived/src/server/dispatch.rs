@@ -110,6 +110,30 @@ pub(super) async fn handle_stream(
         _ => None,
     };
     let ctx = archive.ctx(identity);
+    if let Request::StreamSession {
+        cluster,
+        system_identifier,
+        segment_size,
+    } = &request
+    {
+        // A long-lived exchange of its own: appends and acknowledgements, no one answer.
+        let session = service::stream::Session {
+            cluster,
+            system_identifier: *system_identifier,
+            segment_size: *segment_size,
+        };
+        let (mut send, mut recv) = (send, recv);
+        service::stream::session(
+            &ctx,
+            &session,
+            &mut recv,
+            &mut send,
+            body_idle,
+            &shutting_down,
+        )
+        .await;
+        return;
+    }
     let cluster_name = request.cluster().unwrap_or_default().to_string();
     let mut body = IdleReader::new(recv, body_idle);
     let recv = &mut body;
@@ -147,28 +171,15 @@ pub(super) async fn handle_stream(
             after,
             paged,
         } => service::wal::list(&ctx, &cluster, after.as_deref(), paged).await,
-        Request::StreamAppend {
-            cluster,
-            segment,
-            offset,
-            len,
-            system_identifier,
-            segment_size,
-        } => {
-            let append = service::stream::Append {
-                cluster: &cluster,
-                segment: &segment,
-                offset,
-                len,
-                system_identifier,
-                segment_size,
-            };
+        request @ Request::StreamAppend { .. } => {
+            let append = service::stream::Append::of(&request).expect("a stream append");
             let reply = service::stream::append(&ctx, &append, recv).await;
             if let Err(r) = &reply {
-                tracing::warn!(%cluster, %segment, offset, code = ?r.code, message = %r.message, "stream append refused");
+                tracing::warn!(cluster = %append.cluster, segment = %append.segment, offset = append.offset, code = ?r.code, message = %r.message, "stream append refused");
             }
             reply
         }
+        Request::StreamSession { .. } => unreachable!("answered above"),
         Request::StreamSeal { cluster, segment } => {
             service::stream::seal(&ctx, &cluster, &segment).await
         }

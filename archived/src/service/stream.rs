@@ -3,12 +3,19 @@
 //!
 //! Contract:
 //!
-//! - **Flush means durable.** [`append`] answers `StreamFlushed` only after the bytes are
+//! - **Flush means durable.** An append is acknowledged (`StreamAcked` in a
+//!   [`session`], `StreamFlushed` for a lone [`append`]) only after its bytes are
 //!   written into the segment's local file and fdatasynced. The file lives on this
 //!   archived's disk (`<data_dir>/stream/<cluster>/<TLI>/<SEGMENT>.partial`, created full
 //!   size and zero-filled, fsynced with its directories before its first append, as
-//!   PostgreSQL prepares a segment), so an append costs one fdatasync and no metadata
-//!   update; that disk is the receiver's durability domain, as a standby's own disk is.
+//!   PostgreSQL prepares a segment; a session prepares the next segment's file in the
+//!   background, and a file that holds nothing yet is never listed or served), so an
+//!   append costs no metadata update; that disk is the receiver's durability domain, as
+//!   a standby's own disk is.
+//! - **Group commit.** A session's appends are read as they arrive and queued for one
+//!   writer thread, which writes every append waiting, fdatasyncs each file it touched
+//!   once, and acknowledges the burst (appends are durable in the order sent). A refused
+//!   append ends the session after the acknowledgement of those before it.
 //! - **Idempotent.** Bytes below what the file holds must agree with it (a reconnected
 //!   receiver streams the segment again from its start): a byte the file holds that is
 //!   not zero and differs is a `Conflict`, and nothing is written. Zero bytes are taken as
@@ -46,10 +53,13 @@ use walvault_protocol::core::format::codec::Encoder;
 use walvault_protocol::core::pg::wal::{
     pg_major_for_magic, LongPageHeader, SegmentName, WalFileName, LONG_PAGE_HEADER_LEN,
 };
-use walvault_protocol::core::wire::{ErrorCode, Response, StreamedSegment, MAX_STREAM_APPEND};
+use walvault_protocol::core::wire::{
+    self, ErrorCode, Request, Response, StreamedSegment, MAX_STREAM_APPEND,
+};
 use walvault_protocol::net::fsutil;
 use walvault_protocol::net::pki::{ClientIdentity, Role};
 
+use super::budget::Grant;
 use super::wal::WalUpload;
 use super::{Archive, Ctx, Refusal, Reply, StreamReply, Streamed};
 use crate::store::{layout, ObjectHeader};
@@ -68,6 +78,8 @@ struct Partial {
     segment_size: u32,
     /// Bytes held from the start, fdatasynced.
     held: u64,
+    /// Bytes written from the start (at least `held`; the rest not yet fdatasynced).
+    written: u64,
     /// Bytes the newest upload in the store holds.
     uploaded: u64,
     /// Ingested as a complete segment (the file is gone).
@@ -81,7 +93,9 @@ pub(crate) struct Streams {
     dir: PathBuf,
     upload_interval: Duration,
     slots: std::sync::Mutex<HashMap<(String, SegmentName), Slot>>,
-    wake: tokio::sync::Notify,
+    wake: Arc<tokio::sync::Notify>,
+    /// One upload at a time (the worker's and a seal's).
+    uploading: tokio::sync::Mutex<()>,
 }
 
 impl Streams {
@@ -91,7 +105,8 @@ impl Streams {
             dir,
             upload_interval,
             slots: std::sync::Mutex::new(HashMap::new()),
-            wake: tokio::sync::Notify::new(),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            uploading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -227,6 +242,7 @@ impl Streams {
                         file: f,
                         segment_size,
                         held,
+                        written: held,
                         uploaded: 0,
                         done: false,
                     });
@@ -264,6 +280,30 @@ pub(crate) struct Append<'a> {
     pub(crate) segment_size: u32,
 }
 
+impl Append<'_> {
+    /// The append a `StreamAppend` request announces.
+    pub(crate) fn of(request: &Request) -> Option<Append<'_>> {
+        match request {
+            Request::StreamAppend {
+                cluster,
+                segment,
+                offset,
+                len,
+                system_identifier,
+                segment_size,
+            } => Some(Append {
+                cluster,
+                segment,
+                offset: *offset,
+                len: *len,
+                system_identifier: *system_identifier,
+                segment_size: *segment_size,
+            }),
+            _ => None,
+        }
+    }
+}
+
 fn parse_segment(name: &str) -> Result<SegmentName, Refusal> {
     match name.parse::<WalFileName>() {
         Ok(WalFileName::Segment(s)) => Ok(s),
@@ -273,12 +313,48 @@ fn parse_segment(name: &str) -> Result<SegmentName, Refusal> {
     }
 }
 
-/// `StreamAppend` (module header).
+/// `StreamAppend` (module header): one append on its own stream.
 pub(crate) async fn append(
     ctx: &Ctx<'_>,
     a: &Append<'_>,
     body: &mut (impl tokio::io::AsyncRead + Unpin + Send),
 ) -> Reply {
+    let job = receive(ctx, a, body).await?;
+    let end = job.offset + job.bytes.len() as u64;
+    let applied = tokio::task::spawn_blocking(move || apply(vec![job]))
+        .await
+        .map_err(|e| Refusal::internal(e.into()))?;
+    if let Some(refusal) = applied.failed {
+        return Err(refusal);
+    }
+    if applied.complete {
+        ctx.archive.streams.wake.notify_one();
+    }
+    Ok(Response::StreamFlushed {
+        flushed: end,
+        complete: applied.held_full,
+    })
+}
+
+/// One append read and checked, on its way to the segment's file.
+struct Job {
+    slot: Slot,
+    path: PathBuf,
+    name: String,
+    size: u64,
+    offset: u64,
+    bytes: Vec<u8>,
+    /// Its memory, from the request budget, until it is written.
+    _grant: Grant,
+}
+
+/// Checks an append's announcement, reads its body within the request budget, checks
+/// the body's pages and the binding: the job to write (nothing is written yet).
+async fn receive(
+    ctx: &Ctx<'_>,
+    a: &Append<'_>,
+    body: &mut (impl tokio::io::AsyncRead + Unpin + Send),
+) -> Result<Job, Refusal> {
     ctx.require_writer("stream WAL")?;
     let segment = parse_segment(a.segment)?;
     walvault_protocol::core::pg::wal::validate_segment_size(a.segment_size)
@@ -290,20 +366,8 @@ pub(crate) async fn append(
             a.segment, a.len, a.offset
         )));
     }
-    let bound = ctx.index.binding(a.cluster).map_err(Refusal::internal)?;
-    if let Some(b) = &bound {
-        if b.system_identifier != a.system_identifier || b.wal_segment_size != a.segment_size {
-            return Err(Refusal::new(
-                ErrorCode::WrongCluster,
-                format!(
-                    "the streamed server is system {} with {} byte segments, but cluster '{}' is bound to system {} with {} byte segments. \
-                     Each PostgreSQL cluster needs its own cluster name (archived issue --cluster NAME).",
-                    a.system_identifier, a.segment_size, a.cluster, b.system_identifier, b.wal_segment_size
-                ),
-            ));
-        }
-    }
-    let _grant = ctx
+    let bound = check_system(ctx, a.cluster, a.system_identifier, a.segment_size)?;
+    let grant = ctx
         .budget
         .body(a.len, &format!("StreamAppend {}", a.segment))
         .await?;
@@ -340,50 +404,145 @@ pub(crate) async fn append(
                 a.system_identifier, a.segment_size
             )));
         }
-        if bound.is_none() {
+        if !bound {
             super::wal::check_binding(ctx, a.cluster, a.segment, &header).await?;
         }
-    } else if bound.is_none() {
+    } else if !bound {
         return Err(Refusal::invalid(format!(
             "cluster '{}' is not bound to a system yet: stream its first segment from its start",
             a.cluster
         )));
     }
-
     let streams = &ctx.archive.streams;
-    let slot = streams.slot(a.cluster, &segment);
-    let mut guard = slot.lock().await;
-    if guard.as_ref().is_none_or(|p| p.done) {
-        let path = streams.path(a.cluster, &segment);
-        let prepared = tokio::task::spawn_blocking(move || prepare_file(&path, size))
-            .await
-            .map_err(|e| Refusal::internal(e.into()))?
-            .map_err(Refusal::internal)?;
-        *guard = Some(prepared);
+    Ok(Job {
+        slot: streams.slot(a.cluster, &segment),
+        path: streams.path(a.cluster, &segment),
+        name: a.segment.to_string(),
+        size,
+        offset: a.offset,
+        bytes,
+        _grant: grant,
+    })
+}
+
+/// Refuses a server that is not the cluster's (`WrongCluster`, both values in the
+/// message); `Ok(true)` when the cluster is bound, `Ok(false)` when not yet.
+fn check_system(
+    ctx: &Ctx<'_>,
+    cluster: &str,
+    system_identifier: u64,
+    segment_size: u32,
+) -> Result<bool, Refusal> {
+    let Some(b) = ctx.index.binding(cluster).map_err(Refusal::internal)? else {
+        return Ok(false);
+    };
+    if b.system_identifier != system_identifier || b.wal_segment_size != segment_size {
+        return Err(Refusal::new(
+            ErrorCode::WrongCluster,
+            format!(
+                "the streamed server is system {system_identifier} with {segment_size} byte segments, but cluster '{cluster}' is bound to system {} with {} byte segments. \
+                 Each PostgreSQL cluster needs its own cluster name (archived issue --cluster NAME).",
+                b.system_identifier, b.wal_segment_size
+            ),
+        ));
     }
-    let partial = guard.as_mut().expect("prepared above");
-    if u64::from(partial.segment_size) != size {
+    Ok(true)
+}
+
+/// What [`apply`] made of a batch of jobs.
+struct Applied {
+    /// The first `durable` jobs, in order, are written and fdatasynced.
+    durable: usize,
+    /// A segment became complete (the worker stores it).
+    complete: bool,
+    /// The segment of the last job was already complete.
+    held_full: bool,
+    /// Why the job after the durable ones failed; the jobs after it were not applied.
+    failed: Option<Refusal>,
+}
+
+/// Writes a batch of jobs in order, then fdatasyncs each file they touched once (group
+/// commit: one sync per burst, as PostgreSQL's walreceiver does), and only then counts
+/// them as held. Blocking: runs on a blocking thread.
+fn apply(jobs: Vec<Job>) -> Applied {
+    let mut touched: Vec<(Slot, std::fs::File, u64)> = Vec::new();
+    let mut written = 0;
+    let mut failed = None;
+    for job in &jobs {
+        match write_one(job) {
+            Ok((file, end)) => {
+                match touched
+                    .iter_mut()
+                    .find(|(s, _, _)| Arc::ptr_eq(s, &job.slot))
+                {
+                    Some(t) => t.2 = t.2.max(end),
+                    None => touched.push((job.slot.clone(), file, end)),
+                }
+                written += 1;
+            }
+            Err(r) => {
+                failed = Some(r);
+                break;
+            }
+        }
+    }
+    drop(jobs);
+    for (_, file, _) in &touched {
+        if let Err(e) = file.sync_data() {
+            // Nothing of the batch counts as durable; the receiver sends it again.
+            let e = anyhow::Error::new(e).context("fdatasync of a streamed segment");
+            return Applied {
+                durable: 0,
+                complete: false,
+                held_full: false,
+                failed: Some(Refusal::internal(e)),
+            };
+        }
+    }
+    let mut complete = false;
+    let mut held_full = false;
+    for (slot, _, end) in &touched {
+        let mut guard = slot.blocking_lock();
+        if let Some(p) = guard.as_mut() {
+            p.held = p.held.max(*end);
+            let full = p.held == u64::from(p.segment_size);
+            complete |= full && !p.done;
+            held_full = full;
+        }
+    }
+    Applied {
+        durable: written,
+        complete,
+        held_full,
+        failed,
+    }
+}
+
+/// Writes one job into its segment's file (made first if need be), without a sync: the
+/// file and the end of what it wrote.
+fn write_one(job: &Job) -> Result<(std::fs::File, u64), Refusal> {
+    let mut guard = job.slot.blocking_lock();
+    if guard.as_ref().is_none_or(|p| p.done) {
+        *guard = Some(prepare_file(&job.path, job.size).map_err(Refusal::internal)?);
+    }
+    let p = guard.as_mut().expect("prepared above");
+    if u64::from(p.segment_size) != job.size {
         return Err(Refusal::invalid(format!(
-            "{}: the archive's unfinished copy is {} bytes, the request says {size}",
-            a.segment, partial.segment_size
+            "{}: the archive's unfinished copy is {} bytes, the request says {}",
+            job.name, p.segment_size, job.size
         )));
     }
-    if a.offset > partial.held {
+    if job.offset > p.written.max(p.held) {
         return Err(Refusal::invalid(format!(
             "{}: append at offset {} but the archive holds only {} bytes of it; stream the segment from its start",
-            a.segment, a.offset, partial.held
+            job.name, job.offset, p.written.max(p.held)
         )));
     }
-    let file = partial
+    let file = p
         .file
         .try_clone()
         .map_err(|e| Refusal::internal(e.into()))?;
-    let offset = a.offset;
-    let name = a.segment.to_string();
-    let written = tokio::task::spawn_blocking(move || write_synced(&file, offset, &bytes, &name))
-        .await
-        .map_err(|e| Refusal::internal(e.into()))?;
-    match written {
+    match write_compared(&file, job.offset, &job.bytes, &job.name) {
         Ok(()) => {}
         Err(WriteError::Conflict(at)) => {
             return Err(Refusal::new(
@@ -391,22 +550,238 @@ pub(crate) async fn append(
                 format!(
                     "{}: the archive holds different WAL at offset {at} of this segment; the archived bytes are kept. \
                      Two servers may be streaming under one cluster name.",
-                    a.segment
+                    job.name
                 ),
             ))
         }
         Err(WriteError::Io(e)) => return Err(Refusal::internal(e)),
     }
-    partial.held = partial.held.max(a.offset + a.len);
-    let complete = partial.held == size;
-    drop(guard);
-    if complete {
-        streams.wake.notify_one();
+    let end = job.offset + job.bytes.len() as u64;
+    p.written = p.written.max(end);
+    Ok((file, end))
+}
+
+/// Prepares the segment after `segment` in the background (full size, zero-filled), so
+/// that the receiver's first append there does not wait for 16 MiB of zeros.
+fn prepare_next(streams: &Streams, cluster: &str, segment: &SegmentName, segment_size: u32) {
+    let next = segment.next(segment_size);
+    let slot = streams.slot(cluster, &next);
+    let path = streams.path(cluster, &next);
+    tokio::task::spawn_blocking(move || {
+        let mut guard = slot.blocking_lock();
+        if guard.is_none() {
+            match prepare_file(&path, u64::from(segment_size)) {
+                Ok(p) => *guard = Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "preparing the next streamed segment (the first append there will)")
+                }
+            }
+        }
+    });
+}
+
+/// What opens a `StreamSession`.
+pub(crate) struct Session<'a> {
+    pub(crate) cluster: &'a str,
+    pub(crate) system_identifier: u64,
+    pub(crate) segment_size: u32,
+}
+
+/// Largest frame inside a session (an append's announcement is a few hundred bytes).
+const SESSION_FRAME_MAX: usize = 64 << 10;
+/// Appends one burst may hold before it is synced.
+const BATCH_MAX: usize = 512;
+
+/// `StreamSession` (module header): appends from `recv`, each a `StreamAppend` frame and
+/// its body, until the client finishes the stream; every burst written is fdatasynced
+/// once and acknowledged with one `StreamAcked` (the count of appends durable so far, in
+/// order). A refused append ends the session with its `Error` frame after the acks of
+/// the appends before it. `shutting_down` ends an idle session with `Unavailable`.
+pub(crate) async fn session<R, W>(
+    ctx: &Ctx<'_>,
+    s: &Session<'_>,
+    recv: &mut R,
+    send: &mut W,
+    body_idle: Duration,
+    shutting_down: impl Fn() -> bool,
+) where
+    R: tokio::io::AsyncRead + Unpin + Send,
+    W: tokio::io::AsyncWrite + Unpin + Send,
+{
+    use tokio::io::AsyncWriteExt;
+    let opened = ctx.require_writer("stream WAL").and_then(|()| {
+        walvault_protocol::core::pg::wal::validate_segment_size(s.segment_size)
+            .map_err(Refusal::invalid)?;
+        check_system(ctx, s.cluster, s.system_identifier, s.segment_size)
+    });
+    if let Err(r) = opened {
+        tracing::warn!(cluster = %s.cluster, code = ?r.code, message = %r.message, "stream session refused");
+        let _ = send.write_all(&error_frame(r)).await;
+        let _ = send.shutdown().await;
+        return;
     }
-    Ok(Response::StreamFlushed {
-        flushed: a.offset + a.len,
-        complete,
+    tracing::info!(cluster = %s.cluster, "stream session opened");
+    let (jobs, queued) = tokio::sync::mpsc::channel::<Job>(BATCH_MAX);
+    let (acks, mut applied) = tokio::sync::mpsc::unbounded_channel::<Applied>();
+    let wake = ctx.archive.streams.wake.clone();
+    let writer = tokio::task::spawn_blocking(move || write_bursts(queued, acks, wake));
+    let read = async move {
+        let result = read_appends(ctx, s, recv, &jobs, body_idle, &shutting_down).await;
+        drop(jobs);
+        result
+    };
+    let answer = async {
+        let mut durable: u64 = 0;
+        while let Some(a) = applied.recv().await {
+            durable += a.durable as u64;
+            if a.durable > 0 {
+                let frame = wire::encode_frame(&Response::StreamAcked { appends: durable })
+                    .expect("a small frame");
+                if send.write_all(&frame).await.is_err() {
+                    return true;
+                }
+            }
+            if let Some(r) = a.failed {
+                tracing::warn!(cluster = %s.cluster, code = ?r.code, message = %r.message, "stream append refused; session ended");
+                let _ = send.write_all(&error_frame(r)).await;
+                return true;
+            }
+        }
+        false
+    };
+    let (read, ended) = tokio::join!(read, answer);
+    let _ = writer.await;
+    if !ended {
+        if let Err(r) = read {
+            tracing::warn!(cluster = %s.cluster, code = ?r.code, message = %r.message, "stream session ended");
+            let _ = send.write_all(&error_frame(r)).await;
+        }
+    }
+    let _ = send.shutdown().await;
+}
+
+fn error_frame(r: Refusal) -> Vec<u8> {
+    wire::encode_frame(&Response::Error {
+        code: r.code,
+        message: r.message,
     })
+    .unwrap_or_default()
+}
+
+/// The session's reading half: each append checked and read, then queued for the
+/// writer; `Ok` when the client finished the stream.
+async fn read_appends<R>(
+    ctx: &Ctx<'_>,
+    s: &Session<'_>,
+    recv: &mut R,
+    jobs: &tokio::sync::mpsc::Sender<Job>,
+    body_idle: Duration,
+    shutting_down: &impl Fn() -> bool,
+) -> Result<(), Refusal>
+where
+    R: tokio::io::AsyncRead + Unpin + Send,
+{
+    use tokio::io::AsyncReadExt;
+    let mut last_segment: Option<SegmentName> = None;
+    loop {
+        // The announcement's length prefix: an idle session waits here for ever, but
+        // not through a shutdown (AsyncReadExt::read is cancel-safe).
+        let mut prefix = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            tokio::select! {
+                n = recv.read(&mut prefix[got..]) => {
+                    let n = n.map_err(|e| Refusal::invalid(format!("stream session: {e}")))?;
+                    if n == 0 {
+                        return if got == 0 { Ok(()) } else {
+                            Err(Refusal::invalid("stream session: the stream ended inside a frame"))
+                        };
+                    }
+                    got += n;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                    if shutting_down() {
+                        return Err(Refusal::new(ErrorCode::Unavailable, "archived is shutting down; reconnect shortly"));
+                    }
+                }
+            }
+        }
+        let len = wire::frame_len(prefix).map_err(|e| Refusal::invalid(e.to_string()))?;
+        if len > SESSION_FRAME_MAX {
+            return Err(Refusal::invalid(format!(
+                "stream session: a frame of {len} bytes (appends are announced in at most {SESSION_FRAME_MAX})"
+            )));
+        }
+        let mut payload = vec![0u8; len];
+        tokio::time::timeout(body_idle, recv.read_exact(&mut payload))
+            .await
+            .map_err(|_| Refusal::invalid("stream session: a frame stalled"))?
+            .map_err(|e| Refusal::invalid(format!("stream session: {e}")))?;
+        let request: Request =
+            wire::decode_frame(&payload).map_err(|e| Refusal::invalid(e.to_string()))?;
+        let Some(a) = Append::of(&request) else {
+            return Err(Refusal::invalid(format!(
+                "stream session: {} where only stream appends may follow",
+                request.op()
+            )));
+        };
+        if a.cluster != s.cluster
+            || a.system_identifier != s.system_identifier
+            || a.segment_size != s.segment_size
+        {
+            return Err(Refusal::invalid(format!(
+                "stream session of cluster '{}' (system {}, {} byte segments): an append for cluster '{}' (system {}, {} byte segments)",
+                s.cluster, s.system_identifier, s.segment_size, a.cluster, a.system_identifier, a.segment_size
+            )));
+        }
+        let (segment, offset, len, segment_size) = (a.segment, a.offset, a.len, a.segment_size);
+        // Once announced, an append (its memory and its body) must come within the idle
+        // deadline.
+        let mut body = (&mut *recv).take(len);
+        let job = tokio::time::timeout(body_idle, receive(ctx, &a, &mut body))
+            .await
+            .map_err(|_| {
+                Refusal::invalid(format!(
+                    "stream session: the append of {segment} at offset {offset} stalled for {} s",
+                    body_idle.as_secs()
+                ))
+            })??;
+        let name = parse_segment(segment)?;
+        if last_segment != Some(name) {
+            last_segment = Some(name);
+            prepare_next(&ctx.archive.streams, s.cluster, &name, segment_size);
+        }
+        if jobs.send(job).await.is_err() {
+            // The writer stopped on a failed append: its answer says why.
+            return Ok(());
+        }
+    }
+}
+
+/// The session's writing half (a blocking thread): each burst of queued jobs applied,
+/// and what became of it sent to the answering half.
+fn write_bursts(
+    mut queued: tokio::sync::mpsc::Receiver<Job>,
+    acks: tokio::sync::mpsc::UnboundedSender<Applied>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    while let Some(first) = queued.blocking_recv() {
+        let mut burst = vec![first];
+        while burst.len() < BATCH_MAX {
+            match queued.try_recv() {
+                Ok(job) => burst.push(job),
+                Err(_) => break,
+            }
+        }
+        let applied = apply(burst);
+        if applied.complete {
+            wake.notify_one();
+        }
+        let failed = applied.failed.is_some();
+        if acks.send(applied).is_err() || failed {
+            return;
+        }
+    }
 }
 
 /// Checks every page header that starts inside `bytes` (at segment offset `offset`).
@@ -481,6 +856,7 @@ fn prepare_file(path: &Path, size: u64) -> Result<Partial> {
         file,
         segment_size: size as u32,
         held,
+        written: held,
         uploaded: 0,
         done: false,
     })
@@ -492,8 +868,8 @@ enum WriteError {
     Io(anyhow::Error),
 }
 
-/// Compares `bytes` with what the file holds at `offset`, writes them, fdatasyncs.
-fn write_synced(
+/// Compares `bytes` with what the file holds at `offset` and writes them (no sync).
+fn write_compared(
     file: &std::fs::File,
     offset: u64,
     bytes: &[u8],
@@ -514,7 +890,6 @@ fn write_synced(
     if have != bytes {
         file.write_all_at(bytes, offset).map_err(io)?;
     }
-    file.sync_data().map_err(io)?;
     Ok(())
 }
 
@@ -524,12 +899,9 @@ pub(crate) async fn seal(ctx: &Ctx<'_>, cluster: &str, segment: &str) -> Reply {
     ctx.require_writer("stream WAL")?;
     let segment = parse_segment(segment)?;
     if let Some(slot) = ctx.archive.streams.existing(cluster, &segment) {
-        let mut guard = slot.lock().await;
-        if let Some(p) = guard.as_mut().filter(|p| !p.done) {
-            upload(ctx.archive, cluster, &segment, p)
-                .await
-                .map_err(Refusal::internal)?;
-        }
+        upload(ctx.archive, cluster, &segment, &slot)
+            .await
+            .map_err(Refusal::internal)?;
     }
     Ok(Response::Stored {
         already_present: false,
@@ -537,9 +909,12 @@ pub(crate) async fn seal(ctx: &Ctx<'_>, cluster: &str, segment: &str) -> Reply {
 }
 
 /// The full, zero-padded content of a local file, compressed, with its blake3.
-fn snapshot(file: &std::fs::File, size: u32) -> Result<(Vec<u8>, [u8; 32])> {
+/// Only the first `held` bytes are taken (what follows may be written and not yet
+/// synced: it is not acknowledged, so it is not served).
+fn snapshot(file: &std::fs::File, size: u32, held: u64) -> Result<(Vec<u8>, [u8; 32])> {
     let mut raw = vec![0u8; size as usize];
     file.read_exact_at(&mut raw, 0)?;
+    raw[(held as usize).min(size as usize)..].fill(0);
     let hash = *blake3::hash(&raw).as_bytes();
     let mut encoder = Encoder::new(LEVEL)?;
     let mut out = Vec::new();
@@ -548,20 +923,23 @@ fn snapshot(file: &std::fs::File, size: u32) -> Result<(Vec<u8>, [u8; 32])> {
     Ok((out, hash))
 }
 
-/// Stores the current content of `p` as a new upload and deletes the older ones.
+/// Stores what `slot` holds as a new upload (when it grew) and deletes the older ones.
+/// The slot is locked only to read and to record: appends go on meanwhile.
 async fn upload(
     archive: &Archive,
     cluster: &str,
     segment: &SegmentName,
-    p: &mut Partial,
+    slot: &Slot,
 ) -> Result<()> {
-    if p.held <= p.uploaded {
-        return Ok(());
-    }
-    let held = p.held;
-    let file = p.file.try_clone()?;
-    let size = p.segment_size;
-    let (frame, hash) = tokio::task::spawn_blocking(move || snapshot(&file, size)).await??;
+    let _one = archive.streams.uploading.lock().await;
+    let (held, file, size) = {
+        let guard = slot.lock().await;
+        let Some(p) = guard.as_ref().filter(|p| !p.done && p.held > p.uploaded) else {
+            return Ok(());
+        };
+        (p.held, p.file.try_clone()?, p.segment_size)
+    };
+    let (frame, hash) = tokio::task::spawn_blocking(move || snapshot(&file, size, held)).await??;
     let key = layout::stream_key(cluster, segment, held);
     let mut pending = archive.store.begin(&key).await?;
     pending.write(&frame).await?;
@@ -576,7 +954,9 @@ async fn upload(
             },
         )
         .await?;
-    p.uploaded = held;
+    if let Some(p) = slot.lock().await.as_mut() {
+        p.uploaded = p.uploaded.max(held);
+    }
     for (old, bytes) in uploads(&archive.store, cluster, segment).await? {
         if bytes < held {
             archive.store.delete(&old).await?;
@@ -594,7 +974,8 @@ async fn complete(
 ) -> Result<()> {
     let file = p.file.try_clone()?;
     let size = p.segment_size;
-    let (frame, hash) = tokio::task::spawn_blocking(move || snapshot(&file, size)).await??;
+    let (frame, hash) =
+        tokio::task::spawn_blocking(move || snapshot(&file, size, u64::from(size))).await??;
     let identity = ClientIdentity {
         cluster: cluster.to_string(),
         role: Role::Admin,
@@ -643,26 +1024,29 @@ pub(crate) async fn run(archive: &Archive) {
 /// stored as a segment.
 async fn work(archive: &Archive) {
     let streams = &archive.streams;
-    {
-        for ((cluster, segment), slot) in streams.all() {
+    for ((cluster, segment), slot) in streams.all() {
+        let full = {
+            let guard = slot.lock().await;
+            match guard.as_ref() {
+                Some(p) if !p.done => p.held == u64::from(p.segment_size),
+                _ => continue,
+            }
+        };
+        let result = if full {
+            // Once complete, nothing appends to it: it may stay locked while stored.
             let mut guard = slot.lock().await;
-            let Some(p) = guard.as_mut() else { continue };
-            if p.done {
-                continue;
+            match guard.as_mut() {
+                Some(p) if !p.done => complete(archive, &cluster, &segment, p).await,
+                _ => Ok(()),
             }
-            let result = if p.held == u64::from(p.segment_size) {
-                complete(archive, &cluster, &segment, p).await
-            } else {
-                upload(archive, &cluster, &segment, p).await
-            };
-            if let Err(e) = result {
-                tracing::error!(%cluster, %segment, error = %format!("{e:#}"), "streamed segment: will retry");
-            }
-            let done = p.done;
-            drop(guard);
-            if done {
-                streams.forget(&cluster, &segment);
-            }
+        } else {
+            upload(archive, &cluster, &segment, &slot).await
+        };
+        if let Err(e) = result {
+            tracing::error!(%cluster, %segment, error = %format!("{e:#}"), "streamed segment: will retry");
+        }
+        if slot.lock().await.as_ref().is_some_and(|p| p.done) {
+            streams.forget(&cluster, &segment);
         }
     }
 }
@@ -695,7 +1079,7 @@ pub(crate) async fn partial_object(
                 Ok(g) => g,
                 Err(r) => return Some(Err(r)),
             };
-            let made = tokio::task::spawn_blocking(move || snapshot(&file, size)).await;
+            let made = tokio::task::spawn_blocking(move || snapshot(&file, size, held)).await;
             let (frame, hash) = match made {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => return Some(Err(Refusal::internal(e))),
@@ -779,7 +1163,8 @@ pub(crate) async fn streamed(ctx: &Ctx<'_>, cluster: &str) -> Result<Vec<Streame
         if c != cluster {
             continue;
         }
-        if let Some(p) = slot.lock().await.as_ref().filter(|p| !p.done) {
+        // A prepared file that holds nothing yet is no unfinished segment.
+        if let Some(p) = slot.lock().await.as_ref().filter(|p| !p.done && p.held > 0) {
             let e = best.entry(segment).or_default();
             *e = (*e).max(p.held);
         }
@@ -1035,6 +1420,222 @@ mod tests {
             .unwrap()
             .is_empty());
         assert!(matches!(get(&t, &name).await, Err(r) if r.code == ErrorCode::NotFound));
+    }
+
+    /// A session's client side: frames of `appends` (offset, length of `raw`), then FIN.
+    fn session_input(name: &str, appends: &[(u64, &[u8])]) -> Vec<u8> {
+        let mut input = Vec::new();
+        for (offset, bytes) in appends {
+            input.extend(
+                wire::encode_frame(&Request::StreamAppend {
+                    cluster: "main".into(),
+                    segment: name.into(),
+                    offset: *offset,
+                    len: bytes.len() as u64,
+                    system_identifier: SYSID,
+                    segment_size: SEG,
+                })
+                .unwrap(),
+            );
+            input.extend_from_slice(bytes);
+        }
+        input
+    }
+
+    /// Runs a session (of `role`, for system `sysid`) over `input` and returns the
+    /// archive's answers.
+    async fn run_session(t: &TestArchive, role: Role, sysid: u64, input: Vec<u8>) -> Vec<Response> {
+        let id = identity(role);
+        let ctx = t.archive.ctx(&id);
+        let s = Session {
+            cluster: "main",
+            system_identifier: sysid,
+            segment_size: SEG,
+        };
+        let mut recv: &[u8] = &input;
+        let mut out: Vec<u8> = Vec::new();
+        session(
+            &ctx,
+            &s,
+            &mut recv,
+            &mut out,
+            Duration::from_secs(5),
+            || false,
+        )
+        .await;
+        let mut answers = Vec::new();
+        let mut at = 0;
+        while at < out.len() {
+            let len = wire::frame_len(out[at..at + 4].try_into().unwrap()).unwrap();
+            answers.push(wire::decode_frame(&out[at + 4..at + 4 + len]).unwrap());
+            at += 4 + len;
+        }
+        answers
+    }
+
+    #[tokio::test]
+    async fn a_session_acknowledges_appends_in_order_once_synced() {
+        let t = TestArchive::new();
+        let (name, raw) = wal(3);
+        let cuts = [0usize, 9000, 9100, 200_000, 500_000];
+        let appends: Vec<(u64, &[u8])> = cuts
+            .windows(2)
+            .map(|w| (w[0] as u64, &raw[w[0]..w[1]]))
+            .collect();
+        let answers = run_session(&t, Role::Push, SYSID, session_input(&name, &appends)).await;
+        // Acknowledgements count up to every append, never beyond.
+        let counts: Vec<u64> = answers
+            .iter()
+            .map(|a| match a {
+                Response::StreamAcked { appends } => *appends,
+                other => panic!("unexpected answer {other:?}"),
+            })
+            .collect();
+        assert!(counts.windows(2).all(|w| w[0] < w[1]), "{counts:?}");
+        assert_eq!(counts.last(), Some(&4));
+        let (got, held) = get(&t, &name).await.unwrap();
+        assert_eq!(held, Some(500_000));
+        assert_eq!(&got[..500_000], &raw[..500_000]);
+        // The next segment's file is prepared in the background, and not listed.
+        let (next, _) = wal(4);
+        let next_seg = match next.parse::<WalFileName>().unwrap() {
+            WalFileName::Segment(s) => s,
+            _ => unreachable!(),
+        };
+        let path = t.archive.streams.path("main", &next_seg);
+        for _ in 0..200 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(path.exists(), "{} was not prepared", path.display());
+        let id = identity(Role::Pull);
+        let ctx = t.archive.ctx(&id);
+        assert_eq!(streamed(&ctx, "main").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_append_ends_the_session_after_the_acks_before_it() {
+        let t = TestArchive::new();
+        let (name, raw) = wal(5);
+        send(&t, &name, 0, &raw[..100_000], SYSID).await.unwrap();
+        let mut other = raw[100_000..150_000].to_vec();
+        other[10] ^= 0xff;
+        // Resent identical bytes, new bytes, then different bytes where the archive holds
+        // some, then more: the last is never written.
+        let mut first_again = raw[..100_000].to_vec();
+        first_again.truncate(60_000);
+        let appends: Vec<(u64, &[u8])> = vec![
+            (0, &first_again),
+            (100_000, &raw[100_000..150_000]),
+            (100_000, &other),
+            (150_000, &raw[150_000..200_000]),
+        ];
+        let answers = run_session(&t, Role::Push, SYSID, session_input(&name, &appends)).await;
+        let Some(Response::Error { code, message }) = answers.last() else {
+            panic!("no refusal: {answers:?}");
+        };
+        assert_eq!(*code, ErrorCode::Conflict, "{message}");
+        let acked = answers
+            .iter()
+            .filter_map(|a| match a {
+                Response::StreamAcked { appends } => Some(*appends),
+                _ => None,
+            })
+            .max();
+        assert_eq!(acked, Some(2), "{answers:?}");
+        let (got, held) = get(&t, &name).await.unwrap();
+        assert_eq!(held, Some(150_000));
+        assert_eq!(&got[..150_000], &raw[..150_000]);
+        assert!(got[150_000..].iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test]
+    async fn a_session_of_another_system_or_a_pull_certificate_is_refused() {
+        let t = TestArchive::new();
+        let (name, raw) = wal(6);
+        send(&t, &name, 0, &raw[..10_000], SYSID).await.unwrap();
+        for (role, sysid, want) in [
+            (Role::Push, SYSID + 1, ErrorCode::WrongCluster),
+            (Role::Pull, SYSID, ErrorCode::Unauthorized),
+        ] {
+            let input = session_input(&name, &[(10_000, &raw[10_000..20_000])]);
+            let answers = run_session(&t, role, sysid, input).await;
+            assert_eq!(answers.len(), 1, "{answers:?}");
+            let answer = &answers[0];
+            assert!(
+                matches!(answer, Response::Error { code, .. } if *code == want),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(get(&t, &name).await.unwrap().1, Some(10_000));
+    }
+
+    #[tokio::test]
+    async fn an_idle_session_ends_when_archived_shuts_down() {
+        let t = TestArchive::new();
+        let id = identity(Role::Push);
+        let ctx = t.archive.ctx(&id);
+        let s = Session {
+            cluster: "main",
+            system_identifier: SYSID,
+            segment_size: SEG,
+        };
+        // The client sends nothing and keeps its side open.
+        let (_client, mut server) = tokio::io::duplex(1024);
+        let mut out: Vec<u8> = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            session(
+                &ctx,
+                &s,
+                &mut server,
+                &mut out,
+                Duration::from_secs(5),
+                || true,
+            ),
+        )
+        .await
+        .expect("the session ends");
+        let len = wire::frame_len(out[..4].try_into().unwrap()).unwrap();
+        let answer: Response = wire::decode_frame(&out[4..4 + len]).unwrap();
+        assert!(
+            matches!(&answer, Response::Error { code, .. } if *code == ErrorCode::Unavailable),
+            "{answer:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_segment_file_that_holds_nothing_is_not_listed() {
+        let t = TestArchive::new();
+        let (name, raw) = wal(6);
+        send(&t, &name, 0, &raw[..70_000], SYSID).await.unwrap();
+        // The next segment's file, prepared but not yet written (zeros only).
+        let (next, _) = wal(7);
+        let next_seg = match next.parse::<WalFileName>().unwrap() {
+            WalFileName::Segment(s) => s,
+            _ => unreachable!(),
+        };
+        let path = t.archive.streams.path("main", &next_seg);
+        let prepared = prepare_file(&path, u64::from(SEG)).unwrap();
+        assert_eq!(prepared.held, 0);
+        *t.archive.streams.slot("main", &next_seg).lock().await = Some(prepared);
+        let id = identity(Role::Pull);
+        let ctx = t.archive.ctx(&id);
+        let listed = streamed(&ctx, "main").await.unwrap();
+        assert_eq!(
+            listed,
+            vec![StreamedSegment {
+                name: name.clone(),
+                bytes: 70_000
+            }]
+        );
+        assert!(matches!(get(&t, &next).await, Err(r) if r.code == ErrorCode::NotFound));
+        // Nor after a restart finds both files again.
+        t.archive.streams.slots.lock().unwrap().clear();
+        assert_eq!(t.archive.streams.recover().unwrap(), 2);
+        assert_eq!(streamed(&ctx, "main").await.unwrap(), listed);
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ use futures::{Stream, StreamExt};
 use crate::core::format::codec::{DecodeOrSinkError, VerifyingDecoder};
 use crate::core::wire::admin::RetentionReport;
 use crate::core::wire::backup::{BackupSummary, PackChunk};
-use crate::core::wire::{ErrorCode, Request, Response, WalListing, MAX_OBJECT_SIZE};
+use crate::core::wire::{self, ErrorCode, Request, Response, WalListing, MAX_OBJECT_SIZE};
 use crate::net::config::ClientConfig;
 use crate::net::retry::Transient;
 use crate::net::transport::{
@@ -288,6 +288,115 @@ pub struct StreamFlushed {
     pub complete: bool,
 }
 
+/// The sending half of a stream session ([`ArchiveClient::stream_session`]).
+pub struct StreamSender {
+    cluster: String,
+    system_identifier: u64,
+    segment_size: u32,
+    idle: Duration,
+    send: quinn::SendStream,
+}
+
+impl StreamSender {
+    /// Sends one append (`bytes` at `offset` of `segment`, at most
+    /// [`crate::core::wire::MAX_STREAM_APPEND`] bytes); returns once the transport took
+    /// it, not when it is durable (that is the [`StreamAcks`]). Each write must progress
+    /// within the idle deadline.
+    pub async fn append(
+        &mut self,
+        segment: &str,
+        offset: u64,
+        bytes: Bytes,
+    ) -> Result<(), ClientError> {
+        let what = format!("streaming {segment} from offset {offset}");
+        let header = encode_request(&Request::StreamAppend {
+            cluster: self.cluster.clone(),
+            segment: segment.to_string(),
+            offset,
+            len: bytes.len() as u64,
+            system_identifier: self.system_identifier,
+            segment_size: self.segment_size,
+        });
+        let body = (0..bytes.len())
+            .step_by(SEND_PIECE)
+            .map(|at| bytes.slice(at..(at + SEND_PIECE).min(bytes.len())));
+        for piece in std::iter::once(Bytes::from(header)).chain(body) {
+            match tokio::time::timeout(self.idle, self.send.write_chunk(piece)).await {
+                Err(_) => return Err(idle_deadline(&what, self.idle, false)),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(ClientError::ConnectionLost {
+                        what,
+                        reason: e.to_string(),
+                        answered: false,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the session from this side: the archive syncs and acknowledges what it has,
+    /// then ends its side.
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+}
+
+/// The acknowledging half of a stream session.
+pub struct StreamAcks {
+    recv: quinn::RecvStream,
+}
+
+impl StreamAcks {
+    /// The next acknowledgement: the count of the session's appends durable in the
+    /// archive so far; `None` when the archive ended the session without an error (after
+    /// [`StreamSender::finish`]). A refusal (`Err`) ends the session. Not cancel-safe:
+    /// keep it in a task of its own.
+    pub async fn next(&mut self) -> Result<Option<u64>, ClientError> {
+        let what = "the stream session";
+        let mut prefix = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match self.recv.read(&mut prefix[got..]).await {
+                Ok(Some(n)) => got += n,
+                Ok(None) if got == 0 => return Ok(None),
+                Ok(None) => {
+                    return Err(ClientError::Unexpected {
+                        what: what.to_string(),
+                        answer: "the archive's answer ended inside a frame".into(),
+                    })
+                }
+                Err(e) => {
+                    return Err(ClientError::ConnectionLost {
+                        what: what.to_string(),
+                        reason: e.to_string(),
+                        answered: false,
+                    })
+                }
+            }
+        }
+        let unexpected = |answer: String| ClientError::Unexpected {
+            what: what.to_string(),
+            answer,
+        };
+        let len = wire::frame_len(prefix).map_err(|e| unexpected(e.to_string()))?;
+        let mut payload = vec![0u8; len];
+        self.recv
+            .read_exact(&mut payload)
+            .await
+            .map_err(|e| ClientError::ConnectionLost {
+                what: what.to_string(),
+                reason: e.to_string(),
+                answered: false,
+            })?;
+        match wire::decode_frame::<Response>(&payload).map_err(|e| unexpected(e.to_string()))? {
+            Response::StreamAcked { appends } => Ok(Some(appends)),
+            other => Err(answer_error(what, other)),
+        }
+    }
+}
+
 /// Answer to [`ArchiveClient::put_pack`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PackStored {
@@ -472,6 +581,46 @@ impl ArchiveClient {
             }
             other => Err(answer_error(&what, other)),
         }
+    }
+
+    /// `StreamSession`: opens the receiver's session of appends on one stream (see
+    /// [`Request::StreamSession`]): appends go through the [`StreamSender`] without
+    /// waiting for answers, acknowledgements come from [`StreamAcks`].
+    pub async fn stream_session(
+        &self,
+        system_identifier: u64,
+        segment_size: u32,
+    ) -> Result<(StreamSender, StreamAcks), ClientError> {
+        let what = "opening the stream session";
+        let idle = self.timeouts.idle;
+        let lost = |reason: String| ClientError::ConnectionLost {
+            what: what.to_string(),
+            reason,
+            answered: false,
+        };
+        let (mut send, recv) = tokio::time::timeout(idle, self.connection.connection.open_bi())
+            .await
+            .map_err(|_| idle_deadline(what, idle, false))?
+            .map_err(|e| lost(e.to_string()))?;
+        let request = Request::StreamSession {
+            cluster: self.cluster.clone(),
+            system_identifier,
+            segment_size,
+        };
+        tokio::time::timeout(idle, send.write_all(&encode_request(&request)))
+            .await
+            .map_err(|_| idle_deadline(what, idle, false))?
+            .map_err(|e| lost(e.to_string()))?;
+        Ok((
+            StreamSender {
+                cluster: self.cluster.clone(),
+                system_identifier,
+                segment_size,
+                idle,
+                send,
+            },
+            StreamAcks { recv },
+        ))
     }
 
     /// `StreamSeal`: the stream's timeline ended inside `segment`.

@@ -9,12 +9,15 @@
 //!   claiming more would let `remote_apply` commits return before any replica applied
 //!   them). No hot-standby feedback is ever sent. Keepalives that ask for a reply are
 //!   answered at once; a status goes out at least every [`STATUS_INTERVAL`].
-//! - **Group commit.** One append is in flight at a time; what arrives meanwhile is
-//!   sent as the next append (up to the segment's end and `MAX_STREAM_APPEND` bytes), so
-//!   archived syncs once per burst. Receiving never waits on the archive: the append runs
-//!   in its own task and at most [`MAX_PENDING`] bytes wait for it (beyond that the
-//!   receiver stops reading from PostgreSQL, still answering it, until the archive
-//!   catches up: memory stays bounded whatever the WAL rate).
+//! - **Group commit, never waiting on the archive.** Each timeline is streamed through
+//!   one session with archived (`StreamSession`): what arrives is sent at once, cut at
+//!   segment ends, by a task of its own, without waiting for earlier appends to be
+//!   acknowledged; archived writes each burst it received and fdatasyncs it once, then
+//!   acknowledges it, as PostgreSQL's walreceiver does. At most [`MAX_PENDING`] bytes may
+//!   be received and not yet durable (beyond that the receiver stops reading from
+//!   PostgreSQL, still answering it, until the archive catches up: memory stays bounded
+//!   whatever the WAL rate); an append unacknowledged for the client's idle timeout ends
+//!   the session (reconnect).
 //! - **Never a silent gap.** The start is where the archive's WAL on the server's
 //!   history ends ([`start`]), else the slot's restart LSN; if the server no longer has
 //!   the WAL from there, the receiver refuses to go on unless `--allow-gap` (then it
@@ -32,6 +35,7 @@
 mod start;
 pub(crate) mod status;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -281,7 +285,8 @@ fn held_wal(listing: &WalListing, segment_size: u32) -> Vec<HeldTimeline> {
             }
         })
         .collect();
-    for s in &listing.streamed {
+    // An entry that holds nothing (a newer archived never lists one) starts nothing.
+    for s in listing.streamed.iter().filter(|s| s.bytes > 0) {
         let Ok(WalFileName::Segment(seg)) = s.name.parse::<WalFileName>() else {
             continue;
         };
@@ -310,13 +315,79 @@ fn zstd_frame(bytes: &[u8], level: i32) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// An append on its way to archived.
-struct InFlight {
+/// The archive's side of one timeline's streaming: a session whose appends are sent by
+/// one task and whose acknowledgements are read by another, so that neither a slow
+/// archive nor a slow network ever holds up the receive loop.
+struct Session {
+    /// Appends to send: segment, offset, bytes.
+    appends: tokio::sync::mpsc::UnboundedSender<(String, u64, Bytes)>,
+    /// Acknowledgements (appends durable so far), or why the session failed.
+    acks: tokio::sync::mpsc::UnboundedReceiver<Result<Option<u64>, ClientError>>,
+    sender: tokio::task::JoinHandle<()>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    async fn open(
+        archive: &ArchiveClient,
+        system_identifier: u64,
+        segment_size: u32,
+    ) -> Result<Session, ClientError> {
+        let (mut sender, mut acks) = archive
+            .stream_session(system_identifier, segment_size)
+            .await?;
+        let (appends, mut queued) = tokio::sync::mpsc::unbounded_channel::<(String, u64, Bytes)>();
+        let (ack_tx, ack_rx) = tokio::sync::mpsc::unbounded_channel();
+        let failed = ack_tx.clone();
+        let sender = tokio::spawn(async move {
+            while let Some((segment, offset, bytes)) = queued.recv().await {
+                if let Err(e) = sender.append(&segment, offset, bytes).await {
+                    let _ = failed.send(Err(e));
+                    return;
+                }
+            }
+            sender.finish();
+        });
+        let reader = tokio::spawn(async move {
+            loop {
+                let ack = acks.next().await;
+                let more = matches!(ack, Ok(Some(_)));
+                if ack_tx.send(ack).is_err() || !more {
+                    return;
+                }
+            }
+        });
+        Ok(Session {
+            appends,
+            acks: ack_rx,
+            sender,
+            reader,
+        })
+    }
+}
+
+impl Session {
+    /// Ends the session from this side once what was queued is sent (the archive then
+    /// ends it too, without an error in its log).
+    async fn close(mut self) {
+        let (closed, _) = tokio::sync::mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.appends, closed));
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.sender).await;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.sender.abort();
+        self.reader.abort();
+    }
+}
+
+/// An append sent and not yet acknowledged.
+struct Sent {
     /// Where its bytes end.
     end: Lsn,
-    task: tokio::task::JoinHandle<Result<u64, ClientError>>,
-    /// Offset its bytes end at in their segment (what archived must answer).
-    end_offset: u64,
+    at: Instant,
 }
 
 impl Receiver<'_> {
@@ -550,13 +621,18 @@ impl Receiver<'_> {
         self.status.state = "streaming".into();
         self.status.last_error = None;
         self.write_status();
+        let mut session = Session::open(archive, system_identifier, segment_size)
+            .await
+            .context("opening the stream session with archived")?;
         // `pending` holds the received bytes from `pending_start` not yet sent.
         let mut pending = BytesMut::new();
         let mut pending_start = start.lsn;
         let mut received = start.lsn;
         let mut flushed: Option<Lsn> = None;
         let mut server_end: Option<Lsn> = None;
-        let mut in_flight: Option<InFlight> = None;
+        // Appends sent and not yet durable, oldest first; `acked` counts the durable ones.
+        let mut sent: VecDeque<Sent> = VecDeque::new();
+        let mut acked: u64 = 0;
         let mut last_status = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut shutdown = self.shutdown.clone();
@@ -564,31 +640,30 @@ impl Receiver<'_> {
         let mut timeline_end: Option<(TimelineId, Lsn)> = None;
         let mut first_message = true;
         loop {
-            // Send what is pending when nothing is in flight.
-            if in_flight.is_none() && !pending.is_empty() {
+            // Send what is pending at once, cut at segment ends: the archive syncs once
+            // per burst of what it receives (group commit).
+            while !pending.is_empty() {
                 let segment = SegmentName::containing(start.timeline, pending_start, segment_size);
                 let offset = pending_start.0 % size;
                 let room = (size - offset).min(MAX_STREAM_APPEND) as usize;
                 let bytes: Bytes = pending.split_to(room.min(pending.len())).freeze();
-                let end = Lsn(pending_start.0 + bytes.len() as u64);
-                let end_offset = offset + bytes.len() as u64;
-                let client = archive.clone();
-                let name = segment.to_string();
-                let task = tokio::spawn(async move {
-                    client
-                        .stream_append(&name, offset, system_identifier, segment_size, bytes)
-                        .await
-                        .map(|f| f.flushed)
-                });
-                pending_start = end;
-                in_flight = Some(InFlight {
-                    end,
-                    task,
-                    end_offset,
+                pending_start = Lsn(pending_start.0 + bytes.len() as u64);
+                if session
+                    .appends
+                    .send((segment.to_string(), offset, bytes))
+                    .is_err()
+                {
+                    // The sender failed: its error is the next acknowledgement.
+                    break;
+                }
+                sent.push_back(Sent {
+                    end: pending_start,
+                    at: Instant::now(),
                 });
             }
-            if in_flight.is_none() && pending.is_empty() {
+            if sent.is_empty() && pending.is_empty() {
                 if stopping {
+                    session.close().await;
                     let flushed = flushed.unwrap_or(Lsn(0));
                     let _ = stream.send_status(received, flushed, false).await;
                     self.update_positions(received, Some(flushed), server_end);
@@ -596,6 +671,7 @@ impl Receiver<'_> {
                     return Ok(None);
                 }
                 if let Some((next, at)) = timeline_end {
+                    session.close().await;
                     // The old timeline's last segment stays as its streamed partial.
                     if !received.0.is_multiple_of(size) {
                         let segment = SegmentName::containing(
@@ -616,7 +692,8 @@ impl Receiver<'_> {
                     return Ok(Some((next, at)));
                 }
             }
-            let may_read = !stopping && timeline_end.is_none() && pending.len() < MAX_PENDING;
+            let unflushed = received.0 - flushed.unwrap_or(start.lsn).0;
+            let may_read = !stopping && timeline_end.is_none() && unflushed < MAX_PENDING as u64;
             tokio::select! {
                 event = stream.next(), if may_read => {
                     let event = match event {
@@ -646,23 +723,49 @@ impl Receiver<'_> {
                         }
                     }
                 }
-                done = async { (&mut in_flight.as_mut().expect("guarded").task).await }, if in_flight.is_some() => {
-                    let job = in_flight.take().expect("guarded");
-                    let answered = done.map_err(|e| anyhow!("the append task failed: {e}"))?
-                        .with_context(|| format!("appending WAL up to {} to the archive", job.end))?;
-                    if answered < job.end_offset {
-                        return Err(anyhow!("archived answered {answered} bytes flushed where {} were sent", job.end_offset).into());
+                ack = session.acks.recv() => {
+                    let durable = match ack {
+                        Some(Ok(Some(n))) => n,
+                        Some(Ok(None)) | None => {
+                            return Err(anyhow!("archived ended the stream session").into());
+                        }
+                        Some(Err(e)) => {
+                            let upto = sent.front().map_or(received, |s| s.end);
+                            return Err(anyhow!(e).context(format!("appending WAL up to {upto} to the archive")).into());
+                        }
+                    };
+                    if durable > acked + sent.len() as u64 {
+                        return Err(anyhow!(
+                            "archived acknowledged {durable} appends where {} were sent",
+                            acked + sent.len() as u64
+                        )
+                        .into());
                     }
-                    flushed = Some(job.end);
+                    while acked < durable {
+                        let done = sent.pop_front().expect("counted above");
+                        flushed = Some(done.end);
+                        acked += 1;
+                    }
                     // After the server ended the timeline the stream is no longer a COPY:
                     // nothing more is reported on it.
                     if timeline_end.is_none() {
-                        stream.send_status(received, job.end, false).await?;
-                        last_status = Instant::now();
+                        if let Some(f) = flushed {
+                            stream.send_status(received, f, false).await?;
+                            last_status = Instant::now();
+                        }
                     }
                     self.update_positions(received, flushed, server_end);
                 }
                 _ = tick.tick() => {
+                    if let Some(oldest) = sent.front() {
+                        let idle = self.cfg.timeouts().idle;
+                        if oldest.at.elapsed() > idle {
+                            return Err(anyhow!(
+                                "archived has not confirmed WAL up to {} for {} s; reconnecting",
+                                oldest.end, idle.as_secs()
+                            ).into());
+                        }
+                    }
                     if last_status.elapsed() >= STATUS_INTERVAL && timeline_end.is_none() {
                         stream.send_status(received, flushed.unwrap_or(Lsn(0)), false).await?;
                         last_status = Instant::now();

@@ -212,6 +212,21 @@ pub enum Request {
         /// The streamed server's `wal_segment_size`.
         segment_size: u32,
     },
+    /// Opens the streaming receiver's session (`pushclient stream`): the rest of the
+    /// stream is a sequence of appends, each a frame of [`Request::StreamAppend`] (of this
+    /// cluster, system and segment size) followed by its `len` raw bytes, sent without
+    /// waiting for answers. Answers: one [`Response::StreamAcked`] per burst the archive
+    /// fdatasynced (appends are durable in the order sent), and an [`Response::Error`]
+    /// that ends the session when an append is refused (after the acks of those before
+    /// it) or the archive shuts down. The client ends the session by finishing its side.
+    StreamSession {
+        /// Cluster name.
+        cluster: String,
+        /// The streamed server's system identifier: refused when it is not the cluster's.
+        system_identifier: u64,
+        /// The streamed server's `wal_segment_size`.
+        segment_size: u32,
+    },
     /// The stream's timeline ended inside `segment` (promotion, switchover): what the
     /// archive holds of it stays as that timeline's last streamed segment, stored now.
     /// Answer: [`Response::Stored`].
@@ -258,6 +273,7 @@ impl Request {
             | Request::DeleteBackup { cluster, .. }
             | Request::BeginBackup { cluster }
             | Request::StreamAppend { cluster, .. }
+            | Request::StreamSession { cluster, .. }
             | Request::StreamSeal { cluster, .. } => Some(cluster),
             Request::Retention { cluster, .. } => cluster.as_deref(),
             Request::Ping => None,
@@ -283,6 +299,7 @@ impl Request {
             Request::Retention { .. } => "retention",
             Request::BeginBackup { .. } => "begin_backup",
             Request::StreamAppend { .. } => "stream_append",
+            Request::StreamSession { .. } => "stream_session",
             Request::StreamSeal { .. } => "stream_seal",
         }
     }
@@ -359,6 +376,12 @@ pub enum Response {
         flushed: u64,
         /// The segment is complete; it becomes a normal archived segment shortly.
         complete: bool,
+    },
+    /// In a [`Request::StreamSession`]: the first `appends` appends of the session are
+    /// fdatasynced on the archive's disk.
+    StreamAcked {
+        /// Appends durable since the session began.
+        appends: u64,
     },
     /// The object was deleted.
     Deleted,
