@@ -124,7 +124,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let setup = Setup {
-        workers: Some(2),
+        // The receiver's loop is bound by latency (each commit of a synchronous primary
+        // waits for it): one thread, no wake-ups of others.
+        workers: Some(if matches!(cli.command, Command::Stream { .. }) {
+            0
+        } else {
+            2
+        }),
         config_exit: Exit::BadConfig,
     };
     cli::run(&cli.common.log, setup, |runtime| {

@@ -122,16 +122,8 @@ pub(super) async fn handle_stream(
             system_identifier: *system_identifier,
             segment_size: *segment_size,
         };
-        let (mut send, mut recv) = (send, recv);
-        service::stream::session(
-            &ctx,
-            &session,
-            &mut recv,
-            &mut send,
-            body_idle,
-            &shutting_down,
-        )
-        .await;
+        let mut recv = recv;
+        service::stream::session(&ctx, &session, &mut recv, send, body_idle, &shutting_down).await;
         return;
     }
     let cluster_name = request.cluster().unwrap_or_default().to_string();

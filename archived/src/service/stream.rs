@@ -601,12 +601,13 @@ pub(crate) async fn session<R, W>(
     ctx: &Ctx<'_>,
     s: &Session<'_>,
     recv: &mut R,
-    send: &mut W,
+    mut send: W,
     body_idle: Duration,
     shutting_down: impl Fn() -> bool,
-) where
+) -> W
+where
     R: tokio::io::AsyncRead + Unpin + Send,
-    W: tokio::io::AsyncWrite + Unpin + Send,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     use tokio::io::AsyncWriteExt;
     let opened = ctx.require_writer("stream WAL").and_then(|()| {
@@ -618,39 +619,26 @@ pub(crate) async fn session<R, W>(
         tracing::warn!(cluster = %s.cluster, code = ?r.code, message = %r.message, "stream session refused");
         let _ = send.write_all(&error_frame(r)).await;
         let _ = send.shutdown().await;
-        return;
+        return send;
     }
     tracing::info!(cluster = %s.cluster, "stream session opened");
     let (jobs, queued) = tokio::sync::mpsc::channel::<Job>(BATCH_MAX);
-    let (acks, mut applied) = tokio::sync::mpsc::unbounded_channel::<Applied>();
     let wake = ctx.archive.streams.wake.clone();
-    let writer = tokio::task::spawn_blocking(move || write_bursts(queued, acks, wake));
-    let read = async move {
-        let result = read_appends(ctx, s, recv, &jobs, body_idle, &shutting_down).await;
-        drop(jobs);
-        result
-    };
-    let answer = async {
-        let mut durable: u64 = 0;
-        while let Some(a) = applied.recv().await {
-            durable += a.durable as u64;
-            if a.durable > 0 {
-                let frame = wire::encode_frame(&Response::StreamAcked { appends: durable })
-                    .expect("a small frame");
-                if send.write_all(&frame).await.is_err() {
-                    return true;
-                }
-            }
-            if let Some(r) = a.failed {
-                tracing::warn!(cluster = %s.cluster, code = ?r.code, message = %r.message, "stream append refused; session ended");
-                let _ = send.write_all(&error_frame(r)).await;
-                return true;
-            }
+    let cluster = s.cluster.to_string();
+    let runtime = tokio::runtime::Handle::current();
+    // The writer answers too: an acknowledgement leaves the moment its sync returns.
+    let writer =
+        tokio::task::spawn_blocking(move || write_bursts(queued, send, wake, &cluster, &runtime));
+    let read = read_appends(ctx, s, recv, &jobs, body_idle, &shutting_down).await;
+    drop(jobs);
+    let (mut send, ended) = match writer.await {
+        Ok(done) => done,
+        Err(e) => {
+            // The writer panicked: its stream went with it.
+            tracing::error!(error = %e, "stream session writer failed");
+            std::panic::resume_unwind(e.into_panic())
         }
-        false
     };
-    let (read, ended) = tokio::join!(read, answer);
-    let _ = writer.await;
     if !ended {
         if let Err(r) = read {
             tracing::warn!(cluster = %s.cluster, code = ?r.code, message = %r.message, "stream session ended");
@@ -658,6 +646,7 @@ pub(crate) async fn session<R, W>(
         }
     }
     let _ = send.shutdown().await;
+    send
 }
 
 fn error_frame(r: Refusal) -> Vec<u8> {
@@ -758,13 +747,21 @@ where
     }
 }
 
-/// The session's writing half (a blocking thread): each burst of queued jobs applied,
-/// and what became of it sent to the answering half.
-fn write_bursts(
+/// The session's writing half (a blocking thread): each burst of queued jobs applied
+/// and answered on `send` (`StreamAcked`, or the refusal that ends the session). Returns
+/// the stream, and whether the session's end was answered.
+fn write_bursts<W>(
     mut queued: tokio::sync::mpsc::Receiver<Job>,
-    acks: tokio::sync::mpsc::UnboundedSender<Applied>,
+    mut send: W,
     wake: Arc<tokio::sync::Notify>,
-) {
+    cluster: &str,
+    runtime: &tokio::runtime::Handle,
+) -> (W, bool)
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut durable: u64 = 0;
     while let Some(first) = queued.blocking_recv() {
         let mut burst = vec![first];
         while burst.len() < BATCH_MAX {
@@ -777,11 +774,21 @@ fn write_bursts(
         if applied.complete {
             wake.notify_one();
         }
-        let failed = applied.failed.is_some();
-        if acks.send(applied).is_err() || failed {
-            return;
+        if applied.durable > 0 {
+            durable += applied.durable as u64;
+            let frame = wire::encode_frame(&Response::StreamAcked { appends: durable })
+                .expect("a small frame");
+            if runtime.block_on(send.write_all(&frame)).is_err() {
+                return (send, true);
+            }
+        }
+        if let Some(r) = applied.failed {
+            tracing::warn!(%cluster, code = ?r.code, message = %r.message, "stream append refused; session ended");
+            let _ = runtime.block_on(send.write_all(&error_frame(r)));
+            return (send, true);
         }
     }
+    (send, false)
 }
 
 /// Checks every page header that starts inside `bytes` (at segment offset `offset`).
@@ -1453,12 +1460,11 @@ mod tests {
             segment_size: SEG,
         };
         let mut recv: &[u8] = &input;
-        let mut out: Vec<u8> = Vec::new();
-        session(
+        let out = session(
             &ctx,
             &s,
             &mut recv,
-            &mut out,
+            Vec::new(),
             Duration::from_secs(5),
             || false,
         )
@@ -1584,14 +1590,13 @@ mod tests {
         };
         // The client sends nothing and keeps its side open.
         let (_client, mut server) = tokio::io::duplex(1024);
-        let mut out: Vec<u8> = Vec::new();
-        tokio::time::timeout(
+        let out = tokio::time::timeout(
             Duration::from_secs(10),
             session(
                 &ctx,
                 &s,
                 &mut server,
-                &mut out,
+                Vec::new(),
                 Duration::from_secs(5),
                 || true,
             ),

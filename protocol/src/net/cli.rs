@@ -113,7 +113,9 @@ pub struct StopRecovery {
 /// How a binary runs its command.
 #[derive(Clone, Copy, Debug)]
 pub struct Setup {
-    /// Worker threads of the runtime (`None`: one per CPU).
+    /// Worker threads of the runtime (`None`: one per CPU; `Some(0)`: no workers, the
+    /// command's own thread runs every task, for a latency-bound loop that would only
+    /// pay for waking other threads).
     pub workers: Option<usize>,
     /// The exit for an unusable client config ([`Exit::BadConfig`] or
     /// [`Exit::FatalConfig`]; [`Exit::Failure`] where no table says otherwise).
@@ -130,10 +132,15 @@ pub fn run(
 ) -> ExitCode {
     logging::init(log.log_format, "info");
     crate::net::transport::install_crypto_provider();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = setup.workers {
-        builder.worker_threads(n);
-    }
+    let mut builder = match setup.workers {
+        Some(0) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

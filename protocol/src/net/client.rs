@@ -317,11 +317,17 @@ impl StreamSender {
             system_identifier: self.system_identifier,
             segment_size: self.segment_size,
         });
-        let body = (0..bytes.len())
+        // The announcement and the first piece of the body in one write: a small append
+        // then leaves in one packet.
+        let mut pieces = (0..bytes.len())
             .step_by(SEND_PIECE)
             .map(|at| bytes.slice(at..(at + SEND_PIECE).min(bytes.len())));
-        for piece in std::iter::once(Bytes::from(header)).chain(body) {
-            match tokio::time::timeout(self.idle, self.send.write_chunk(piece)).await {
+        let mut batches = vec![vec![Bytes::from(header)]];
+        batches[0].extend(pieces.next());
+        batches.extend(pieces.map(|p| vec![p]));
+        for mut batch in batches {
+            let write = self.send.write_all_chunks(&mut batch);
+            match tokio::time::timeout(self.idle, write).await {
                 Err(_) => return Err(idle_deadline(&what, self.idle, false)),
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
