@@ -50,6 +50,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use walvault_protocol::core::format::codec::Encoder;
+use walvault_protocol::core::pg::timeline::TimelineHistory;
 use walvault_protocol::core::pg::wal::{
     pg_major_for_magic, LongPageHeader, SegmentName, WalFileName, LONG_PAGE_HEADER_LEN,
 };
@@ -921,13 +922,42 @@ pub(crate) async fn seal(ctx: &Ctx<'_>, cluster: &str, segment: &str) -> Reply {
 fn snapshot(file: &std::fs::File, size: u32, held: u64) -> Result<(Vec<u8>, [u8; 32])> {
     let mut raw = vec![0u8; size as usize];
     file.read_exact_at(&mut raw, 0)?;
-    raw[(held as usize).min(size as usize)..].fill(0);
+    compressed(raw, held)
+}
+
+/// `raw` with every byte from `held` on zeroed, compressed, and its blake3.
+fn compressed(mut raw: Vec<u8>, held: u64) -> Result<(Vec<u8>, [u8; 32])> {
+    let from = (held as usize).min(raw.len());
+    raw[from..].fill(0);
     let hash = *blake3::hash(&raw).as_bytes();
     let mut encoder = Encoder::new(LEVEL)?;
     let mut out = Vec::new();
     encoder.write(&raw, &mut out)?;
     encoder.finish(&mut out)?;
     Ok((out, hash))
+}
+
+/// The answer of an unfinished segment: `frame` (of the zero-padded segment, blake3
+/// `hash`) holding `held` bytes of WAL, its memory held by `grant` until sent.
+fn padded_answer(
+    size: u32,
+    (frame, hash): (Vec<u8>, [u8; 32]),
+    held: u64,
+    grant: Grant,
+    what: String,
+) -> Streamed {
+    let compressed_size = frame.len() as u64;
+    let body = futures::stream::iter([Ok(Bytes::from(frame))]);
+    Streamed {
+        response: Response::Object {
+            raw_size: u64::from(size),
+            blake3: hex::encode(hash),
+            compressed_size,
+            partial_bytes: Some(held),
+        },
+        body: super::holding(Box::pin(body), grant),
+        what,
+    }
 }
 
 /// Stores what `slot` holds as a new upload (when it grew) and deletes the older ones.
@@ -1087,23 +1117,13 @@ pub(crate) async fn partial_object(
                 Err(r) => return Some(Err(r)),
             };
             let made = tokio::task::spawn_blocking(move || snapshot(&file, size, held)).await;
-            let (frame, hash) = match made {
+            let made = match made {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => return Some(Err(Refusal::internal(e))),
                 Err(e) => return Some(Err(Refusal::internal(e.into()))),
             };
-            let compressed_size = frame.len() as u64;
-            let body = futures::stream::iter([Ok(Bytes::from(frame))]);
-            return Some(Ok(Streamed {
-                response: Response::Object {
-                    raw_size: u64::from(size),
-                    blake3: hex::encode(hash),
-                    compressed_size,
-                    partial_bytes: Some(held),
-                },
-                body: super::holding(Box::pin(body), grant),
-                what: format!("the unfinished {segment} ({held} bytes)"),
-            }));
+            let what = format!("the unfinished {segment} ({held} bytes)");
+            return Some(Ok(padded_answer(size, made, held, grant, what)));
         }
     }
     let newest = match newest_upload(ctx, cluster, segment).await {
@@ -1125,6 +1145,134 @@ pub(crate) async fn partial_object(
         s
     });
     Some(answer)
+}
+
+/// The bytes of WAL the streaming receiver holds of `segment` (this archived's file, else
+/// the newest upload), if any.
+async fn streamed_bytes(ctx: &Ctx<'_>, cluster: &str, segment: &SegmentName) -> Result<u64> {
+    if let Some(slot) = ctx.archive.streams.existing(cluster, segment) {
+        if let Some(p) = slot.lock().await.as_ref().filter(|p| !p.done && p.held > 0) {
+            return Ok(p.held);
+        }
+    }
+    Ok(newest_upload(ctx, cluster, segment)
+        .await?
+        .map_or(0, |(_, held)| held))
+}
+
+/// How many WAL history files after a timeline are searched for its switchpoint.
+const HISTORY_SEARCH: u32 = 64;
+
+/// A `<segment>.partial` in the archive (a promoted standby's `archive_command` stores
+/// the end of its old timeline so) and how many of its bytes are WAL of that timeline: up
+/// to the switchpoint a later timeline's history file in the archive gives. The rest of
+/// such a file may hold recycled bytes. `None` without the file or without a history
+/// that says where the timeline ended.
+async fn archived_partial(
+    ctx: &Ctx<'_>,
+    cluster: &str,
+    segment: &SegmentName,
+    segment_size: u32,
+) -> Result<Option<(String, u64)>> {
+    let partial = WalFileName::Partial(*segment);
+    if ctx.index.wal(cluster, &partial)?.is_none() {
+        return Ok(None);
+    }
+    let start = segment.start_lsn(segment_size).0;
+    for t in segment.timeline.0 + 1..=segment.timeline.0.saturating_add(HISTORY_SEARCH) {
+        let name = WalFileName::History(walvault_protocol::core::pg::wal::TimelineId(t));
+        if ctx.index.wal(cluster, &name)?.is_none() {
+            continue;
+        }
+        let Some(raw) = raw_object(ctx, &layout::wal_key(cluster, &name)).await? else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&raw);
+        let Ok(history) = TimelineHistory::parse(&text) else {
+            continue;
+        };
+        if let Some(e) = history
+            .entries
+            .iter()
+            .find(|e| e.timeline == segment.timeline)
+        {
+            let valid = e
+                .switchpoint
+                .0
+                .saturating_sub(start)
+                .min(u64::from(segment_size));
+            return Ok(Some((layout::wal_key(cluster, &partial), valid)));
+        }
+    }
+    Ok(None)
+}
+
+/// An object's raw content, verified against its header; `None` if absent.
+async fn raw_object(ctx: &Ctx<'_>, key: &str) -> Result<Option<Vec<u8>>> {
+    use futures::TryStreamExt;
+    let Some(header) = ctx.store.read_header(key).await? else {
+        return Ok(None);
+    };
+    let frame: Vec<Bytes> = ctx
+        .store
+        .body_stream(key, &header)
+        .await?
+        .try_collect()
+        .await?;
+    let raw = zstd::bulk::decompress(&frame.concat(), header.raw_size as usize)
+        .with_context(|| format!("{key}: damaged body"))?;
+    if raw.len() as u64 != header.raw_size || *blake3::hash(&raw).as_bytes() != header.blake3 {
+        anyhow::bail!("{key}: its content does not match its header");
+    }
+    Ok(Some(raw))
+}
+
+/// `GetWal` of a segment without a complete object, where the archive holds both the
+/// receiver's unfinished segment and a `.partial` from `archive_command`: whichever holds
+/// more WAL of the segment's timeline is served (the `.partial` zero-padded past its
+/// timeline's switchpoint), marked with `partial_bytes` either way. `None`: neither.
+pub(crate) async fn unfinished_object(
+    ctx: &Ctx<'_>,
+    cluster: &str,
+    segment: &SegmentName,
+) -> Option<StreamReply> {
+    let size = match ctx.index.binding(cluster) {
+        Ok(Some(b)) => b.wal_segment_size,
+        Ok(None) => return None,
+        Err(e) => return Some(Err(Refusal::internal(e))),
+    };
+    let archived = match archived_partial(ctx, cluster, segment, size).await {
+        Ok(a) => a.filter(|(_, valid)| *valid > 0),
+        Err(e) => return Some(Err(Refusal::internal(e))),
+    };
+    let Some((key, valid)) = archived else {
+        return partial_object(ctx, cluster, segment).await;
+    };
+    match streamed_bytes(ctx, cluster, segment).await {
+        Ok(streamed) if streamed >= valid => return partial_object(ctx, cluster, segment).await,
+        Ok(_) => {}
+        Err(e) => return Some(Err(Refusal::internal(e))),
+    }
+    let grant = match ctx
+        .budget
+        .body(2 * u64::from(size), &format!("sending {key}"))
+        .await
+    {
+        Ok(g) => g,
+        Err(r) => return Some(Err(r)),
+    };
+    let raw = match raw_object(ctx, &key).await {
+        Ok(Some(raw)) if raw.len() == size as usize => raw,
+        Ok(_) => return partial_object(ctx, cluster, segment).await,
+        Err(e) => return Some(Err(Refusal::internal(e))),
+    };
+    let made = match tokio::task::spawn_blocking(move || compressed(raw, valid)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Some(Err(Refusal::internal(e))),
+        Err(e) => return Some(Err(Refusal::internal(e.into()))),
+    };
+    let what = format!("{segment}.partial up to its timeline's end ({valid} bytes)");
+    Some(Ok(padded_answer(size, made, valid, grant, what)))
 }
 
 /// The uploads of `segment` in the store: key and bytes held.
@@ -1609,6 +1757,49 @@ mod tests {
             matches!(&answer, Response::Error { code, .. } if *code == ErrorCode::Unavailable),
             "{answer:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_restore_gets_whichever_of_the_streamed_segment_and_an_archived_partial_holds_more() {
+        let t = TestArchive::new();
+        // A promoted standby's archive_command stored the end of timeline 1 as
+        // <segment>.partial (its tail recycled bytes), and timeline 2's history says
+        // where timeline 1 ended: 256 KiB into segment 5.
+        let (name, old_raw) = crate::service::tests::segment(5, SYSID, 0x77);
+        crate::service::tests::push(&t, &format!("{name}.partial"), &old_raw)
+            .await
+            .unwrap();
+        let switch = 5 * u64::from(SEG) + (256 << 10);
+        let history = format!("1\t0/{switch:X}\tno recovery target specified\n");
+        crate::service::tests::push(&t, "00000002.history", history.as_bytes())
+            .await
+            .unwrap();
+        let (got, held) = get(&t, &name).await.unwrap();
+        assert_eq!(held, Some(256 << 10));
+        assert_eq!(&got[..256 << 10], &old_raw[..256 << 10]);
+        assert!(
+            got[256 << 10..].iter().all(|&b| b == 0),
+            "the bytes past the switchpoint are not served"
+        );
+        // The receiver holds less of the segment: the archived partial still wins.
+        let (_, streamed_raw) = wal(5);
+        send(&t, &name, 0, &streamed_raw[..100_000], SYSID)
+            .await
+            .unwrap();
+        assert_eq!(get(&t, &name).await.unwrap().1, Some(256 << 10));
+        // Once it holds more, the receiver's copy is served.
+        send(&t, &name, 100_000, &streamed_raw[100_000..300_000], SYSID)
+            .await
+            .unwrap();
+        let (got, held) = get(&t, &name).await.unwrap();
+        assert_eq!(held, Some(300_000));
+        assert_eq!(&got[..300_000], &streamed_raw[..300_000]);
+        // Without a history that says where timeline 1 ended, the partial is not used.
+        let t = TestArchive::new();
+        crate::service::tests::push(&t, &format!("{name}.partial"), &old_raw)
+            .await
+            .unwrap();
+        assert!(matches!(get(&t, &name).await, Err(r) if r.code == ErrorCode::NotFound));
     }
 
     #[tokio::test]

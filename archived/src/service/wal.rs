@@ -297,9 +297,10 @@ pub(crate) async fn get(ctx: &Ctx<'_>, cluster: &str, name: &str) -> StreamReply
     })
     .await;
     match (answer, wal_name) {
-        // Not complete: the streaming receiver's unfinished segment, if there is one.
+        // Not complete: the streaming receiver's unfinished segment or a `.partial` from
+        // archive_command, whichever holds more of it.
         (Err(r), WalFileName::Segment(segment)) if r.code == ErrorCode::NotFound => {
-            match super::stream::partial_object(ctx, cluster, &segment).await {
+            match super::stream::unfinished_object(ctx, cluster, &segment).await {
                 Some(partial) => partial,
                 None => Err(r),
             }

@@ -29,7 +29,7 @@
 //! - **Reconnects forever**, with back-off from 1 s to 30 s, after any failure of
 //!   PostgreSQL, the network or archived; only a misconfiguration (another system than
 //!   the cluster's, a missing slot without `--create-slot`, a gap without `--allow-gap`)
-//!   ends it, with exit 1. SIGTERM or SIGINT: the append in flight is finished, the last
+//!   ends it, with exit 1. SIGTERM or SIGINT: the appends in flight are acknowledged, the last
 //!   position reported, exit 0.
 
 mod start;
