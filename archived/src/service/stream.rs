@@ -470,14 +470,15 @@ fn apply(jobs: Vec<Job>) -> Applied {
     let mut written = 0;
     let mut failed = None;
     for job in &jobs {
-        match write_one(job) {
+        let seen = touched
+            .iter()
+            .position(|(s, _, _)| Arc::ptr_eq(s, &job.slot));
+        match write_one(job, seen.is_none()) {
             Ok((file, end)) => {
-                match touched
-                    .iter_mut()
-                    .find(|(s, _, _)| Arc::ptr_eq(s, &job.slot))
-                {
-                    Some(t) => t.2 = t.2.max(end),
-                    None => touched.push((job.slot.clone(), file, end)),
+                match (seen, file) {
+                    (Some(i), _) => touched[i].2 = touched[i].2.max(end),
+                    (None, Some(file)) => touched.push((job.slot.clone(), file, end)),
+                    (None, None) => unreachable!("write_one hands out the file when asked"),
                 }
                 written += 1;
             }
@@ -520,8 +521,9 @@ fn apply(jobs: Vec<Job>) -> Applied {
 }
 
 /// Writes one job into its segment's file (made first if need be), without a sync: the
-/// file and the end of what it wrote.
-fn write_one(job: &Job) -> Result<(std::fs::File, u64), Refusal> {
+/// file (a handle of its own, when `want_file`: the sync needs it) and the end of what
+/// it wrote.
+fn write_one(job: &Job, want_file: bool) -> Result<(Option<std::fs::File>, u64), Refusal> {
     let mut guard = job.slot.blocking_lock();
     if guard.as_ref().is_none_or(|p| p.done) {
         *guard = Some(prepare_file(&job.path, job.size).map_err(Refusal::internal)?);
@@ -539,11 +541,7 @@ fn write_one(job: &Job) -> Result<(std::fs::File, u64), Refusal> {
             job.name, job.offset, p.written.max(p.held)
         )));
     }
-    let file = p
-        .file
-        .try_clone()
-        .map_err(|e| Refusal::internal(e.into()))?;
-    match write_compared(&file, job.offset, &job.bytes, &job.name) {
+    match write_compared(&p.file, job.offset, &job.bytes, &job.name) {
         Ok(()) => {}
         Err(WriteError::Conflict(at)) => {
             return Err(Refusal::new(
@@ -559,6 +557,14 @@ fn write_one(job: &Job) -> Result<(std::fs::File, u64), Refusal> {
     }
     let end = job.offset + job.bytes.len() as u64;
     p.written = p.written.max(end);
+    let file = match want_file {
+        true => Some(
+            p.file
+                .try_clone()
+                .map_err(|e| Refusal::internal(e.into()))?,
+        ),
+        false => None,
+    };
     Ok((file, end))
 }
 
