@@ -12,6 +12,7 @@ mod pg_archive;
 mod pg_backup;
 mod pg_backup_checks;
 mod pg_backup_gc;
+mod pg_metrics;
 mod pg_restore;
 mod pg_stream;
 mod prefetch;

@@ -64,6 +64,14 @@ pub(crate) struct ServerConfig {
     /// MiB the buffers of all requests together may hold (at least 16).
     #[serde(default = "default_request_memory")]
     pub(crate) request_memory_mib: u64,
+    /// TCP address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`; ops/http.rs);
+    /// "off" turns it off.
+    #[serde(default = "default_metrics_listen")]
+    pub(crate) metrics_listen: String,
+    /// When set, `/metrics` answers only with `Authorization: Bearer <this>` (the probes
+    /// stay open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) metrics_token: Option<String>,
     /// Backup retention policy (`archived retention run`).
     #[serde(default)]
     pub(crate) retention: RetentionConfig,
@@ -95,6 +103,13 @@ fn default_upload_interval() -> u64 {
     2
 }
 
+/// The metrics endpoint's default: loopback only, Prometheus' port range.
+pub(crate) const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7434";
+
+fn default_metrics_listen() -> String {
+    DEFAULT_METRICS_LISTEN.to_string()
+}
+
 fn default_max_connections() -> usize {
     256
 }
@@ -120,6 +135,8 @@ impl ServerConfig {
             shutdown_grace_secs: default_grace(),
             body_idle_timeout_secs: default_body_idle_timeout(),
             request_memory_mib: default_request_memory(),
+            metrics_listen: default_metrics_listen(),
+            metrics_token: None,
             retention: Default::default(),
             stream: Default::default(),
         }
@@ -143,6 +160,15 @@ impl ServerConfig {
                 cfg.listen
             )
         })?;
+        if cfg.metrics_listen != "off" {
+            cfg.metrics_listen.parse::<SocketAddr>().with_context(|| {
+                format!(
+                    "{}: metrics_listen '{}' is not an IP:port (or \"off\")",
+                    path.display(),
+                    cfg.metrics_listen
+                )
+            })?;
+        }
         if cfg.body_idle_timeout_secs == 0 {
             anyhow::bail!(
                 "{}: body_idle_timeout_secs must be at least 1",

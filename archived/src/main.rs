@@ -14,6 +14,7 @@ mod config;
 mod datadir;
 mod gc;
 mod index;
+mod ops;
 mod server;
 mod service;
 mod store;
@@ -71,7 +72,8 @@ enum Command {
         out: PathBuf,
     },
     /// Run the archive server in the foreground. SIGTERM or SIGINT stops it after
-    /// in-flight requests finish (bounded by shutdown_grace_secs).
+    /// in-flight requests finish (bounded by shutdown_grace_secs). Also serves
+    /// /metrics, /healthz and /readyz over HTTP on metrics_listen (archived.toml).
     Serve {
         /// Data directory.
         #[arg(long)]
@@ -81,6 +83,9 @@ enum Command {
         /// kernel picks a free port; this is how a caller (the test harness) learns it.
         #[arg(long)]
         listen_address_file: Option<PathBuf>,
+        /// The same for the HTTP endpoint (`metrics_listen`), once it is bound.
+        #[arg(long)]
+        metrics_address_file: Option<PathBuf>,
     },
     /// WAL held in the archive.
     Wal {
@@ -145,7 +150,15 @@ async fn run(command: Command) -> Result<()> {
         Command::Serve {
             data_dir,
             listen_address_file,
-        } => server::serve(&DataDir::new(&data_dir), listen_address_file.as_deref()).await,
+            metrics_address_file,
+        } => {
+            server::serve(
+                &DataDir::new(&data_dir),
+                listen_address_file.as_deref(),
+                metrics_address_file.as_deref(),
+            )
+            .await
+        }
         Command::Wal { command } => admin::wal::run(command).await,
         Command::Backups { command } => admin::backups::run(command).await,
         Command::Retention { command } => admin::retention::run(command).await,

@@ -56,6 +56,23 @@ impl Index {
             .contains_key(key(cluster, &WalFileName::Segment(*seg)))?)
     }
 
+    /// The newest complete segment of a cluster: the last in name order (the highest
+    /// timeline's highest segment), found by a reverse scan that passes over the few
+    /// history, backup history and `.partial` files that sort after it.
+    pub(crate) fn last_segment(&self, cluster: &str) -> Result<Option<SegmentName>> {
+        let prefix = format!("{cluster}/");
+        for item in self.wal.scan_prefix(&prefix).keys().rev() {
+            let k = item?;
+            let name = String::from_utf8_lossy(&k);
+            if let Some(Ok(WalFileName::Segment(s))) =
+                name.strip_prefix(&prefix).map(str::parse::<WalFileName>)
+            {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
+    }
+
     /// Every WAL file of a cluster, in name order.
     pub(crate) fn wal_files(&self, cluster: &str) -> Result<Vec<(WalFileName, WalEntry)>> {
         Ok(super::scan_cluster::<WalEntry>(&self.wal, cluster)?

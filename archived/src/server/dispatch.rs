@@ -19,6 +19,7 @@ use walvault_protocol::net::pki::ClientIdentity;
 
 use super::body::IdleReader;
 use super::rpc::{respond, send_streamed};
+use crate::ops::metrics::Metrics;
 use crate::service::backups::ManifestUpload;
 use crate::service::budget::{Budget, Grant, ANSWER_MEMORY};
 use crate::service::retention::RetentionRequest;
@@ -37,6 +38,7 @@ pub(super) const RESET_BODY_STALLED: u32 = 2;
 /// every body read must progress within `body_idle`.
 pub(super) async fn handle_stream(
     archive: &Archive,
+    metrics: &Metrics,
     shutting_down: impl Fn() -> bool,
     body_idle: Duration,
     identity: &ClientIdentity,
@@ -65,6 +67,7 @@ pub(super) async fn handle_stream(
             return;
         }
     };
+    let started = Instant::now();
     if shutting_down() {
         let reply = Err(Refusal::new(
             ErrorCode::Unavailable,
@@ -85,6 +88,7 @@ pub(super) async fn handle_stream(
                 identity.cluster, identity.role
             );
             tracing::warn!(%op, %msg, "unauthorized");
+            metrics.request(op, "refused", started.elapsed().as_secs_f64(), 0);
             respond(
                 send,
                 Some(recv),
@@ -126,6 +130,12 @@ pub(super) async fn handle_stream(
         service::stream::session(&ctx, &session, &mut recv, send, body_idle, &shutting_down).await;
         return;
     }
+    let answering = Answering {
+        idle: body_idle,
+        metrics,
+        op,
+        started,
+    };
     let cluster_name = request.cluster().unwrap_or_default().to_string();
     let mut body = IdleReader::new(recv, body_idle);
     let recv = &mut body;
@@ -156,7 +166,7 @@ pub(super) async fn handle_stream(
         }
         Request::GetWal { cluster, name } => {
             let answer = service::wal::get(&ctx, &cluster, &name).await;
-            return answer_streamed(send, body.into_inner(), answer, body_idle).await;
+            return answering.streamed(send, body.into_inner(), answer).await;
         }
         Request::ListWal {
             cluster,
@@ -197,7 +207,7 @@ pub(super) async fn handle_stream(
         } => service::backups::put_pack(&ctx, &cluster, chunks, lease.as_deref(), recv).await,
         Request::GetChunks { cluster, hashes } => {
             let answer = service::backups::get_chunks(&ctx, &cluster, hashes).await;
-            return answer_streamed(send, body.into_inner(), answer, body_idle).await;
+            return answering.streamed(send, body.into_inner(), answer).await;
         }
         Request::PutBackup {
             cluster,
@@ -224,7 +234,7 @@ pub(super) async fn handle_stream(
         }
         Request::GetBackup { cluster, backup_id } => {
             let answer = service::backups::get_backup(&ctx, &cluster, &backup_id).await;
-            return answer_streamed(send, body.into_inner(), answer, body_idle).await;
+            return answering.streamed(send, body.into_inner(), answer).await;
         }
         Request::ListBackups {
             cluster,
@@ -275,6 +285,12 @@ pub(super) async fn handle_stream(
         let _ = send.reset(RESET_BODY_STALLED.into());
         return;
     }
+    metrics.request(
+        op,
+        crate::ops::metrics::result_of(&reply),
+        started.elapsed().as_secs_f64(),
+        body.received(),
+    );
     respond(send, Some(body.into_inner()), reply).await;
 }
 
@@ -322,14 +338,37 @@ async fn read_request(
     Ok((request, grant))
 }
 
-async fn answer_streamed(
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    answer: StreamReply,
+/// How a request's answer with a body is sent and counted.
+struct Answering<'a> {
     idle: Duration,
-) {
-    match answer {
-        Ok(s) => send_streamed(send, s, idle).await,
-        Err(r) => respond(send, Some(recv), Err(r)).await,
+    metrics: &'a Metrics,
+    op: &'static str,
+    started: Instant,
+}
+
+impl Answering<'_> {
+    /// Sends an answer with a body (or its refusal), counted in the metrics.
+    async fn streamed(
+        &self,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        answer: StreamReply,
+    ) {
+        let result = match answer {
+            Ok(s) => match send_streamed(send, s, self.idle).await {
+                Some(sent) => {
+                    self.metrics.sent(self.op, sent);
+                    "ok"
+                }
+                None => "error",
+            },
+            Err(r) => {
+                let result = crate::ops::metrics::refusal_result(r.code);
+                respond(send, Some(recv), Err(r)).await;
+                result
+            }
+        };
+        let seconds = self.started.elapsed().as_secs_f64();
+        self.metrics.request(self.op, result, seconds, 0);
     }
 }

@@ -28,6 +28,8 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::datadir::DataDir;
 use crate::index::rebuild;
+use crate::ops::http::Ops;
+use crate::ops::metrics::Metrics;
 use crate::service::budget::Budget;
 use crate::service::stream::Streams;
 use crate::service::Archive;
@@ -68,10 +70,17 @@ impl Drop for InFlightGuard<'_> {
 /// Shared server state.
 struct ServerState {
     archive: Archive,
+    metrics: Arc<Metrics>,
     shutting_down: AtomicBool,
     inflight: InFlight,
     /// How long each read of a request body may wait for data.
     body_idle: Duration,
+}
+
+impl AsRef<Archive> for ServerState {
+    fn as_ref(&self) -> &Archive {
+        &self.archive
+    }
 }
 
 impl ServerState {
@@ -84,8 +93,14 @@ impl ServerState {
 /// is written there (atomically: a temp file renamed over it) before the first connection
 /// is accepted, so a caller that let the kernel pick the port (`listen` port 0) can wait
 /// for the file instead of guessing a free port.
-pub(crate) async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> Result<()> {
+pub(crate) async fn serve(
+    dir: &DataDir,
+    listen_address_file: Option<&Path>,
+    metrics_address_file: Option<&Path>,
+) -> Result<()> {
     let cfg = dir.load_config()?;
+    // A metrics address taken by something else is a misconfiguration: said at start-up.
+    let http = crate::ops::http::bind(&cfg.metrics_listen).await?;
     let store = dir.open_store(&cfg)?;
     let removed = store.remove_stale_temp_files().await?;
     if removed > 0 {
@@ -129,6 +144,7 @@ pub(crate) async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> 
             Budget::new(cfg.request_memory_mib),
             streams,
         ),
+        metrics: Arc::new(Metrics::new()),
         shutting_down: AtomicBool::new(false),
         inflight: InFlight::default(),
         body_idle: Duration::from_secs(cfg.body_idle_timeout_secs),
@@ -136,6 +152,22 @@ pub(crate) async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> 
     let worker = {
         let state = state.clone();
         tokio::spawn(async move { crate::service::stream::run(&state.archive).await })
+    };
+    let http = match http {
+        Some(listener) => {
+            let bound = listener.local_addr()?;
+            if let Some(path) = metrics_address_file {
+                write_listen_address(path, bound)?;
+            }
+            tracing::info!(metrics_listen = %bound, "serving /metrics, /healthz and /readyz over HTTP");
+            let ops = Arc::new(Ops::new(state.metrics.clone(), cfg.metrics_token.clone()));
+            Some(tokio::spawn(crate::ops::http::serve(
+                listener,
+                ops,
+                state.clone(),
+            )))
+        }
+        None => None,
     };
     let connections = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -172,6 +204,9 @@ pub(crate) async fn serve(dir: &DataDir, listen_address_file: Option<&Path>) -> 
         );
     }
     worker.abort();
+    if let Some(http) = http {
+        http.abort();
+    }
     endpoint.close(0u32.into(), b"archived shutting down");
     state.archive.index.flush().await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -214,6 +249,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) {
         }
     };
     tracing::debug!(%peer, cluster = %identity.cluster, role = %identity.role, "client connected");
+    state.metrics.connection(1);
     let mut streams = tokio::task::JoinSet::new();
     loop {
         let (send, recv) = match connection.accept_bi().await {
@@ -230,6 +266,7 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) {
             let shutting_down = || state.is_shutting_down();
             dispatch::handle_stream(
                 &state.archive,
+                &state.metrics,
                 shutting_down,
                 state.body_idle,
                 &identity,
@@ -242,4 +279,5 @@ async fn handle_connection(state: Arc<ServerState>, incoming: quinn::Incoming) {
         while streams.try_join_next().is_some() {}
     }
     while streams.join_next().await.is_some() {}
+    state.metrics.connection(-1);
 }

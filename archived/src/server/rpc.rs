@@ -62,8 +62,13 @@ fn answer_frame(response: &Response) -> Vec<u8> {
 }
 
 /// Sends an answer with a body: the frame, the body, FIN (or a reset on failure); each
-/// write must make progress within `idle`.
-pub(crate) async fn send_streamed(mut send: quinn::SendStream, answer: Streamed, idle: Duration) {
+/// write must make progress within `idle`. The body bytes sent, or `None` when sending
+/// failed.
+pub(crate) async fn send_streamed(
+    mut send: quinn::SendStream,
+    answer: Streamed,
+    idle: Duration,
+) -> Option<u64> {
     let Streamed {
         response,
         mut body,
@@ -72,18 +77,22 @@ pub(crate) async fn send_streamed(mut send: quinn::SendStream, answer: Streamed,
     let mut streamed: Result<()> = write_frame(&mut send, &response)
         .await
         .context("sending response");
+    let mut sent = 0u64;
     while streamed.is_ok() {
         let Some(chunk) = body.next().await else {
             break;
         };
         streamed = match chunk {
-            Ok(c) => match tokio::time::timeout(idle, send.write_chunk(c)).await {
-                Ok(written) => written.context("client went away"),
-                Err(_) => Err(anyhow::anyhow!(
-                    "the client took no data for {} s (body_idle_timeout_secs)",
-                    idle.as_secs()
-                )),
-            },
+            Ok(c) => {
+                sent += c.len() as u64;
+                match tokio::time::timeout(idle, send.write_chunk(c)).await {
+                    Ok(written) => written.context("client went away"),
+                    Err(_) => Err(anyhow::anyhow!(
+                        "the client took no data for {} s (body_idle_timeout_secs)",
+                        idle.as_secs()
+                    )),
+                }
+            }
             Err(e) => Err(e),
         };
     }
@@ -91,10 +100,12 @@ pub(crate) async fn send_streamed(mut send: quinn::SendStream, answer: Streamed,
         Ok(()) => {
             let _ = send.finish();
             let _ = tokio::time::timeout(RESPONSE_DELIVERY_TIMEOUT, send.stopped()).await;
+            Some(sent)
         }
         Err(e) => {
             tracing::warn!(%what, error = %format!("{e:#}"), "sending object failed");
             let _ = send.reset(1u32.into());
+            None
         }
     }
 }

@@ -16,6 +16,11 @@ use super::users::{as_pg_user, chown_pg};
 
 /// What the harness gives `archived init --listen`: port 0, the kernel picks at `serve`.
 const UNBOUND_LISTEN: &str = "127.0.0.1:0";
+/// `archived init` writes the default HTTP address; every test archive takes a port of
+/// the kernel's pick instead (its `serve --metrics-address-file` says which), so that
+/// archives of tests running side by side do not collide.
+const DEFAULT_METRICS_LISTEN: &str = "metrics_listen = \"127.0.0.1:7434\"\n";
+const UNBOUND_METRICS_LISTEN: &str = "metrics_listen = \"127.0.0.1:0\"\n";
 
 /// A running `archived serve` with its own data dir and port; killed when dropped.
 ///
@@ -114,7 +119,19 @@ impl Archive {
                 .args(["--listen", UNBOUND_LISTEN])
                 .current_dir(dir.path()),
         );
-        configure(&data_dir.join("archived.toml"));
+        let toml_path = data_dir.join("archived.toml");
+        let toml = fs::read_to_string(&toml_path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", toml_path.display()));
+        assert!(
+            toml.contains(DEFAULT_METRICS_LISTEN),
+            "archived init wrote no {DEFAULT_METRICS_LISTEN:?}:\n{toml}"
+        );
+        fs::write(
+            &toml_path,
+            toml.replacen(DEFAULT_METRICS_LISTEN, UNBOUND_METRICS_LISTEN, 1),
+        )
+        .unwrap_or_else(|e| panic!("write {}: {e}", toml_path.display()));
+        configure(&toml_path);
         let log_prefix = dir.join("archived");
         let mut a = Archive {
             dir,
@@ -153,6 +170,8 @@ impl Archive {
                 .arg(&self.data_dir)
                 .arg("--listen-address-file")
                 .arg(&address_file)
+                .arg("--metrics-address-file")
+                .arg(self.metrics_address_file())
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .current_dir(self.dir.path()),
             &self.log_prefix,
@@ -170,6 +189,22 @@ impl Archive {
             );
         }
         self.wait_ready();
+    }
+
+    /// Where `serve` writes the address of its HTTP endpoint.
+    fn metrics_address_file(&self) -> PathBuf {
+        self.dir.join("metrics-address")
+    }
+
+    /// The address of the running server's HTTP endpoint (`/metrics`, `/healthz`,
+    /// `/readyz`).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let path = self.metrics_address_file();
+        let text = fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}\n{}", path.display(), self.diag()));
+        text.trim_end()
+            .parse()
+            .unwrap_or_else(|e| panic!("{} holds {text:?}: {e}", path.display()))
     }
 
     /// Waits until `serve` has written its bound address to `address_file`; its port.

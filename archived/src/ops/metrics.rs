@@ -1,0 +1,402 @@
+//! archived's metrics, read by `/metrics` (ops/http.rs).
+//!
+//! Contract:
+//!
+//! - **Families** are prefixed `walvault_`, in base units (seconds, bytes), counters end
+//!   in `_total`. Labels are bounded: `cluster`, `operation` (the request's op, a fixed
+//!   set) and `result` (stored, duplicate, conflict, refused, error, ok); never a file
+//!   name, an LSN or a backup id.
+//! - **Counted as they happen**: requests by operation and result, their duration, the
+//!   request body bytes received and the answer bytes sent, the QUIC connections open.
+//! - **Read at scrape time from the catalog**, never from a shell-out or a full scan: per
+//!   cluster the newest archived segment (its end LSN, timeline and the store's time of
+//!   it, looked up once per new segment), the number of backups and the newest one's end
+//!   time and size. A scrape costs a few catalog reads per cluster.
+//! - **Exposition**: the Prometheus text format (0.0.4) that promtool and every scraper
+//!   read, made from `prometheus-client`'s OpenMetrics text (its counters' HELP and TYPE
+//!   lines carry the `_total` name, `# EOF` and `# UNIT` lines go); a client that asks
+//!   for OpenMetrics (`Accept: application/openmetrics-text`) gets it unchanged.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use walvault_protocol::core::pg::wal::{Lsn, SegmentName};
+use walvault_protocol::core::wire::{ErrorCode, Response};
+
+use crate::service::{Archive, Refusal};
+use crate::store::layout;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    operation: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+}
+
+/// The newest segment of a cluster and the store's time of it (cached per segment).
+#[derive(Clone)]
+struct Newest {
+    segment: SegmentName,
+    unix: Option<i64>,
+}
+
+/// archived's metrics (module header).
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<OperationLabels, Histogram>,
+    bytes_in: Family<OperationLabels, Counter>,
+    bytes_out: Family<OperationLabels, Counter>,
+    connections: Gauge,
+    last_segment_lsn: Family<ClusterLabels, Gauge>,
+    last_segment_timeline: Family<ClusterLabels, Gauge>,
+    last_archived: Family<ClusterLabels, Gauge>,
+    backups: Family<ClusterLabels, Gauge>,
+    last_backup_end: Family<ClusterLabels, Gauge>,
+    last_backup_bytes: Family<ClusterLabels, Gauge>,
+    clusters: Gauge,
+    newest: Mutex<HashMap<String, Newest>>,
+}
+
+/// Registers `metric` as `name` and hands it back (its clones share the values).
+fn register<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// Request durations: 0.5 ms to about 2 minutes, each bucket 4 times the last.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 4.0, 10))
+}
+
+/// The result label of a one-frame answer.
+pub(crate) fn result_of(reply: &Result<Response, Refusal>) -> &'static str {
+    match reply {
+        Ok(Response::Stored {
+            already_present: true,
+        }) => "duplicate",
+        Ok(Response::Stored { .. }) => "stored",
+        Ok(_) => "ok",
+        Err(r) => refusal_result(r.code),
+    }
+}
+
+/// The result label of a refusal.
+pub(crate) fn refusal_result(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Conflict => "conflict",
+        ErrorCode::Internal => "error",
+        _ => "refused",
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Metrics {
+        let mut r = Registry::default();
+        let requests = register(
+            &mut r,
+            "walvault_requests",
+            "Requests answered, by operation and result (stored, duplicate, conflict, refused, error, ok)",
+            Family::<RequestLabels, Counter>::default(),
+        );
+        let duration = register(
+            &mut r,
+            "walvault_request_duration_seconds",
+            "Time from a request's header to its answer, by operation",
+            Family::<OperationLabels, Histogram>::new_with_constructor(
+                duration_histogram as fn() -> Histogram,
+            ),
+        );
+        let by_op = Family::<OperationLabels, Counter>::default;
+        let bytes_in = register(
+            &mut r,
+            "walvault_request_body_bytes",
+            "Request body bytes received, by operation",
+            by_op(),
+        );
+        let bytes_out = register(
+            &mut r,
+            "walvault_answer_body_bytes",
+            "Answer body bytes sent (WAL, chunks), by operation",
+            by_op(),
+        );
+        let connections = register(
+            &mut r,
+            "walvault_quic_connections",
+            "QUIC connections of clients open now",
+            Gauge::default(),
+        );
+        let per_cluster = Family::<ClusterLabels, Gauge>::default;
+        let gauges = [
+            (
+                "walvault_wal_last_segment_end_lsn",
+                "End LSN (as a number of bytes) of the newest complete WAL segment in the archive, on its newest timeline",
+            ),
+            (
+                "walvault_wal_last_segment_timeline",
+                "Timeline of the newest complete WAL segment in the archive",
+            ),
+            (
+                "walvault_wal_last_archived_timestamp_seconds",
+                "When the newest complete WAL segment was stored (unix time, the store's)",
+            ),
+            ("walvault_backups", "Base backups in the catalog (usable or not)"),
+            (
+                "walvault_backup_last_end_timestamp_seconds",
+                "When the newest base backup ended (unix time, the backed-up server's clock)",
+            ),
+            (
+                "walvault_backup_last_size_bytes",
+                "Bytes of all files of the newest base backup",
+            ),
+        ]
+        .map(|(name, help)| register(&mut r, name, help, per_cluster()));
+        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes] =
+            gauges;
+        let clusters = register(
+            &mut r,
+            "walvault_clusters",
+            "Clusters bound in the catalog",
+            Gauge::default(),
+        );
+        let build = register(
+            &mut r,
+            "walvault_build_info",
+            "Always 1; the label says archived's version",
+            Family::<VersionLabels, Gauge>::default(),
+        );
+        build
+            .get_or_create(&VersionLabels {
+                version: walvault_protocol::VERSION.to_string(),
+            })
+            .set(1);
+        Metrics {
+            registry: r,
+            requests,
+            duration,
+            bytes_in,
+            bytes_out,
+            connections,
+            last_segment_lsn,
+            last_segment_timeline,
+            last_archived,
+            backups,
+            last_backup_end,
+            last_backup_bytes,
+            clusters,
+            newest: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// One request answered: its operation, result, seconds and body bytes received.
+    pub(crate) fn request(&self, operation: &str, result: &str, seconds: f64, body_in: u64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                operation: operation.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+        let op = OperationLabels {
+            operation: operation.to_string(),
+        };
+        self.duration.get_or_create(&op).observe(seconds);
+        if body_in > 0 {
+            self.bytes_in.get_or_create(&op).inc_by(body_in);
+        }
+    }
+
+    /// Answer body bytes sent for `operation`.
+    pub(crate) fn sent(&self, operation: &str, bytes: u64) {
+        self.bytes_out
+            .get_or_create(&OperationLabels {
+                operation: operation.to_string(),
+            })
+            .inc_by(bytes);
+    }
+
+    /// A client connection opened (`+1`) or closed (`-1`).
+    pub(crate) fn connection(&self, delta: i64) {
+        self.connections.inc_by(delta);
+    }
+
+    /// Reads the per-cluster values from the catalog (module header).
+    pub(crate) async fn refresh(&self, archive: &Archive) -> anyhow::Result<()> {
+        let clusters = archive.index.clusters()?;
+        self.clusters.set(clusters.len() as i64);
+        for cluster in &clusters {
+            let labels = ClusterLabels {
+                cluster: cluster.clone(),
+            };
+            let size = archive.index.segment_size(cluster)?;
+            if let Some(segment) = archive.index.last_segment(cluster)? {
+                let end = Lsn(segment.start_lsn(size).0 + u64::from(size));
+                self.last_segment_lsn
+                    .get_or_create(&labels)
+                    .set(end.0 as i64);
+                self.last_segment_timeline
+                    .get_or_create(&labels)
+                    .set(i64::from(segment.timeline.0));
+                let cached = self
+                    .newest
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(cluster)
+                    .filter(|n| n.segment == segment && n.unix.is_some())
+                    .cloned();
+                let unix = match cached {
+                    Some(n) => n.unix,
+                    None => {
+                        let key = layout::wal_key(
+                            cluster,
+                            &walvault_protocol::core::pg::wal::WalFileName::Segment(segment),
+                        );
+                        let unix = archive.store.modified(&key).await?;
+                        self.newest
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(cluster.clone(), Newest { segment, unix });
+                        unix
+                    }
+                };
+                if let Some(unix) = unix {
+                    self.last_archived.get_or_create(&labels).set(unix);
+                }
+            }
+            let backups = archive.index.backups(cluster)?;
+            self.backups
+                .get_or_create(&labels)
+                .set(backups.len() as i64);
+            if let Some(newest) = backups.iter().max_by_key(|b| b.stop_time) {
+                self.last_backup_end
+                    .get_or_create(&labels)
+                    .set(newest.stop_time);
+                self.last_backup_bytes
+                    .get_or_create(&labels)
+                    .set(i64::try_from(newest.logical_bytes).unwrap_or(i64::MAX));
+            }
+        }
+        Ok(())
+    }
+
+    /// The OpenMetrics text of every family.
+    pub(crate) fn openmetrics(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String");
+        text
+    }
+
+    /// The Prometheus text format (0.0.4) of every family (module header).
+    pub(crate) fn prometheus_text(&self) -> String {
+        to_prometheus_text(&self.openmetrics())
+    }
+}
+
+/// OpenMetrics text to the Prometheus text format: a counter family's HELP and TYPE
+/// lines name its `_total` samples, `# UNIT` and `# EOF` lines go.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_by_their_samples_in_the_prometheus_text() {
+        let m = Metrics::new();
+        m.request("put_wal", "stored", 0.01, 100);
+        m.request("put_wal", "conflict", 0.02, 50);
+        m.sent("get_wal", 4096);
+        m.connection(1);
+        let text = m.prometheus_text();
+        assert!(
+            text.contains("# TYPE walvault_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP walvault_requests_total "), "{text}");
+        assert!(
+            text.contains("walvault_requests_total{operation=\"put_wal\",result=\"conflict\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("walvault_request_body_bytes_total{operation=\"put_wal\"} 150\n"));
+        assert!(text.contains("walvault_answer_body_bytes_total{operation=\"get_wal\"} 4096\n"));
+        assert!(text.contains("# TYPE walvault_request_duration_seconds histogram\n"));
+        assert!(text.contains("walvault_quic_connections 1\n"));
+        assert!(!text.contains("# EOF"), "{text}");
+        // OpenMetrics, for a scraper that asks for it, keeps its own naming.
+        let om = m.openmetrics();
+        assert!(om.contains("# TYPE walvault_requests counter\n") && om.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn results_name_what_became_of_a_request() {
+        let stored = Ok(Response::Stored {
+            already_present: false,
+        });
+        let again = Ok(Response::Stored {
+            already_present: true,
+        });
+        assert_eq!(result_of(&stored), "stored");
+        assert_eq!(result_of(&again), "duplicate");
+        assert_eq!(result_of(&Ok(Response::Deleted)), "ok");
+        assert_eq!(
+            result_of(&Err(Refusal::new(ErrorCode::Conflict, "x"))),
+            "conflict"
+        );
+        assert_eq!(
+            result_of(&Err(Refusal::new(ErrorCode::NotFound, "x"))),
+            "refused"
+        );
+        assert_eq!(
+            result_of(&Err(Refusal::new(ErrorCode::Internal, "x"))),
+            "error"
+        );
+    }
+}

@@ -1,0 +1,198 @@
+//! archived's HTTP endpoint (`metrics_listen`) beside a real archiving PostgreSQL 15: the
+//! probes answer, a scrape passes `promtool check metrics` (Debian's `prometheus`
+//! package, which scripts/test installs), and the newest archived segment and the push
+//! counters move as PostgreSQL's `pg_stat_archiver` says.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use walvault_protocol::core::pg::wal::WalFileName;
+use walvault_tests::*;
+
+use crate::pg_archive::archiving_primary;
+use crate::pg_backup::CLUSTER;
+
+/// One HTTP/1.1 GET with `headers`: status and body.
+fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect to the metrics endpoint {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    s.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP answer: {answer:?}"));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    // Connection: close, and hyper sends a length or chunks; chunked bodies are small
+    // enough here to come in one chunk.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        rest[..size].to_string()
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` (labels exactly as printed) in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        let (s, v) = l.rsplit_once(' ')?;
+        (s == series).then(|| v.parse().ok())?
+    })
+}
+
+/// Runs `promtool check metrics` on `scrape`; panics with its words when it complains.
+fn promtool_check(scrape: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "promtool is missing ({e}): install Debian's prometheus package (scripts/test does: apt-get install prometheus)"
+            )
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n--- the scrape:\n{scrape}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The end LSN of segment `name` (16 MiB segments), as a number.
+fn segment_end(name: &str) -> f64 {
+    let Ok(WalFileName::Segment(s)) = name.parse::<WalFileName>() else {
+        panic!("{name:?} is not a segment name");
+    };
+    (s.start_lsn(16 << 20).0 + (16 << 20)) as f64
+}
+
+/// pg_stat_archiver's last archived WAL file and count.
+fn archiver(primary: &PgCluster) -> (String, f64) {
+    let row =
+        primary.psql("SELECT last_archived_wal || ' ' || archived_count FROM pg_stat_archiver");
+    let (name, count) = row.split_once(' ').expect("two fields");
+    (name.to_string(), count.parse().expect("a count"))
+}
+
+#[test]
+fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
+    let archive = Archive::start(CLUSTER);
+    let addr = archive.metrics_addr();
+    assert_eq!(get(addr, "/healthz", &[]), (200, "ok\n".into()));
+    assert_eq!(get(addr, "/readyz", &[]), (200, "ready\n".into()));
+    assert_eq!(get(addr, "/nosuch", &[]).0, 404);
+
+    let push = archive.issue(CLUSTER, "push");
+    let primary = archiving_primary(&archive, &push, &[]);
+    let first = primary.switch_wal();
+    primary.wait_archived(&first, || archive.diag());
+    let (last, count) = archiver(&primary);
+    let (status, scrape) = get(addr, "/metrics", &[]);
+    assert_eq!(status, 200, "{scrape}");
+    promtool_check(&scrape);
+    let lsn = format!("walvault_wal_last_segment_end_lsn{{cluster=\"{CLUSTER}\"}}");
+    assert_eq!(sample(&scrape, &lsn), Some(segment_end(&last)), "{scrape}");
+    let stored = "walvault_requests_total{operation=\"put_wal\",result=\"stored\"}";
+    assert!(
+        sample(&scrape, stored).is_some_and(|n| n >= count),
+        "pg_stat_archiver archived {count} files:\n{scrape}"
+    );
+    let archived_at =
+        format!("walvault_wal_last_archived_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        sample(&scrape, &archived_at).is_some_and(|t| (now - t).abs() < 300.0),
+        "{scrape}"
+    );
+    assert!(
+        sample(&scrape, "walvault_quic_connections").is_some(),
+        "{scrape}"
+    );
+
+    // More WAL: the figures move with pg_stat_archiver's.
+    primary.pgbench_init(1);
+    let second = primary.switch_wal();
+    primary.wait_archived(&second, || archive.diag());
+    let (last2, count2) = archiver(&primary);
+    assert!(count2 > count);
+    let (_, scrape2) = get(addr, "/metrics", &[]);
+    promtool_check(&scrape2);
+    assert_eq!(
+        sample(&scrape2, &lsn),
+        Some(segment_end(&last2)),
+        "{scrape2}"
+    );
+    let grown = sample(&scrape2, stored).unwrap() - sample(&scrape, stored).unwrap();
+    assert!(
+        grown >= count2 - count,
+        "{} more files archived, {grown} more stored:\n{scrape2}",
+        count2 - count
+    );
+    let bytes = "walvault_request_body_bytes_total{operation=\"put_wal\"}";
+    assert!(sample(&scrape2, bytes).unwrap() > sample(&scrape, bytes).unwrap());
+
+    // A scraper that asks for OpenMetrics gets it.
+    let (status, om) = get(
+        addr,
+        "/metrics",
+        &[("Accept", "application/openmetrics-text; version=1.0.0")],
+    );
+    assert_eq!(status, 200);
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE walvault_requests counter"), "{om}");
+}
+
+#[test]
+fn a_metrics_token_guards_the_scrape_but_not_the_probes() {
+    let archive = Archive::start_configured(
+        CLUSTER,
+        |toml| {
+            let text = std::fs::read_to_string(toml).unwrap();
+            std::fs::write(toml, format!("metrics_token = \"s3cret\"\n{text}")).unwrap();
+        },
+        vec![],
+    );
+    let addr = archive.metrics_addr();
+    assert_eq!(get(addr, "/metrics", &[]).0, 401);
+    assert_eq!(
+        get(addr, "/metrics", &[("Authorization", "Bearer wrong")]).0,
+        401
+    );
+    let (status, scrape) = get(addr, "/metrics", &[("Authorization", "Bearer s3cret")]);
+    assert_eq!(status, 200, "{scrape}");
+    assert!(scrape.contains("walvault_build_info{version="), "{scrape}");
+    assert_eq!(get(addr, "/healthz", &[]).0, 200);
+    assert_eq!(get(addr, "/readyz", &[]).0, 200);
+}
