@@ -141,8 +141,9 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         "{scrape}"
     );
 
-    // More WAL: the figures move with pg_stat_archiver's.
+    // More WAL and a base backup: the figures move with pg_stat_archiver's.
     primary.pgbench_init(1);
+    crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);
     let second = primary.switch_wal();
     primary.wait_archived(&second, || archive.diag());
     let (last2, count2) = archiver(&primary);
@@ -160,8 +161,25 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         "{} more files archived, {grown} more stored:\n{scrape2}",
         count2 - count
     );
+    let backups = format!("walvault_backups{{cluster=\"{CLUSTER}\"}}");
+    assert_eq!(sample(&scrape2, &backups), Some(1.0), "{scrape2}");
+    let ended = format!("walvault_backup_last_end_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
+    assert!(
+        sample(&scrape2, &ended).is_some_and(|t| (now - t).abs() < 600.0),
+        "{scrape2}"
+    );
     let bytes = "walvault_request_body_bytes_total{operation=\"put_wal\"}";
     assert!(sample(&scrape2, bytes).unwrap() > sample(&scrape, bytes).unwrap());
+
+    // Every family the alert rules (deploy/prometheus) use is one archived serves.
+    let rules = std::fs::read_to_string(crate::deploy::prometheus_dir().join("walvault.rules.yml"))
+        .unwrap();
+    for name in crate::deploy::metric_names(&rules) {
+        assert!(
+            scrape2.contains(&format!("# TYPE {name} ")),
+            "the alert rules use {name}, which the scrape has no family of:\n{scrape2}"
+        );
+    }
 
     // A scraper that asks for OpenMetrics gets it.
     let (status, om) = get(

@@ -7,6 +7,7 @@ mod backup_promises;
 mod backup_topologies;
 mod cli;
 mod client;
+mod deploy;
 mod layout;
 mod pg_archive;
 mod pg_backup;
