@@ -15,7 +15,7 @@ use crate::pg_archive::archiving_primary;
 use crate::pg_backup::CLUSTER;
 
 /// One HTTP/1.1 GET with `headers`: status and body.
-fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+pub(crate) fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("connect to the metrics endpoint {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -51,7 +51,7 @@ fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) 
 }
 
 /// The value of the sample `name{labels}` (labels exactly as printed) in a scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(scrape: &str, series: &str) -> Option<f64> {
     scrape.lines().find_map(|l| {
         let (s, v) = l.rsplit_once(' ')?;
         (s == series).then(|| v.parse().ok())?

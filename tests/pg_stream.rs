@@ -208,7 +208,29 @@ fn rpo_zero_a_commit_the_sync_archive_acknowledged_survives_the_loss_of_the_prim
     let expected = primary.psql(ACCOUNTS);
     primary.psql("CREATE TABLE marker (id int, note text)");
     // The COMMIT returned: the archive has it durably (the receiver is the sync standby).
-    primary.psql("INSERT INTO marker VALUES (42, 'acknowledged by the sync archive')");
+    let inserted_at: f64 = primary
+        .psql(
+            "INSERT INTO marker VALUES (42, 'acknowledged by the sync archive') \
+             RETURNING pg_current_wal_insert_lsn() - '0/0'",
+        )
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("the insert position");
+    // archived's /metrics says so too: the receiver's durable WAL (or, once its segment
+    // completed, the newest segment) ends past the row.
+    let (_, scrape) = crate::pg_metrics::get(archive.metrics_addr(), "/metrics", &[]);
+    let durable = [
+        format!("walvault_stream_flushed_lsn{{cluster=\"{CLUSTER}\"}}"),
+        format!("walvault_wal_last_segment_end_lsn{{cluster=\"{CLUSTER}\"}}"),
+    ]
+    .iter()
+    .filter_map(|series| crate::pg_metrics::sample(&scrape, series))
+    .fold(0.0, f64::max);
+    assert!(
+        durable > inserted_at,
+        "the archive's durable WAL ends at {durable}, before the acknowledged row at {inserted_at}:\n{scrape}"
+    );
     primary.kill9();
     // Gone for good: its WAL with it.
     fs::remove_dir_all(primary.data_dir()).unwrap();

@@ -11,7 +11,8 @@
 //! - **Read at scrape time from the catalog**, never from a shell-out or a full scan: per
 //!   cluster the newest archived segment (its end LSN, timeline and the store's time of
 //!   it, looked up once per new segment), the number of backups and the newest one's end
-//!   time and size. A scrape costs a few catalog reads per cluster.
+//!   time and size, and where the streaming receiver's durable WAL ends (its unfinished
+//!   segments on this archived). A scrape costs a few catalog reads per cluster.
 //! - **Exposition**: the Prometheus text format (0.0.4) that promtool and every scraper
 //!   read, made from `prometheus-client`'s OpenMetrics text (its counters' HELP and TYPE
 //!   lines carry the `_total` name, `# EOF` and `# UNIT` lines go); a client that asks
@@ -74,6 +75,7 @@ pub(crate) struct Metrics {
     backups: Family<ClusterLabels, Gauge>,
     last_backup_end: Family<ClusterLabels, Gauge>,
     last_backup_bytes: Family<ClusterLabels, Gauge>,
+    stream_flushed: Family<ClusterLabels, Gauge>,
     clusters: Gauge,
     newest: Mutex<HashMap<String, Newest>>,
 }
@@ -172,9 +174,13 @@ impl Metrics {
                 "walvault_backup_last_size_bytes",
                 "Bytes of all files of the newest base backup",
             ),
+            (
+                "walvault_stream_flushed_lsn",
+                "End LSN (as a number of bytes) of the WAL the streaming receiver (pushclient stream) made durable on this archived and that is not yet a complete segment; compare with pg_current_wal_lsn() - '0/0' on the primary",
+            ),
         ]
         .map(|(name, help)| register(&mut r, name, help, per_cluster()));
-        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes] =
+        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed] =
             gauges;
         let clusters = register(
             &mut r,
@@ -206,6 +212,7 @@ impl Metrics {
             backups,
             last_backup_end,
             last_backup_bytes,
+            stream_flushed,
             clusters,
             newest: Mutex::new(HashMap::new()),
         }
@@ -246,6 +253,13 @@ impl Metrics {
     pub(crate) async fn refresh(&self, archive: &Archive) -> anyhow::Result<()> {
         let clusters = archive.index.clusters()?;
         self.clusters.set(clusters.len() as i64);
+        // A receiver's segment completes into the catalog: the gauge goes with it.
+        self.stream_flushed.clear();
+        for (cluster, end) in archive.streams.flushed_ends().await {
+            self.stream_flushed
+                .get_or_create(&ClusterLabels { cluster })
+                .set(i64::try_from(end).unwrap_or(i64::MAX));
+        }
         for cluster in &clusters {
             let labels = ClusterLabels {
                 cluster: cluster.clone(),

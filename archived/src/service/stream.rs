@@ -129,6 +129,22 @@ impl Streams {
         slots.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
+    /// Where the streaming receiver's WAL durable on this archived's disk ends, per
+    /// cluster: the furthest end of what its unfinished segments hold (metrics).
+    pub(crate) async fn flushed_ends(&self) -> HashMap<String, u64> {
+        let mut ends: HashMap<String, u64> = HashMap::new();
+        for ((cluster, segment), slot) in self.all() {
+            let guard = slot.lock().await;
+            let Some(p) = guard.as_ref().filter(|p| !p.done && p.held > 0) else {
+                continue;
+            };
+            let end = segment.start_lsn(p.segment_size).0 + p.held;
+            let e = ends.entry(cluster).or_default();
+            *e = (*e).max(end);
+        }
+        ends
+    }
+
     fn forget(&self, cluster: &str, segment: &SegmentName) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.remove(&(cluster.to_string(), *segment));
