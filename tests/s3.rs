@@ -83,7 +83,26 @@ fn s3_store_archives_backs_up_rebuilds_its_catalog_and_restores() {
     let last = primary.switch_wal();
     primary.wait_archived(&last, || archive.diag());
 
+    // /readyz's probe write goes to the bucket (create-only, then deleted) and passes;
+    // /metrics reads the newest segment's time from it.
+    let addr = archive.metrics_addr();
+    assert_eq!(
+        crate::pg_metrics::get(addr, "/readyz", &[]),
+        (200, "ready\n".to_string())
+    );
+    let (_, scrape) = crate::pg_metrics::get(addr, "/metrics", &[]);
+    let archived_at =
+        format!("walvault_wal_last_archived_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
+    assert!(
+        crate::pg_metrics::sample(&scrape, &archived_at).is_some(),
+        "{scrape}"
+    );
+
     let keys = moto.list_keys(BUCKET, "archive");
+    assert!(
+        !keys.iter().any(|k| k.contains("_readyz")),
+        "the readiness probe was left in the bucket: {keys:#?}"
+    );
     let has = |prefix: &str| keys.iter().any(|k| k.starts_with(prefix));
     assert!(
         has(&format!("archive/{CLUSTER}/wal/00000001/{last}.zst")),
