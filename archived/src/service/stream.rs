@@ -97,6 +97,19 @@ pub(crate) struct Streams {
     wake: Arc<tokio::sync::Notify>,
     /// One upload at a time (the worker's and a seal's).
     uploading: tokio::sync::Mutex<()>,
+    /// The newest answer made of each unfinished segment, reused while it holds the same
+    /// bytes (an archive-fed standby asks for the same segment every few seconds).
+    answers: std::sync::Mutex<HashMap<(String, SegmentName), Snapshot>>,
+    /// Answers made from a local file (not reused), for tests.
+    answers_made: std::sync::atomic::AtomicU64,
+}
+
+/// An unfinished segment's answer: its zero-padded content compressed, and its blake3.
+#[derive(Clone)]
+struct Snapshot {
+    held: u64,
+    frame: Bytes,
+    hash: [u8; 32],
 }
 
 impl Streams {
@@ -108,6 +121,8 @@ impl Streams {
             slots: std::sync::Mutex::new(HashMap::new()),
             wake: Arc::new(tokio::sync::Notify::new()),
             uploading: tokio::sync::Mutex::new(()),
+            answers: std::sync::Mutex::new(HashMap::new()),
+            answers_made: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -146,8 +161,26 @@ impl Streams {
     }
 
     fn forget(&self, cluster: &str, segment: &SegmentName) {
+        let key = (cluster.to_string(), *segment);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.remove(&(cluster.to_string(), *segment));
+        slots.remove(&key);
+        drop(slots);
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        answers.remove(&key);
+    }
+
+    /// The answer made of `segment` when it held `held` bytes, if that is the newest.
+    fn answer(&self, cluster: &str, segment: &SegmentName, held: u64) -> Option<Snapshot> {
+        let answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        answers
+            .get(&(cluster.to_string(), *segment))
+            .filter(|a| a.held == held)
+            .cloned()
+    }
+
+    fn keep_answer(&self, cluster: &str, segment: &SegmentName, answer: Snapshot) {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        answers.insert((cluster.to_string(), *segment), answer);
     }
 
     fn path(&self, cluster: &str, segment: &SegmentName) -> PathBuf {
@@ -963,13 +996,13 @@ fn compressed(mut raw: Vec<u8>, held: u64) -> Result<(Vec<u8>, [u8; 32])> {
 /// `hash`) holding `held` bytes of WAL, its memory held by `grant` until sent.
 fn padded_answer(
     size: u32,
-    (frame, hash): (Vec<u8>, [u8; 32]),
+    (frame, hash): (Bytes, [u8; 32]),
     held: u64,
     grant: Grant,
     what: String,
 ) -> Streamed {
     let compressed_size = frame.len() as u64;
-    let body = futures::stream::iter([Ok(Bytes::from(frame))]);
+    let body = futures::stream::iter([Ok(frame)]);
     Streamed {
         response: Response::Object {
             raw_size: u64::from(size),
@@ -1127,6 +1160,22 @@ pub(crate) async fn partial_object(
                 Err(e) => return Some(Err(Refusal::internal(e.into()))),
             };
             drop(guard);
+            let streams = &ctx.archive.streams;
+            let what = format!("the unfinished {segment} ({held} bytes)");
+            // Made before for these bytes: its memory is the cache's, not a request's.
+            if let Some(a) = streams.answer(cluster, segment, held) {
+                let grant = match ctx.budget.body(0, &what).await {
+                    Ok(g) => g,
+                    Err(r) => return Some(Err(r)),
+                };
+                return Some(Ok(padded_answer(
+                    size,
+                    (a.frame, a.hash),
+                    held,
+                    grant,
+                    what,
+                )));
+            }
             let grant = match ctx
                 .budget
                 .body(
@@ -1139,13 +1188,25 @@ pub(crate) async fn partial_object(
                 Err(r) => return Some(Err(r)),
             };
             let made = tokio::task::spawn_blocking(move || snapshot(&file, size, held)).await;
-            let made = match made {
+            let (frame, hash) = match made {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => return Some(Err(Refusal::internal(e))),
                 Err(e) => return Some(Err(Refusal::internal(e.into()))),
             };
-            let what = format!("the unfinished {segment} ({held} bytes)");
-            return Some(Ok(padded_answer(size, made, held, grant, what)));
+            let frame = Bytes::from(frame);
+            streams
+                .answers_made
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            streams.keep_answer(
+                cluster,
+                segment,
+                Snapshot {
+                    held,
+                    frame: frame.clone(),
+                    hash,
+                },
+            );
+            return Some(Ok(padded_answer(size, (frame, hash), held, grant, what)));
         }
     }
     let newest = match newest_upload(ctx, cluster, segment).await {
@@ -1289,7 +1350,7 @@ pub(crate) async fn unfinished_object(
         Err(e) => return Some(Err(Refusal::internal(e))),
     };
     let made = match tokio::task::spawn_blocking(move || compressed(raw, valid)).await {
-        Ok(Ok(v)) => v,
+        Ok(Ok((frame, hash))) => (Bytes::from(frame), hash),
         Ok(Err(e)) => return Some(Err(Refusal::internal(e))),
         Err(e) => return Some(Err(Refusal::internal(e.into()))),
     };
@@ -1822,6 +1883,33 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(get(&t, &name).await, Err(r) if r.code == ErrorCode::NotFound));
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_segment_is_compressed_once_per_size_it_reaches() {
+        let t = TestArchive::new();
+        let (name, raw) = wal(7);
+        send(&t, &name, 0, &raw[..100_000], SYSID).await.unwrap();
+        let made = || {
+            t.archive
+                .streams
+                .answers_made
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let first = get(&t, &name).await.unwrap();
+        assert_eq!(made(), 1);
+        // Asked again for the same bytes: the same answer, not made again.
+        assert_eq!(get(&t, &name).await.unwrap(), first);
+        assert_eq!(made(), 1);
+        // Once it grew, the answer is made anew and holds the new bytes.
+        send(&t, &name, 100_000, &raw[100_000..150_000], SYSID)
+            .await
+            .unwrap();
+        let (got, held) = get(&t, &name).await.unwrap();
+        assert_eq!(made(), 2);
+        assert_eq!(held, Some(150_000));
+        assert_eq!(&got[..150_000], &raw[..150_000]);
+        assert!(got[150_000..].iter().all(|&b| b == 0));
     }
 
     #[tokio::test]
