@@ -6,7 +6,6 @@
 //! manifest.zst`, store/layout.rs) to make its record.
 
 use anyhow::{Context, Result};
-use walvault_protocol::core::format::codec::VerifyingDecoder;
 use walvault_protocol::core::format::manifest::{BackupManifest, FileKind, MAX_MANIFEST_SIZE};
 use walvault_protocol::core::wire::backup::BackupRecord;
 
@@ -89,32 +88,13 @@ pub(crate) async fn read_manifest(
     cluster: &str,
     id: &str,
 ) -> Result<Option<(BackupManifest, u64)>> {
-    use futures::StreamExt;
     let key = layout::manifest_key(cluster, id);
-    let Some(header) = store.read_header(&key).await? else {
+    let Some((raw, header)) = store
+        .read_verified(&key, "manifest", MAX_MANIFEST_SIZE)
+        .await?
+    else {
         return Ok(None);
     };
-    if header.raw_size > MAX_MANIFEST_SIZE {
-        anyhow::bail!(
-            "{key}: manifest of {} bytes exceeds the limit",
-            header.raw_size
-        );
-    }
-    let mut body = store.body_stream(&key, &header).await?;
-    let mut decoder = VerifyingDecoder::new(header.raw_size)?;
-    let mut raw = Vec::with_capacity(header.raw_size as usize);
-    while let Some(chunk) = body.next().await {
-        decoder
-            .write::<std::convert::Infallible>(&chunk?, |b| {
-                raw.extend_from_slice(b);
-                Ok(())
-            })
-            .map_err(|e| anyhow::anyhow!("{key}: corrupt manifest: {e}"))?;
-    }
-    decoder
-        .finish()
-        .and_then(|s| s.check(header.raw_size, &header.blake3_hex()))
-        .with_context(|| format!("{key}: manifest failed verification"))?;
     let m: BackupManifest =
         serde_json::from_slice(&raw).with_context(|| format!("{key}: unreadable manifest"))?;
     m.validate()

@@ -55,7 +55,7 @@ use walvault_protocol::core::pg::wal::{
     pg_major_for_magic, LongPageHeader, SegmentName, WalFileName, LONG_PAGE_HEADER_LEN,
 };
 use walvault_protocol::core::wire::{
-    self, ErrorCode, Request, Response, StreamedSegment, MAX_STREAM_APPEND,
+    self, ErrorCode, Request, Response, StreamedSegment, MAX_OBJECT_SIZE, MAX_STREAM_APPEND,
 };
 use walvault_protocol::net::fsutil;
 use walvault_protocol::net::pki::{ClientIdentity, Role};
@@ -85,6 +85,14 @@ struct Partial {
     uploaded: u64,
     /// Ingested as a complete segment (the file is gone).
     done: bool,
+}
+
+impl Partial {
+    /// It is an unfinished segment that holds some WAL: one to list and serve (a file
+    /// prepared ahead holds none, an ingested one is gone).
+    fn holds_wal(&self) -> bool {
+        !self.done && self.held > 0
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Partial>>>;
@@ -150,7 +158,7 @@ impl Streams {
         let mut ends: HashMap<String, u64> = HashMap::new();
         for ((cluster, segment), slot) in self.all() {
             let guard = slot.lock().await;
-            let Some(p) = guard.as_ref().filter(|p| !p.done && p.held > 0) else {
+            let Some(p) = guard.as_ref().filter(|p| p.holds_wal()) else {
                 continue;
             };
             let end = segment.start_lsn(p.segment_size).0 + p.held;
@@ -1152,7 +1160,7 @@ pub(crate) async fn partial_object(
 ) -> Option<StreamReply> {
     if let Some(slot) = ctx.archive.streams.existing(cluster, segment) {
         let guard = slot.lock().await;
-        if let Some(p) = guard.as_ref().filter(|p| !p.done && p.held > 0) {
+        if let Some(p) = guard.as_ref().filter(|p| p.holds_wal()) {
             let held = p.held;
             let size = p.segment_size;
             let file = match p.file.try_clone() {
@@ -1234,7 +1242,7 @@ pub(crate) async fn partial_object(
 /// the newest upload), if any.
 async fn streamed_bytes(ctx: &Ctx<'_>, cluster: &str, segment: &SegmentName) -> Result<u64> {
     if let Some(slot) = ctx.archive.streams.existing(cluster, segment) {
-        if let Some(p) = slot.lock().await.as_ref().filter(|p| !p.done && p.held > 0) {
+        if let Some(p) = slot.lock().await.as_ref().filter(|p| p.holds_wal()) {
             return Ok(p.held);
         }
     }
@@ -1267,7 +1275,12 @@ async fn archived_partial(
         if ctx.index.wal(cluster, &name)?.is_none() {
             continue;
         }
-        let Some(raw) = raw_object(ctx, &layout::wal_key(cluster, &name)).await? else {
+        let key = layout::wal_key(cluster, &name);
+        let Some((raw, _)) = ctx
+            .store
+            .read_verified(&key, "history file", MAX_OBJECT_SIZE)
+            .await?
+        else {
             continue;
         };
         let text = String::from_utf8_lossy(&raw);
@@ -1288,26 +1301,6 @@ async fn archived_partial(
         }
     }
     Ok(None)
-}
-
-/// An object's raw content, verified against its header; `None` if absent.
-async fn raw_object(ctx: &Ctx<'_>, key: &str) -> Result<Option<Vec<u8>>> {
-    use futures::TryStreamExt;
-    let Some(header) = ctx.store.read_header(key).await? else {
-        return Ok(None);
-    };
-    let frame: Vec<Bytes> = ctx
-        .store
-        .body_stream(key, &header)
-        .await?
-        .try_collect()
-        .await?;
-    let raw = zstd::bulk::decompress(&frame.concat(), header.raw_size as usize)
-        .with_context(|| format!("{key}: damaged body"))?;
-    if raw.len() as u64 != header.raw_size || *blake3::hash(&raw).as_bytes() != header.blake3 {
-        anyhow::bail!("{key}: its content does not match its header");
-    }
-    Ok(Some(raw))
 }
 
 /// `GetWal` of a segment without a complete object, where the archive holds both the
@@ -1344,8 +1337,12 @@ pub(crate) async fn unfinished_object(
         Ok(g) => g,
         Err(r) => return Some(Err(r)),
     };
-    let raw = match raw_object(ctx, &key).await {
-        Ok(Some(raw)) if raw.len() == size as usize => raw,
+    let raw = match ctx
+        .store
+        .read_verified(&key, "partial segment", MAX_OBJECT_SIZE)
+        .await
+    {
+        Ok(Some((raw, _))) if raw.len() == size as usize => raw,
         Ok(_) => return partial_object(ctx, cluster, segment).await,
         Err(e) => return Some(Err(Refusal::internal(e))),
     };
@@ -1402,7 +1399,7 @@ pub(crate) async fn streamed(ctx: &Ctx<'_>, cluster: &str) -> Result<Vec<Streame
             continue;
         }
         // A prepared file that holds nothing yet is no unfinished segment.
-        if let Some(p) = slot.lock().await.as_ref().filter(|p| !p.done && p.held > 0) {
+        if let Some(p) = slot.lock().await.as_ref().filter(|p| p.holds_wal()) {
             let e = best.entry(segment).or_default();
             *e = (*e).max(p.held);
         }
@@ -1453,6 +1450,15 @@ mod tests {
         append(&ctx, &a, &mut &bytes[..]).await
     }
 
+    /// `got` is the first `held` bytes of `raw`, then zeros.
+    fn assert_padded(got: &[u8], raw: &[u8], held: usize) {
+        assert_eq!(&got[..held], &raw[..held], "the held bytes differ");
+        assert!(
+            got[held..].iter().all(|&b| b == 0),
+            "bytes past the {held} held are not zero"
+        );
+    }
+
     /// GetWal's raw answer and its `partial_bytes`.
     async fn get(t: &TestArchive, name: &str) -> Result<(Vec<u8>, Option<u64>), Refusal> {
         let id = identity(Role::Pull);
@@ -1498,8 +1504,7 @@ mod tests {
         let (got, held) = get(&t, &name).await.unwrap();
         assert_eq!(held, Some(cut as u64));
         assert_eq!(got.len(), SEG as usize, "padded to the segment size");
-        assert_eq!(&got[..cut], &raw[..cut]);
-        assert!(got[cut..].iter().all(|&b| b == 0));
+        assert_padded(&got, &raw, cut);
         // A reconnected receiver sends the segment again from its start: accepted.
         send(&t, &name, 0, &raw[..cut + 1000], SYSID).await.unwrap();
         // Other bytes where the archive holds some: refused, nothing written.
@@ -1784,8 +1789,7 @@ mod tests {
         assert_eq!(acked, Some(2), "{answers:?}");
         let (got, held) = get(&t, &name).await.unwrap();
         assert_eq!(held, Some(150_000));
-        assert_eq!(&got[..150_000], &raw[..150_000]);
-        assert!(got[150_000..].iter().all(|&b| b == 0));
+        assert_padded(&got, &raw, 150_000);
     }
 
     #[tokio::test]
@@ -1859,11 +1863,8 @@ mod tests {
             .unwrap();
         let (got, held) = get(&t, &name).await.unwrap();
         assert_eq!(held, Some(256 << 10));
-        assert_eq!(&got[..256 << 10], &old_raw[..256 << 10]);
-        assert!(
-            got[256 << 10..].iter().all(|&b| b == 0),
-            "the bytes past the switchpoint are not served"
-        );
+        // The bytes past the switchpoint are not served.
+        assert_padded(&got, &old_raw, 256 << 10);
         // The receiver holds less of the segment: the archived partial still wins.
         let (_, streamed_raw) = wal(5);
         send(&t, &name, 0, &streamed_raw[..100_000], SYSID)
@@ -1908,8 +1909,7 @@ mod tests {
         let (got, held) = get(&t, &name).await.unwrap();
         assert_eq!(made(), 2);
         assert_eq!(held, Some(150_000));
-        assert_eq!(&got[..150_000], &raw[..150_000]);
-        assert!(got[150_000..].iter().all(|&b| b == 0));
+        assert_padded(&got, &raw, 150_000);
     }
 
     #[tokio::test]

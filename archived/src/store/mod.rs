@@ -30,6 +30,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use walvault_protocol::core::format::codec::VerifyingDecoder;
 
 pub(crate) use local::LocalStore;
 pub(crate) use object::{CreateOutcome, Loc, Many, ObjectHeader, PendingObject, HEADER_LEN};
@@ -216,6 +217,43 @@ impl Store {
         ObjectHeader::decode(&bytes)
             .map(Some)
             .with_context(|| format!("{key}: damaged object header"))
+    }
+
+    /// A whole object decompressed and verified against its header (size and blake3),
+    /// with its header; `None` if absent. `what` names it in errors ("manifest"); an
+    /// object of more than `max_raw` bytes is refused before anything is read.
+    pub(crate) async fn read_verified(
+        &self,
+        key: &str,
+        what: &str,
+        max_raw: u64,
+    ) -> Result<Option<(Vec<u8>, ObjectHeader)>> {
+        use futures::StreamExt;
+        let Some(header) = self.read_header(key).await? else {
+            return Ok(None);
+        };
+        if header.raw_size > max_raw {
+            anyhow::bail!(
+                "{key}: {what} of {} bytes exceeds the limit",
+                header.raw_size
+            );
+        }
+        let mut body = self.body_stream(key, &header).await?;
+        let mut decoder = VerifyingDecoder::new(header.raw_size)?;
+        let mut raw = Vec::with_capacity(header.raw_size as usize);
+        while let Some(chunk) = body.next().await {
+            decoder
+                .write::<std::convert::Infallible>(&chunk?, |b| {
+                    raw.extend_from_slice(b);
+                    Ok(())
+                })
+                .map_err(|e| anyhow::anyhow!("{key}: corrupt {what}: {e}"))?;
+        }
+        decoder
+            .finish()
+            .and_then(|s| s.check(header.raw_size, &header.blake3_hex()))
+            .with_context(|| format!("{key}: {what} failed verification"))?;
+        Ok(Some((raw, header)))
     }
 
     /// The object's body (the zstd frame) as a stream of chunks.

@@ -364,9 +364,7 @@ impl Session {
             reader,
         })
     }
-}
 
-impl Session {
     /// Ends the session from this side once what was queued is sent (the archive then
     /// ends it too, without an error in its log).
     async fn close(mut self) {
