@@ -67,6 +67,52 @@ struct State {
     counters: Counters,
 }
 
+impl State {
+    fn new() -> State {
+        State {
+            requested: None,
+            segment_size: None,
+            inflight: BTreeSet::new(),
+            archive_end: None,
+            last_activity: Instant::now(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// PostgreSQL asked for `seg`: the daemon plans from the segment after it.
+    fn request(&mut self, seg: SegmentName) {
+        self.requested = Some(seg);
+        // PostgreSQL moved on: anything it may ask for next is worth asking for now.
+        if let Some((end, _, _)) = self.archive_end {
+            if seg >= end || seg.timeline != end.timeline {
+                self.archive_end = None;
+            }
+        }
+    }
+
+    /// The archive answered that `seg` is not (complete) there yet: the end to probe
+    /// again after a back-off (1 s, doubling to `MAX_RETRY` while the answer repeats).
+    /// Counted unless it says nothing new: a segment past an end already known (fetched
+    /// in parallel), or one PostgreSQL has asked for since its download started, whose
+    /// answer archive-get gives PostgreSQL itself; an end there would stop the daemon
+    /// probing past the request until PostgreSQL asked again.
+    fn end_reached(&mut self, seg: SegmentName, now: Instant) {
+        if self
+            .requested
+            .is_some_and(|r| r.timeline == seg.timeline && seg <= r)
+        {
+            return;
+        }
+        let backoff = match self.archive_end {
+            Some((end, _, _)) if end < seg && end.timeline == seg.timeline => return,
+            Some((end, _, b)) if end == seg => (b * 2).min(MAX_RETRY),
+            _ => Duration::from_secs(1),
+        };
+        self.archive_end = Some((seg, now + backoff, backoff));
+        self.counters.archive_end_reached += 1;
+    }
+}
+
 pub(super) struct Daemon {
     cfg: ClientConfig,
     spool: Spool,
@@ -107,14 +153,7 @@ pub(crate) async fn run(
         downloads: Arc::new(Semaphore::new(cfg.prefetch.fetch_concurrency)),
         cfg,
         spool,
-        state: Mutex::new(State {
-            requested: None,
-            segment_size: None,
-            inflight: BTreeSet::new(),
-            archive_end: None,
-            last_activity: Instant::now(),
-            counters: Counters::default(),
-        }),
+        state: Mutex::new(State::new()),
         wake: Notify::new(),
         connection: tokio::sync::Mutex::new(None),
         prefaulter,
@@ -204,13 +243,7 @@ impl Daemon {
         st.counters.last_requested = Some(name.to_string());
         st.last_activity = Instant::now();
         if let Ok(WalFileName::Segment(seg)) = name.parse::<WalFileName>() {
-            st.requested = Some(seg);
-            // PostgreSQL moved on: anything it may ask for next is worth asking for now.
-            if let Some((end, _, _)) = st.archive_end {
-                if seg >= end || seg.timeline != end.timeline {
-                    st.archive_end = None;
-                }
-            }
+            st.request(seg);
         }
         drop(st);
         self.wake.notify_one();
@@ -390,15 +423,7 @@ async fn fetch_loop(daemon: Arc<Daemon>) {
 impl Daemon {
     /// `seg` is not (complete) in the archive yet: ask again after a back-off.
     fn reached_end(&self, seg: SegmentName) {
-        let mut st = lock_state(&self.state);
-        let backoff = match st.archive_end {
-            // Segments fetched in parallel past an end already known say nothing new.
-            Some((end, _, _)) if end < seg && end.timeline == seg.timeline => return,
-            Some((end, _, b)) if end == seg => (b * 2).min(MAX_RETRY),
-            _ => Duration::from_secs(1),
-        };
-        st.archive_end = Some((seg, Instant::now() + backoff, backoff));
-        st.counters.archive_end_reached += 1;
+        lock_state(&self.state).end_reached(seg, Instant::now());
     }
 
     async fn download(&self, seg: SegmentName) {
@@ -463,5 +488,60 @@ impl Daemon {
                 tracing::warn!(segment = %name, error = %format!("{e:#}"), "prefetch failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State::new()
+    }
+
+    fn seg(n: u32) -> SegmentName {
+        SegmentName {
+            timeline: walvault_protocol::core::pg::wal::TimelineId(1),
+            log: 0,
+            seg: n,
+        }
+    }
+
+    #[test]
+    fn the_end_backs_off_and_parallel_answers_past_it_are_not_counted() {
+        let mut st = state();
+        let now = Instant::now();
+        st.request(seg(1));
+        st.end_reached(seg(8), now);
+        assert_eq!(
+            st.archive_end,
+            Some((seg(8), now + Duration::from_secs(1), Duration::from_secs(1)))
+        );
+        st.end_reached(seg(9), now);
+        st.end_reached(seg(8), now);
+        assert_eq!(st.archive_end.map(|e| e.2), Some(Duration::from_secs(2)));
+        assert_eq!(st.counters.archive_end_reached, 2);
+    }
+
+    /// The race the prefetch test once lost: a probe of the archive's end (segment 8)
+    /// was in flight when PostgreSQL asked for segment 8 itself; its "not found" came
+    /// after the request and set the end back to 8, behind the request, so the plan
+    /// (which starts at 9) never probed again.
+    #[test]
+    fn an_answer_for_a_segment_postgres_already_asked_for_sets_no_end() {
+        let mut st = state();
+        let now = Instant::now();
+        st.request(seg(7));
+        st.end_reached(seg(8), now);
+        st.request(seg(8));
+        assert_eq!(st.archive_end, None, "the request moves past the end");
+        st.end_reached(seg(8), now);
+        assert_eq!(
+            st.archive_end, None,
+            "a stale answer for the requested segment"
+        );
+        st.end_reached(seg(9), now);
+        assert_eq!(st.archive_end.map(|e| e.0), Some(seg(9)));
+        assert_eq!(st.counters.archive_end_reached, 2);
     }
 }
