@@ -80,7 +80,12 @@ struct Partial {
     /// Bytes held from the start, fdatasynced.
     held: u64,
     /// Bytes written from the start (at least `held`; the rest not yet fdatasynced).
+    /// A failed fdatasync sets it back to `held`: what it did not sync must be written
+    /// again, never taken as written because the page cache shows it.
     written: u64,
+    /// The file is zeros from here on: nothing was ever written past it (at least
+    /// `written`), so an append here needs no comparison.
+    zero_from: u64,
     /// Bytes the newest upload in the store holds.
     uploaded: u64,
     /// Ingested as a complete segment (the file is gone).
@@ -301,6 +306,7 @@ impl Streams {
                         segment_size,
                         held,
                         written: held,
+                        zero_from: held,
                         uploaded: 0,
                         done: false,
                     });
@@ -547,8 +553,16 @@ fn apply(jobs: Vec<Job>) -> Applied {
     }
     drop(jobs);
     for (_, file, _) in &touched {
-        if let Err(e) = file.sync_data() {
-            // Nothing of the batch counts as durable; the receiver sends it again.
+        if let Err(e) = sync_data(file) {
+            // Nothing of the batch counts as durable; the receiver sends it again. After
+            // a failed fdatasync the kernel may have dropped the pages or marked them
+            // clean, so a later sync would not write them: what was written past `held`
+            // must be written again by the resend (write_one writes past `written`).
+            for (slot, _, _) in &touched {
+                if let Some(p) = slot.blocking_lock().as_mut() {
+                    p.written = p.held;
+                }
+            }
             let e = anyhow::Error::new(e).context("fdatasync of a streamed segment");
             return Applied {
                 durable: 0,
@@ -598,8 +612,13 @@ fn write_one(job: &Job, want_file: bool) -> Result<(Option<std::fs::File>, u64),
             job.name, job.offset, p.written.max(p.held)
         )));
     }
-    match write_compared(&p.file, job.offset, &job.bytes, &job.name) {
-        Ok(()) => {}
+    let end = job.offset + job.bytes.len() as u64;
+    let fresh = Fresh {
+        zeros: job.offset >= p.zero_from,
+        must_write: end > p.written,
+    };
+    match write_compared(&p.file, job.offset, &job.bytes, &job.name, fresh) {
+        Ok(_) => {}
         Err(WriteError::Conflict(at)) => {
             return Err(Refusal::new(
                 ErrorCode::Conflict,
@@ -612,8 +631,8 @@ fn write_one(job: &Job, want_file: bool) -> Result<(Option<std::fs::File>, u64),
         }
         Err(WriteError::Io(e)) => return Err(Refusal::internal(e)),
     }
-    let end = job.offset + job.bytes.len() as u64;
     p.written = p.written.max(end);
+    p.zero_from = p.zero_from.max(end);
     let file = match want_file {
         true => Some(
             p.file
@@ -928,6 +947,7 @@ fn prepare_file(path: &Path, size: u64) -> Result<Partial> {
         segment_size: size as u32,
         held,
         written: held,
+        zero_from: held,
         uploaded: 0,
         done: false,
     })
@@ -939,29 +959,51 @@ enum WriteError {
     Io(anyhow::Error),
 }
 
-/// Compares `bytes` with what the file holds at `offset` and writes them (no sync).
+/// What is known of the file where an append goes.
+#[derive(Clone, Copy)]
+struct Fresh {
+    /// Nothing was ever written there: zeros, nothing to compare.
+    zeros: bool,
+    /// It reaches past what is written (or what a failed sync left unwritten): write it
+    /// even where the file already shows the same bytes.
+    must_write: bool,
+}
+
+/// Compares `bytes` with what the file holds at `offset` and writes them (no sync);
+/// `true` when it wrote.
 fn write_compared(
     file: &std::fs::File,
     offset: u64,
     bytes: &[u8],
     name: &str,
-) -> Result<(), WriteError> {
+    fresh: Fresh,
+) -> Result<bool, WriteError> {
     let io = |e: std::io::Error| {
         WriteError::Io(anyhow::Error::new(e).context(format!("writing {name}")))
     };
-    let mut have = vec![0u8; bytes.len()];
-    file.read_exact_at(&mut have, offset).map_err(io)?;
-    if let Some(i) = have
-        .iter()
-        .zip(bytes)
-        .position(|(&old, &new)| old != 0 && old != new)
-    {
-        return Err(WriteError::Conflict(offset + i as u64));
+    if !fresh.zeros {
+        let mut have = vec![0u8; bytes.len()];
+        file.read_exact_at(&mut have, offset).map_err(io)?;
+        if let Some(i) = have
+            .iter()
+            .zip(bytes)
+            .position(|(&old, &new)| old != 0 && old != new)
+        {
+            return Err(WriteError::Conflict(offset + i as u64));
+        }
+        if have == bytes && !fresh.must_write {
+            return Ok(false);
+        }
     }
-    if have != bytes {
-        file.write_all_at(bytes, offset).map_err(io)?;
-    }
-    Ok(())
+    file.write_all_at(bytes, offset).map_err(io)?;
+    Ok(true)
+}
+
+/// fdatasync; in tests, fails once for a file a test armed (`tests::fail_next_sync`).
+fn sync_data(file: &std::fs::File) -> std::io::Result<()> {
+    #[cfg(test)]
+    tests::injected_sync_failure(file)?;
+    file.sync_data()
 }
 
 /// `StreamSeal`: the timeline ended inside `segment`; what is held is stored now and
@@ -1450,6 +1492,103 @@ mod tests {
         append(&ctx, &a, &mut &bytes[..]).await
     }
 
+    /// Files whose next fdatasync fails (device and inode), armed by [`fail_next_sync`].
+    static ARMED_SYNC_FAILURES: std::sync::Mutex<Vec<(u64, u64)>> =
+        std::sync::Mutex::new(Vec::new());
+
+    /// The next fdatasync of the file at `path` fails, as one on a failing disk does.
+    pub(super) fn fail_next_sync(path: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).unwrap();
+        ARMED_SYNC_FAILURES.lock().unwrap().push((m.dev(), m.ino()));
+    }
+
+    pub(super) fn injected_sync_failure(file: &std::fs::File) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        let mut armed = ARMED_SYNC_FAILURES.lock().unwrap();
+        if let Some(i) = armed.iter().position(|&k| k == (m.dev(), m.ino())) {
+            armed.remove(i);
+            return Err(std::io::Error::other("injected fdatasync failure"));
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_fdatasync_the_unsynced_appends_are_written_again() {
+        let t = TestArchive::new();
+        let (name, raw) = wal(9);
+        send(&t, &name, 0, &raw[..50_000], SYSID).await.unwrap();
+        let seg = parse_segment(&name).unwrap();
+        fail_next_sync(&t.archive.streams.path("main", &seg));
+        let failed = send(&t, &name, 50_000, &raw[50_000..90_000], SYSID).await;
+        assert!(
+            matches!(&failed, Err(r) if r.code == ErrorCode::Internal && r.message.contains("fdatasync")),
+            "{failed:?}"
+        );
+        // Not acknowledged, not served, and not taken as written: the page cache shows
+        // the bytes, but the failed sync may have dropped them from the disk's way.
+        let (got, held) = get(&t, &name).await.unwrap();
+        assert_eq!(held, Some(50_000));
+        assert_padded(&got, &raw, 50_000);
+        {
+            let slot = t.archive.streams.existing("main", &seg).unwrap();
+            let guard = slot.lock().await;
+            let p = guard.as_ref().unwrap();
+            assert_eq!((p.held, p.written), (50_000, 50_000));
+            assert_eq!(
+                p.zero_from, 90_000,
+                "the file is no longer known zero there"
+            );
+        }
+        // The reconnected receiver streams the segment again from its start: the part
+        // the failed sync covered is written again (write_compared's must_write), synced
+        // and acknowledged.
+        let again = send(&t, &name, 0, &raw[..90_000], SYSID).await;
+        assert!(
+            matches!(
+                again,
+                Ok(Response::StreamFlushed {
+                    flushed: 90_000,
+                    ..
+                })
+            ),
+            "{again:?}"
+        );
+        let (got, held) = get(&t, &name).await.unwrap();
+        assert_eq!(held, Some(90_000));
+        assert_padded(&got, &raw, 90_000);
+    }
+
+    #[test]
+    fn a_resend_is_compared_and_written_only_where_it_must_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("seg"))
+            .unwrap();
+        file.set_len(64).unwrap();
+        let fresh = |zeros, must_write| Fresh { zeros, must_write };
+        let w = |offset, bytes: &[u8], f| match write_compared(&file, offset, bytes, "seg", f) {
+            Ok(wrote) => Some(wrote),
+            Err(WriteError::Conflict(_)) => None,
+            Err(WriteError::Io(e)) => panic!("{e:#}"),
+        };
+        assert_eq!(w(0, b"abcd", fresh(true, true)), Some(true));
+        // The same bytes again: nothing to write, unless a failed sync made it a must.
+        assert_eq!(w(0, b"abcd", fresh(false, false)), Some(false));
+        assert_eq!(w(0, b"abcd", fresh(false, true)), Some(true));
+        // Zeros in the file are not yet written; other bytes are a conflict.
+        assert_eq!(w(2, b"cdef", fresh(false, true)), Some(true));
+        assert_eq!(w(0, b"abXd", fresh(false, true)), None);
+        let mut got = [0u8; 6];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got, b"abcdef");
+    }
+
     /// `got` is the first `held` bytes of `raw`, then zeros.
     fn assert_padded(got: &[u8], raw: &[u8], held: usize) {
         assert_eq!(&got[..held], &raw[..held], "the held bytes differ");
@@ -1665,6 +1804,38 @@ mod tests {
         assert!(matches!(get(&t, &name).await, Err(r) if r.code == ErrorCode::NotFound));
     }
 
+    /// Every answer is an acknowledgement, and they count up to `appends`, never beyond.
+    fn assert_acks_count_up_to(answers: &[Response], appends: u64) {
+        let counts: Vec<u64> = answers
+            .iter()
+            .map(|a| match a {
+                Response::StreamAcked { appends } => *appends,
+                other => panic!("unexpected answer {other:?} in {answers:?}"),
+            })
+            .collect();
+        assert!(counts.windows(2).all(|w| w[0] < w[1]), "{counts:?}");
+        assert_eq!(counts.last(), Some(&appends), "{counts:?}");
+    }
+
+    /// A session of cluster `main`, system `SYSID`.
+    const MAIN_SESSION: Session<'static> = Session {
+        cluster: "main",
+        system_identifier: SYSID,
+        segment_size: SEG,
+    };
+
+    /// The answer frames a session wrote.
+    fn answers_in(out: &[u8]) -> Vec<Response> {
+        let mut answers = Vec::new();
+        let mut at = 0;
+        while at < out.len() {
+            let len = wire::frame_len(out[at..at + 4].try_into().unwrap()).unwrap();
+            answers.push(wire::decode_frame(&out[at + 4..at + 4 + len]).unwrap());
+            at += 4 + len;
+        }
+        answers
+    }
+
     /// A session's client side: frames of `appends` (offset, length of `raw`), then FIN.
     fn session_input(name: &str, appends: &[(u64, &[u8])]) -> Vec<u8> {
         let mut input = Vec::new();
@@ -1705,14 +1876,7 @@ mod tests {
             || false,
         )
         .await;
-        let mut answers = Vec::new();
-        let mut at = 0;
-        while at < out.len() {
-            let len = wire::frame_len(out[at..at + 4].try_into().unwrap()).unwrap();
-            answers.push(wire::decode_frame(&out[at + 4..at + 4 + len]).unwrap());
-            at += 4 + len;
-        }
-        answers
+        answers_in(&out)
     }
 
     #[tokio::test]
@@ -1726,15 +1890,7 @@ mod tests {
             .collect();
         let answers = run_session(&t, Role::Push, SYSID, session_input(&name, &appends)).await;
         // Acknowledgements count up to every append, never beyond.
-        let counts: Vec<u64> = answers
-            .iter()
-            .map(|a| match a {
-                Response::StreamAcked { appends } => *appends,
-                other => panic!("unexpected answer {other:?}"),
-            })
-            .collect();
-        assert!(counts.windows(2).all(|w| w[0] < w[1]), "{counts:?}");
-        assert_eq!(counts.last(), Some(&4));
+        assert_acks_count_up_to(&answers, 4);
         let (got, held) = get(&t, &name).await.unwrap();
         assert_eq!(held, Some(500_000));
         assert_eq!(&got[..500_000], &raw[..500_000]);
@@ -1755,6 +1911,91 @@ mod tests {
         let id = identity(Role::Pull);
         let ctx = t.archive.ctx(&id);
         assert_eq!(streamed(&ctx, "main").await.unwrap().len(), 1);
+    }
+
+    /// Runs a session over a pipe the client writes `input` into in pieces of `piece`
+    /// bytes (yielding between them), then keeps open for `hold` before closing.
+    async fn run_session_in_pieces(
+        t: &TestArchive,
+        input: Vec<u8>,
+        piece: usize,
+        hold: Duration,
+        body_idle: Duration,
+    ) -> Vec<Response> {
+        use tokio::io::AsyncWriteExt;
+        let id = identity(Role::Push);
+        let ctx = t.archive.ctx(&id);
+        let s = MAIN_SESSION;
+        let (mut client, mut server) = tokio::io::duplex(64 << 10);
+        let writer = tokio::spawn(async move {
+            for chunk in input.chunks(piece) {
+                if client.write_all(chunk).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            tokio::time::sleep(hold).await;
+            let _ = client.shutdown().await;
+        });
+        let out = session(&ctx, &s, &mut server, Vec::new(), body_idle, || false).await;
+        writer.abort();
+        answers_in(&out)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_that_arrive_in_pieces_are_taken_whole_and_all_acknowledged() {
+        let t = TestArchive::new();
+        let (name, raw) = wal(7);
+        let cuts = [
+            0usize, 8192, 8200, 40_000, 41_000, 300_000, 300_001, 600_000,
+        ];
+        let appends: Vec<(u64, &[u8])> = cuts
+            .windows(2)
+            .map(|w| (w[0] as u64, &raw[w[0]..w[1]]))
+            .collect();
+        // Pieces smaller than an announcement, and pieces that end inside bodies.
+        for piece in [3usize, 1000, 65_537] {
+            let input = session_input(&name, &appends);
+            let answers =
+                run_session_in_pieces(&t, input, piece, Duration::ZERO, Duration::from_secs(5))
+                    .await;
+            assert_acks_count_up_to(&answers, 7);
+            let (got, held) = get(&t, &name).await.unwrap();
+            assert_eq!(held, Some(600_000));
+            assert_padded(&got, &raw, 600_000);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_whose_append_stops_halfway_ends_as_stalled_and_keeps_the_rest() {
+        let t = TestArchive::new();
+        let (name, raw) = wal(8);
+        let mut input = session_input(
+            &name,
+            &[(0, &raw[..20_000]), (20_000, &raw[20_000..60_000])],
+        );
+        // The second body stops halfway; the client keeps its side open.
+        input.truncate(input.len() - 20_000);
+        let answers = run_session_in_pieces(
+            &t,
+            input,
+            4096,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(
+            matches!(answers.first(), Some(Response::StreamAcked { appends: 1 })),
+            "{answers:?}"
+        );
+        let Some(Response::Error { code, message }) = answers.last() else {
+            panic!("no refusal: {answers:?}");
+        };
+        assert_eq!(*code, ErrorCode::Invalid, "{message}");
+        assert!(message.contains("stalled"), "{message}");
+        let (got, held) = get(&t, &name).await.unwrap();
+        assert_eq!(held, Some(20_000));
+        assert_padded(&got, &raw, 20_000);
     }
 
     #[tokio::test]
@@ -1818,11 +2059,7 @@ mod tests {
         let t = TestArchive::new();
         let id = identity(Role::Push);
         let ctx = t.archive.ctx(&id);
-        let s = Session {
-            cluster: "main",
-            system_identifier: SYSID,
-            segment_size: SEG,
-        };
+        let s = MAIN_SESSION;
         // The client sends nothing and keeps its side open.
         let (_client, mut server) = tokio::io::duplex(1024);
         let out = tokio::time::timeout(
