@@ -13,6 +13,7 @@ mod pg_archive;
 mod pg_backup;
 mod pg_backup_checks;
 mod pg_backup_gc;
+mod pg_check;
 mod pg_metrics;
 mod pg_restore;
 mod pg_stream;

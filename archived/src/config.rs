@@ -17,6 +17,14 @@
 //! chunk_grace_hours = 24        # unreferenced chunks untouched this long are collected
 //! [stream]                      # the streaming receiver's unfinished segments
 //! upload_interval_secs = 2      # stored in the object store at least this often
+//! [checks]                      # thresholds of `archived check` (ops/check.rs)
+//! wal_age_warning_secs = 900    # newest segment older: WARNING
+//! wal_age_critical_secs = 3600  #   ... CRITICAL
+//! min_backups = 1               # fewer usable backups: CRITICAL
+//! backup_age_warning_hours = 26 # newest usable backup older: WARNING
+//! backup_age_critical_hours = 50 #  ... CRITICAL
+//! cert_warning_days = 30        # a server certificate expiring sooner: WARNING
+//! cert_critical_days = 7        #   ... CRITICAL
 //! ```
 //!
 //! With neither `keep_full` nor `keep_within_days` no backup expires; when both are set a
@@ -78,6 +86,44 @@ pub(crate) struct ServerConfig {
     /// The streaming receiver's unfinished segments.
     #[serde(default)]
     pub(crate) stream: StreamConfig,
+    /// Thresholds of `archived check` (ops/check.rs).
+    #[serde(default)]
+    pub(crate) checks: ChecksConfig,
+}
+
+/// `[checks]`: the thresholds of `archived check` (ops/check.rs).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ChecksConfig {
+    /// The newest segment older than this is a WARNING (an idle primary archives every
+    /// `archive_timeout`: keep this above it).
+    pub(crate) wal_age_warning_secs: u64,
+    /// ... and a CRITICAL.
+    pub(crate) wal_age_critical_secs: u64,
+    /// Fewer usable backups than this is a CRITICAL.
+    pub(crate) min_backups: u32,
+    /// The newest usable backup older than this is a WARNING (daily backups: 26 h).
+    pub(crate) backup_age_warning_hours: u64,
+    /// ... and a CRITICAL.
+    pub(crate) backup_age_critical_hours: u64,
+    /// A server certificate expiring within this many days is a WARNING.
+    pub(crate) cert_warning_days: u64,
+    /// ... and a CRITICAL.
+    pub(crate) cert_critical_days: u64,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> ChecksConfig {
+        ChecksConfig {
+            wal_age_warning_secs: 900,
+            wal_age_critical_secs: 3600,
+            min_backups: 1,
+            backup_age_warning_hours: 26,
+            backup_age_critical_hours: 50,
+            cert_warning_days: 30,
+            cert_critical_days: 7,
+        }
+    }
 }
 
 /// `[stream]`: the streaming receiver's unfinished segments (service/stream.rs).
@@ -139,6 +185,7 @@ impl ServerConfig {
             metrics_token: None,
             retention: Default::default(),
             stream: Default::default(),
+            checks: Default::default(),
         }
     }
 

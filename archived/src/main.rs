@@ -107,6 +107,13 @@ enum Command {
         #[command(subcommand)]
         command: admin::retention::RetentionCommand,
     },
+    /// Named checks of one cluster, each OK, WARNING or CRITICAL with a hint: the
+    /// catalog, the store taking writes, WAL continuity from the oldest backup (store
+    /// objects included), the newest segment's age, usable backups and the newest one's
+    /// age, certificate expiry ([checks] in archived.toml sets the thresholds). Exit 0
+    /// when all are OK, 1 when the worst is a WARNING, 2 for a CRITICAL; with --nagios
+    /// one status line with perfdata, and 3 (UNKNOWN) when the server cannot be asked.
+    Check(admin::check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -117,12 +124,18 @@ fn main() -> ExitCode {
         config_exit: Exit::Failure,
     };
     cli::run(&cli.log, setup, |runtime| {
-        runtime.block_on(run(cli.command))?;
-        Ok(Exit::Success)
+        runtime.block_on(run(cli.command))
     })
 }
 
-async fn run(command: Command) -> Result<()> {
+async fn run(command: Command) -> Result<Exit> {
+    if let Command::Check(args) = command {
+        return admin::check::run(args).await;
+    }
+    run_other(command).await.map(|()| Exit::Success)
+}
+
+async fn run_other(command: Command) -> Result<()> {
     match command {
         Command::Init {
             data_dir,
@@ -163,5 +176,6 @@ async fn run(command: Command) -> Result<()> {
         Command::Backups { command } => admin::backups::run(command).await,
         Command::Retention { command } => admin::retention::run(command).await,
         Command::Catalog { command } => admin::catalog::run(command).await,
+        Command::Check(_) => unreachable!("run answers it"),
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! - `GET /healthz`: 200 while the process serves requests.
 //! - `GET /readyz`: 200 only when the catalog is complete (not being rebuilt) and the
-//!   store took a probe object within the last [`PROBE_TTL`] (created create-only under
+//!   store took a probe object within the last [`PROBE_TTL`](crate::service::PROBE_TTL) (created create-only under
 //!   `_readyz/`, then deleted); else 503 with the reason as text.
 //! - `GET /metrics`: the families of metrics.rs, the per-cluster ones read from the
 //!   catalog at this scrape; Prometheus text format, or OpenMetrics when the client's
@@ -15,7 +15,7 @@
 //!   network, or put a TLS proxy in front.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -26,23 +26,15 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::metrics::Metrics;
 use crate::service::Archive;
 
-/// How long a store probe of `/readyz` counts.
-pub(crate) const PROBE_TTL: Duration = Duration::from_secs(10);
-
 /// The endpoint's state.
 pub(crate) struct Ops {
     pub(crate) metrics: Arc<Metrics>,
     token: Option<String>,
-    probe: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
 impl Ops {
     pub(crate) fn new(metrics: Arc<Metrics>, token: Option<String>) -> Ops {
-        Ops {
-            metrics,
-            token,
-            probe: tokio::sync::Mutex::new(None),
-        }
+        Ops { metrics, token }
     }
 
     /// Why the archive is not ready, if it is not (module header).
@@ -52,24 +44,7 @@ impl Ops {
             Ok(false) => return Err("the catalog is being rebuilt from the store".into()),
             Err(e) => return Err(format!("the catalog cannot be read: {e:#}")),
         }
-        let mut probe = self.probe.lock().await;
-        if let Some((at, result)) = probe.as_ref() {
-            if at.elapsed() < PROBE_TTL {
-                return result.clone();
-            }
-        }
-        let key = format!("_readyz/{}.probe", std::process::id());
-        let result = async {
-            archive
-                .store
-                .put_new(&key, Bytes::from_static(b"walvault readiness probe\n"))
-                .await?;
-            archive.store.delete(&key).await
-        }
-        .await
-        .map_err(|e| format!("the store does not take writes: {e:#}"));
-        *probe = Some((Instant::now(), result.clone()));
-        result
+        archive.probe_store().await
     }
 
     fn authorized(&self, req: &Request<hyper::body::Incoming>) -> bool {

@@ -1,5 +1,6 @@
-//! What operators watch: metrics (metrics.rs) and the HTTP endpoint that serves them
-//! and the health probes (http.rs).
+//! What operators watch: metrics (metrics.rs), the HTTP endpoint that serves them and
+//! the health probes (http.rs), and the named checks of `archived check` (check.rs).
 
+pub(crate) mod check;
 pub(crate) mod http;
 pub(crate) mod metrics;

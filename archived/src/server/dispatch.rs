@@ -265,6 +265,15 @@ pub(super) async fn handle_stream(
             };
             service::retention::request(&ctx, &r).await
         }
+        Request::Check { cluster } => {
+            let now = crate::clock::unix_now();
+            match crate::ops::check::run(archive, &archive.checks, &archive.certs, &cluster, now)
+                .await
+            {
+                Ok(checks) => Ok(Response::Checks { checks }),
+                Err(e) => Err(Refusal::internal(e)),
+            }
+        }
         Request::Ping => Ok(Response::Pong {
             cluster: identity.cluster.clone(),
             role: identity.role.to_string(),

@@ -136,14 +136,27 @@ pub(crate) async fn serve(
             "found the streaming receiver's unfinished segments of an earlier run"
         );
     }
+    let mut archive = Archive::new(
+        store,
+        index,
+        cfg.retention.clone(),
+        Budget::new(cfg.request_memory_mib),
+        streams,
+    );
+    archive.checks = cfg.checks.clone();
+    for (what, pem) in [("CA", &ca_pem), ("server", &tls.cert_pem)] {
+        match crate::ops::check::not_after(pem) {
+            Ok(not_after) => archive.certs.push(crate::ops::check::CertExpiry {
+                what: what.to_string(),
+                not_after,
+            }),
+            Err(e) => {
+                tracing::warn!(certificate = what, error = %format!("{e:#}"), "cannot read the certificate's expiry (archived check reports it)")
+            }
+        }
+    }
     let state = Arc::new(ServerState {
-        archive: Archive::new(
-            store,
-            index,
-            cfg.retention.clone(),
-            Budget::new(cfg.request_memory_mib),
-            streams,
-        ),
+        archive,
         metrics: Arc::new(Metrics::new()),
         shutting_down: AtomicBool::new(false),
         inflight: InFlight::default(),

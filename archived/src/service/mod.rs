@@ -98,7 +98,16 @@ pub(crate) struct Archive {
     binding_lock: tokio::sync::Mutex<()>,
     /// Shared syncs of concurrent chunk writes (local store), made at first use.
     sync_group: std::sync::OnceLock<SyncGroup>,
+    /// The newest store probe (`/readyz`, `archived check`): when, and what it found.
+    probe: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    /// `[checks]` of archived.toml (`archived check`).
+    pub(crate) checks: crate::config::ChecksConfig,
+    /// When the server's own certificates expire (`archived check`).
+    pub(crate) certs: Vec<crate::ops::check::CertExpiry>,
 }
+
+/// How long a store probe counts (`/readyz`, `archived check`).
+pub(crate) const PROBE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Archive {
     pub(crate) fn new(
@@ -117,7 +126,33 @@ impl Archive {
             streams,
             binding_lock: tokio::sync::Mutex::new(()),
             sync_group: std::sync::OnceLock::new(),
+            probe: tokio::sync::Mutex::new(None),
+            checks: crate::config::ChecksConfig::default(),
+            certs: Vec::new(),
         }
+    }
+
+    /// Whether the store takes writes: a probe object created create-only under
+    /// `_readyz/` and deleted, at most once per [`PROBE_TTL`] (callers in between get the
+    /// newest probe's answer).
+    pub(crate) async fn probe_store(&self) -> Result<(), String> {
+        let mut probe = self.probe.lock().await;
+        if let Some((at, result)) = probe.as_ref() {
+            if at.elapsed() < PROBE_TTL {
+                return result.clone();
+            }
+        }
+        let key = format!("_readyz/{}.probe", std::process::id());
+        let result = async {
+            self.store
+                .put_new(&key, Bytes::from_static(b"walvault readiness probe\n"))
+                .await?;
+            self.store.delete(&key).await
+        }
+        .await
+        .map_err(|e| format!("the store does not take writes: {e:#}"));
+        *probe = Some((std::time::Instant::now(), result.clone()));
+        result
     }
 
     /// The context of one request of a client.

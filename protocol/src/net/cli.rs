@@ -73,6 +73,10 @@ pub enum Exit {
     FatalConfig,
     /// 200: archive recovery must stop rather than end early.
     StopRecovery,
+    /// 2: a check found something CRITICAL (Nagios' code; `archived check`).
+    Critical,
+    /// 3: a check could not be run (Nagios' UNKNOWN; `archived check --nagios`).
+    Unknown,
 }
 
 impl Exit {
@@ -84,6 +88,8 @@ impl Exit {
             Exit::BadConfig => 2,
             Exit::FatalConfig => 126,
             Exit::StopRecovery => 200,
+            Exit::Critical => 2,
+            Exit::Unknown => 3,
         }
     }
 }

@@ -44,7 +44,9 @@ use futures::{Stream, StreamExt};
 use crate::core::format::codec::{DecodeOrSinkError, VerifyingDecoder};
 use crate::core::wire::admin::RetentionReport;
 use crate::core::wire::backup::{BackupSummary, PackChunk};
-use crate::core::wire::{self, ErrorCode, Request, Response, WalListing, MAX_OBJECT_SIZE};
+use crate::core::wire::{
+    self, CheckResult, ErrorCode, Request, Response, WalListing, MAX_OBJECT_SIZE,
+};
 use crate::net::config::ClientConfig;
 use crate::net::retry::Transient;
 use crate::net::transport::{
@@ -525,6 +527,18 @@ impl ArchiveClient {
                 role,
                 version,
             }),
+            other => Err(answer_error(&what, other)),
+        }
+    }
+
+    /// `Check`: the archive's named checks of this client's cluster.
+    pub async fn check(&self) -> Result<Vec<CheckResult>, ClientError> {
+        let what = format!("the checks of cluster '{}'", self.cluster);
+        let request = Request::Check {
+            cluster: self.cluster.clone(),
+        };
+        match self.simple(&what, &request).await? {
+            Response::Checks { checks } => Ok(checks),
             other => Err(answer_error(&what, other)),
         }
     }

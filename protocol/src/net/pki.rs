@@ -145,6 +145,18 @@ pub fn issue_client_cert(ca: &PemPair, cluster: &str, role: Role) -> Result<PemP
     issue(ca, params)
 }
 
+/// When the first certificate of a PEM text stops being valid (its notAfter), Unix
+/// seconds.
+pub fn not_after(cert_pem: &str) -> Result<i64, String> {
+    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()
+        .ok_or("no certificate in the PEM text")?
+        .map_err(|e| format!("unreadable PEM: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// Reads cluster and role from a verified client certificate (DER).
 pub fn client_identity(cert_der: &[u8]) -> Result<ClientIdentity, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
@@ -164,6 +176,18 @@ pub fn client_identity(cert_der: &[u8]) -> Result<ClientIdentity, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_says_when_it_expires() {
+        let ca = generate_ca().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let end = not_after(&ca.cert_pem).unwrap();
+        assert!(end > now + 365 * 86400, "{end} vs {now}");
+        assert!(not_after("no PEM here").is_err());
+    }
 
     #[test]
     fn client_certificates_carry_cluster_and_role() {

@@ -89,6 +89,12 @@ pub enum Request {
     },
     /// Who am I, and is the server alive.
     Ping,
+    /// The archive's named checks of a cluster (`archived check`). Answer:
+    /// [`Response::Checks`].
+    Check {
+        /// Cluster name.
+        cluster: String,
+    },
     /// Which of these backup chunks does the archive lack? Answer: [`Response::Missing`].
     /// At most [`crate::core::wire::backup::MAX_HASHES_PER_REQUEST`] hashes.
     ChunksMissing {
@@ -274,7 +280,8 @@ impl Request {
             | Request::BeginBackup { cluster }
             | Request::StreamAppend { cluster, .. }
             | Request::StreamSession { cluster, .. }
-            | Request::StreamSeal { cluster, .. } => Some(cluster),
+            | Request::StreamSeal { cluster, .. }
+            | Request::Check { cluster } => Some(cluster),
             Request::Retention { cluster, .. } => cluster.as_deref(),
             Request::Ping => None,
         }
@@ -301,6 +308,7 @@ impl Request {
             Request::StreamAppend { .. } => "stream_append",
             Request::StreamSession { .. } => "stream_session",
             Request::StreamSeal { .. } => "stream_seal",
+            Request::Check { .. } => "check",
         }
     }
 }
@@ -343,6 +351,11 @@ pub enum Response {
     },
     /// WAL listing of a cluster: one page of it (its `next` names the following one).
     WalList(WalListing),
+    /// Answer to [`Request::Check`]: every named check, in a fixed order.
+    Checks {
+        /// The checks.
+        checks: Vec<CheckResult>,
+    },
     /// Answer to [`Request::Ping`].
     Pong {
         /// Cluster named in the client certificate.
@@ -459,6 +472,62 @@ pub struct WalListing {
     /// and in a merged listing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+}
+
+/// How a named check came out (Nagios' OK, WARNING, CRITICAL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum CheckStatus {
+    /// Nothing to do.
+    Ok,
+    /// Look at it soon.
+    Warning,
+    /// Act now: a restore may not get what it needs.
+    Critical,
+}
+
+impl std::fmt::Display for CheckStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CheckStatus::Ok => "OK",
+            CheckStatus::Warning => "WARNING",
+            CheckStatus::Critical => "CRITICAL",
+        })
+    }
+}
+
+/// One named check of `archived check`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    /// Its name (`wal_continuity`, `wal_age`, ...), stable: scripts match on it.
+    pub name: String,
+    /// How it came out.
+    pub status: CheckStatus,
+    /// What was found, with the names and numbers that matter.
+    pub message: String,
+    /// What to do about it (absent when OK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    /// The measured value, for Nagios perfdata and monitoring scripts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<CheckValue>,
+}
+
+/// A check's measured value and its thresholds (whole numbers in `unit`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckValue {
+    /// Perfdata label.
+    pub label: String,
+    /// The value.
+    pub value: i64,
+    /// Its unit in Nagios perfdata (`s`, `B`, or empty for a count).
+    pub unit: String,
+    /// The warning threshold, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<i64>,
+    /// The critical threshold, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critical: Option<i64>,
 }
 
 /// A segment the streaming receiver holds part of.

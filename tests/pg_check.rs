@@ -1,0 +1,191 @@
+//! `archived check` beside a real archiving PostgreSQL 15: a healthy archive passes every
+//! named check; archiving stopped past the age limit, a segment object deleted behind the
+//! archive's back and certificates near their end fail the checks that name them, with
+//! hints, and `--nagios` exits with Nagios' codes.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use walvault_tests::*;
+
+use crate::pg_archive::archiving_primary;
+use crate::pg_backup::CLUSTER;
+
+/// The checks every answer has, in order (ops/check.rs).
+const NAMES: [&str; 7] = [
+    "catalog",
+    "store_writable",
+    "wal_continuity",
+    "wal_age",
+    "backups",
+    "backup_age",
+    "certificates",
+];
+
+/// `archived check --json`: its exit code and the checks by name.
+fn check(archive: &Archive) -> (Option<i32>, Vec<Value>) {
+    let out = archive.try_admin(&["check", "--cluster", CLUSTER, "--json"]);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "archived check --json printed no JSON ({e})\n{}",
+            out.describe()
+        )
+    });
+    let checks = v.as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, NAMES, "{}", out.describe());
+    (out.code(), checks)
+}
+
+fn named<'a>(checks: &'a [Value], name: &str) -> &'a Value {
+    checks.iter().find(|c| c["name"] == name).unwrap()
+}
+
+/// An archive whose archived.toml sets `[checks]` keys (which `archived init` writes with
+/// their defaults) to these values.
+fn configured(settings: &'static [(&'static str, u64)]) -> Archive {
+    Archive::start_configured(
+        CLUSTER,
+        move |toml| {
+            let text = std::fs::read_to_string(toml).unwrap();
+            let mut out = String::new();
+            for line in text.lines() {
+                let key = line.split('=').next().unwrap_or_default().trim();
+                match settings.iter().find(|(k, _)| *k == key) {
+                    Some((k, v)) => out.push_str(&format!("{k} = {v}\n")),
+                    None => out.push_str(&format!("{line}\n")),
+                }
+            }
+            for (k, _) in settings {
+                assert!(
+                    out.contains(&format!("\n{k} = ")),
+                    "archived.toml has no {k}:\n{text}"
+                );
+            }
+            std::fs::write(toml, out).unwrap();
+        },
+        vec![],
+    )
+}
+
+#[test]
+fn check_passes_on_a_healthy_archive_and_names_what_breaks() {
+    const CRITICAL_AGE: u64 = 25;
+    let archive = configured(&[("wal_age_warning_secs", 20), ("wal_age_critical_secs", 25)]);
+    let push = archive.issue(CLUSTER, "push");
+    let mut primary = archiving_primary(&archive, &push, &[]);
+    primary.pgbench_init(1);
+    crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+    let archived_at = Instant::now();
+
+    let (code, checks) = check(&archive);
+    for c in &checks {
+        assert_eq!(c["status"], "OK", "{c:#}\nall: {checks:#?}");
+    }
+    assert_eq!(code, Some(0), "{checks:#?}");
+    let text = archive.admin(&["check", "--cluster", CLUSTER]).stdout;
+    assert!(
+        text.contains("OK  ") && text.contains("wal_continuity"),
+        "{text}"
+    );
+    let nagios = archive.try_admin(&["check", "--cluster", CLUSTER, "--nagios"]);
+    assert_eq!(nagios.code(), Some(0), "{}", nagios.describe());
+    assert!(
+        nagios
+            .stdout
+            .starts_with("WALVAULT OK - cluster main: 7 checks OK | wal_age="),
+        "{}",
+        nagios.describe()
+    );
+    assert!(
+        nagios.stdout.contains(" backups=1;;1"),
+        "{}",
+        nagios.describe()
+    );
+
+    // Archiving stops (the primary is down) past the critical age.
+    primary.stop();
+    let wait = Duration::from_secs(CRITICAL_AGE + 1).saturating_sub(archived_at.elapsed());
+    std::thread::sleep(wait);
+    let (code, checks) = check(&archive);
+    let age = named(&checks, "wal_age");
+    assert_eq!(age["status"], "CRITICAL", "{checks:#?}");
+    assert!(age["message"].as_str().unwrap().contains(&last), "{age:#}");
+    assert!(
+        age["hint"].as_str().unwrap().contains("pg_stat_archiver"),
+        "{age:#}"
+    );
+    assert_eq!(code, Some(2), "{checks:#?}");
+    let nagios = archive.try_admin(&["check", "--cluster", CLUSTER, "--nagios"]);
+    assert_eq!(nagios.code(), Some(2), "{}", nagios.describe());
+    assert!(
+        nagios
+            .stdout
+            .starts_with("WALVAULT CRITICAL - cluster main: wal_age CRITICAL"),
+        "{}",
+        nagios.describe()
+    );
+    assert!(nagios.stdout.contains(";20;25"), "{}", nagios.describe());
+
+    // A segment the backup needs is deleted from the store behind the archive's back:
+    // continuity and the backup count fail, naming it.
+    let listed = archive.admin(&["backups", "list", "--cluster", CLUSTER, "--json"]);
+    let backups: Value = serde_json::from_str(&listed.stdout).unwrap();
+    let first = backups[0]["wal_start"].as_str().unwrap().to_string();
+    let object = archive
+        .data_dir()
+        .join(format!("store/{CLUSTER}/wal/00000001/{first}.zst"));
+    std::fs::remove_file(&object).unwrap_or_else(|e| panic!("removing {}: {e}", object.display()));
+    let (code, checks) = check(&archive);
+    let cont = named(&checks, "wal_continuity");
+    assert_eq!(cont["status"], "CRITICAL", "{checks:#?}");
+    assert!(
+        cont["message"].as_str().unwrap().contains(&first)
+            && cont["message"]
+                .as_str()
+                .unwrap()
+                .contains("missing from the store"),
+        "{cont:#}"
+    );
+    assert!(
+        cont["hint"].as_str().unwrap().contains("archive-push"),
+        "{cont:#}"
+    );
+    let count = named(&checks, "backups");
+    assert_eq!(count["status"], "CRITICAL", "{count:#}");
+    assert_eq!(named(&checks, "backup_age")["status"], "CRITICAL");
+    assert_eq!(named(&checks, "catalog")["status"], "OK");
+    assert_eq!(code, Some(2));
+}
+
+#[test]
+fn certificates_near_their_end_warn_and_an_unreachable_archive_is_unknown() {
+    // rcgen issues certificates valid until 4096: with a warning window of 27 000 years
+    // every one is near its end. The server reads its real ones.
+    let mut archive = configured(&[("cert_warning_days", 10_000_000), ("cert_critical_days", 1)]);
+    let (_, checks) = check(&archive);
+    let certs = named(&checks, "certificates");
+    assert_eq!(certs["status"], "WARNING", "{checks:#?}");
+    assert!(
+        certs["message"].as_str().unwrap().contains("expires first"),
+        "{certs:#}"
+    );
+    assert!(
+        certs["hint"].as_str().unwrap().contains("certificate"),
+        "{certs:#}"
+    );
+    // No WAL yet: a warning that says so, not an error.
+    assert_eq!(named(&checks, "wal_continuity")["status"], "WARNING");
+    assert_eq!(named(&checks, "backups")["status"], "CRITICAL");
+
+    archive.stop();
+    let out = archive.try_admin(&["check", "--cluster", CLUSTER, "--nagios"]);
+    assert_eq!(out.code(), Some(3), "{}", out.describe());
+    assert!(
+        out.stdout.starts_with("WALVAULT UNKNOWN - cluster main: "),
+        "{}",
+        out.describe()
+    );
+}
