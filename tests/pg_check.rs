@@ -189,3 +189,107 @@ fn certificates_near_their_end_warn_and_an_unreachable_archive_is_unknown() {
         out.describe()
     );
 }
+
+/// Flips one byte of the file at `path` (`at` from its start), whatever its mode.
+fn flip_byte(path: &std::path::Path, at: u64) {
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+}
+
+/// `archived verify ARGS --json`: exit code and report.
+fn verify(archive: &Archive, args: &[&str]) -> (Option<i32>, Value) {
+    let mut all = vec!["verify", "--cluster", CLUSTER, "--json"];
+    all.extend_from_slice(args);
+    let out = archive.try_admin(&all);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "archived verify --json printed no JSON ({e})\n{}",
+            out.describe()
+        )
+    });
+    (out.code(), v)
+}
+
+#[test]
+fn verify_finds_a_flipped_byte_in_a_segment_and_in_a_pack_and_names_both() {
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let primary = archiving_primary(&archive, &push, &[]);
+    primary.pgbench_init(1);
+    crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last, || archive.diag());
+
+    let (code, report) = verify(&archive, &["--max-rate", "512"]);
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["problems"], serde_json::json!([]), "{report:#}");
+    for field in ["wal_files", "packs", "chunks"] {
+        assert!(report[field].as_u64() > Some(0), "{field}: {report:#}");
+    }
+    assert_eq!(report["manifests"], 1, "{report:#}");
+    let text = archive.admin(&["verify", "--cluster", CLUSTER]).stdout;
+    assert!(text.contains("no problem found"), "{text}");
+
+    // One byte flipped in a stored segment and one in a pack, behind archived's back.
+    let store = archive.data_dir().join("store");
+    let segment = format!("{CLUSTER}/wal/00000001/{last}.zst");
+    let seg_path = store.join(&segment);
+    flip_byte(&seg_path, std::fs::metadata(&seg_path).unwrap().len() / 2);
+    let packs = store.join(CLUSTER).join("packs");
+    let pack_path = std::fs::read_dir(&packs)
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "pack"))
+        .unwrap_or_else(|| panic!("no pack under {}", packs.display()));
+    flip_byte(
+        &pack_path,
+        std::fs::metadata(&pack_path).unwrap().len() - 100,
+    );
+    let pack = pack_path
+        .strip_prefix(&store)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+
+    let (code, report) = verify(&archive, &[]);
+    assert_eq!(code, Some(2), "{report:#}");
+    let problems = report["problems"].as_array().unwrap();
+    let about = |key: &str| problems.iter().any(|p| p["object"] == key);
+    assert!(
+        about(&segment),
+        "the flipped segment {segment} is not named: {report:#}"
+    );
+    assert!(
+        about(&pack),
+        "the flipped pack {pack} is not named: {report:#}"
+    );
+    assert!(
+        problems.iter().any(|p| p["problem"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be restored")),
+        "the backup that needs the damaged pack's chunks is not named: {report:#}"
+    );
+    // --wal alone reads only WAL.
+    let (code, wal_only) = verify(&archive, &["--wal"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(wal_only["packs"], 0, "{wal_only:#}");
+    assert!(
+        wal_only["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["object"] == segment.as_str()),
+        "{wal_only:#}"
+    );
+}

@@ -1,13 +1,14 @@
 //! The admin commands' client side: `archived wal`, `backups`, `retention`, `check` ask the
 //! running server (with DIR/admin.toml or --config) and print what it answers;
 //! `archived catalog rebuild` works on the data directory itself, with the server
-//! stopped. How answers are printed is output.rs.
+//! stopped; `archived verify` reads the store itself, beside the server or without it. How answers are printed is output.rs.
 
 pub(crate) mod backups;
 pub(crate) mod catalog;
 pub(crate) mod check;
 
 pub(crate) mod retention;
+pub(crate) mod verify;
 pub(crate) mod wal;
 
 use std::path::{Path, PathBuf};

@@ -17,8 +17,8 @@
 //!   against `cert_warning_days` / `cert_critical_days`).
 //! - Read from the catalog and the store at the time of the request, never from a cache
 //!   older than the store probe's.
-//! - Not checked yet, and said so nowhere else: retention's last run, `verify` results
-//!   (there is no verify yet), the store's free space, certificates issued to clients
+//! - Not checked yet: retention's last run, the last `archived verify` result (verify
+//!   reports by its exit code), the store's free space, certificates issued to clients
 //!   (archived keeps no list of them).
 
 use std::collections::{BTreeMap, BTreeSet};

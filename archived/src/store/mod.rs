@@ -228,6 +228,29 @@ impl Store {
         what: &str,
         max_raw: u64,
     ) -> Result<Option<(Vec<u8>, ObjectHeader)>> {
+        let mut raw = Vec::new();
+        let header = self
+            .verify_streamed(key, what, max_raw, |header, b| {
+                if raw.is_empty() {
+                    raw.reserve_exact(header.raw_size as usize);
+                }
+                raw.extend_from_slice(b);
+            })
+            .await?;
+        Ok(header.map(|h| (raw, h)))
+    }
+
+    /// Decompresses an object as it is read, verifying it against its header (size and
+    /// blake3), and hands each piece of raw bytes to `sink`; its header, `None` if
+    /// absent. Memory: one piece at a time. `what` and `max_raw` as for
+    /// [`read_verified`](Self::read_verified).
+    pub(crate) async fn verify_streamed(
+        &self,
+        key: &str,
+        what: &str,
+        max_raw: u64,
+        mut sink: impl FnMut(&ObjectHeader, &[u8]),
+    ) -> Result<Option<ObjectHeader>> {
         use futures::StreamExt;
         let Some(header) = self.read_header(key).await? else {
             return Ok(None);
@@ -240,11 +263,10 @@ impl Store {
         }
         let mut body = self.body_stream(key, &header).await?;
         let mut decoder = VerifyingDecoder::new(header.raw_size)?;
-        let mut raw = Vec::with_capacity(header.raw_size as usize);
         while let Some(chunk) = body.next().await {
             decoder
                 .write::<std::convert::Infallible>(&chunk?, |b| {
-                    raw.extend_from_slice(b);
+                    sink(&header, b);
                     Ok(())
                 })
                 .map_err(|e| anyhow::anyhow!("{key}: corrupt {what}: {e}"))?;
@@ -253,7 +275,7 @@ impl Store {
             .finish()
             .and_then(|s| s.check(header.raw_size, &header.blake3_hex()))
             .with_context(|| format!("{key}: {what} failed verification"))?;
-        Ok(Some((raw, header)))
+        Ok(Some(header))
     }
 
     /// The object's body (the zstd frame) as a stream of chunks.
