@@ -122,7 +122,7 @@ release_build() {
 }
 
 # start_archived DATADIR LOG PUSH_CONFIG: starts `archived serve` (from $BIN) in the
-# background, sets ARCHIVED_PID, and waits until `pushclient check` with PUSH_CONFIG gets an
+# background, sets ARCHIVED_PID, and waits until `pushclient check --archive-only` with PUSH_CONFIG gets an
 # answer (20 s at most); dies with the server's log if it exits first.
 start_archived() {
     local dir=$1 logf=$2 push=$3 i
@@ -133,12 +133,12 @@ start_archived() {
             cat "$logf" >&2
             die "archived serve --data-dir $dir exited at start (log above)"
         }
-        if timeout 10 "$BIN/pushclient" --config "$push" check >/dev/null 2>&1; then
+        if timeout 10 "$BIN/pushclient" --config "$push" check --archive-only >/dev/null 2>&1; then
             return 0
         fi
         sleep 0.2
     done
-    timeout 10 "$BIN/pushclient" --config "$push" check >&2 || true
+    timeout 10 "$BIN/pushclient" --config "$push" check --archive-only >&2 || true
     die "archived serve --data-dir $dir did not answer pushclient check within 20 s"
 }
 

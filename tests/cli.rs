@@ -97,7 +97,7 @@ fn clients_find_their_config_by_flag_environment_or_default_path() {
 
     let by_flag = check(
         Command::new(archive.bins().pushclient())
-            .arg("check")
+            .args(["check", "--archive-only"])
             .arg("--config")
             .arg(&conf),
     );
@@ -110,7 +110,7 @@ fn clients_find_their_config_by_flag_environment_or_default_path() {
 
     let by_env = check(
         Command::new(archive.bins().pushclient())
-            .arg("check")
+            .args(["check", "--archive-only"])
             .env("WALVAULT_CONFIG", &conf),
     );
     assert!(by_env.success(), "{}", by_env.describe());

@@ -293,3 +293,85 @@ fn verify_finds_a_flipped_byte_in_a_segment_and_in_a_pack_and_names_both() {
         "{wal_only:#}"
     );
 }
+
+/// `pushclient check` as postgres against `pg`'s socket.
+fn pushclient_check(archive: &Archive, push: &std::path::Path, pg: &PgCluster) -> Output {
+    let mut cmd = std::process::Command::new(archive.bins().pushclient());
+    as_pg_user(&mut cmd)
+        .args(["check", "--timeout", "60", "--config"])
+        .arg(push)
+        .env("PGHOST", pg.sock_dir())
+        .env("PGPORT", PG_PORT.to_string())
+        .current_dir("/tmp");
+    try_run_timeout(&mut cmd, Duration::from_secs(180))
+}
+
+#[test]
+fn pushclient_check_archives_a_switched_segment_and_names_a_wrong_setting() {
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let mut primary = archiving_primary(&archive, &push, &["archive_timeout = 60"]);
+    let out = pushclient_check(&archive, &push, &primary);
+    assert!(out.success(), "{}\n{}", out.describe(), primary.diag());
+    for line in [
+        "ok: wal_level = replica",
+        "ok: archive_mode = on",
+        "ok: archive_timeout = 1min",
+        "archived and read back verified",
+    ] {
+        assert!(
+            out.stdout.contains(line),
+            "no {line:?}:\n{}",
+            out.describe()
+        );
+    }
+    // The segment it switched out is the archive's newest, as `wal list` says.
+    let segment = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ok: WAL switched: segment "))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no switched segment named:\n{}", out.describe()))
+        .to_string();
+    let listing = archive
+        .admin(&["wal", "list", "--cluster", CLUSTER, "--json"])
+        .stdout;
+    let listing: Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(
+        listing["timelines"][0]["last"],
+        segment.as_str(),
+        "{listing:#}"
+    );
+
+    // archive_command that is not pushclient, archive_timeout 0: named, exit 1, and no WAL
+    // switched.
+    primary.set_conf("archive_command", "cp %p /nonexistent/%f");
+    primary.set_conf("archive_timeout", "0");
+    primary.psql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = primary.psql("SELECT pg_current_wal_lsn()");
+    let out = pushclient_check(&archive, &push, &primary);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stdout
+            .contains("FAILED: archive_command = 'cp %p /nonexistent/%f' does not run pushclient"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("WARNING: archive_timeout = 0"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("not switching WAL"),
+        "{}",
+        out.describe()
+    );
+    let after = primary.psql("SELECT pg_current_wal_lsn()");
+    assert_eq!(
+        before, after,
+        "pushclient check switched WAL despite a failed setting"
+    );
+    primary.stop();
+}

@@ -5,6 +5,7 @@
 //! PostgreSQL keeps the file and retries.
 
 mod backup;
+mod check;
 mod push;
 mod stream;
 
@@ -40,8 +41,25 @@ enum Command {
         /// Path of the file (%p), relative to the data directory or absolute.
         path: PathBuf,
     },
-    /// Check the configuration: connect to archived and show what the certificate allows.
-    Check,
+    /// Check the setup end to end, as after configuring a primary: archived answers and
+    /// accepts the certificate; PostgreSQL (libpq environment or --conninfo) has
+    /// wal_level >= replica, archive_mode on, an archive_command running pushclient
+    /// archive-push %p, an archive_timeout, and the system identifier the cluster is bound
+    /// to; then (on a primary) writes a restore point, switches WAL and waits until the
+    /// archive holds that segment, read back verified. Each step prints ok:, WARNING: or
+    /// FAILED: naming the setting. Exit 0 when nothing failed. The role needs superuser or
+    /// EXECUTE on pg_create_restore_point and pg_switch_wal.
+    Check {
+        /// libpq connection string (PGHOST, PGPORT, PGUSER... apply otherwise).
+        #[arg(long)]
+        conninfo: Option<String>,
+        /// Only check that archived answers and accepts the certificate.
+        #[arg(long)]
+        archive_only: bool,
+        /// Seconds to wait for the switched segment to reach the archive.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Take a base backup into the archive (BASE_BACKUP over a replication connection).
     ///
     /// Only chunks the archive lacks are sent; the manifest is written last and commits
@@ -139,7 +157,21 @@ fn main() -> ExitCode {
             Command::ArchivePush { path } => {
                 runtime.block_on(push::archive_push(&config()?, &path))
             }
-            Command::Check => runtime.block_on(push::check(&config()?)),
+            Command::Check {
+                conninfo,
+                archive_only,
+                timeout,
+            } => {
+                let (path, cfg) = cli.common.load_config("pushclient")?;
+                let args = check::CheckArgs {
+                    conninfo,
+                    archive_only,
+                    timeout: std::time::Duration::from_secs(timeout),
+                    config_path: path,
+                };
+                let passed = runtime.block_on(check::check(&cfg, &args))?;
+                return Ok(if passed { Exit::Success } else { Exit::Failure });
+            }
             Command::Backup {
                 label,
                 fast,

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use walvault_protocol::core::format::codec::{Encoder, CHUNK_SIZE, HEAD_LEN};
 use walvault_protocol::core::pg::wal::validate_wal_file;
-use walvault_protocol::net::client::{ArchiveClient, Pong};
+use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
 
 /// Compressed chunks queued between the compressing thread and the network.
@@ -126,20 +126,4 @@ fn compress_into(path: &Path, level: i32, tx: &tokio::sync::mpsc::Sender<Result<
     if let Err(e) = run() {
         let _ = tx.blocking_send(Err(e.context(format!("compressing {}", path.display()))));
     }
-}
-
-pub(crate) async fn check(cfg: &ClientConfig) -> Result<()> {
-    let archive = ArchiveClient::connect(cfg).await?;
-    let pong = archive.ping().await;
-    archive.close().await;
-    let Pong {
-        cluster,
-        role,
-        version,
-    } = pong?;
-    println!(
-        "ok: archived {version} at {} accepts this certificate (cluster {cluster}, role {role})",
-        cfg.server
-    );
-    Ok(())
 }
