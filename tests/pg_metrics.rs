@@ -168,6 +168,12 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         sample(&scrape2, &ended).is_some_and(|t| (now - t).abs() < 600.0),
         "{scrape2}"
     );
+    // PostgreSQL's own archive_command reported its backlog: at least the file it pushed.
+    let ready = format!("walvault_archive_ready_files{{cluster=\"{CLUSTER}\"}}");
+    assert!(
+        sample(&scrape2, &ready).is_some_and(|n| n >= 1.0),
+        "{scrape2}"
+    );
     let bytes = "walvault_request_body_bytes_total{operation=\"put_wal\"}";
     assert!(sample(&scrape2, bytes).unwrap() > sample(&scrape, bytes).unwrap());
 
@@ -213,4 +219,37 @@ fn a_metrics_token_guards_the_scrape_but_not_the_probes() {
     assert!(scrape.contains("walvault_build_info{version="), "{scrape}");
     assert_eq!(get(addr, "/healthz", &[]).0, 200);
     assert_eq!(get(addr, "/readyz", &[]).0, 200);
+}
+
+#[test]
+fn a_push_reports_the_primarys_ready_backlog_and_the_scrape_shows_it() {
+    use crate::promises::{fake_segment, put_file, seg_name};
+    let archive = Archive::start("main");
+    let push = archive.issue("main", "push");
+    let dir = TestDir::new("ready-backlog");
+    // A primary's layout: the segment pushed and five .ready files (itself and four
+    // waiting), a .done file that does not count.
+    let wal = dir.join("pg_wal");
+    let status = wal.join("archive_status");
+    std::fs::create_dir_all(&status).unwrap();
+    let name = seg_name(1, 2);
+    let p = put_file(&wal, &name, &fake_segment(1, 2, 7));
+    for n in 2..7 {
+        std::fs::write(status.join(format!("{}.ready", seg_name(1, n))), b"").unwrap();
+    }
+    std::fs::write(status.join(format!("{}.done", seg_name(1, 1))), b"").unwrap();
+    let out = archive.archive_push(&push, &p);
+    assert!(out.success(), "{}\n{}", out.describe(), archive.diag());
+    let (_, scrape) = get(archive.metrics_addr(), "/metrics", &[]);
+    promtool_check(&scrape);
+    let series = "walvault_archive_ready_files{cluster=\"main\"}";
+    assert_eq!(sample(&scrape, series), Some(5.0), "{scrape}");
+    // Caught up: only the file being pushed is .ready.
+    for n in 3..7 {
+        std::fs::remove_file(status.join(format!("{}.ready", seg_name(1, n)))).unwrap();
+    }
+    let out = archive.archive_push(&push, &p);
+    assert!(out.success(), "{}", out.describe());
+    let (_, scrape) = get(archive.metrics_addr(), "/metrics", &[]);
+    assert_eq!(sample(&scrape, series), Some(1.0), "{scrape}");
 }

@@ -217,6 +217,7 @@ async fn server_refuses_lies_from_a_raw_client() {
             name: name.into(),
             raw_size: announced.len() as u64,
             blake3: blake3::hash(announced).to_hex().to_string(),
+            ready_files: None,
         };
         let (mut send, mut recv) = conn.open(&req).await.unwrap();
         let z = zstd::encode_all(body, 1).unwrap();
@@ -659,6 +660,7 @@ fn shutdown_is_not_held_by_a_vanished_client() {
                 name: name.clone(),
                 raw_size: seg.len() as u64,
                 blake3: blake3::hash(&seg).to_hex().to_string(),
+                ready_files: None,
             };
             let (mut send, recv) = conn.open(&req).await.unwrap();
             send.write_all(&zstd::encode_all(&seg[..], 1).unwrap())

@@ -49,6 +49,7 @@ async fn a_stalled_request_body_is_given_up_and_stores_nothing() {
         name: name.clone(),
         raw_size: seg.len() as u64,
         blake3: blake3::hash(&seg).to_hex().to_string(),
+        ready_files: None,
     };
     let (mut send, mut recv) = conn.open(&request).await.unwrap();
     send.write_all(&body[..sent]).await.unwrap();
@@ -193,6 +194,7 @@ async fn concurrent_requests_wait_for_the_memory_budget_and_stay_under_it() {
             name: seg_name(1, segno),
             raw_size: seg.len() as u64,
             blake3: blake3::hash(&seg).to_hex().to_string(),
+            ready_files: None,
         };
         pushes.push((request, body));
     }

@@ -25,6 +25,20 @@ use walvault_protocol::net::config::ClientConfig;
 /// Compressed chunks queued between the compressing thread and the network.
 const SEND_QUEUE: usize = 4;
 
+/// The primary's archiving backlog: `.ready` files in the `archive_status` directory
+/// beside the file pushed (`pg_wal/archive_status/`), `None` when there is none (a file
+/// pushed from elsewhere) or it cannot be read.
+fn ready_files(path: &Path) -> Option<u64> {
+    let status = path.parent()?.join("archive_status");
+    let entries = std::fs::read_dir(status).ok()?;
+    Some(
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".ready"))
+            .count() as u64,
+    )
+}
+
 pub(crate) async fn archive_push(cfg: &ClientConfig, path: &Path) -> Result<()> {
     let started = Instant::now();
     let name = path
@@ -54,7 +68,10 @@ pub(crate) async fn archive_push(cfg: &ClientConfig, path: &Path) -> Result<()> 
         Err(e) => Err(std::io::Error::other(format!("{e:#}"))),
     });
     // Dropping the body (with the request) stops the compressor at its next piece.
-    let stored = archive.put_wal(&name, raw_size, &blake3, body).await;
+    let backlog = ready_files(path);
+    let stored = archive
+        .put_wal_reporting(&name, raw_size, &blake3, backlog, body)
+        .await;
     let _ = compressor.await;
     archive.close().await;
     let already_present = stored?;

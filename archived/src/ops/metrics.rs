@@ -76,6 +76,7 @@ pub(crate) struct Metrics {
     last_backup_end: Family<ClusterLabels, Gauge>,
     last_backup_bytes: Family<ClusterLabels, Gauge>,
     stream_flushed: Family<ClusterLabels, Gauge>,
+    ready_files: Family<ClusterLabels, Gauge>,
     clusters: Gauge,
     newest: Mutex<HashMap<String, Newest>>,
 }
@@ -178,9 +179,13 @@ impl Metrics {
                 "walvault_stream_flushed_lsn",
                 "End LSN (as a number of bytes) of the WAL the streaming receiver (pushclient stream) made durable on this archived and that is not yet a complete segment; compare with pg_current_wal_lsn() - '0/0' on the primary",
             ),
+            (
+                "walvault_archive_ready_files",
+                "The primary's archiving backlog as its newest push reported it: .ready files in pg_wal/archive_status (the pushed one included; 1 = keeping up)",
+            ),
         ]
         .map(|(name, help)| register(&mut r, name, help, per_cluster()));
-        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed] =
+        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, ready_files] =
             gauges;
         let clusters = register(
             &mut r,
@@ -213,9 +218,20 @@ impl Metrics {
             last_backup_end,
             last_backup_bytes,
             stream_flushed,
+            ready_files,
             clusters,
             newest: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A stored push reported the primary's archiving backlog: `n` `.ready` files (only
+    /// stored pushes report, so the cluster is a bound one: labels stay bounded).
+    pub(crate) fn ready_files(&self, cluster: &str, n: u64) {
+        self.ready_files
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// One request answered: its operation, result, seconds and body bytes received.

@@ -145,6 +145,7 @@ pub(super) async fn handle_stream(
             name,
             raw_size,
             blake3,
+            ready_files,
         } => {
             let upload = WalUpload {
                 cluster: &cluster,
@@ -155,6 +156,9 @@ pub(super) async fn handle_stream(
             let reply = service::wal::ingest(&ctx, &upload, recv).await;
             match &reply {
                 Ok(Response::Stored { already_present }) => {
+                    if let Some(n) = ready_files {
+                        metrics.ready_files(&cluster, n);
+                    }
                     tracing::info!(%cluster, %name, already_present, "stored")
                 }
                 Err(r) => {

@@ -556,12 +556,30 @@ impl ArchiveClient {
     where
         S: Stream<Item = io::Result<Bytes>> + Send,
     {
+        self.put_wal_reporting(name, raw_size, blake3, None, body)
+            .await
+    }
+
+    /// [`put_wal`](Self::put_wal) from `archive_command`, reporting the primary's
+    /// archiving backlog (`.ready` files) with it.
+    pub async fn put_wal_reporting<S>(
+        &self,
+        name: &str,
+        raw_size: u64,
+        blake3: &str,
+        ready_files: Option<u64>,
+        body: S,
+    ) -> Result<bool, ClientError>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Send,
+    {
         let what = name.to_string();
         let request = Request::PutWal {
             cluster: self.cluster.clone(),
             name: name.to_string(),
             raw_size,
             blake3: blake3.to_string(),
+            ready_files,
         };
         match self.upload(&what, &request, body).await? {
             Response::Stored { already_present } => Ok(already_present),

@@ -64,6 +64,10 @@ pub enum Request {
         raw_size: u64,
         /// blake3 of the raw file, hex.
         blake3: String,
+        /// The primary's archiving backlog as `archive_command` saw it: `.ready` files in
+        /// `pg_wal/archive_status/` (this one included), when the client could count them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ready_files: Option<u64>,
     },
     /// Fetch a WAL file. Response body: one zstd frame.
     GetWal {
@@ -626,6 +630,7 @@ mod tests {
             name: "000000010000000000000001".into(),
             raw_size: 16 << 20,
             blake3: "00".repeat(32),
+            ready_files: None,
         };
         let frame = encode_frame(&req).unwrap();
         let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
