@@ -105,6 +105,29 @@ fn check_passes_on_a_healthy_archive_and_names_what_breaks() {
         nagios.describe()
     );
 
+    // archived status says the same, on one screen per cluster.
+    let out = archive.admin(&["status", "--cluster", CLUSTER, "--json"]);
+    let status: Value = serde_json::from_str(&out.stdout).unwrap();
+    let main = &status[0];
+    assert_eq!(main["cluster"], CLUSTER, "{status:#}");
+    assert_eq!(main["newest_segment"], last.as_str(), "{status:#}");
+    assert_eq!(main["usable_backups"], 1, "{status:#}");
+    assert!(main["ready_files"].as_u64() >= Some(1), "{status:#}");
+    assert!(
+        main["window_start"].as_i64().is_some()
+            && main["window_end"].as_i64() >= main["window_start"].as_i64(),
+        "{status:#}"
+    );
+    assert_eq!(main["failing_checks"], serde_json::json!([]), "{status:#}");
+    let screen = archive.admin(&["status"]).stdout;
+    for part in [
+        "cluster main (system ",
+        "recovery window",
+        "checks          all OK",
+    ] {
+        assert!(screen.contains(part), "no {part:?} in:\n{screen}");
+    }
+
     // Archiving stops (the primary is down) past the critical age.
     primary.stop();
     let wait = Duration::from_secs(CRITICAL_AGE + 1).saturating_sub(archived_at.elapsed());

@@ -122,6 +122,12 @@ enum Command {
     /// bounds the read rate. Exit 0 when no problem was found, 2 when any was (each
     /// printed with the object's key), 1 when it could not run.
     Verify(admin::verify::VerifyArgs),
+    /// One screen per cluster (every cluster without --cluster): the newest segment and
+    /// its age, WAL files and stored bytes, the primary's .ready backlog as its newest
+    /// push reported it, the streaming receiver's position, backups (usable, newest,
+    /// stored bytes), the recovery window, and which named checks are not OK (asks the
+    /// running server).
+    Status(admin::status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -186,6 +192,7 @@ async fn run_other(command: Command) -> Result<()> {
         Command::Backups { command } => admin::backups::run(command).await,
         Command::Retention { command } => admin::retention::run(command).await,
         Command::Catalog { command } => admin::catalog::run(command).await,
+        Command::Status(args) => admin::status::run(args).await,
         Command::Check(_) | Command::Verify(_) => unreachable!("run answers them"),
     }
 }

@@ -1,4 +1,4 @@
-//! The admin commands' client side: `archived wal`, `backups`, `retention`, `check` ask the
+//! The admin commands' client side: `archived wal`, `backups`, `retention`, `check`, `status` ask the
 //! running server (with DIR/admin.toml or --config) and print what it answers;
 //! `archived catalog rebuild` works on the data directory itself, with the server
 //! stopped; `archived verify` reads the store itself, beside the server or without it. How answers are printed is output.rs.
@@ -8,6 +8,7 @@ pub(crate) mod catalog;
 pub(crate) mod check;
 
 pub(crate) mod retention;
+pub(crate) mod status;
 pub(crate) mod verify;
 pub(crate) mod wal;
 

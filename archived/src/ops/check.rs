@@ -71,7 +71,8 @@ fn graded(value: i64, warning: i64, critical: i64) -> CheckStatus {
     }
 }
 
-fn age_text(secs: i64) -> String {
+/// A duration for people: "42 s", "12 min", "3.5 h", "2.1 days".
+pub(crate) fn age_text(secs: i64) -> String {
     match secs {
         s if s < 120 => format!("{s} s"),
         s if s < 7200 => format!("{} min", s / 60),

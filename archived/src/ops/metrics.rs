@@ -234,6 +234,16 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// The backlog the newest stored push of `cluster` reported, if any since start.
+    pub(crate) fn reported_ready_files(&self, cluster: &str) -> Option<u64> {
+        let labels = ClusterLabels {
+            cluster: cluster.to_string(),
+        };
+        self.ready_files
+            .get(&labels)
+            .and_then(|g| u64::try_from(g.get()).ok())
+    }
+
     /// One request answered: its operation, result, seconds and body bytes received.
     pub(crate) fn request(&self, operation: &str, result: &str, seconds: f64, body_in: u64) {
         self.requests

@@ -4,3 +4,4 @@
 pub(crate) mod check;
 pub(crate) mod http;
 pub(crate) mod metrics;
+pub(crate) mod status;

@@ -269,6 +269,10 @@ pub(super) async fn handle_stream(
             };
             service::retention::request(&ctx, &r).await
         }
+        Request::Status { cluster } => {
+            let now = crate::clock::unix_now();
+            crate::ops::status::request(archive, metrics, identity, cluster.as_deref(), now).await
+        }
         Request::Check { cluster } => {
             let now = crate::clock::unix_now();
             match crate::ops::check::run(archive, &archive.checks, &archive.certs, &cluster, now)

@@ -45,7 +45,7 @@ use crate::core::format::codec::{DecodeOrSinkError, VerifyingDecoder};
 use crate::core::wire::admin::RetentionReport;
 use crate::core::wire::backup::{BackupSummary, PackChunk};
 use crate::core::wire::{
-    self, CheckResult, ErrorCode, Request, Response, WalListing, MAX_OBJECT_SIZE,
+    self, CheckResult, ClusterStatus, ErrorCode, Request, Response, WalListing, MAX_OBJECT_SIZE,
 };
 use crate::net::config::ClientConfig;
 use crate::net::retry::Transient;
@@ -527,6 +527,21 @@ impl ArchiveClient {
                 role,
                 version,
             }),
+            other => Err(answer_error(&what, other)),
+        }
+    }
+
+    /// `Status`: this client's cluster, or (`all`, admin only) every cluster.
+    pub async fn status(&self, all: bool) -> Result<Vec<ClusterStatus>, ClientError> {
+        let what = match all {
+            true => "the status of every cluster".to_string(),
+            false => format!("the status of cluster '{}'", self.cluster),
+        };
+        let request = Request::Status {
+            cluster: (!all).then(|| self.cluster.clone()),
+        };
+        match self.simple(&what, &request).await? {
+            Response::Status { clusters } => Ok(clusters),
             other => Err(answer_error(&what, other)),
         }
     }

@@ -93,6 +93,13 @@ pub enum Request {
     },
     /// Who am I, and is the server alive.
     Ping,
+    /// One screen per cluster (`archived status`): of `cluster`, or of every cluster
+    /// (admin only). Answer: [`Response::Status`].
+    Status {
+        /// Cluster name; `None`: every cluster.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster: Option<String>,
+    },
     /// The archive's named checks of a cluster (`archived check`). Answer:
     /// [`Response::Checks`].
     Check {
@@ -286,7 +293,7 @@ impl Request {
             | Request::StreamSession { cluster, .. }
             | Request::StreamSeal { cluster, .. }
             | Request::Check { cluster } => Some(cluster),
-            Request::Retention { cluster, .. } => cluster.as_deref(),
+            Request::Retention { cluster, .. } | Request::Status { cluster } => cluster.as_deref(),
             Request::Ping => None,
         }
     }
@@ -313,6 +320,7 @@ impl Request {
             Request::StreamSession { .. } => "stream_session",
             Request::StreamSeal { .. } => "stream_seal",
             Request::Check { .. } => "check",
+            Request::Status { .. } => "status",
         }
     }
 }
@@ -355,6 +363,11 @@ pub enum Response {
     },
     /// WAL listing of a cluster: one page of it (its `next` names the following one).
     WalList(WalListing),
+    /// Answer to [`Request::Status`]: one status per cluster, by name.
+    Status {
+        /// The clusters.
+        clusters: Vec<ClusterStatus>,
+    },
     /// Answer to [`Request::Check`]: every named check, in a fixed order.
     Checks {
         /// The checks.
@@ -476,6 +489,47 @@ pub struct WalListing {
     /// and in a merged listing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
+}
+
+/// One cluster as `archived status` shows it. Times are Unix seconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Cluster name.
+    pub cluster: String,
+    /// The PostgreSQL system it is bound to.
+    pub system_identifier: Option<u64>,
+    /// Its WAL segment size.
+    pub segment_size: Option<u32>,
+    /// The newest complete segment, and when the store took it.
+    pub newest_segment: Option<String>,
+    /// When the store took the newest segment.
+    pub newest_segment_time: Option<i64>,
+    /// Complete WAL segments and other WAL files in the catalog.
+    pub wal_files: u64,
+    /// Their stored (compressed) bytes.
+    pub wal_stored_bytes: u64,
+    /// The primary's `.ready` files as its newest push reported them (since archived
+    /// started).
+    pub ready_files: Option<u64>,
+    /// Where the streaming receiver's WAL durable on this archived ends, while its
+    /// segment is unfinished.
+    pub stream_flushed_lsn: Option<String>,
+    /// Base backups, and how many are usable.
+    pub backups: u64,
+    /// Usable backups (all their WAL in the store).
+    pub usable_backups: u64,
+    /// The newest usable backup's id and end.
+    pub newest_backup: Option<String>,
+    /// When the newest usable backup ended.
+    pub newest_backup_time: Option<i64>,
+    /// Stored bytes the backups added (their chunks and manifests).
+    pub backup_stored_bytes: u64,
+    /// The recovery window: from the oldest usable backup's end ...
+    pub window_start: Option<i64>,
+    /// ... to the last WAL archived without a gap after the newest one.
+    pub window_end: Option<i64>,
+    /// Names of the checks (`archived check`) that are not OK, with their status.
+    pub failing_checks: Vec<(String, CheckStatus)>,
 }
 
 /// How a named check came out (Nagios' OK, WARNING, CRITICAL).
