@@ -140,6 +140,14 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         sample(&scrape, "walvault_quic_connections").is_some(),
         "{scrape}"
     );
+    for cert in ["CA", "server"] {
+        let series =
+            format!("walvault_certificate_expiry_timestamp_seconds{{certificate=\"{cert}\"}}");
+        assert!(
+            sample(&scrape, &series).is_some_and(|t| t > now + 86400.0 * 365.0),
+            "{series}: {scrape}"
+        );
+    }
 
     // More WAL and a base backup: the figures move with pg_stat_archiver's.
     primary.pgbench_init(1);

@@ -50,6 +50,11 @@ struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    certificate: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
 }
@@ -77,6 +82,7 @@ pub(crate) struct Metrics {
     last_backup_bytes: Family<ClusterLabels, Gauge>,
     stream_flushed: Family<ClusterLabels, Gauge>,
     ready_files: Family<ClusterLabels, Gauge>,
+    cert_expiry: Family<CertificateLabels, Gauge>,
     clusters: Gauge,
     newest: Mutex<HashMap<String, Newest>>,
 }
@@ -193,6 +199,12 @@ impl Metrics {
             "Clusters bound in the catalog",
             Gauge::default(),
         );
+        let cert_expiry = register(
+            &mut r,
+            "walvault_certificate_expiry_timestamp_seconds",
+            "When the server's certificates stop being valid (unix time), by certificate (CA, server)",
+            Family::<CertificateLabels, Gauge>::default(),
+        );
         let build = register(
             &mut r,
             "walvault_build_info",
@@ -219,6 +231,7 @@ impl Metrics {
             last_backup_bytes,
             stream_flushed,
             ready_files,
+            cert_expiry,
             clusters,
             newest: Mutex::new(HashMap::new()),
         }
@@ -232,6 +245,17 @@ impl Metrics {
                 cluster: cluster.to_string(),
             })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The server's certificates and their notAfter (read once at start-up).
+    pub(crate) fn certificates(&self, certs: &[super::check::CertExpiry]) {
+        for c in certs {
+            self.cert_expiry
+                .get_or_create(&CertificateLabels {
+                    certificate: c.what.clone(),
+                })
+                .set(c.not_after);
+        }
     }
 
     /// The backlog the newest stored push of `cluster` reported, if any since start.

@@ -155,9 +155,11 @@ pub(crate) async fn serve(
             }
         }
     }
+    let metrics = Arc::new(Metrics::new());
+    metrics.certificates(&archive.certs);
     let state = Arc::new(ServerState {
         archive,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         shutting_down: AtomicBool::new(false),
         inflight: InFlight::default(),
         body_idle: Duration::from_secs(cfg.body_idle_timeout_secs),
