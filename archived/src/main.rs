@@ -128,6 +128,9 @@ enum Command {
     /// stored bytes), the recovery window, and which named checks are not OK (asks the
     /// running server).
     Status(admin::status::StatusArgs),
+    /// A synthetic catalog for benches/ops_bench.sh (never on a real archive).
+    #[command(hide = true)]
+    Synthesize(admin::synthetic::SynthesizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -193,6 +196,7 @@ async fn run_other(command: Command) -> Result<()> {
         Command::Retention { command } => admin::retention::run(command).await,
         Command::Catalog { command } => admin::catalog::run(command).await,
         Command::Status(args) => admin::status::run(args).await,
+        Command::Synthesize(args) => admin::synthetic::run(args).await,
         Command::Check(_) | Command::Verify(_) => unreachable!("run answers them"),
     }
 }

@@ -9,6 +9,7 @@ pub(crate) mod check;
 
 pub(crate) mod retention;
 pub(crate) mod status;
+pub(crate) mod synthetic;
 pub(crate) mod verify;
 pub(crate) mod wal;
 

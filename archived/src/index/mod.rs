@@ -86,7 +86,7 @@ impl Index {
     }
 
     /// Marks the index as covering the whole store, or not (a rebuild starts).
-    pub(super) fn set_complete(&self, complete: bool) -> Result<()> {
+    pub(crate) fn set_complete(&self, complete: bool) -> Result<()> {
         if complete {
             self.meta.insert("complete", "1")?;
         } else {

@@ -29,7 +29,13 @@ fn key(cluster: &str, name: &WalFileName) -> String {
 }
 
 impl Index {
-    fn put_wal_unflushed(&self, cluster: &str, name: &WalFileName, entry: &WalEntry) -> Result<()> {
+    /// Records a WAL object without flushing (a rebuild, a synthetic catalog).
+    pub(crate) fn put_wal_unflushed(
+        &self,
+        cluster: &str,
+        name: &WalFileName,
+        entry: &WalEntry,
+    ) -> Result<()> {
         super::put_json(&self.wal, &key(cluster, name), entry)
     }
 
