@@ -317,16 +317,27 @@ fn verify_finds_a_flipped_byte_in_a_segment_and_in_a_pack_and_names_both() {
     );
 }
 
-/// `pushclient check` as postgres against `pg`'s socket.
-fn pushclient_check(archive: &Archive, push: &std::path::Path, pg: &PgCluster) -> Output {
-    let mut cmd = std::process::Command::new(archive.bins().pushclient());
+/// `BINARY check ARGS --config CONF` as postgres against `pg`'s socket.
+fn client_check(
+    binary: &std::path::Path,
+    args: &[&str],
+    conf: &std::path::Path,
+    pg: &PgCluster,
+) -> Output {
+    let mut cmd = std::process::Command::new(binary);
     as_pg_user(&mut cmd)
-        .args(["check", "--timeout", "60", "--config"])
-        .arg(push)
+        .arg("check")
+        .args(args)
+        .arg("--config")
+        .arg(conf)
         .env("PGHOST", pg.sock_dir())
         .env("PGPORT", PG_PORT.to_string())
         .current_dir("/tmp");
     try_run_timeout(&mut cmd, Duration::from_secs(180))
+}
+
+fn pushclient_check(archive: &Archive, push: &std::path::Path, pg: &PgCluster) -> Output {
+    client_check(&archive.bins().pushclient(), &["--timeout", "60"], push, pg)
 }
 
 #[test]
@@ -397,4 +408,52 @@ fn pushclient_check_archives_a_switched_segment_and_names_a_wrong_setting() {
         "pushclient check switched WAL despite a failed setting"
     );
     primary.stop();
+}
+
+fn pullclient_check(archive: &Archive, pull: &std::path::Path, pg: &PgCluster) -> Output {
+    client_check(&archive.bins().pullclient(), &[], pull, pg)
+}
+
+#[test]
+fn pullclient_check_passes_on_an_archive_fed_standby_and_names_a_wrong_restore_command() {
+    use crate::pg_archive::{load_primary, make_archive_standby, wait_replayed};
+    let archive = Archive::start(CLUSTER);
+    let push = archive.issue(CLUSTER, "push");
+    let pull = archive.issue(CLUSTER, "pull");
+    let primary = archiving_primary(&archive, &push, &[]);
+    let mut standby = PgCluster::from_basebackup(&primary, "standby", &["-X", "none"]);
+    let (expected, last) = load_primary(&primary, &archive);
+    make_archive_standby(&standby, &archive, &pull, None);
+    standby.start();
+    wait_replayed(&standby, &archive, &expected);
+
+    let out = pullclient_check(&archive, &pull, &standby);
+    assert!(out.success(), "{}\n{}", out.describe(), standby.diag());
+    for line in [
+        "(cluster main, role pull)",
+        &format!("ok: the newest segment {last} came back verified"),
+        "ok: restore_command = '",
+        "is in recovery",
+        "the one cluster main is bound to",
+        ".walvault-spool is usable (this user's, mode 0700)",
+    ] {
+        assert!(
+            out.stdout.contains(line),
+            "no {line:?}:\n{}",
+            out.describe()
+        );
+    }
+
+    standby.set_conf("restore_command", "cp /nonexistent/%f %p");
+    standby.psql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = pullclient_check(&archive, &pull, &standby);
+    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stdout
+            .contains("FAILED: restore_command = 'cp /nonexistent/%f %p' does not run pullclient"),
+        "{}",
+        out.describe()
+    );
+    standby.stop();
 }

@@ -7,6 +7,7 @@
 //! delivered after `recovery_retry_secs`, so PostgreSQL stops instead of ending recovery
 //! early. `restore` and `clone` exit 2 for an unusable config, 1 for any other failure.
 
+mod check;
 mod fetch;
 mod get;
 mod prefault;
@@ -73,6 +74,20 @@ enum Command {
         #[arg(long)]
         exit_when_idle: bool,
     },
+    /// Check the replica side: archived answers and accepts the certificate; the
+    /// archive's newest segment comes back verified; PostgreSQL (libpq environment or
+    /// --conninfo; skipped with a note when it is down) has a restore_command running
+    /// pullclient archive-get %f %p, is in recovery and is the cluster's system; the
+    /// prefetch spool of its data directory (or --pgdata) is usable, and whether its daemon
+    /// runs. One ok:, WARNING: or FAILED: line per step; exit 0 when nothing FAILED.
+    Check {
+        /// The data directory whose prefetch spool to check (default: PostgreSQL's).
+        #[arg(long)]
+        pgdata: Option<PathBuf>,
+        /// libpq connection string (PGHOST, PGPORT, PGUSER... apply otherwise).
+        #[arg(long)]
+        conninfo: Option<String>,
+    },
     /// Show the prefetch daemon's counters: spool hits and misses, segments fetched,
     /// bytes ahead of replay, blocks warmed and skipped (by reason).
     PrefetchStatus {
@@ -101,7 +116,7 @@ fn main() -> ExitCode {
     let setup = Setup {
         workers: Some(2),
         config_exit: match cli.command {
-            Command::Restore(_) | Command::Clone(_) => Exit::BadConfig,
+            Command::Restore(_) | Command::Clone(_) | Command::Check { .. } => Exit::BadConfig,
             // What PostgreSQL runs during recovery: an unusable config must stop it.
             _ => Exit::FatalConfig,
         },
@@ -136,6 +151,16 @@ fn main() -> ExitCode {
             let (_, cfg) = common.load_config("pullclient")?;
             runtime.block_on(prefetch::run(cfg, &pgdata, start_at, exit_when_idle))?;
             Ok(Exit::Success)
+        }
+        Command::Check { pgdata, conninfo } => {
+            let (config_path, cfg) = common.load_config("pullclient")?;
+            let args = check::CheckArgs {
+                pgdata,
+                conninfo,
+                config_path,
+            };
+            let passed = runtime.block_on(check::check(&cfg, &args))?;
+            Ok(if passed { Exit::Success } else { Exit::Failure })
         }
         Command::PrefetchStatus { pgdata, json } => {
             let (_, cfg) = common.load_config("pullclient")?;

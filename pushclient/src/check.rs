@@ -17,7 +17,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use walvault_protocol::net::client::{ArchiveClient, Pong};
+use walvault_protocol::net::checklist::Checklist;
+use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::pg::conninfo;
 use walvault_protocol::net::pg::sql::{self, SqlClient};
@@ -31,51 +32,14 @@ pub(crate) struct CheckArgs {
     pub(crate) config_path: std::path::PathBuf,
 }
 
-#[derive(Default)]
-struct Outcome {
-    failed: usize,
-}
-
-impl Outcome {
-    fn ok(&self, what: &str) {
-        println!("ok: {what}");
-    }
-    fn warn(&self, what: &str) {
-        println!("WARNING: {what}");
-    }
-    fn fail(&mut self, what: &str) {
-        self.failed += 1;
-        println!("FAILED: {what}");
-    }
-}
-
 pub(crate) async fn check(cfg: &ClientConfig, args: &CheckArgs) -> Result<bool> {
-    let mut out = Outcome::default();
-    let archive = ArchiveClient::connect(cfg).await?;
-    let result = check_with(cfg, &archive, args, &mut out).await;
-    archive.close().await;
-    result?;
-    if out.failed > 0 {
-        println!("{} check(s) FAILED", out.failed);
-    }
-    Ok(out.failed == 0)
+    let (mut out, pong) = Checklist::start(cfg).await?;
+    let result = check_with(&pong.cluster, args, &mut out).await;
+    out.finish(result).await
 }
 
-async fn check_with(
-    cfg: &ClientConfig,
-    archive: &ArchiveClient,
-    args: &CheckArgs,
-    out: &mut Outcome,
-) -> Result<()> {
-    let Pong {
-        cluster,
-        role,
-        version,
-    } = archive.ping().await?;
-    out.ok(&format!(
-        "archived {version} at {} accepts this certificate (cluster {cluster}, role {role})",
-        cfg.server
-    ));
+async fn check_with(cluster: &str, args: &CheckArgs, out: &mut Checklist) -> Result<()> {
+    let archive = out.archive().clone();
     if args.archive_only {
         return Ok(());
     }
@@ -139,11 +103,11 @@ async fn check_with(
         out.warn("a standby: no WAL is switched from here; run pushclient check on the primary for the round trip");
         return Ok(());
     }
-    if out.failed > 0 {
+    if out.failed() > 0 {
         println!("not switching WAL to test archiving: fix the settings above first");
         return Ok(());
     }
-    round_trip(&pg, archive, args.timeout, out).await
+    round_trip(&pg, &archive, args.timeout, out).await
 }
 
 /// Writes a restore point, switches WAL, and waits for the segment to come back.
@@ -151,7 +115,7 @@ async fn round_trip(
     pg: &SqlClient,
     archive: &ArchiveClient,
     timeout: Duration,
-    out: &mut Outcome,
+    out: &mut Checklist,
 ) -> Result<()> {
     pg.query_value::<String>("SELECT pg_create_restore_point('pushclient check')::text", &[])
         .await

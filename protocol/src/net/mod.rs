@@ -13,6 +13,7 @@
 //!   password database entry of a uid, thread-safe;
 //! - [`cli`]: the command-line setup the three binaries share and their exit codes.
 
+pub mod checklist;
 pub mod cli;
 pub mod client;
 pub mod config;
