@@ -195,6 +195,20 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         );
     }
 
+    // And every family the dashboard (deploy/grafana) shows; the receiver's has series
+    // only while a receiver streams (pg_stream's RPO test reads it), and a family without
+    // series is not printed.
+    for name in crate::deploy::metric_names(&crate::deploy::dashboard()) {
+        if name == "walvault_stream_flushed_lsn" {
+            continue;
+        }
+        let family = crate::deploy::family_of(&name);
+        assert!(
+            scrape2.contains(&format!("# TYPE {family} ")),
+            "the dashboard uses {name}, which the scrape has no family of:\n{scrape2}"
+        );
+    }
+
     // A scraper that asks for OpenMetrics gets it.
     let (status, om) = get(
         addr,
