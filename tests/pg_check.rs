@@ -12,13 +12,14 @@ use crate::pg_archive::archiving_primary;
 use crate::pg_backup::CLUSTER;
 
 /// The checks every answer has, in order (ops/check.rs).
-const NAMES: [&str; 7] = [
+const NAMES: [&str; 8] = [
     "catalog",
     "store_writable",
     "wal_continuity",
     "wal_age",
     "backups",
     "backup_age",
+    "retention",
     "certificates",
 ];
 
@@ -76,6 +77,8 @@ fn check_passes_on_a_healthy_archive_and_names_what_breaks() {
     let mut primary = archiving_primary(&archive, &push, &[]);
     primary.pgbench_init(1);
     crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);
+    // Retention runs daily (here with the default policy, which expires nothing).
+    archive.admin(&["retention", "run", "--cluster", CLUSTER]);
     let last = primary.switch_wal();
     primary.wait_archived(&last, || archive.diag());
     let archived_at = Instant::now();
@@ -95,7 +98,7 @@ fn check_passes_on_a_healthy_archive_and_names_what_breaks() {
     assert!(
         nagios
             .stdout
-            .starts_with("WALVAULT OK - cluster main: 7 checks OK | wal_age="),
+            .starts_with("WALVAULT OK - cluster main: 8 checks OK | wal_age="),
         "{}",
         nagios.describe()
     );
@@ -202,6 +205,16 @@ fn certificates_near_their_end_warn_and_an_unreachable_archive_is_unknown() {
     // No WAL yet: a warning that says so, not an error.
     assert_eq!(named(&checks, "wal_continuity")["status"], "WARNING");
     assert_eq!(named(&checks, "backups")["status"], "CRITICAL");
+    // No retention run recorded: a warning that names the timer.
+    let retention = named(&checks, "retention");
+    assert_eq!(retention["status"], "WARNING", "{retention:#}");
+    assert!(
+        retention["hint"]
+            .as_str()
+            .unwrap()
+            .contains("archived-retention.timer"),
+        "{retention:#}"
+    );
 
     archive.stop();
     let out = archive.try_admin(&["check", "--cluster", CLUSTER, "--nagios"]);

@@ -152,6 +152,7 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
     // More WAL and a base backup: the figures move with pg_stat_archiver's.
     primary.pgbench_init(1);
     crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);
+    archive.admin(&["retention", "run", "--cluster", CLUSTER]);
     let second = primary.switch_wal();
     primary.wait_archived(&second, || archive.diag());
     let (last2, count2) = archiver(&primary);
@@ -174,6 +175,12 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
     let ended = format!("walvault_backup_last_end_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
     assert!(
         sample(&scrape2, &ended).is_some_and(|t| (now - t).abs() < 600.0),
+        "{scrape2}"
+    );
+    let retained =
+        format!("walvault_retention_last_success_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
+    assert!(
+        sample(&scrape2, &retained).is_some_and(|t| (now - t).abs() < 600.0),
         "{scrape2}"
     );
     // PostgreSQL's own archive_command reported its backlog: at least the file it pushed.

@@ -23,6 +23,7 @@
 //! min_backups = 1               # fewer usable backups: CRITICAL
 //! backup_age_warning_hours = 26 # newest usable backup older: WARNING
 //! backup_age_critical_hours = 50 #  ... CRITICAL
+//! retention_max_age_hours = 48  # no successful retention run for longer: WARNING
 //! cert_warning_days = 30        # a server certificate expiring sooner: WARNING
 //! cert_critical_days = 7        #   ... CRITICAL
 //! ```
@@ -106,6 +107,8 @@ pub(crate) struct ChecksConfig {
     pub(crate) backup_age_warning_hours: u64,
     /// ... and a CRITICAL.
     pub(crate) backup_age_critical_hours: u64,
+    /// No successful retention run for this long is a WARNING (daily runs: 48 h).
+    pub(crate) retention_max_age_hours: u64,
     /// A server certificate expiring within this many days is a WARNING.
     pub(crate) cert_warning_days: u64,
     /// ... and a CRITICAL.
@@ -120,6 +123,7 @@ impl Default for ChecksConfig {
             min_backups: 1,
             backup_age_warning_hours: 26,
             backup_age_critical_hours: 50,
+            retention_max_age_hours: 48,
             cert_warning_days: 30,
             cert_critical_days: 7,
         }

@@ -109,6 +109,51 @@ impl Index {
     }
 }
 
+/// The newest retention run that covered a cluster (not a dry run), for `archived check`
+/// and the metrics. Kept in the catalog only: a catalog rebuild forgets it until the next
+/// run.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RetentionRun {
+    /// When it ended, unix seconds.
+    pub(crate) at: i64,
+    /// Why it failed; `None` when it succeeded.
+    pub(crate) error: Option<String>,
+    /// When a run last succeeded, unix seconds.
+    pub(crate) last_success: Option<i64>,
+}
+
+impl Index {
+    /// Records a retention run of `cluster` ending at `at` (`error` when it failed).
+    pub(crate) async fn record_retention(
+        &self,
+        cluster: &str,
+        at: i64,
+        error: Option<String>,
+    ) -> Result<()> {
+        let key = format!("retention/{cluster}");
+        let before: Option<RetentionRun> = get_json(&self.meta, &key)?;
+        let last_success = match error {
+            None => Some(at),
+            Some(_) => before.and_then(|b| b.last_success),
+        };
+        put_json(
+            &self.meta,
+            &key,
+            &RetentionRun {
+                at,
+                error,
+                last_success,
+            },
+        )?;
+        self.flush().await
+    }
+
+    /// The newest retention run recorded for `cluster`.
+    pub(crate) fn retention_run(&self, cluster: &str) -> Result<Option<RetentionRun>> {
+        get_json(&self.meta, &format!("retention/{cluster}"))
+    }
+}
+
 /// What a rebuild found.
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct RebuildSummary {

@@ -13,11 +13,13 @@
 //!   `[checks] wal_age_warning_secs` / `wal_age_critical_secs`), `backups` (usable
 //!   backups, every segment of their WAL in the store, at least `min_backups`),
 //!   `backup_age` (the newest usable backup's end against `backup_age_warning_hours` /
-//!   `backup_age_critical_hours`), `certificates` (the CA's and the server's certificate
+//!   `backup_age_critical_hours`), `retention` (the newest recorded retention run of the
+//!   cluster: failed is CRITICAL, none or older than `retention_max_age_hours` a
+//!   WARNING), `certificates` (the CA's and the server's certificate
 //!   against `cert_warning_days` / `cert_critical_days`).
 //! - Read from the catalog and the store at the time of the request, never from a cache
 //!   older than the store probe's.
-//! - Not checked yet: retention's last run, the last `archived verify` result (verify
+//! - Not checked yet: the last `archived verify` result (verify
 //!   reports by its exit code), the store's free space, certificates issued to clients
 //!   (archived keeps no list of them).
 
@@ -121,6 +123,7 @@ pub(crate) async fn run(
     });
     out.extend(wal_checks(archive, cfg, cluster, now).await?);
     out.extend(backup_checks(archive, cfg, cluster, now).await?);
+    out.push(retention_check(archive, cfg, cluster, now)?);
     out.push(cert_check(cfg, certs, now));
     Ok(out)
 }
@@ -345,6 +348,51 @@ async fn backup_checks(
         ),
     };
     Ok(vec![count, age])
+}
+
+fn retention_check(
+    archive: &Archive,
+    cfg: &ChecksConfig,
+    cluster: &str,
+    now: i64,
+) -> Result<CheckResult> {
+    let max = cfg.retention_max_age_hours as i64 * 3600;
+    let timer = "run `archived retention run` daily (deploy/archived-retention.timer): without it WAL and backups grow without bound";
+    let Some(run) = archive.index.retention_run(cluster)? else {
+        return Ok(result(
+            "retention",
+            CheckStatus::Warning,
+            "no retention run is recorded for this cluster (since the catalog was made)".into(),
+            Some(timer),
+        ));
+    };
+    if let Some(e) = &run.error {
+        return Ok(result(
+            "retention",
+            CheckStatus::Critical,
+            format!("the newest retention run, {} ago, failed: {e}", age_text(now - run.at)),
+            Some("archived's log has the run's error (retention run); nothing was expired past the failure"),
+        ));
+    }
+    let age = now - run.last_success.unwrap_or(run.at);
+    let mut r = result(
+        "retention",
+        if age > max {
+            CheckStatus::Warning
+        } else {
+            CheckStatus::Ok
+        },
+        format!("the newest retention run succeeded {} ago", age_text(age)),
+        Some(timer),
+    );
+    r.value = Some(CheckValue {
+        label: "retention_age".into(),
+        value: age,
+        unit: "s".into(),
+        warning: Some(max),
+        critical: None,
+    });
+    Ok(r)
 }
 
 fn cert_check(cfg: &ChecksConfig, certs: &[CertExpiry], now: i64) -> CheckResult {

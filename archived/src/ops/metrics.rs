@@ -82,6 +82,7 @@ pub(crate) struct Metrics {
     last_backup_bytes: Family<ClusterLabels, Gauge>,
     stream_flushed: Family<ClusterLabels, Gauge>,
     ready_files: Family<ClusterLabels, Gauge>,
+    retention_success: Family<ClusterLabels, Gauge>,
     cert_expiry: Family<CertificateLabels, Gauge>,
     clusters: Gauge,
     newest: Mutex<HashMap<String, Newest>>,
@@ -186,12 +187,16 @@ impl Metrics {
                 "End LSN (as a number of bytes) of the WAL the streaming receiver (pushclient stream) made durable on this archived and that is not yet a complete segment; compare with pg_current_wal_lsn() - '0/0' on the primary",
             ),
             (
+                "walvault_retention_last_success_timestamp_seconds",
+                "When the newest successful retention run of the cluster ended (unix time; none recorded: no series)",
+            ),
+            (
                 "walvault_archive_ready_files",
                 "The primary's archiving backlog as its newest push reported it: .ready files in pg_wal/archive_status (the pushed one included; 1 = keeping up)",
             ),
         ]
         .map(|(name, help)| register(&mut r, name, help, per_cluster()));
-        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, ready_files] =
+        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, ready_files] =
             gauges;
         let clusters = register(
             &mut r,
@@ -231,6 +236,7 @@ impl Metrics {
             last_backup_bytes,
             stream_flushed,
             ready_files,
+            retention_success,
             cert_expiry,
             clusters,
             newest: Mutex::new(HashMap::new()),
@@ -348,6 +354,13 @@ impl Metrics {
                 if let Some(unix) = unix {
                     self.last_archived.get_or_create(&labels).set(unix);
                 }
+            }
+            if let Some(t) = archive
+                .index
+                .retention_run(cluster)?
+                .and_then(|r| r.last_success)
+            {
+                self.retention_success.get_or_create(&labels).set(t);
             }
             let backups = archive.index.backups(cluster)?;
             self.backups

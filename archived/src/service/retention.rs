@@ -132,12 +132,33 @@ pub(crate) async fn request(ctx: &Ctx<'_>, r: &RetentionRequest<'_>) -> Reply {
             .with_overrides(r.keep_full, r.keep_within_secs, r.chunk_grace_secs);
     policy.window_end = r.window_end;
     let streams = &ctx.archive.streams;
-    run(
+    let ran = run(
         ctx.store, ctx.index, ctx.gc, streams, r.cluster, &policy, r.dry_run,
     )
-    .await
-    .map(Response::Retention)
-    .map_err(Refusal::internal)
+    .await;
+    if !r.dry_run {
+        // What `archived check` and the metrics say of retention.
+        let now = crate::clock::unix_now();
+        let (covered, error) = match &ran {
+            Ok(report) => (
+                report.clusters.iter().map(|c| c.cluster.clone()).collect(),
+                None,
+            ),
+            Err(e) => (
+                match r.cluster {
+                    Some(c) => vec![c.to_string()],
+                    None => ctx.index.clusters().unwrap_or_default(),
+                },
+                Some(format!("{e:#}")),
+            ),
+        };
+        for c in covered {
+            if let Err(e) = ctx.index.record_retention(&c, now, error.clone()).await {
+                tracing::warn!(cluster = %c, error = %format!("{e:#}"), "cannot record the retention run");
+            }
+        }
+    }
+    ran.map(Response::Retention).map_err(Refusal::internal)
 }
 
 /// Applies the policy to one cluster or to all.

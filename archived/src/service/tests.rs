@@ -533,3 +533,23 @@ fn backup_record(
         chunks: 0,
     }
 }
+
+#[tokio::test]
+async fn a_failed_retention_run_is_recorded_and_keeps_the_last_success() {
+    let t = TestArchive::new();
+    let index = &t.archive.index;
+    assert!(index.retention_run("main").unwrap().is_none());
+    index.record_retention("main", 100, None).await.unwrap();
+    index
+        .record_retention("main", 200, Some("store unreachable".into()))
+        .await
+        .unwrap();
+    let r = index.retention_run("main").unwrap().unwrap();
+    assert_eq!(
+        (r.at, r.last_success, r.error.as_deref()),
+        (200, Some(100), Some("store unreachable"))
+    );
+    index.record_retention("main", 300, None).await.unwrap();
+    let r = index.retention_run("main").unwrap().unwrap();
+    assert_eq!((r.last_success, r.error), (Some(300), None));
+}
