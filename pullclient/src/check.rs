@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
+use walvault_protocol::core::pg::wal::WalFileName;
 use walvault_protocol::net::checklist::Checklist;
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::pg::conninfo;
@@ -46,11 +47,16 @@ async fn check_with(
 ) -> Result<()> {
     let archive = out.archive().clone();
     let listing = archive.list_wal().await?;
+    // The newest segment of any timeline: the highest position, then the latest timeline.
     let newest = listing
         .timelines
         .iter()
-        .filter_map(|t| t.last.clone())
-        .max_by(|a, b| a[8..].cmp(&b[8..]).then(a[..8].cmp(&b[..8])));
+        .filter_map(|t| match t.last.as_deref()?.parse::<WalFileName>() {
+            Ok(WalFileName::Segment(s)) => Some(s),
+            _ => None,
+        })
+        .max_by_key(|s| (s.log, s.seg, s.timeline))
+        .map(|s| s.to_string());
     let bound = listing.system_identifier;
     match &newest {
         None => out.warn(&format!(
