@@ -8,7 +8,8 @@
 //!   `write` is what was received, `apply` is always 0 (the archive replays nothing:
 //!   claiming more would let `remote_apply` commits return before any replica applied
 //!   them). No hot-standby feedback is ever sent. Keepalives that ask for a reply are
-//!   answered at once; a status goes out at least every [`STATUS_INTERVAL`].
+//!   answered at once; a status goes out at least every [`STATUS_INTERVAL`], and every
+//!   [`PAUSED_STATUS_INTERVAL`] while the receiver does not read (below).
 //! - **Group commit, never waiting on the archive.** Each timeline is streamed through
 //!   one session with archived (`StreamSession`): what arrives is sent at once, cut at
 //!   segment ends, by a task of its own, without waiting for earlier appends to be
@@ -55,6 +56,10 @@ use status::StreamStatus;
 
 /// The longest PostgreSQL goes without a status from the receiver.
 pub(crate) const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a status goes out while the receiver does not read (the pending bound is
+/// reached): PostgreSQL's keepalives wait unread in the socket then, and the walsender
+/// counts `wal_sender_timeout` from the last status it received (1 s is safe).
+pub(crate) const PAUSED_STATUS_INTERVAL: Duration = Duration::from_millis(400);
 /// Received bytes that may wait for the archive before the receiver stops reading.
 pub(crate) const MAX_PENDING: usize = 2 * MAX_STREAM_APPEND as usize;
 /// Back-off between sessions: first and longest pause.
@@ -632,7 +637,7 @@ impl Receiver<'_> {
         let mut sent: VecDeque<Sent> = VecDeque::new();
         let mut acked: u64 = 0;
         let mut last_status = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval(PAUSED_STATUS_INTERVAL);
         let mut shutdown = self.shutdown.clone();
         let mut stopping = false;
         let mut timeline_end: Option<(TimelineId, Lsn)> = None;
@@ -764,12 +769,16 @@ impl Receiver<'_> {
                             ).into());
                         }
                     }
-                    if last_status.elapsed() >= STATUS_INTERVAL && timeline_end.is_none() {
+                    // Not reading, the server's keepalives are not seen: answer anyway.
+                    let due = match may_read || stopping {
+                        true => STATUS_INTERVAL,
+                        false => PAUSED_STATUS_INTERVAL,
+                    };
+                    if last_status.elapsed() >= due && timeline_end.is_none() {
                         stream.send_status(received, flushed.unwrap_or(Lsn(0)), false).await?;
                         last_status = Instant::now();
                     }
-                    self.update_positions(received, flushed, server_end);
-                    self.write_status();
+                    // The status file follows below, at most once a second.
                 }
                 _ = shutdown.wait_for(|s| *s), if !stopping => {
                     tracing::info!("stopping: sending what was received to the archive first");
