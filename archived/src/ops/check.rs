@@ -83,14 +83,10 @@ pub(crate) fn age_text(secs: i64) -> String {
     }
 }
 
-/// Every check of `cluster` (module header), as of `now` (Unix seconds).
-pub(crate) async fn run(
-    archive: &Archive,
-    cfg: &ChecksConfig,
-    certs: &[CertExpiry],
-    cluster: &str,
-    now: i64,
-) -> Result<Vec<CheckResult>> {
+/// Every check of `cluster` (module header), as of `now` (Unix seconds), with the
+/// archive's `[checks]` thresholds and certificates.
+pub(crate) async fn run(archive: &Archive, cluster: &str, now: i64) -> Result<Vec<CheckResult>> {
+    let (cfg, certs) = (&archive.checks, &archive.certs);
     let mut out = Vec::new();
     out.push(match archive.index.is_complete() {
         Ok(true) => result("catalog", CheckStatus::Ok, "complete".into(), None),

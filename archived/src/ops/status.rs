@@ -93,7 +93,7 @@ pub(crate) async fn status(
             st.window_end = s.restorable_until;
         }
     }
-    let checks = super::check::run(archive, &archive.checks, &archive.certs, cluster, now).await?;
+    let checks = super::check::run(archive, cluster, now).await?;
     st.failing_checks = checks
         .into_iter()
         .filter(|c| c.status != CheckStatus::Ok)

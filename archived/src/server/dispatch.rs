@@ -275,9 +275,7 @@ pub(super) async fn handle_stream(
         }
         Request::Check { cluster } => {
             let now = crate::clock::unix_now();
-            match crate::ops::check::run(archive, &archive.checks, &archive.certs, &cluster, now)
-                .await
-            {
+            match crate::ops::check::run(archive, &cluster, now).await {
                 Ok(checks) => Ok(Response::Checks { checks }),
                 Err(e) => Err(Refusal::internal(e)),
             }
