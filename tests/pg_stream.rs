@@ -766,23 +766,32 @@ fn a_connection_cut_mid_message_is_resumed_without_a_gap() {
     );
 }
 
-/// A short `wal_sender_timeout` (2 s) while archived answers nothing for 6 s (SIGSTOP):
-/// the receiver keeps answering PostgreSQL's keepalives, so the walsender never times
-/// out, and once archived is back the stream goes on in the same session.
+/// A short `wal_sender_timeout` (3 s) while archived answers nothing for 8 s (SIGSTOP):
+/// the receiver stops reading once its small pending bound is reached but keeps sending
+/// statuses, so the walsender never times out, and once archived is back the stream
+/// goes on in the same session.
 #[test]
 fn a_stalled_archive_does_not_trip_a_short_wal_sender_timeout() {
     let archive = Archive::start(CLUSTER);
     let push = archive.issue(CLUSTER, "push");
     let mut primary = PgCluster::initdb("primary", &[]);
-    primary.append_conf(&["wal_level = replica", "wal_sender_timeout = '2s'"]);
+    primary.append_conf(&["wal_level = replica", "wal_sender_timeout = '3s'"]);
     primary.start();
-    let receiver = StreamReceiver::start(&archive, &push, &primary, &["--create-slot"]);
+    // A small bound on what may wait for the archive: the receiver stops reading early
+    // in the stall, so only its own statuses (not answers to keepalives, which it does
+    // not see then) keep the walsender from timing out.
+    let receiver = StreamReceiver::start(
+        &archive,
+        &push,
+        &primary,
+        &["--create-slot", "--max-pending-bytes", "262144"],
+    );
     wait_streaming(&primary, "walvault", None, &receiver);
     primary.pgbench_init(1);
     let pid = archive.pid() as i32;
     // SAFETY: kill(2) on archived's pid.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    primary.pgbench(&["-n", "-c", "2", "-T", "6"]);
+    primary.pgbench(&["-n", "-c", "2", "-T", "8"]);
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let end = primary.psql("SELECT pg_current_wal_flush_lsn()");
@@ -792,10 +801,16 @@ fn a_stalled_archive_does_not_trip_a_short_wal_sender_timeout() {
         "the walsender timed out\n{}",
         primary.diag()
     );
+    let status = receiver.status();
     assert_eq!(
-        receiver.status()["reconnects"].as_u64(),
+        status["reconnects"].as_u64(),
         Some(0),
         "{}",
+        receiver.diag()
+    );
+    assert!(
+        status["read_pauses"].as_u64().is_some_and(|n| n >= 1),
+        "the receiver never stopped reading, so the stall did not test its statuses\n{}",
         receiver.diag()
     );
 }

@@ -122,6 +122,10 @@ enum Command {
         /// /var/lib/walvault/stream-<slot>.json.
         #[arg(long)]
         status_file: Option<PathBuf>,
+        /// Received bytes that may wait for the archive before the receiver stops
+        /// reading from PostgreSQL (memory bound; the tests make it small).
+        #[arg(long, hide = true, default_value_t = stream::MAX_PENDING)]
+        max_pending_bytes: u64,
     },
     /// Show the streaming receiver's status: server WAL end, received, flushed in the
     /// archive, lag, slot, timeline, reconnects. Exit 0 when it is streaming and up to
@@ -197,6 +201,7 @@ fn main() -> ExitCode {
                 application_name,
                 allow_gap,
                 status_file,
+                max_pending_bytes,
             } => runtime.block_on(stream::stream(
                 &config()?,
                 &stream::StreamArgs {
@@ -206,6 +211,7 @@ fn main() -> ExitCode {
                     application_name,
                     allow_gap,
                     status_file,
+                    max_pending: max_pending_bytes.max(1),
                 },
             )),
             Command::StreamStatus {

@@ -8,8 +8,13 @@
 //!   `write` is what was received, `apply` is always 0 (the archive replays nothing:
 //!   claiming more would let `remote_apply` commits return before any replica applied
 //!   them). No hot-standby feedback is ever sent. Keepalives that ask for a reply are
-//!   answered at once; a status goes out at least every [`STATUS_INTERVAL`], and every
-//!   [`PAUSED_STATUS_INTERVAL`] while the receiver does not read (below).
+//!   answered at once, and a status goes out at least every quarter of the server's
+//!   `wal_sender_timeout` ([`status_interval`]) whatever the receiver is doing, also
+//!   while it does not read (below) and so does not see the server's keepalives. The
+//!   receive loop awaits nothing but PostgreSQL's socket, the archive session's
+//!   channels and its timer (the archive session is opened before START_REPLICATION,
+//!   the status file is written by a thread of its own), so neither a stalled archive
+//!   nor a slow disk can starve those statuses.
 //! - **Group commit, never waiting on the archive.** Each timeline is streamed through
 //!   one session with archived (`StreamSession`): what arrives is sent at once, cut at
 //!   segment ends, by a task of its own, without waiting for earlier appends to be
@@ -54,14 +59,41 @@ use walvault_protocol::net::pg::{conninfo, ConnParams, PgConnection, PgError};
 use start::{HeldTimeline, PathStep, Start};
 use status::StreamStatus;
 
-/// The longest PostgreSQL goes without a status from the receiver.
-pub(crate) const STATUS_INTERVAL: Duration = Duration::from_secs(10);
-/// How often a status goes out while the receiver does not read (the pending bound is
-/// reached): PostgreSQL's keepalives wait unread in the socket then, and the walsender
-/// counts `wal_sender_timeout` from the last status it received (1 s is safe).
-pub(crate) const PAUSED_STATUS_INTERVAL: Duration = Duration::from_millis(400);
+/// The longest PostgreSQL goes without a status from the receiver, whatever its
+/// `wal_sender_timeout`.
+const STATUS_INTERVAL_MAX: Duration = Duration::from_secs(10);
+/// The shortest interval between statuses sent unasked.
+const STATUS_INTERVAL_MIN: Duration = Duration::from_millis(100);
 /// Received bytes that may wait for the archive before the receiver stops reading.
-pub(crate) const MAX_PENDING: usize = 2 * MAX_STREAM_APPEND as usize;
+pub(crate) const MAX_PENDING: u64 = 2 * MAX_STREAM_APPEND;
+
+/// How often a status goes out unasked against a server whose `wal_sender_timeout` is
+/// `timeout` (`None`: 0, no timeout): a quarter of it, so that one late wake-up of the
+/// receiver, or of the walsender, never reaches the timeout; at most
+/// [`STATUS_INTERVAL_MAX`] (PostgreSQL's own `wal_receiver_status_interval` default).
+pub(crate) fn status_interval(timeout: Option<Duration>) -> Duration {
+    match timeout {
+        None => STATUS_INTERVAL_MAX,
+        Some(t) => (t / 4).clamp(STATUS_INTERVAL_MIN, STATUS_INTERVAL_MAX),
+    }
+}
+
+/// `SHOW wal_sender_timeout`'s answer ("60s", "1min", "500ms", "0") as a duration;
+/// `None` for 0 (no timeout).
+fn parse_sender_timeout(text: &str) -> Result<Option<Duration>> {
+    let (n, unit) = number_and_unit(text)
+        .ok_or_else(|| anyhow!("wal_sender_timeout {text:?} is not a duration"))?;
+    let ms = match unit {
+        "" | "ms" => n,
+        "s" => n.saturating_mul(1000),
+        "min" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        other => bail!("wal_sender_timeout {text:?}: unknown unit {other:?}"),
+    };
+    Ok((ms > 0).then(|| Duration::from_millis(ms)))
+}
+
 /// Back-off between sessions: first and longest pause.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -76,6 +108,9 @@ pub(crate) struct StreamArgs {
     pub(crate) application_name: String,
     pub(crate) allow_gap: bool,
     pub(crate) status_file: Option<PathBuf>,
+    /// Received bytes that may wait for the archive ([`MAX_PENDING`] unless a test
+    /// says otherwise).
+    pub(crate) max_pending: u64,
 }
 
 /// Why a session ended.
@@ -105,13 +140,15 @@ struct Receiver<'a> {
     cfg: &'a ClientConfig,
     args: &'a StreamArgs,
     params: ConnParams,
-    status_path: PathBuf,
+    status_file: status::StatusWriter,
     status: StreamStatus,
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// The next session starts at the slot's restart LSN (`--allow-gap` after the server
     /// had removed the WAL the archive needs).
     start_at_slot: bool,
     last_status_write: Option<Instant>,
+    /// How often a status goes out unasked (from the server's wal_sender_timeout).
+    status_every: Duration,
 }
 
 pub(crate) async fn stream(cfg: &ClientConfig, args: &StreamArgs) -> Result<()> {
@@ -132,7 +169,7 @@ pub(crate) async fn stream(cfg: &ClientConfig, args: &StreamArgs) -> Result<()> 
         cfg,
         args,
         params,
-        status_path,
+        status_file: status::StatusWriter::new(status_path)?,
         status: StreamStatus {
             pid: std::process::id(),
             state: "connecting".into(),
@@ -144,6 +181,7 @@ pub(crate) async fn stream(cfg: &ClientConfig, args: &StreamArgs) -> Result<()> 
         shutdown,
         start_at_slot: false,
         last_status_write: None,
+        status_every: STATUS_INTERVAL_MAX,
     };
     let mut backoff = BACKOFF_FIRST;
     loop {
@@ -207,14 +245,18 @@ async fn wait_for_termination() {
     }
 }
 
-/// `SHOW wal_segment_size`'s answer ("16MB", "1GB") in bytes.
-fn parse_segment_size(text: &str) -> Result<u32> {
+/// A setting as SHOW prints it ("16MB", "60s", "0"): its number and its unit.
+fn number_and_unit(text: &str) -> Option<(u64, &str)> {
     let t = text.trim();
     let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| anyhow!("wal_segment_size {text:?} is not a size"))?;
-    let bytes = match unit.trim() {
+    Some((digits.parse().ok()?, unit.trim()))
+}
+
+/// `SHOW wal_segment_size`'s answer ("16MB", "1GB") in bytes.
+fn parse_segment_size(text: &str) -> Result<u32> {
+    let (n, unit) =
+        number_and_unit(text).ok_or_else(|| anyhow!("wal_segment_size {text:?} is not a size"))?;
+    let bytes = match unit {
         "" | "B" => n,
         "kB" => n << 10,
         "MB" => n << 20,
@@ -399,7 +441,7 @@ impl Receiver<'_> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        status::write(&self.status_path, &self.status);
+        self.status_file.send(&self.status);
         self.last_status_write = Some(Instant::now());
     }
 
@@ -436,6 +478,9 @@ impl Receiver<'_> {
             }
         }
         self.status.system_identifier = Some(system.system_identifier);
+        self.status_every = status_interval(
+            parse_sender_timeout(&conn.show("wal_sender_timeout").await?).map_err(fatal)?,
+        );
         self.check_sync_settings(&mut conn).await?;
 
         let slot = match conn.read_replication_slot(&self.args.slot).await? {
@@ -499,6 +544,12 @@ impl Receiver<'_> {
             timeline = start.timeline;
             self.status.timeline = Some(timeline.0);
             let next = {
+                // The archive's side first: once START_REPLICATION is sent the server
+                // counts wal_sender_timeout, and an archive slow to answer must not
+                // keep the receiver from answering it.
+                let session = Session::open(&archive, system.system_identifier, segment_size)
+                    .await
+                    .context("opening the stream session with archived")?;
                 let mut stream = match conn
                     .start_physical(Some(&self.args.slot), start.lsn, start.timeline)
                     .await
@@ -506,14 +557,8 @@ impl Receiver<'_> {
                     Ok(s) => s,
                     Err(e) => return Err(self.start_failure(e)),
                 };
-                self.receive(
-                    &mut stream,
-                    &archive,
-                    start,
-                    system.system_identifier,
-                    segment_size,
-                )
-                .await?
+                self.receive(&mut stream, &archive, session, start, segment_size)
+                    .await?
             };
             let Some((next_timeline, next_start)) = next else {
                 archive.close().await;
@@ -616,17 +661,14 @@ impl Receiver<'_> {
         &mut self,
         stream: &mut WalStream<'_>,
         archive: &ArchiveClient,
+        mut session: Session,
         start: Start,
-        system_identifier: u64,
         segment_size: u32,
     ) -> Result<Option<(TimelineId, Lsn)>, Failure> {
         let size = u64::from(segment_size);
         self.status.state = "streaming".into();
         self.status.last_error = None;
         self.write_status();
-        let mut session = Session::open(archive, system_identifier, segment_size)
-            .await
-            .context("opening the stream session with archived")?;
         // `pending` holds the received bytes from `pending_start` not yet sent.
         let mut pending = BytesMut::new();
         let mut pending_start = start.lsn;
@@ -637,7 +679,9 @@ impl Receiver<'_> {
         let mut sent: VecDeque<Sent> = VecDeque::new();
         let mut acked: u64 = 0;
         let mut last_status = Instant::now();
-        let mut tick = tokio::time::interval(PAUSED_STATUS_INTERVAL);
+        let mut tick = tokio::time::interval(self.status_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut paused = false;
         let mut shutdown = self.shutdown.clone();
         let mut stopping = false;
         let mut timeline_end: Option<(TimelineId, Lsn)> = None;
@@ -696,7 +740,16 @@ impl Receiver<'_> {
                 }
             }
             let unflushed = received.0 - flushed.unwrap_or(start.lsn).0;
-            let may_read = !stopping && timeline_end.is_none() && unflushed < MAX_PENDING as u64;
+            let full = unflushed >= self.args.max_pending;
+            if full && !paused {
+                self.status.read_pauses += 1;
+                tracing::debug!(
+                    unflushed,
+                    "the archive is behind: not reading until it catches up"
+                );
+            }
+            paused = full;
+            let may_read = !stopping && timeline_end.is_none() && !full;
             tokio::select! {
                 event = stream.next(), if may_read => {
                     let event = match event {
@@ -769,12 +822,17 @@ impl Receiver<'_> {
                             ).into());
                         }
                     }
-                    // Not reading, the server's keepalives are not seen: answer anyway.
-                    let due = match may_read || stopping {
-                        true => STATUS_INTERVAL,
-                        false => PAUSED_STATUS_INTERVAL,
-                    };
-                    if last_status.elapsed() >= due && timeline_end.is_none() {
+                    // Unasked, also while not reading (the server's keepalives are not
+                    // seen then). A tick a little early still answers: a status is cheap.
+                    let silent = last_status.elapsed();
+                    if silent > self.status_every * 2 {
+                        tracing::warn!(
+                            silent_ms = silent.as_millis() as u64,
+                            "no status reached PostgreSQL for this long: the receiver was not scheduled (an overloaded machine?); \
+                             past wal_sender_timeout the server ends the connection"
+                        );
+                    }
+                    if silent >= self.status_every * 3 / 4 && timeline_end.is_none() {
                         stream.send_status(received, flushed.unwrap_or(Lsn(0)), false).await?;
                         last_status = Instant::now();
                     }
@@ -820,6 +878,31 @@ mod tests {
         for bad in ["", "16", "3MB", "16 TB", "MB", "99999999999GB"] {
             assert!(parse_segment_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn sender_timeouts_as_show_prints_them() {
+        let ms = |n| Some(Duration::from_millis(n));
+        assert_eq!(parse_sender_timeout("60s").unwrap(), ms(60_000));
+        assert_eq!(parse_sender_timeout("1min").unwrap(), ms(60_000));
+        assert_eq!(parse_sender_timeout("500ms").unwrap(), ms(500));
+        assert_eq!(parse_sender_timeout("2h").unwrap(), ms(7_200_000));
+        assert_eq!(parse_sender_timeout("0").unwrap(), None);
+        for bad in ["", "s", "10 parsecs", "-1s"] {
+            assert!(parse_sender_timeout(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn statuses_go_out_four_times_per_sender_timeout_within_bounds() {
+        let s = Duration::from_secs;
+        assert_eq!(status_interval(Some(s(2))), Duration::from_millis(500));
+        assert_eq!(status_interval(Some(s(60))), s(10));
+        assert_eq!(status_interval(None), s(10));
+        assert_eq!(
+            status_interval(Some(Duration::from_millis(100))),
+            Duration::from_millis(100)
+        );
     }
 
     #[test]

@@ -50,6 +50,11 @@ pub(crate) struct StreamStatus {
     pub(crate) started_at: Option<String>,
     /// Sessions after the first (reconnects after an error).
     pub(crate) reconnects: u64,
+    /// Times the receiver stopped reading from PostgreSQL because as much WAL as it may
+    /// hold waited for the archive (it still answers the server then); a count that
+    /// keeps rising means the archive's disk or network is slower than the primary.
+    #[serde(default)]
+    pub(crate) read_pauses: u64,
     /// The last error, if the receiver is reconnecting after one.
     pub(crate) last_error: Option<String>,
     /// Warnings an operator must act on (remote_apply with walvault in the sync set, a
@@ -73,6 +78,51 @@ pub(crate) fn write(path: &Path, status: &StreamStatus) {
     })();
     if let Err(e) = result {
         tracing::warn!(file = %path.display(), error = %format!("{e:#}"), "cannot write the stream status file");
+    }
+}
+
+/// Writes the statuses it is given to `path` from a thread of its own, newest first
+/// (an older one still waiting is skipped): a slow disk never holds up the receive
+/// loop, which must answer PostgreSQL within `wal_sender_timeout`. Dropping it writes
+/// what was given last, then returns.
+pub(crate) struct StatusWriter {
+    tx: Option<std::sync::mpsc::Sender<StreamStatus>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StatusWriter {
+    pub(crate) fn new(path: PathBuf) -> Result<StatusWriter> {
+        let (tx, rx) = std::sync::mpsc::channel::<StreamStatus>();
+        let thread = std::thread::Builder::new()
+            .name("status-file".into())
+            .spawn(move || {
+                while let Ok(mut status) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        status = newer;
+                    }
+                    write(&path, &status);
+                }
+            })
+            .context("starting the status file's writer thread")?;
+        Ok(StatusWriter {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn send(&self, status: &StreamStatus) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(status.clone());
+        }
+    }
+}
+
+impl Drop for StatusWriter {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -127,6 +177,10 @@ pub(crate) fn render(status: &StreamStatus, now_unix: i64) -> (String, bool) {
         ),
         ("started at", dash(&status.started_at)),
         ("reconnects", status.reconnects.to_string()),
+        (
+            "paused for archive",
+            format!("{} times", status.read_pauses),
+        ),
         ("last error", dash(&status.last_error)),
     ];
     for (k, v) in rows {
