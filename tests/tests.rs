@@ -16,6 +16,7 @@ mod pg_backup_gc;
 mod pg_check;
 mod pg_metrics;
 mod pg_restore;
+mod pg_setup;
 mod pg_stream;
 mod prefetch;
 mod promises;

@@ -97,7 +97,7 @@ async fn check_with(
                 out.ok(&format!("restore_command = '{command}'"));
             } else {
                 out.fail(&format!(
-                    "restore_command = '{command}' does not run pullclient: set restore_command = 'pullclient --config {} archive-get %f %p' (reload is enough)",
+                    "restore_command = '{command}' does not run pullclient: set restore_command = 'pullclient --config {} archive-get %f %p' (reload is enough; `pullclient setup` does it on a stopped server)",
                     args.config_path.display()
                 ));
             }

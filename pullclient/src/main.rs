@@ -13,6 +13,7 @@ mod get;
 mod prefault;
 mod prefetch;
 mod restore;
+mod setup;
 mod spool;
 mod tools;
 
@@ -88,6 +89,28 @@ enum Command {
         #[arg(long)]
         conninfo: Option<String>,
     },
+    /// Configure a stopped data directory (a pg_basebackup copy, a standby) to recover
+    /// from the archive: restore_command (this pullclient with this config),
+    /// recovery_target_timeline = 'latest', recovery_prefetch = off when the prefaulter
+    /// warms blocks, and standby.signal (--standby) or recovery.signal (recover to the
+    /// end of the archive, then promote). Recovery targets an earlier restore left in
+    /// postgresql.auto.conf are commented out.
+    ///
+    /// Prints each change (value in force, where it comes from, new value) and changes
+    /// nothing without --apply; with it, edits postgresql.auto.conf atomically (owner and
+    /// mode kept) and creates the signal file. Settings already as wanted are left alone,
+    /// so a second run changes nothing.
+    Setup {
+        /// The data directory (PostgreSQL must not be running on it).
+        #[arg(long)]
+        pgdata: PathBuf,
+        /// Make it a standby that keeps following the archive (standby.signal).
+        #[arg(long)]
+        standby: bool,
+        /// Make the changes (default: print them only).
+        #[arg(long)]
+        apply: bool,
+    },
     /// Show the prefetch daemon's counters: spool hits and misses, segments fetched,
     /// bytes ahead of replay, blocks warmed and skipped (by reason).
     PrefetchStatus {
@@ -116,7 +139,10 @@ fn main() -> ExitCode {
     let setup = Setup {
         workers: Some(2),
         config_exit: match cli.command {
-            Command::Restore(_) | Command::Clone(_) | Command::Check { .. } => Exit::BadConfig,
+            Command::Restore(_)
+            | Command::Clone(_)
+            | Command::Check { .. }
+            | Command::Setup { .. } => Exit::BadConfig,
             // What PostgreSQL runs during recovery: an unusable config must stop it.
             _ => Exit::FatalConfig,
         },
@@ -161,6 +187,20 @@ fn main() -> ExitCode {
             };
             let passed = runtime.block_on(check::check(&cfg, &args))?;
             Ok(if passed { Exit::Success } else { Exit::Failure })
+        }
+        Command::Setup {
+            pgdata,
+            standby,
+            apply,
+        } => {
+            let (config_path, cfg) = common.load_config("pullclient")?;
+            let args = setup::SetupArgs {
+                pgdata,
+                standby,
+                apply,
+                config_path,
+            };
+            setup::setup(&cfg, &args).map(|()| Exit::Success)
         }
         Command::PrefetchStatus { pgdata, json } => {
             let (_, cfg) = common.load_config("pullclient")?;

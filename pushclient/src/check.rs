@@ -58,7 +58,7 @@ async fn check_with(cluster: &str, args: &CheckArgs, out: &mut Checklist) -> Res
     match wal_level.as_str() {
         "replica" | "logical" => out.ok(&format!("wal_level = {wal_level}")),
         other => out.fail(&format!(
-            "wal_level = {other}: archived WAL cannot restore a backup; set wal_level = replica (restart needed)"
+            "wal_level = {other}: archived WAL cannot restore a backup; set wal_level = replica (restart needed; `pushclient setup` does it)"
         )),
     }
     let mode = pg.show("archive_mode").await?;
@@ -68,7 +68,7 @@ async fn check_with(cluster: &str, args: &CheckArgs, out: &mut Checklist) -> Res
             "archive_mode = on on a standby ({at}): it archives nothing until promoted (archive_mode = always archives here too)"
         )),
         (other, _) => out.fail(&format!(
-            "archive_mode = {other}: set archive_mode = on (restart needed)"
+            "archive_mode = {other}: set archive_mode = on (restart needed; `pushclient setup` does it)"
         )),
     }
     let command = pg.show("archive_command").await?;
@@ -77,7 +77,7 @@ async fn check_with(cluster: &str, args: &CheckArgs, out: &mut Checklist) -> Res
         out.ok(&format!("archive_command = '{command}'"));
     } else {
         out.fail(&format!(
-            "archive_command = '{command}' does not run pushclient: set archive_command = 'pushclient --config {} archive-push %p' (reload is enough)",
+            "archive_command = '{command}' does not run pushclient: set archive_command = 'pushclient --config {} archive-push %p' (reload is enough; `pushclient setup` does it)",
             args.config_path.display()
         ));
     }

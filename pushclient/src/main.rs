@@ -7,6 +7,7 @@
 mod backup;
 mod check;
 mod push;
+mod setup;
 mod stream;
 
 use std::path::PathBuf;
@@ -127,6 +128,40 @@ enum Command {
         #[arg(long, hide = true, default_value_t = stream::MAX_PENDING)]
         max_pending_bytes: u64,
     },
+    /// Configure a primary for walvault: archive_mode = on, archive_command (this
+    /// pushclient with this config), archive_timeout when it is off, wal_level at least
+    /// replica; with --slot also max_wal_senders, max_replication_slots and the slot for
+    /// `pushclient stream`.
+    ///
+    /// Prints each change (value in force, where it comes from, new value, reload or
+    /// restart) and changes nothing without --apply. A running server (libpq environment
+    /// or --conninfo) is changed with ALTER SYSTEM and pg_reload_conf(), and setup says
+    /// which changes wait for a restart; a stopped one (--pgdata) has its
+    /// postgresql.auto.conf edited atomically. Never lowers a setting; refuses a standby,
+    /// a setting set on the postmaster's command line, and a server managed by Patroni or
+    /// CloudNativePG (saying where to put the values instead). A second run changes
+    /// nothing.
+    Setup {
+        /// The data directory of a stopped server (edited offline); when the server
+        /// runs, it is reached through the libpq environment or --conninfo instead.
+        #[arg(long)]
+        pgdata: Option<PathBuf>,
+        /// libpq connection string of the running primary (a superuser, or a role
+        /// granted ALTER SYSTEM on these parameters).
+        #[arg(long, conflicts_with = "pgdata")]
+        conninfo: Option<String>,
+        /// Make the changes (default: print them only).
+        #[arg(long)]
+        apply: bool,
+        /// archive_timeout to set when it is off (0): the longest a quiet primary's WAL
+        /// waits before its segment is archived. 0 leaves archive_timeout alone.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        archive_timeout: u64,
+        /// Also prepare the streaming receiver: senders, slots, and this physical slot
+        /// (created reserving WAL when the server runs).
+        #[arg(long, value_name = "NAME")]
+        slot: Option<String>,
+    },
     /// Show the streaming receiver's status: server WAL end, received, flushed in the
     /// archive, lag, slot, timeline, reconnects. Exit 0 when it is streaming and up to
     /// date, 1 otherwise (for monitoring).
@@ -175,6 +210,25 @@ fn main() -> ExitCode {
                 };
                 let passed = runtime.block_on(check::check(&cfg, &args))?;
                 return Ok(if passed { Exit::Success } else { Exit::Failure });
+            }
+            Command::Setup {
+                pgdata,
+                conninfo,
+                apply,
+                archive_timeout,
+                slot,
+            } => {
+                // The archive_command names this config: it must be usable.
+                let (config_path, _) = cli.common.load_config("pushclient")?;
+                let args = setup::SetupArgs {
+                    pgdata,
+                    conninfo,
+                    apply,
+                    archive_timeout_secs: archive_timeout,
+                    slot,
+                    config_path,
+                };
+                runtime.block_on(setup::setup(&args))
             }
             Command::Backup {
                 label,

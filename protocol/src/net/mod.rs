@@ -21,6 +21,7 @@ pub mod fanout;
 pub mod fsutil;
 pub mod logging;
 pub mod pg;
+pub mod pgsetup;
 pub mod pki;
 pub mod progress;
 pub mod retry;

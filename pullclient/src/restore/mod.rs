@@ -41,7 +41,7 @@
 
 mod cli;
 mod delta;
-mod recovery_conf;
+pub(crate) mod recovery_conf;
 mod target;
 mod write;
 

@@ -10,9 +10,33 @@ use walvault_protocol::core::format::manifest::BackupManifest;
 use walvault_protocol::core::format::names::format_unix_utc;
 use walvault_protocol::core::pg::conf;
 use walvault_protocol::net::config::ClientConfig;
+use walvault_protocol::net::pgsetup;
 
 use super::write::create_dir;
 use super::{Mode, RecoveryTarget, RestoreArgs};
+
+/// The settings every recovery through walvault has (restore and `pullclient setup`):
+/// `restore_command` running this pullclient with `config`, `recovery_target_timeline =
+/// 'latest'`, and `recovery_prefetch = off` when the prefaulter warms blocks ahead.
+pub(crate) fn recovery_settings(
+    cfg: &ClientConfig,
+    config: &Path,
+) -> Result<Vec<(&'static str, String)>> {
+    let mut set = vec![
+        (
+            "restore_command",
+            pgsetup::own_command(config, "archive-get %f %p")?,
+        ),
+        ("recovery_target_timeline", "latest".to_string()),
+    ];
+    if cfg.prefetch.enabled && cfg.prefetch.prefault {
+        // Measured (benches/RESULTS.md, replay): with walvault's prefaulter warming
+        // blocks ahead, PostgreSQL's own prefetch only adds work during archive
+        // recovery (and with full_page_writes on, reads of pages replay overwrites).
+        set.push(("recovery_prefetch", "off".into()));
+    }
+    Ok(set)
+}
 
 /// PostgreSQL's backup_manifest, pg_wal, recovery settings and the signal file.
 pub(super) fn finish_pgdata(
@@ -41,24 +65,7 @@ pub(super) fn finish_pgdata(
         let _ = std::fs::remove_file(pgdata.join(stale));
     }
 
-    let exe = std::env::current_exe().context("cannot find this pullclient's own path")?;
-    let config = std::fs::canonicalize(&args.config_path).with_context(|| {
-        format!(
-            "cannot resolve the config path {}",
-            args.config_path.display()
-        )
-    })?;
-    let mut set: Vec<(&str, String)> = vec![
-        (
-            "restore_command",
-            format!(
-                "{} archive-get %f %p --config {}",
-                exe.display(),
-                config.display()
-            ),
-        ),
-        ("recovery_target_timeline", "latest".to_string()),
-    ];
+    let mut set = recovery_settings(cfg, &args.config_path)?;
     let signal = match &args.mode {
         Mode::Recovery { target, action } => {
             match target {
@@ -71,12 +78,6 @@ pub(super) fn finish_pgdata(
             }
             if let Some(a) = action {
                 set.push(("recovery_target_action", a.clone()));
-            }
-            if cfg.prefetch.enabled && cfg.prefetch.prefault {
-                // Measured (benches/RESULTS.md, replay): with walvault's prefaulter warming
-                // blocks ahead, PostgreSQL's own prefetch only adds work during archive
-                // recovery (and with full_page_writes on, reads of pages replay overwrites).
-                set.push(("recovery_prefetch", "off".into()));
             }
             "recovery.signal"
         }

@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use walvault_protocol::core::format::codec::{blake3_hex, Encoder};
+use walvault_protocol::core::pg::conf;
 use walvault_protocol::core::pg::timeline::TimelineHistory;
 use walvault_protocol::core::pg::wal::{Lsn, SegmentName, TimelineId, WalFileName};
 use walvault_protocol::core::wire::{WalListing, MAX_STREAM_APPEND};
@@ -81,17 +82,9 @@ pub(crate) fn status_interval(timeout: Option<Duration>) -> Duration {
 /// `SHOW wal_sender_timeout`'s answer ("60s", "1min", "500ms", "0") as a duration;
 /// `None` for 0 (no timeout).
 fn parse_sender_timeout(text: &str) -> Result<Option<Duration>> {
-    let (n, unit) = number_and_unit(text)
+    let t = conf::time_setting(text, Duration::from_millis(1))
         .ok_or_else(|| anyhow!("wal_sender_timeout {text:?} is not a duration"))?;
-    let ms = match unit {
-        "" | "ms" => n,
-        "s" => n.saturating_mul(1000),
-        "min" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        "d" => n.saturating_mul(86_400_000),
-        other => bail!("wal_sender_timeout {text:?}: unknown unit {other:?}"),
-    };
-    Ok((ms > 0).then(|| Duration::from_millis(ms)))
+    Ok((!t.is_zero()).then_some(t))
 }
 
 /// Back-off between sessions: first and longest pause.
@@ -245,17 +238,10 @@ async fn wait_for_termination() {
     }
 }
 
-/// A setting as SHOW prints it ("16MB", "60s", "0"): its number and its unit.
-fn number_and_unit(text: &str) -> Option<(u64, &str)> {
-    let t = text.trim();
-    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
-    Some((digits.parse().ok()?, unit.trim()))
-}
-
 /// `SHOW wal_segment_size`'s answer ("16MB", "1GB") in bytes.
 fn parse_segment_size(text: &str) -> Result<u32> {
-    let (n, unit) =
-        number_and_unit(text).ok_or_else(|| anyhow!("wal_segment_size {text:?} is not a size"))?;
+    let (n, unit) = conf::number_and_unit(text)
+        .ok_or_else(|| anyhow!("wal_segment_size {text:?} is not a size"))?;
     let bytes = match unit {
         "" | "B" => n,
         "kB" => n << 10,

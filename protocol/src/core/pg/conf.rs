@@ -36,6 +36,27 @@ const MAX_DEPTH: usize = 10;
 /// The settings named in `wanted` (lower case) as the configuration files and the
 /// postmaster's command line set them; absent names are not set anywhere readable.
 pub fn read_settings(pgdata: &Path, wanted: &[&str]) -> HashMap<String, String> {
+    read_settings_with_origin(pgdata, wanted)
+        .into_iter()
+        .map(|(k, (v, _))| (k, v))
+        .collect()
+}
+
+/// Where the value in force of a setting comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A configuration file: postgresql.conf, a file it includes, postgresql.auto.conf.
+    File(PathBuf),
+    /// The postmaster's command line (postmaster.opts: `pg_ctl -o`, a service's options),
+    /// which wins over every file, `ALTER SYSTEM`'s included.
+    CommandLine,
+}
+
+/// As [`read_settings`], with where each value comes from.
+pub fn read_settings_with_origin(
+    pgdata: &Path,
+    wanted: &[&str],
+) -> HashMap<String, (String, Origin)> {
     let mut out = HashMap::new();
     let opts = std::fs::read_to_string(pgdata.join("postmaster.opts"))
         .map(|s| command_line_settings(&s))
@@ -49,16 +70,16 @@ pub fn read_settings(pgdata: &Path, wanted: &[&str]) -> HashMap<String, String> 
     let mut all = Vec::new();
     read_file(&config_file, 0, &mut all);
     read_file(&pgdata.join("postgresql.auto.conf"), 0, &mut all);
-    all.extend(opts);
-    for (k, v) in all {
+    all.extend(opts.into_iter().map(|(k, v)| (k, v, Origin::CommandLine)));
+    for (k, v, origin) in all {
         if wanted.contains(&k.as_str()) {
-            out.insert(k, v);
+            out.insert(k, (v, origin));
         }
     }
     out
 }
 
-fn read_file(path: &Path, depth: usize, out: &mut Vec<(String, String)>) {
+fn read_file(path: &Path, depth: usize, out: &mut Vec<(String, String, Origin)>) {
     if depth > MAX_DEPTH {
         return;
     }
@@ -89,9 +110,36 @@ fn read_file(path: &Path, depth: usize, out: &mut Vec<(String, String)>) {
                     read_file(&f, depth + 1, out);
                 }
             }
-            _ => out.push((name, value)),
+            _ => out.push((name, value, Origin::File(path.to_path_buf()))),
         }
     }
+}
+
+/// A setting as SHOW prints it or a file writes it ("16MB", "60s", "0"; quotes allowed):
+/// its number and its unit; `None` when it does not start with a number.
+pub fn number_and_unit(text: &str) -> Option<(u64, &str)> {
+    let t = text.trim().trim_matches('\'').trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    Some((digits.parse().ok()?, unit.trim()))
+}
+
+/// A time setting ("0", "500ms", "60s", "1min", "2h", "1d"); a bare number counts in
+/// `unit`, the setting's own (seconds for `archive_timeout`, milliseconds for
+/// `wal_sender_timeout`). `None` when it does not parse.
+pub fn time_setting(text: &str, unit: std::time::Duration) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (n, u) = number_and_unit(text)?;
+    let n32 = u32::try_from(n).ok();
+    Some(match u {
+        "" => unit.checked_mul(n32?)?,
+        "us" => Duration::from_micros(n),
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "min" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        "d" => Duration::from_secs(n.checked_mul(86_400)?),
+        _ => return None,
+    })
 }
 
 /// `value` as a quoted configuration-file string, as `ALTER SYSTEM` writes it: quotes and
@@ -242,6 +290,26 @@ mod tests {
         assert_eq!(p("   "), None);
         assert_eq!(p("name = 'unterminated"), None);
         assert_eq!(p("x=1#c"), Some(("x".into(), "1".into())));
+    }
+
+    #[test]
+    fn time_settings_read_in_every_unit() {
+        use std::time::Duration;
+        let s = Duration::from_secs(1);
+        assert_eq!(time_setting("0", s), Some(Duration::ZERO));
+        assert_eq!(time_setting("60", s), Some(Duration::from_secs(60)));
+        assert_eq!(
+            time_setting("60", Duration::from_millis(1)),
+            Some(Duration::from_millis(60))
+        );
+        assert_eq!(time_setting("1min", s), Some(Duration::from_secs(60)));
+        assert_eq!(time_setting("'90s'", s), Some(Duration::from_secs(90)));
+        assert_eq!(time_setting("500ms", s), Some(Duration::from_millis(500)));
+        assert_eq!(time_setting("2h", s), Some(Duration::from_secs(7200)));
+        for bad in ["", "soon", "10 parsecs", "-1s"] {
+            assert_eq!(time_setting(bad, s), None, "{bad}");
+        }
+        assert_eq!(number_and_unit("16MB"), Some((16, "MB")));
     }
 
     #[test]
