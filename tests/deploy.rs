@@ -137,3 +137,151 @@ fn every_dashboard_query_parses_as_promql() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// deploy/ in the repository.
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("deploy")
+}
+
+/// The unit files of deploy/, copied into `dir` with their `/usr/local/bin/` binaries
+/// pointed at the ones built for the tests (systemd-analyze checks they exist).
+fn units_in(dir: &std::path::Path) -> Vec<PathBuf> {
+    let bin = walvault_tests::target_bin_dir();
+    let mut units = Vec::new();
+    for entry in std::fs::read_dir(deploy_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.ends_with(".service") || name.ends_with(".timer")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let out = dir.join(&name);
+        std::fs::write(
+            &out,
+            text.replace("/usr/local/bin/", &format!("{}/", bin.display())),
+        )
+        .unwrap();
+        units.push(out);
+    }
+    units.sort();
+    assert!(units.len() >= 6, "deploy/ has only {units:?}");
+    units
+}
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    let dir = walvault_tests::TestDir::new("units");
+    let units = units_in(dir.path());
+    let out = walvault_tests::try_run(
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .args(&units)
+            .current_dir(dir.path()),
+    );
+    assert!(
+        out.success() && out.stderr.trim().is_empty(),
+        "systemd-analyze verify (systemd's own checker; Debian package systemd) found problems\n{}",
+        out.describe()
+    );
+}
+
+/// Each long-running service and the timers' jobs run with systemd's sandboxing: an
+/// exposure score systemd rates "OK" (below 4.0 of 10).
+#[test]
+fn the_services_are_sandboxed_as_systemd_analyze_security_rates_ok() {
+    let dir = walvault_tests::TestDir::new("units");
+    for unit in units_in(dir.path())
+        .into_iter()
+        .filter(|u| u.extension().is_some_and(|e| e == "service"))
+    {
+        let out = walvault_tests::try_run(
+            Command::new("systemd-analyze")
+                .args(["security", "--offline=true", "--threshold=39", "--no-pager"])
+                .arg(&unit)
+                .current_dir(dir.path()),
+        );
+        assert!(
+            out.success(),
+            "{} is exposed beyond systemd's OK rating\n{}",
+            unit.display(),
+            out.describe()
+        );
+    }
+}
+
+/// `archived serve` under `Type=notify`: READY=1 once it answers, WATCHDOG=1 at half the
+/// watchdog interval, STOPPING=1 on SIGTERM, over a real notification socket.
+#[test]
+fn archived_serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant};
+
+    let mut archive = walvault_tests::Archive::start("main");
+    archive.stop();
+    let dir = walvault_tests::TestDir::new("notify");
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    // systemd sets WATCHDOG_PID to the service's main pid: the shell's, kept by exec.
+    let script = format!(
+        "export WATCHDOG_PID=$$; exec {} serve --data-dir {}",
+        archive.bins().archived().display(),
+        archive.data_dir().display()
+    );
+    let mut serve = walvault_tests::BgProcess::spawn(
+        "archived serve (notify)",
+        Command::new("sh")
+            .args(["-c", &script])
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "400000"),
+        &dir.join("archived"),
+    );
+    let mut messages: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end && !messages.iter().any(|m| m.contains("READY=1")) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("READY=1") && m.contains("STATUS=serving on")),
+        "no READY=1: {messages:?}\n{}",
+        serve.stderr_tail(20)
+    );
+    // It answers once it said so.
+    let out = archive.try_admin(&["status"]);
+    assert!(out.success(), "{}", out.describe());
+    messages.clear();
+    let watch_end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < watch_end {
+        if let Ok(n) = socket.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let pings = messages.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        (3..=12).contains(&pings),
+        "{pings} watchdog pings in 2 s at a 0.4 s watchdog (every 0.2 s expected): {messages:?}"
+    );
+    let status = serve.signal_and_wait(libc::SIGTERM, Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        serve.stderr_tail(20)
+    );
+    let mut rest = Vec::new();
+    while let Ok(n) = socket.recv(&mut buf) {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        rest.iter().any(|m| m.contains("STOPPING=1")),
+        "no STOPPING=1 after SIGTERM: {rest:?}"
+    );
+}

@@ -5,3 +5,4 @@ pub(crate) mod check;
 pub(crate) mod http;
 pub(crate) mod metrics;
 pub(crate) mod status;
+pub(crate) mod systemd;

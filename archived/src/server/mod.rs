@@ -184,6 +184,8 @@ pub(crate) async fn serve(
         }
         None => None,
     };
+    crate::ops::systemd::ready(&format!("serving on {bound}"));
+    let watchdog = crate::ops::systemd::spawn_watchdog(state.clone());
     let connections = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -206,6 +208,7 @@ pub(crate) async fn serve(
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
         }
     }
+    crate::ops::systemd::stopping();
     state.shutting_down.store(true, Ordering::SeqCst);
     endpoint.set_server_config(None);
     let grace = Duration::from_secs(cfg.shutdown_grace_secs);
@@ -219,6 +222,9 @@ pub(crate) async fn serve(
         );
     }
     worker.abort();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     if let Some(http) = http {
         http.abort();
     }
