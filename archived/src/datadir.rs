@@ -108,10 +108,19 @@ impl DataDir {
 }
 
 /// `archived init`: creates the data directory, CA, server certificate and admin config.
-pub(crate) fn init(dir: &DataDir, listen: &str, extra_names: &[String]) -> Result<()> {
+pub(crate) fn init(
+    dir: &DataDir,
+    listen: &str,
+    metrics_listen: Option<&str>,
+    extra_names: &[String],
+) -> Result<()> {
     let addr: SocketAddr = listen
         .parse()
         .with_context(|| format!("--listen '{listen}' is not an IP:port"))?;
+    if let Some(m) = metrics_listen.filter(|m| *m != "off") {
+        m.parse::<SocketAddr>()
+            .with_context(|| format!("--metrics-listen '{m}' is not an IP:port (or \"off\")"))?;
+    }
     if dir.tls().join("ca.pem").exists() || dir.tls().join("ca.key").exists() {
         bail!(
             "{} already holds a CA; refusing to overwrite it (client certificates issued by it would stop working). \
@@ -133,7 +142,10 @@ pub(crate) fn init(dir: &DataDir, listen: &str, extra_names: &[String]) -> Resul
     std::fs::write(dir.tls().join("ca.pem"), &ca.cert_pem)?;
     write_private_file(&dir.tls().join("server.key"), server.key_pem.as_bytes())?;
     std::fs::write(dir.tls().join("server.pem"), &server.cert_pem)?;
-    let cfg = ServerConfig::new(listen);
+    let mut cfg = ServerConfig::new(listen);
+    if let Some(m) = metrics_listen {
+        cfg.metrics_listen = m.to_string();
+    }
     if !dir.config().exists() {
         let text = format!(
             "# archived configuration (see README.md, \"Configuration\")\n{}",

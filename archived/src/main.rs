@@ -51,6 +51,11 @@ enum Command {
         /// UDP address to serve QUIC on.
         #[arg(long, default_value = config::DEFAULT_LISTEN)]
         listen: String,
+        /// TCP address of /metrics, /healthz and /readyz (metrics_listen in
+        /// archived.toml; default 127.0.0.1:7434; "off" for none). In a container:
+        /// 0.0.0.0:7434, so probes and Prometheus reach it.
+        #[arg(long)]
+        metrics_listen: Option<String>,
         /// Extra DNS names or IP addresses for the server certificate (repeatable).
         #[arg(long = "server-name")]
         server_names: Vec<String>,
@@ -159,9 +164,15 @@ async fn run_other(command: Command) -> Result<()> {
         Command::Init {
             data_dir,
             listen,
+            metrics_listen,
             server_names,
         } => {
-            datadir::init(&DataDir::new(&data_dir), &listen, &server_names)?;
+            datadir::init(
+                &DataDir::new(&data_dir),
+                &listen,
+                metrics_listen.as_deref(),
+                &server_names,
+            )?;
             println!("initialized {} (listen {listen})", data_dir.display());
             println!(
                 "next: archived issue --data-dir {} --cluster NAME --role push --out push.toml",
