@@ -93,11 +93,12 @@ pub(crate) async fn archive_get(
         }
         _ => None,
     };
+    let mut started = false;
     if let Some(spool) = &spool {
-        spool.notify_or_start(config_path, name);
+        started = spool.notify_or_start(config_path, name);
         match spool.take(name, dest) {
             Ok(Some(outcome)) => {
-                spool.record_served(name, true);
+                spool.record_served(name, true, started);
                 tracing::info!(file = %name, "restored from the prefetch spool");
                 return Ok(outcome);
             }
@@ -115,7 +116,7 @@ pub(crate) async fn archive_get(
         .await
         .map_err(|error| GetFailure { kind, error })?;
     if let (Some(spool), Fetched::Written { .. }) = (&spool, &outcome) {
-        spool.record_served(name, false);
+        spool.record_served(name, false, started);
     }
     match &outcome {
         Fetched::Written {

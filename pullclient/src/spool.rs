@@ -57,6 +57,9 @@ pub(crate) const SOCKET_NAME: &str = "daemon.sock";
 /// After starting a daemon, archive-get starts no other for this long, whatever happened
 /// to the first: a daemon that cannot run is not restarted by every call.
 const START_BACKOFF: Duration = Duration::from_secs(60);
+/// How long the call that started the daemon waits for its socket to report what it
+/// served (once per daemon).
+const STARTING_PATIENCE: Duration = Duration::from_secs(2);
 /// Longest socket path `sun_path` holds (108 bytes with its NUL).
 const SUN_PATH_MAX: usize = 107;
 
@@ -193,15 +196,20 @@ impl Spool {
 
     /// Tells the daemon PostgreSQL asked for `name`; starts a daemon if none listens.
     /// Never fails: prefetching is an optimization, never a reason to fail a restore.
-    pub(crate) fn notify_or_start(&self, config_path: &Path, name: &str) {
+    /// Returns whether this call started a daemon (which is then still coming up).
+    pub(crate) fn notify_or_start(&self, config_path: &Path, name: &str) -> bool {
         let told = self.tell(&ControlRequest::Requested {
             name: name.to_string(),
         });
         if told.is_err() && self.may_start_daemon() {
-            if let Err(e) = self.start_daemon(config_path, name) {
-                tracing::warn!(error = %format!("{e:#}"), "cannot start the prefetch daemon");
+            match self.start_daemon(config_path, name) {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot start the prefetch daemon")
+                }
             }
         }
+        false
     }
 
     /// No daemon holds the spool's lock (none runs, none is starting), and none was
@@ -227,12 +235,19 @@ impl Spool {
         unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 }
     }
 
-    /// Reports a served segment (hit or miss) to the daemon's counters.
-    pub(crate) fn record_served(&self, name: &str, from_spool: bool) {
-        let _ = self.tell(&ControlRequest::Served {
+    /// Reports a served segment (hit or miss) to the daemon's counters. `just_started`:
+    /// this call started the daemon, whose socket may not listen yet: it is given up to
+    /// [`STARTING_PATIENCE`] (once per daemon, after the segment is written), so the
+    /// first miss of a recovery is counted too.
+    pub(crate) fn record_served(&self, name: &str, from_spool: bool, just_started: bool) {
+        let request = ControlRequest::Served {
             name: name.to_string(),
             from_spool,
-        });
+        };
+        let until = std::time::Instant::now() + STARTING_PATIENCE;
+        while self.tell(&request).is_err() && just_started && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     fn start_daemon(&self, config_path: &Path, name: &str) -> Result<()> {
