@@ -149,6 +149,34 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         );
     }
 
+    // The data directory's filesystem as df sees it (the local store is inside the data
+    // directory here: one volume, so no volume="store" series).
+    let df = Command::new("df")
+        .args(["--output=size,avail", "-B1"])
+        .arg(archive.data_dir())
+        .output()
+        .expect("df (coreutils)");
+    let df = String::from_utf8_lossy(&df.stdout).into_owned();
+    let df: Vec<f64> = df
+        .lines()
+        .nth(1)
+        .unwrap_or_else(|| panic!("df printed {df:?}"))
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let size = sample(&scrape, "walvault_filesystem_size_bytes{volume=\"data\"}");
+    let free = sample(&scrape, "walvault_filesystem_free_bytes{volume=\"data\"}");
+    assert_eq!(size, Some(df[0]), "df: {df:?}\n{scrape}");
+    assert!(
+        free.is_some_and(|f| (f - df[1]).abs() <= df[0] / 100.0),
+        "df: {df:?}\n{scrape}"
+    );
+    assert_eq!(
+        sample(&scrape, "walvault_filesystem_free_bytes{volume=\"store\"}"),
+        None,
+        "{scrape}"
+    );
+
     // More WAL and a base backup: the figures move with pg_stat_archiver's.
     primary.pgbench_init(1);
     crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);

@@ -109,6 +109,11 @@ pub(crate) struct ChecksConfig {
     pub(crate) backup_age_critical_hours: u64,
     /// No successful retention run for this long is a WARNING (daily runs: 48 h).
     pub(crate) retention_max_age_hours: u64,
+    /// A filesystem archived writes to (data directory, local store) with less free
+    /// space than this, in percent of its size, is a WARNING.
+    pub(crate) disk_free_warning_percent: u64,
+    /// ... and a CRITICAL.
+    pub(crate) disk_free_critical_percent: u64,
     /// A server certificate expiring within this many days is a WARNING.
     pub(crate) cert_warning_days: u64,
     /// ... and a CRITICAL.
@@ -124,6 +129,8 @@ impl Default for ChecksConfig {
             backup_age_warning_hours: 26,
             backup_age_critical_hours: 50,
             retention_max_age_hours: 48,
+            disk_free_warning_percent: 15,
+            disk_free_critical_percent: 5,
             cert_warning_days: 30,
             cert_critical_days: 7,
         }

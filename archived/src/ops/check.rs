@@ -5,7 +5,9 @@
 //!
 //! - The checks, always in this order and under these names (scripts match on them):
 //!   `catalog` (complete, not being rebuilt), `store_writable` (the store took a probe
-//!   object within the last ten seconds, shared with `/readyz`), `wal_continuity` (every
+//!   object within the last ten seconds, shared with `/readyz`), `disk_space` (free
+//!   space of the data directory's filesystem and a local store's, statvfs, against
+//!   `disk_free_warning_percent` / `disk_free_critical_percent`), `wal_continuity` (every
 //!   segment from the oldest backup's first one, or the oldest segment without a backup,
 //!   to the newest is in the catalog on some timeline, and the store holds every one of
 //!   them: one listing of the cluster's WAL in the store, so a segment deleted behind
@@ -20,7 +22,7 @@
 //! - Read from the catalog and the store at the time of the request, never from a cache
 //!   older than the store probe's.
 //! - Not checked yet: the last `archived verify` result (verify
-//!   reports by its exit code), the store's free space, certificates issued to clients
+//!   reports by its exit code), an object store's quota, certificates issued to clients
 //!   (archived keeps no list of them).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,6 +34,7 @@ use walvault_protocol::core::wire::{CheckResult, CheckStatus, CheckValue};
 
 use crate::config::ChecksConfig;
 use crate::index::state;
+use crate::ops::disk::{self, Volume};
 use crate::service::Archive;
 use crate::store::layout;
 
@@ -117,6 +120,11 @@ pub(crate) async fn run(archive: &Archive, cluster: &str, now: i64) -> Result<Ve
             Some("archive_command fails while the store refuses writes and PostgreSQL keeps the WAL in pg_wal: fix the store (space, permissions, credentials) before pg_wal fills"),
         ),
     });
+    out.push(disk_check(
+        cfg,
+        &archive.volumes,
+        archive.store.local_root().is_none(),
+    ));
     out.extend(wal_checks(archive, cfg, cluster, now).await?);
     out.extend(backup_checks(archive, cfg, cluster, now).await?);
     out.push(retention_check(archive, cfg, cluster, now)?);
@@ -391,6 +399,51 @@ fn retention_check(
     Ok(r)
 }
 
+/// `disk_space`: the free space of every filesystem archived writes to.
+fn disk_check(cfg: &ChecksConfig, volumes: &[Volume], object_store: bool) -> CheckResult {
+    let mut status = CheckStatus::Ok;
+    let mut found = Vec::new();
+    for (v, space) in disk::volumes(volumes) {
+        let what = match v.name {
+            "data" => "data directory",
+            _ => "store",
+        };
+        match space {
+            Ok(s) => {
+                let pct = s.free_percent();
+                let grade = if pct < cfg.disk_free_critical_percent as f64 {
+                    CheckStatus::Critical
+                } else if pct < cfg.disk_free_warning_percent as f64 {
+                    CheckStatus::Warning
+                } else {
+                    CheckStatus::Ok
+                };
+                status = status.max(grade);
+                found.push(format!(
+                    "{what} {}: {} free of {} ({pct:.0}%)",
+                    v.path.display(),
+                    disk::bytes_text(s.free),
+                    disk::bytes_text(s.size)
+                ));
+            }
+            Err(e) => {
+                status = status.max(CheckStatus::Warning);
+                found.push(format!(
+                    "{what} {}: cannot read its free space: {e}",
+                    v.path.display()
+                ));
+            }
+        }
+    }
+    if object_store {
+        found.push("the object store has no limit archived can read".into());
+    }
+    let hint = (status != CheckStatus::Ok).then_some(
+        "pushes and stream appends fail once the data directory's or the local store's filesystem is full (PostgreSQL then keeps WAL in pg_wal): run retention, grow the filesystem, or move the store",
+    );
+    result("disk_space", status, found.join("; "), hint)
+}
+
 fn cert_check(cfg: &ChecksConfig, certs: &[CertExpiry], now: i64) -> CheckResult {
     let Some(first) = certs.iter().min_by_key(|c| c.not_after) else {
         return result(
@@ -442,6 +495,40 @@ fn cert_check(cfg: &ChecksConfig, certs: &[CertExpiry], now: i64) -> CheckResult
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_space_is_graded_against_its_thresholds() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = [Volume {
+            name: "data",
+            path: dir.path().to_path_buf(),
+        }];
+        let pct = disk::space(dir.path()).unwrap().free_percent() as u64;
+        let cfg = |warning: u64, critical: u64| ChecksConfig {
+            disk_free_warning_percent: warning,
+            disk_free_critical_percent: critical,
+            ..ChecksConfig::default()
+        };
+        let ok = disk_check(&cfg(0, 0), &volumes, false);
+        assert_eq!(ok.status, CheckStatus::Ok, "{ok:?}");
+        assert!(ok.message.starts_with("data directory "), "{ok:?}");
+        assert!(ok.hint.is_none());
+        let warn = disk_check(&cfg(pct + 2, 0), &volumes, true);
+        assert_eq!(warn.status, CheckStatus::Warning, "{warn:?}");
+        assert!(
+            warn.message.contains("the object store has no limit"),
+            "{warn:?}"
+        );
+        assert!(warn.hint.is_some());
+        let crit = disk_check(&cfg(pct + 2, pct + 1), &volumes, false);
+        assert_eq!(crit.status, CheckStatus::Critical, "{crit:?}");
+        let gone = [Volume {
+            name: "store",
+            path: dir.path().join("missing"),
+        }];
+        let unreadable = disk_check(&cfg(0, 0), &gone, false);
+        assert_eq!(unreadable.status, CheckStatus::Warning, "{unreadable:?}");
+    }
 
     #[test]
     fn values_are_graded_against_their_thresholds() {

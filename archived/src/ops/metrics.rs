@@ -4,15 +4,16 @@
 //!
 //! - **Families** are prefixed `walvault_`, in base units (seconds, bytes), counters end
 //!   in `_total`. Labels are bounded: `cluster`, `operation` (the request's op, a fixed
-//!   set) and `result` (stored, duplicate, conflict, refused, error, ok); never a file
-//!   name, an LSN or a backup id.
+//!   set), `result` (stored, duplicate, conflict, refused, error, ok), `certificate`
+//!   (CA, server) and `volume` (data, store); never a file name, an LSN or a backup id.
 //! - **Counted as they happen**: requests by operation and result, their duration, the
 //!   request body bytes received and the answer bytes sent, the QUIC connections open.
 //! - **Read at scrape time from the catalog**, never from a shell-out or a full scan: per
 //!   cluster the newest archived segment (its end LSN, timeline and the store's time of
 //!   it, looked up once per new segment), the number of backups and the newest one's end
 //!   time and size, and where the streaming receiver's durable WAL ends (its unfinished
-//!   segments on this archived). A scrape costs a few catalog reads per cluster.
+//!   segments on this archived); the free space of the filesystems archived writes to
+//!   (statvfs). A scrape costs a few catalog reads per cluster.
 //! - **Exposition**: the Prometheus text format (0.0.4) that promtool and every scraper
 //!   read, made from `prometheus-client`'s OpenMetrics text (its counters' HELP and TYPE
 //!   lines carry the `_total` name, `# EOF` and `# UNIT` lines go); a client that asks
@@ -55,6 +56,11 @@ struct CertificateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    volume: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
 }
@@ -84,6 +90,8 @@ pub(crate) struct Metrics {
     ready_files: Family<ClusterLabels, Gauge>,
     retention_success: Family<ClusterLabels, Gauge>,
     cert_expiry: Family<CertificateLabels, Gauge>,
+    fs_free: Family<VolumeLabels, Gauge>,
+    fs_size: Family<VolumeLabels, Gauge>,
     clusters: Gauge,
     newest: Mutex<HashMap<String, Newest>>,
 }
@@ -210,6 +218,18 @@ impl Metrics {
             "When the server's certificates stop being valid (unix time), by certificate (CA, server)",
             Family::<CertificateLabels, Gauge>::default(),
         );
+        let fs_free = register(
+            &mut r,
+            "walvault_filesystem_free_bytes",
+            "Bytes archived may still write on the filesystem of its data directory (volume=\"data\") and of a local store (volume=\"store\", absent when on the same filesystem or when the store is an object store)",
+            Family::<VolumeLabels, Gauge>::default(),
+        );
+        let fs_size = register(
+            &mut r,
+            "walvault_filesystem_size_bytes",
+            "Size of those filesystems, by volume",
+            Family::<VolumeLabels, Gauge>::default(),
+        );
         let build = register(
             &mut r,
             "walvault_build_info",
@@ -238,6 +258,8 @@ impl Metrics {
             ready_files,
             retention_success,
             cert_expiry,
+            fs_free,
+            fs_size,
             clusters,
             newest: Mutex::new(HashMap::new()),
         }
@@ -309,6 +331,26 @@ impl Metrics {
     pub(crate) async fn refresh(&self, archive: &Archive) -> anyhow::Result<()> {
         let clusters = archive.index.clusters()?;
         self.clusters.set(clusters.len() as i64);
+        for (v, space) in super::disk::volumes(&archive.volumes) {
+            let labels = VolumeLabels {
+                volume: v.name.to_string(),
+            };
+            match space {
+                Ok(s) => {
+                    self.fs_free
+                        .get_or_create(&labels)
+                        .set(i64::try_from(s.free).unwrap_or(i64::MAX));
+                    self.fs_size
+                        .get_or_create(&labels)
+                        .set(i64::try_from(s.size).unwrap_or(i64::MAX));
+                }
+                Err(e) => {
+                    tracing::warn!(volume = v.name, path = %v.path.display(), error = %e, "cannot read the free space");
+                    self.fs_free.remove(&labels);
+                    self.fs_size.remove(&labels);
+                }
+            }
+        }
         // A receiver's segment completes into the catalog: the gauge goes with it.
         self.stream_flushed.clear();
         for (cluster, end) in archive.streams.flushed_ends().await {

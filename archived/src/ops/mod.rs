@@ -2,6 +2,7 @@
 //! the health probes (http.rs), and the named checks of `archived check` (check.rs).
 
 pub(crate) mod check;
+pub(crate) mod disk;
 pub(crate) mod http;
 pub(crate) mod metrics;
 pub(crate) mod status;

@@ -144,6 +144,16 @@ pub(crate) async fn serve(
         streams,
     );
     archive.checks = cfg.checks.clone();
+    archive.volumes.push(crate::ops::disk::Volume {
+        name: "data",
+        path: dir.root.clone(),
+    });
+    if let Some(root) = archive.store.local_root() {
+        archive.volumes.push(crate::ops::disk::Volume {
+            name: "store",
+            path: root.to_path_buf(),
+        });
+    }
     for (what, pem) in [("CA", &ca_pem), ("server", &tls.cert_pem)] {
         match crate::ops::check::not_after(pem) {
             Ok(not_after) => archive.certs.push(crate::ops::check::CertExpiry {

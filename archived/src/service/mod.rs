@@ -104,6 +104,8 @@ pub(crate) struct Archive {
     pub(crate) checks: crate::config::ChecksConfig,
     /// When the server's own certificates expire (`archived check`).
     pub(crate) certs: Vec<crate::ops::check::CertExpiry>,
+    /// The filesystems archived writes to (`archived check`, `/metrics`).
+    pub(crate) volumes: Vec<crate::ops::disk::Volume>,
 }
 
 /// How long a store probe counts (`/readyz`, `archived check`).
@@ -129,6 +131,7 @@ impl Archive {
             probe: tokio::sync::Mutex::new(None),
             checks: crate::config::ChecksConfig::default(),
             certs: Vec::new(),
+            volumes: Vec::new(),
         }
     }
 

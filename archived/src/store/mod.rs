@@ -73,6 +73,14 @@ impl Store {
         }
     }
 
+    /// The directory of a local store (`None` for an object store).
+    pub(crate) fn local_root(&self) -> Option<&std::path::Path> {
+        match self {
+            Store::Local(l) => Some(l.root()),
+            Store::Remote(_) => None,
+        }
+    }
+
     /// A new group commit for the filesystem that [`put_grouped`](Self::put_grouped)
     /// writes to: made once, before the writes it covers.
     pub(crate) fn sync_group(&self) -> SyncGroup {
