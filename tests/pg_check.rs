@@ -12,7 +12,7 @@ use crate::pg_archive::archiving_primary;
 use crate::pg_backup::CLUSTER;
 
 /// The checks every answer has, in order (ops/check.rs).
-const NAMES: [&str; 9] = [
+const NAMES: [&str; 10] = [
     "catalog",
     "store_writable",
     "disk_space",
@@ -21,6 +21,7 @@ const NAMES: [&str; 9] = [
     "backups",
     "backup_age",
     "retention",
+    "verify",
     "certificates",
 ];
 
@@ -85,10 +86,12 @@ fn check_passes_on_a_healthy_archive_and_names_what_breaks() {
     let mut primary = archiving_primary(&archive, &push, &[]);
     primary.pgbench_init(1);
     crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);
-    // Retention runs daily (here with the default policy, which expires nothing).
+    // Retention runs daily (here with the default policy, which expires nothing), verify
+    // weekly.
     archive.admin(&["retention", "run", "--cluster", CLUSTER]);
     let last = primary.switch_wal();
     primary.wait_archived(&last, || archive.diag());
+    archive.admin(&["verify", "--cluster", CLUSTER]);
     let archived_at = Instant::now();
 
     let (code, checks) = check(&archive);
@@ -106,7 +109,7 @@ fn check_passes_on_a_healthy_archive_and_names_what_breaks() {
     assert!(
         nagios
             .stdout
-            .starts_with("WALVAULT OK - cluster main: 9 checks OK | wal_age="),
+            .starts_with("WALVAULT OK - cluster main: 10 checks OK | wal_age="),
         "{}",
         nagios.describe()
     );
@@ -324,7 +327,25 @@ fn verify_finds_a_flipped_byte_in_a_segment_and_in_a_pack_and_names_both() {
             .contains("cannot be restored")),
         "the backup that needs the damaged pack's chunks is not named: {report:#}"
     );
-    // --wal alone reads only WAL.
+    // The run is recorded: archived check names the problems, /metrics counts them.
+    let (code, checks) = check(&archive);
+    assert_eq!(code, Some(2), "{checks:#?}");
+    let v = named(&checks, "verify");
+    assert_eq!(v["status"], "CRITICAL", "{v:#}");
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains("problem(s)") && message.contains(&segment),
+        "{v:#}"
+    );
+    let (_, scrape) = crate::pg_metrics::get(archive.metrics_addr(), "/metrics", &[]);
+    let problems_series = format!("walvault_verify_problems{{cluster=\"{CLUSTER}\"}}");
+    assert!(
+        crate::pg_metrics::sample(&scrape, &problems_series).is_some_and(|n| n >= 2.0),
+        "{scrape}"
+    );
+    // --no-record leaves the record as it was; --wal alone reads only WAL.
+    let (code, _) = verify(&archive, &["--wal", "--no-record"]);
+    assert_eq!(code, Some(2));
     let (code, wal_only) = verify(&archive, &["--wal"]);
     assert_eq!(code, Some(2));
     assert_eq!(wal_only["packs"], 0, "{wal_only:#}");

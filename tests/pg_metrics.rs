@@ -181,6 +181,7 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
     primary.pgbench_init(1);
     crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);
     archive.admin(&["retention", "run", "--cluster", CLUSTER]);
+    archive.admin(&["verify", "--cluster", CLUSTER, "--wal"]);
     let second = primary.switch_wal();
     primary.wait_archived(&second, || archive.diag());
     let (last2, count2) = archiver(&primary);
@@ -211,6 +212,14 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         sample(&scrape2, &retained).is_some_and(|t| (now - t).abs() < 600.0),
         "{scrape2}"
     );
+    let verified =
+        format!("walvault_verify_last_run_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
+    assert!(
+        sample(&scrape2, &verified).is_some_and(|t| (now - t).abs() < 600.0),
+        "{scrape2}"
+    );
+    let problems = format!("walvault_verify_problems{{cluster=\"{CLUSTER}\"}}");
+    assert_eq!(sample(&scrape2, &problems), Some(0.0), "{scrape2}");
     // PostgreSQL's own archive_command reported its backlog: at least the file it pushed.
     let ready = format!("walvault_archive_ready_files{{cluster=\"{CLUSTER}\"}}");
     assert!(

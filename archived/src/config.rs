@@ -109,6 +109,8 @@ pub(crate) struct ChecksConfig {
     pub(crate) backup_age_critical_hours: u64,
     /// No successful retention run for this long is a WARNING (daily runs: 48 h).
     pub(crate) retention_max_age_hours: u64,
+    /// No `archived verify` run recorded for this long is a WARNING (weekly runs: 8 days).
+    pub(crate) verify_max_age_hours: u64,
     /// A filesystem archived writes to (data directory, local store) with less free
     /// space than this, in percent of its size, is a WARNING.
     pub(crate) disk_free_warning_percent: u64,
@@ -129,6 +131,7 @@ impl Default for ChecksConfig {
             backup_age_warning_hours: 26,
             backup_age_critical_hours: 50,
             retention_max_age_hours: 48,
+            verify_max_age_hours: 192,
             disk_free_warning_percent: 15,
             disk_free_critical_percent: 5,
             cert_warning_days: 30,

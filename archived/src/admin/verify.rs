@@ -18,7 +18,11 @@
 //! - Neither flag: both. Memory: a piece of one WAL object, one pack (up to the 8 MiB
 //!   pushclient sends) or one chunk at a time. `--max-rate MIB` keeps the stored bytes
 //!   read under MIB MiB a second on average, so that it can run beside production.
-//! - Exit 0 when it found no problem, 2 when it found any, 1 when it could not run.
+//! - The run (counts and the first problems) is recorded in the running server's
+//!   catalog through DIR/admin.toml (`RecordVerify`), for `archived check` (`verify`)
+//!   and `/metrics`; `--no-record` skips that.
+//! - Exit 0 when it found no problem, 2 when it found any, 1 when it could not run or
+//!   could not record a clean run.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
@@ -57,6 +61,10 @@ pub(crate) struct VerifyArgs {
     /// Read at most this many MiB of stored objects a second, on average.
     #[arg(long, value_name = "MIB")]
     max_rate: Option<f64>,
+    /// Do not record the run in the running server's catalog (by default it is, through
+    /// DIR/admin.toml, for `archived check` and /metrics).
+    #[arg(long)]
+    no_record: bool,
 }
 
 /// One problem, with the key of the object it is in (or of what is missing).
@@ -150,10 +158,63 @@ pub(crate) async fn run(args: VerifyArgs) -> Result<Exit> {
             println!("no problem found");
         }
     }
-    Ok(match report.problems.is_empty() {
-        true => Exit::Success,
-        false => Exit::Critical,
+    let recorded = match args.no_record {
+        true => true,
+        false => record(&args, &report, scope(&args)).await,
+    };
+    Ok(match (report.problems.is_empty(), recorded) {
+        (false, _) => Exit::Critical,
+        (true, true) => Exit::Success,
+        (true, false) => Exit::Failure,
     })
+}
+
+/// What the run read, in words.
+fn scope(args: &VerifyArgs) -> &'static str {
+    match (args.wal, args.backups) {
+        (true, false) => "wal",
+        (false, true) => "backups",
+        _ => "wal and backups",
+    }
+}
+
+/// Records the run in the running server's catalog; says so on stderr when it cannot.
+async fn record(args: &VerifyArgs, report: &Report, scope: &str) -> bool {
+    use walvault_protocol::core::wire::admin::{VerifyRun, VERIFY_PROBLEMS_KEPT};
+    let run = VerifyRun {
+        finished_at: crate::clock::unix_now(),
+        scope: scope.to_string(),
+        wal_files: report.wal_files,
+        manifests: report.manifests,
+        packs: report.packs,
+        chunks: report.chunks,
+        problems: report.problems.len() as u64,
+        first_problems: report
+            .problems
+            .iter()
+            .take(VERIFY_PROBLEMS_KEPT)
+            .map(|p| format!("{}: {}", p.object, p.problem))
+            .collect(),
+    };
+    let target = super::ConnectArgs {
+        data_dir: Some(args.data_dir.clone()),
+        config: None,
+    };
+    let cluster = args.cluster.clone();
+    match super::ask(&target, |archive| async move {
+        archive.for_cluster(&cluster).record_verify(&run).await
+    })
+    .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "WARNING: this run is not recorded in archived's catalog, so archived check and /metrics do not see it: {e:#} \
+                 (start archived, or pass --no-record)"
+            );
+            false
+        }
+    }
 }
 
 async fn binding(store: &Store, cluster: &str) -> Result<Option<ClusterBinding>> {

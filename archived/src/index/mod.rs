@@ -148,6 +148,25 @@ impl Index {
         self.flush().await
     }
 
+    /// Records the newest `archived verify` run of `cluster` (replacing the one before),
+    /// durably.
+    pub(crate) async fn record_verify(
+        &self,
+        cluster: &str,
+        run: &walvault_protocol::core::wire::admin::VerifyRun,
+    ) -> Result<()> {
+        put_json(&self.meta, &format!("verify/{cluster}"), run)?;
+        self.flush().await
+    }
+
+    /// The newest `archived verify` run recorded for `cluster`.
+    pub(crate) fn verify_run(
+        &self,
+        cluster: &str,
+    ) -> Result<Option<walvault_protocol::core::wire::admin::VerifyRun>> {
+        get_json(&self.meta, &format!("verify/{cluster}"))
+    }
+
     /// The newest retention run recorded for `cluster`.
     pub(crate) fn retention_run(&self, cluster: &str) -> Result<Option<RetentionRun>> {
         get_json(&self.meta, &format!("retention/{cluster}"))

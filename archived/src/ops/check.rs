@@ -17,13 +17,14 @@
 //!   `backup_age` (the newest usable backup's end against `backup_age_warning_hours` /
 //!   `backup_age_critical_hours`), `retention` (the newest recorded retention run of the
 //!   cluster: failed is CRITICAL, none or older than `retention_max_age_hours` a
-//!   WARNING), `certificates` (the CA's and the server's certificate
+//!   WARNING), `verify` (the newest recorded `archived verify` run: problems are
+//!   CRITICAL, none or older than `verify_max_age_hours` a WARNING), `certificates` (the
+//!   CA's and the server's certificate
 //!   against `cert_warning_days` / `cert_critical_days`).
 //! - Read from the catalog and the store at the time of the request, never from a cache
 //!   older than the store probe's.
-//! - Not checked yet: the last `archived verify` result (verify
-//!   reports by its exit code), an object store's quota, certificates issued to clients
-//!   (archived keeps no list of them).
+//! - Not checked yet: an object store's quota, certificates issued to clients (archived
+//!   keeps no list of them).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -128,6 +129,7 @@ pub(crate) async fn run(archive: &Archive, cluster: &str, now: i64) -> Result<Ve
     out.extend(wal_checks(archive, cfg, cluster, now).await?);
     out.extend(backup_checks(archive, cfg, cluster, now).await?);
     out.push(retention_check(archive, cfg, cluster, now)?);
+    out.push(verify_check(archive, cfg, cluster, now)?);
     out.push(cert_check(cfg, certs, now));
     Ok(out)
 }
@@ -391,6 +393,67 @@ fn retention_check(
     );
     r.value = Some(CheckValue {
         label: "retention_age".into(),
+        value: age,
+        unit: "s".into(),
+        warning: Some(max),
+        critical: None,
+    });
+    Ok(r)
+}
+
+/// `verify`: the newest recorded `archived verify` run of the cluster.
+fn verify_check(
+    archive: &Archive,
+    cfg: &ChecksConfig,
+    cluster: &str,
+    now: i64,
+) -> Result<CheckResult> {
+    let max = cfg.verify_max_age_hours as i64 * 3600;
+    let timer = "run `archived verify` weekly (deploy/archived-verify@.timer): it reads every object back, so damage in the store is found before a restore needs it";
+    let Some(run) = archive.index.verify_run(cluster)? else {
+        return Ok(result(
+            "verify",
+            CheckStatus::Warning,
+            "no archived verify run is recorded for this cluster (since the catalog was made)"
+                .into(),
+            Some(timer),
+        ));
+    };
+    let age = now - run.finished_at;
+    if run.problems > 0 {
+        return Ok(result(
+            "verify",
+            CheckStatus::Critical,
+            format!(
+                "the newest verify run ({}, {} ago) found {} problem(s): {}",
+                run.scope,
+                age_text(age),
+                run.problems,
+                run.first_problems.join("; ")
+            ),
+            Some("restores that need a damaged object fail: take a new base backup now, and find out what damaged the store (disk, bucket policy, another writer); archived verify --json lists every problem"),
+        ));
+    }
+    let mut r = result(
+        "verify",
+        if age > max {
+            CheckStatus::Warning
+        } else {
+            CheckStatus::Ok
+        },
+        format!(
+            "the newest verify run ({}, {} ago) read {} WAL files, {} manifests, {} packs and {} chunks back: no problem",
+            run.scope,
+            age_text(age),
+            run.wal_files,
+            run.manifests,
+            run.packs,
+            run.chunks
+        ),
+        (age > max).then_some(timer),
+    );
+    r.value = Some(CheckValue {
+        label: "verify_age".into(),
         value: age,
         unit: "s".into(),
         warning: Some(max),

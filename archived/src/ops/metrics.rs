@@ -12,7 +12,7 @@
 //!   cluster the newest archived segment (its end LSN, timeline and the store's time of
 //!   it, looked up once per new segment), the number of backups and the newest one's end
 //!   time and size, and where the streaming receiver's durable WAL ends (its unfinished
-//!   segments on this archived); the free space of the filesystems archived writes to
+//!   segments on this archived); the newest retention and verify runs; the free space of the filesystems archived writes to
 //!   (statvfs). A scrape costs a few catalog reads per cluster.
 //! - **Exposition**: the Prometheus text format (0.0.4) that promtool and every scraper
 //!   read, made from `prometheus-client`'s OpenMetrics text (its counters' HELP and TYPE
@@ -89,6 +89,8 @@ pub(crate) struct Metrics {
     stream_flushed: Family<ClusterLabels, Gauge>,
     ready_files: Family<ClusterLabels, Gauge>,
     retention_success: Family<ClusterLabels, Gauge>,
+    verify_run: Family<ClusterLabels, Gauge>,
+    verify_problems: Family<ClusterLabels, Gauge>,
     cert_expiry: Family<CertificateLabels, Gauge>,
     fs_free: Family<VolumeLabels, Gauge>,
     fs_size: Family<VolumeLabels, Gauge>,
@@ -199,12 +201,20 @@ impl Metrics {
                 "When the newest successful retention run of the cluster ended (unix time; none recorded: no series)",
             ),
             (
+                "walvault_verify_last_run_timestamp_seconds",
+                "When the newest recorded archived verify run of the cluster ended (unix time; none recorded: no series)",
+            ),
+            (
+                "walvault_verify_problems",
+                "Problems the newest recorded archived verify run of the cluster found (damaged or missing objects)",
+            ),
+            (
                 "walvault_archive_ready_files",
                 "The primary's archiving backlog as its newest push reported it: .ready files in pg_wal/archive_status (the pushed one included; 1 = keeping up)",
             ),
         ]
         .map(|(name, help)| register(&mut r, name, help, per_cluster()));
-        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, ready_files] =
+        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, verify_run, verify_problems, ready_files] =
             gauges;
         let clusters = register(
             &mut r,
@@ -257,6 +267,8 @@ impl Metrics {
             stream_flushed,
             ready_files,
             retention_success,
+            verify_run,
+            verify_problems,
             cert_expiry,
             fs_free,
             fs_size,
@@ -403,6 +415,12 @@ impl Metrics {
                 .and_then(|r| r.last_success)
             {
                 self.retention_success.get_or_create(&labels).set(t);
+            }
+            if let Some(run) = archive.index.verify_run(cluster)? {
+                self.verify_run.get_or_create(&labels).set(run.finished_at);
+                self.verify_problems
+                    .get_or_create(&labels)
+                    .set(i64::try_from(run.problems).unwrap_or(i64::MAX));
             }
             let backups = archive.index.backups(cluster)?;
             self.backups

@@ -273,6 +273,9 @@ pub(super) async fn handle_stream(
             let now = crate::clock::unix_now();
             crate::ops::status::request(archive, metrics, identity, cluster.as_deref(), now).await
         }
+        Request::RecordVerify { cluster, run } => {
+            crate::service::record_verify(&ctx, &cluster, &run).await
+        }
         Request::Check { cluster } => {
             let now = crate::clock::unix_now();
             match crate::ops::check::run(archive, &cluster, now).await {

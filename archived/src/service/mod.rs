@@ -212,6 +212,33 @@ impl Ctx<'_> {
     }
 }
 
+/// `RecordVerify`: an admin records what `archived verify` found in a bound cluster.
+pub(crate) async fn record_verify(
+    ctx: &Ctx<'_>,
+    cluster: &str,
+    run: &walvault_protocol::core::wire::admin::VerifyRun,
+) -> Result<Response, Refusal> {
+    ctx.require_admin(
+        "only an admin certificate may record verify runs (archived verify uses DIR/admin.toml)",
+    )?;
+    if ctx
+        .index
+        .binding(cluster)
+        .map_err(Refusal::internal)?
+        .is_none()
+    {
+        return Err(Refusal::new(
+            ErrorCode::NotFound,
+            format!("cluster '{cluster}' is not in the archive"),
+        ));
+    }
+    ctx.index
+        .record_verify(cluster, run)
+        .await
+        .map_err(Refusal::internal)?;
+    Ok(Response::Recorded)
+}
+
 /// `body` holding `grant` until the stream is dropped (sent, or abandoned).
 fn holding(
     body: BoxStream<'static, anyhow::Result<Bytes>>,

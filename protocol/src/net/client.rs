@@ -558,6 +558,22 @@ impl ArchiveClient {
         }
     }
 
+    /// `RecordVerify`: records a verify run of this client's cluster (admin).
+    pub async fn record_verify(
+        &self,
+        run: &crate::core::wire::admin::VerifyRun,
+    ) -> Result<(), ClientError> {
+        let what = format!("recording the verify run of cluster '{}'", self.cluster);
+        let request = Request::RecordVerify {
+            cluster: self.cluster.clone(),
+            run: run.clone(),
+        };
+        match self.simple(&what, &request).await? {
+            Response::Recorded => Ok(()),
+            other => Err(answer_error(&what, other)),
+        }
+    }
+
     /// `PutWal`: stores a WAL file whose zstd frame `body` yields. `Ok(true)` when the
     /// archive already held identical bytes. The archive may refuse before the whole body
     /// is sent; its answer is then the error.

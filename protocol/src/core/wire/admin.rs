@@ -1,4 +1,5 @@
-//! Answers of the admin requests (pure code): what a retention run did.
+//! Answers of the admin requests (pure code): what a retention run did; what a verify
+//! run found.
 
 use serde::{Deserialize, Serialize};
 
@@ -118,3 +119,28 @@ mod tests {
         );
     }
 }
+
+/// What one `archived verify` run of a cluster found (recorded in the catalog through
+/// [`crate::core::wire::Request::RecordVerify`]; `archived check` and `/metrics` read it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRun {
+    /// When the run ended (Unix seconds, the verifying host's clock).
+    pub finished_at: i64,
+    /// What it read: "wal", "backups" or "wal and backups".
+    pub scope: String,
+    /// WAL files read back.
+    pub wal_files: u64,
+    /// Backup manifests read back.
+    pub manifests: u64,
+    /// Packs read back.
+    pub packs: u64,
+    /// Loose chunks read back.
+    pub chunks: u64,
+    /// Problems found.
+    pub problems: u64,
+    /// The first problems (at most [`VERIFY_PROBLEMS_KEPT`]), "object: problem".
+    pub first_problems: Vec<String>,
+}
+
+/// How many problems a recorded verify run keeps by name.
+pub const VERIFY_PROBLEMS_KEPT: usize = 10;

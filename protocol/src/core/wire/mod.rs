@@ -106,6 +106,14 @@ pub enum Request {
         /// Cluster name.
         cluster: String,
     },
+    /// Records what an `archived verify` run of a cluster found (admin). Answer:
+    /// [`Response::Recorded`].
+    RecordVerify {
+        /// Cluster name.
+        cluster: String,
+        /// The run.
+        run: crate::core::wire::admin::VerifyRun,
+    },
     /// Which of these backup chunks does the archive lack? Answer: [`Response::Missing`].
     /// At most [`crate::core::wire::backup::MAX_HASHES_PER_REQUEST`] hashes.
     ChunksMissing {
@@ -292,7 +300,8 @@ impl Request {
             | Request::StreamAppend { cluster, .. }
             | Request::StreamSession { cluster, .. }
             | Request::StreamSeal { cluster, .. }
-            | Request::Check { cluster } => Some(cluster),
+            | Request::Check { cluster }
+            | Request::RecordVerify { cluster, .. } => Some(cluster),
             Request::Retention { cluster, .. } | Request::Status { cluster } => cluster.as_deref(),
             Request::Ping => None,
         }
@@ -320,6 +329,7 @@ impl Request {
             Request::StreamSession { .. } => "stream_session",
             Request::StreamSeal { .. } => "stream_seal",
             Request::Check { .. } => "check",
+            Request::RecordVerify { .. } => "record_verify",
             Request::Status { .. } => "status",
         }
     }
@@ -415,6 +425,8 @@ pub enum Response {
     },
     /// The object was deleted.
     Deleted,
+    /// The record was written to the catalog.
+    Recorded,
     /// Answer to [`Request::BeginBackup`].
     BackupLease {
         /// The lease, to name in the backup's requests.
