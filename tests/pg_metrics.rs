@@ -212,8 +212,7 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         sample(&scrape2, &retained).is_some_and(|t| (now - t).abs() < 600.0),
         "{scrape2}"
     );
-    let verified =
-        format!("walvault_verify_last_run_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
+    let verified = format!("walvault_verify_last_run_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
     assert!(
         sample(&scrape2, &verified).is_some_and(|t| (now - t).abs() < 600.0),
         "{scrape2}"

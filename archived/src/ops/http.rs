@@ -15,13 +15,11 @@
 //!   network, or put a TLS proxy in front.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context, Result};
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use anyhow::Result;
+use hyper::header::{HeaderValue, AUTHORIZATION};
+use hyper::{Method, Request, StatusCode};
+use walvault_protocol::net::http::{self, text, PLAIN};
 
 use super::metrics::Metrics;
 use crate::service::Archive;
@@ -69,15 +67,7 @@ impl Ops {
 
 /// Binds `listen`; `None` for "off".
 pub(crate) async fn bind(listen: &str) -> Result<Option<tokio::net::TcpListener>> {
-    if listen == "off" {
-        return Ok(None);
-    }
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| {
-        format!(
-            "cannot listen for HTTP on metrics_listen = \"{listen}\" (archived.toml): set another address, or \"off\""
-        )
-    })?;
-    Ok(Some(listener))
+    http::bind(listen, "metrics_listen (archived.toml)").await
 }
 
 /// Serves the endpoint on `listener` until the process ends.
@@ -85,53 +75,15 @@ pub(crate) async fn serve<S>(listener: tokio::net::TcpListener, ops: Arc<Ops>, s
 where
     S: AsRef<Archive> + Send + Sync + 'static,
 {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let handler = move |req| {
         let ops = ops.clone();
         let state = state.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let ops = ops.clone();
-                let state = state.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        answer(&ops, state.as_ref().as_ref(), req).await,
-                    )
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics endpoint: connection ended");
-            }
-        });
-    }
+        async move { answer(&ops, state.as_ref().as_ref(), req).await }
+    };
+    http::serve(listener, Arc::new(handler)).await
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
-const PLAIN: &str = "text/plain; charset=utf-8";
-
-async fn answer(
-    ops: &Ops,
-    archive: &Archive,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
+async fn answer(ops: &Ops, archive: &Archive, req: Request<hyper::body::Incoming>) -> http::Answer {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n".into());
     }
@@ -157,24 +109,7 @@ async fn answer(
                     format!("reading the catalog failed: {e:#}\n"),
                 );
             }
-            let openmetrics = req
-                .headers()
-                .get(ACCEPT)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.contains("application/openmetrics-text"));
-            if openmetrics {
-                text(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ops.metrics.openmetrics(),
-                )
-            } else {
-                text(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    ops.metrics.prometheus_text(),
-                )
-            }
+            http::metrics_answer(&req, ops.metrics.openmetrics())
         }
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n".into()),
     }

@@ -445,40 +445,6 @@ impl Metrics {
             .expect("writing to a String");
         text
     }
-
-    /// The Prometheus text format (0.0.4) of every family (module header).
-    pub(crate) fn prometheus_text(&self) -> String {
-        to_prometheus_text(&self.openmetrics())
-    }
-}
-
-/// OpenMetrics text to the Prometheus text format: a counter family's HELP and TYPE
-/// lines name its `_total` samples, `# UNIT` and `# EOF` lines go.
-fn to_prometheus_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
-            let rest = line.strip_prefix(p)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(name)
-                .then(|| format!("{p}{name}_total {tail}"))
-        });
-        match renamed {
-            Some(l) => out.push_str(&l),
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]
@@ -492,7 +458,7 @@ mod tests {
         m.request("put_wal", "conflict", 0.02, 50);
         m.sent("get_wal", 4096);
         m.connection(1);
-        let text = m.prometheus_text();
+        let text = walvault_protocol::net::http::to_prometheus_text(&m.openmetrics());
         assert!(
             text.contains("# TYPE walvault_requests_total counter\n"),
             "{text}"

@@ -19,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod fanout;
 pub mod fsutil;
+pub mod http;
 pub mod logging;
 pub mod pg;
 pub mod pgsetup;
