@@ -159,12 +159,22 @@ impl SpoolFixture {
         count: u64,
         sysid: u64,
     ) -> SpoolFixture {
+        SpoolFixture::with(cluster, label, spool_max_bytes, count, sysid, &[])
+    }
+
+    /// [`SpoolFixture::new`] with more `[prefetch]` settings.
+    fn with(
+        cluster: &str,
+        label: &str,
+        spool_max_bytes: u64,
+        count: u64,
+        sysid: u64,
+        extra: &[(&str, &str)],
+    ) -> SpoolFixture {
         let max = spool_max_bytes.to_string();
-        let (archive, push, dir, spool, conf) = archive_with_spool(
-            cluster,
-            label,
-            &[("spool_max_bytes", &max), ("idle_exit_secs", "300")],
-        );
+        let mut settings = vec![("spool_max_bytes", max.as_str()), ("idle_exit_secs", "300")];
+        settings.extend_from_slice(extra);
+        let (archive, push, dir, spool, conf) = archive_with_spool(cluster, label, &settings);
         let pgdata = fake_pgdata(&dir);
         let segments: Vec<(String, Vec<u8>)> = (1..=count)
             .map(|n| (seg_name(1, n), fake_segment(1, n, sysid)))
@@ -188,63 +198,72 @@ impl SpoolFixture {
     }
 }
 
-#[test]
-fn archive_get_starts_a_daemon_that_serves_verified_segments_from_the_spool() {
-    let SpoolFixture {
-        archive,
-        dir: _dir,
-        spool,
-        conf,
-        pgdata,
-        segments,
-    } = SpoolFixture::new("pf", "prefetch", 134217728, 7, 31337);
-
-    // The first call: a miss, served directly, and a daemon starts (PostgreSQL is not running).
-    let first = archive_get_in(&archive, &conf, &pgdata, &segments[0].0);
+/// The first archive-get of a recovery (a miss, served directly; it starts the daemon),
+/// then a wait until the daemon has fetched `spooled` segments.
+fn first_call_then_spooled(f: &SpoolFixture, spooled: u64) {
+    let first = archive_get_in(&f.archive, &f.conf, &f.pgdata, &f.segments[0].0);
     assert!(first.success(), "{}", first.describe());
     wait_until(
         "the daemon spooled the next segments",
         Duration::from_secs(30),
         || {
-            status(&archive, &conf, &pgdata)
-                .map(|s| s["segments_fetched"].as_u64() >= Some(6))
+            status(&f.archive, &f.conf, &f.pgdata)
+                .map(|s| s["segments_fetched"].as_u64() >= Some(spooled))
                 .unwrap_or(false)
         },
         || {
             format!(
                 "status: {:?}\nlog: {}",
-                status(&archive, &conf, &pgdata),
-                daemon_log(&spool)
+                status(&f.archive, &f.conf, &f.pgdata),
+                daemon_log(&f.spool)
             )
         },
     );
-    for (name, bytes) in &segments[1..] {
-        let out = archive_get_in(&archive, &conf, &pgdata, name);
+}
+
+/// Waits until the daemon counted `hits` spool hits and `misses` misses (archive-get
+/// does not wait for the daemon to count what it served); its status then.
+fn counted(f: &SpoolFixture, hits: u64, misses: u64) -> serde_json::Value {
+    wait_for(
+        &format!("the daemon to count {hits} spool hits and {misses} miss(es)"),
+        Duration::from_secs(10),
+        || {
+            status(&f.archive, &f.conf, &f.pgdata).filter(|s| {
+                s["spool_hits"].as_u64() == Some(hits) && s["spool_misses"].as_u64() == Some(misses)
+            })
+        },
+        || format!("status: {:?}", status(&f.archive, &f.conf, &f.pgdata)),
+    )
+}
+
+#[test]
+fn archive_get_starts_a_daemon_that_serves_verified_segments_from_the_spool() {
+    let f = SpoolFixture::new("pf", "prefetch", 134217728, 7, 31337);
+    // The first call: a miss, served directly, and a daemon starts (PostgreSQL is not running).
+    first_call_then_spooled(&f, 6);
+    for (name, bytes) in &f.segments[1..] {
+        let out = archive_get_in(&f.archive, &f.conf, &f.pgdata, name);
         assert!(out.success(), "{}", out.describe());
         assert!(
             out.stderr.contains("prefetch spool"),
             "{name} not served from the spool:\n{}",
             out.describe()
         );
-        let got = fs::read(pgdata.join(format!("pg_wal/RECOVERYXLOG.{name}"))).unwrap();
+        let got = fs::read(f.pgdata.join(format!("pg_wal/RECOVERYXLOG.{name}"))).unwrap();
         assert!(&got == bytes, "{name}: spool served different bytes");
     }
-    // archive-get does not wait for the daemon to count what it served: the counters
-    // catch up within moments.
-    let s = wait_for(
-        "the daemon to count 6 spool hits and 1 miss",
-        Duration::from_secs(5),
-        || {
-            status(&archive, &conf, &pgdata).filter(|s| {
-                s["spool_hits"].as_u64() == Some(6) && s["spool_misses"].as_u64() == Some(1)
-            })
-        },
-        || format!("status: {:?}", status(&archive, &conf, &pgdata)),
-    );
+    let s = counted(&f, 6, 1);
+    let SpoolFixture {
+        archive,
+        spool,
+        conf,
+        pgdata,
+        ..
+    } = &f;
     assert_eq!(s["postgres_running"].as_bool(), Some(false), "{s}");
 
     // Past the end of the archive: PostgreSQL gets exit 1, and the daemon waits politely.
-    let end = archive_get_in(&archive, &conf, &pgdata, &seg_name(1, 8));
+    let end = archive_get_in(archive, conf, pgdata, &seg_name(1, 8));
     assert_eq!(end.code(), Some(1), "{}", end.describe());
     // Once it has taken that request the daemon asks for the missing segment at once,
     // then after 1, 2, 4 ... s: three more answers take at least 1 + 2 s however loaded
@@ -254,18 +273,18 @@ fn archive_get_starts_a_daemon_that_serves_verified_segments_from_the_spool() {
         "the daemon to take the request for segment 8",
         Duration::from_secs(30),
         || {
-            status(&archive, &conf, &pgdata)
+            status(archive, conf, pgdata)
                 .filter(|s| s["last_requested"].as_str() == Some(seg_name(1, 8).as_str()))
         },
-        || format!("status: {:?}", status(&archive, &conf, &pgdata)),
+        || format!("status: {:?}", status(archive, conf, pgdata)),
     );
     let t = Instant::now();
     let before = probes(&taken);
     wait_until(
         "three more answers that segment 8 is not archived",
         Duration::from_secs(60),
-        || status(&archive, &conf, &pgdata).is_some_and(|s| probes(&s) >= before + 3),
-        || format!("status: {:?}", status(&archive, &conf, &pgdata)),
+        || status(archive, conf, pgdata).is_some_and(|s| probes(&s) >= before + 3),
+        || format!("status: {:?}", status(archive, conf, pgdata)),
     );
     assert!(
         t.elapsed() >= Duration::from_secs(2),
@@ -275,14 +294,14 @@ fn archive_get_starts_a_daemon_that_serves_verified_segments_from_the_spool() {
 
     // A well-mannered daemon: cwd is the spool, no children, exits on SIGTERM (cleaning up
     // its socket).
-    let pid = daemon_pid(&spool);
+    let pid = daemon_pid(spool);
     let cwd = fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
     assert_eq!(
         cwd,
-        fs::canonicalize(&spool).unwrap(),
+        fs::canonicalize(spool).unwrap(),
         "daemon working directory"
     );
-    assert!(!cwd.starts_with(&pgdata));
+    assert!(!cwd.starts_with(pgdata));
     let children: Vec<String> = fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -304,12 +323,12 @@ fn archive_get_starts_a_daemon_that_serves_verified_segments_from_the_spool() {
         "the daemon to exit after SIGTERM",
         Duration::from_secs(30),
         || !alive(pid),
-        || daemon_log(&spool),
+        || daemon_log(spool),
     );
     assert!(
         !spool.join("daemon.sock").exists(),
         "the daemon did not exit its own way (its socket is left):\n{}",
-        daemon_log(&spool)
+        daemon_log(spool)
     );
 }
 
@@ -844,4 +863,75 @@ fn pg_prefetch_daemon_warms_blocks_in_each_of_three_restores_and_lets_go_at_each
         || !alive(pid),
         || daemon_log(&spool),
     );
+}
+
+/// `[prefetch] metrics_listen`: the daemon serves the counters prefetch-status prints as
+/// Prometheus metrics that promtool accepts.
+#[test]
+fn the_daemon_serves_its_counters_to_prometheus() {
+    let f = SpoolFixture::with(
+        "pm",
+        "prefetch-metrics",
+        134217728,
+        4,
+        4242,
+        &[("metrics_listen", "\"127.0.0.1:0\"")],
+    );
+    first_call_then_spooled(&f, 3);
+    for (name, _) in &f.segments[1..] {
+        let out = archive_get_in(&f.archive, &f.conf, &f.pgdata, name);
+        assert!(out.success(), "{}", out.describe());
+    }
+    let s = counted(&f, 3, 1);
+    let spool = &f.spool;
+    let address_file = spool.join("metrics-address");
+    let addr: std::net::SocketAddr = fs::read_to_string(&address_file)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", address_file.display(), daemon_log(spool)))
+        .trim()
+        .parse()
+        .unwrap();
+    let (code, scrape) = crate::pg_metrics::get(addr, "/metrics", &[]);
+    assert_eq!(code, 200, "{scrape}");
+    crate::pg_metrics::promtool_check(&scrape);
+    let sample = |series: &str| crate::pg_metrics::sample(&scrape, series);
+    for (series, field) in [
+        ("walvault_prefetch_requests_total", "requests"),
+        ("walvault_prefetch_spool_hits_total", "spool_hits"),
+        ("walvault_prefetch_spool_misses_total", "spool_misses"),
+    ] {
+        assert_eq!(
+            sample(series),
+            s[field].as_u64().map(|n| n as f64),
+            "{series} against prefetch-status {field}: {s}\n{scrape}"
+        );
+    }
+    assert!(
+        sample("walvault_prefetch_segments_fetched_total") >= Some(3.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        sample("walvault_prefetch_postgres_running"),
+        Some(0.0),
+        "{scrape}"
+    );
+    assert!(
+        sample("walvault_prefetch_skipped_blocks_total{reason=\"fpw\"}").is_some(),
+        "{scrape}"
+    );
+    // Every family of the daemon's that the alert rules use is served.
+    let rules =
+        fs::read_to_string(crate::deploy::prometheus_dir().join("walvault.rules.yml")).unwrap();
+    let used: Vec<String> = crate::deploy::metric_names(&rules)
+        .into_iter()
+        .filter(|n| n.starts_with("walvault_prefetch_"))
+        .collect();
+    assert!(!used.is_empty());
+    for name in used {
+        assert!(
+            scrape.contains(&format!("# TYPE {name} ")),
+            "the alert rules use {name}, which the daemon does not serve:\n{scrape}"
+        );
+    }
+    let (code, _) = crate::pg_metrics::get(addr, "/healthz", &[]);
+    assert_eq!(code, 200);
 }

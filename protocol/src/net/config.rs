@@ -37,6 +37,7 @@
 //! prefault_ahead_bytes = 67108864 # how far past the replay position to warm, in WAL bytes
 //! prefault_concurrency = 16      # preads in flight (fadvise: threads, at most the CPUs)
 //! prefault_merge_bytes = 32768   # blocks of one file this close are read with one request
+//! metrics_listen = "off"         # "127.0.0.1:7435": the daemon's counters for Prometheus
 //! ```
 //!
 //! Which file: `--config FILE`, else `$WALVAULT_CONFIG`, else `/etc/walvault/<binary>.toml`.
@@ -147,6 +148,10 @@ pub struct PrefetchConfig {
     /// Blocks of one file whose gap is at most this many bytes are warmed with one request
     /// that covers the gap (0: only adjacent blocks share a request).
     pub prefault_merge_bytes: u64,
+    /// TCP address where the daemon serves its counters as Prometheus metrics
+    /// (`/metrics`, `/healthz`); "off" (the default) for none. Port 0 picks a free one,
+    /// written to `<spool>/metrics-address`.
+    pub metrics_listen: String,
 }
 
 /// How a block is brought into the page cache.
@@ -172,6 +177,7 @@ impl Default for PrefetchConfig {
             prefault_ahead_bytes: 64 << 20,
             prefault_concurrency: 16,
             prefault_merge_bytes: 32 << 10,
+            metrics_listen: "off".into(),
         }
     }
 }

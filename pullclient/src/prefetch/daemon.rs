@@ -161,6 +161,12 @@ pub(crate) async fn run(
     if let Some(name) = start_at {
         daemon.requested(&name);
     }
+    super::metrics::start(
+        daemon.clone(),
+        &daemon.cfg.prefetch.metrics_listen,
+        &daemon.spool.dir,
+    )
+    .await;
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

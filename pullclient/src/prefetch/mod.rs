@@ -18,5 +18,6 @@
 
 mod control;
 mod daemon;
+mod metrics;
 
 pub(crate) use daemon::run;
