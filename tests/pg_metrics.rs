@@ -247,7 +247,8 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
     // only while a receiver streams (pg_stream's RPO test reads it), and a family without
     // series is not printed.
     for name in crate::deploy::metric_names(&crate::deploy::dashboard()) {
-        if name == "walvault_stream_flushed_lsn" {
+        // The prefetch daemon's are checked against its own scrape (prefetch.rs).
+        if name == "walvault_stream_flushed_lsn" || name.starts_with("walvault_prefetch_") {
             continue;
         }
         let family = crate::deploy::family_of(&name);

@@ -921,8 +921,11 @@ fn the_daemon_serves_its_counters_to_prometheus() {
     // Every family of the daemon's that the alert rules use is served.
     let rules =
         fs::read_to_string(crate::deploy::prometheus_dir().join("walvault.rules.yml")).unwrap();
+    // So is every one the dashboard shows.
+    let dashboard = crate::deploy::dashboard();
     let used: Vec<String> = crate::deploy::metric_names(&rules)
         .into_iter()
+        .chain(crate::deploy::metric_names(&dashboard))
         .filter(|n| n.starts_with("walvault_prefetch_"))
         .collect();
     assert!(!used.is_empty());
