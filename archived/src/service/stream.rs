@@ -9,7 +9,8 @@
 //!   archived's disk (`<data_dir>/stream/<cluster>/<TLI>/<SEGMENT>.partial`, created full
 //!   size and zero-filled, fsynced with its directories before its first append, as
 //!   PostgreSQL prepares a segment; a session prepares the next segment's file in the
-//!   background, and a file that holds nothing yet is never listed or served), so an
+//!   background, removed when the receiver seals the segment before it at the end of
+//!   its timeline, and a file that holds nothing yet is never listed or served), so an
 //!   append costs no metadata update; that disk is the receiver's durability domain, as
 //!   a standby's own disk is.
 //! - **Group commit.** A session's appends are read as they arrive and queued for one
@@ -233,6 +234,22 @@ impl Streams {
             }
         }
         Ok(found.into_iter().map(|(s, (k, b))| (s, k, b)).collect())
+    }
+
+    /// Removes the file of `segment` if it was only prepared (holds no WAL), and its slot.
+    async fn drop_prepared(&self, cluster: &str, segment: &SegmentName) -> Result<()> {
+        let Some(slot) = self.existing(cluster, segment) else {
+            return Ok(());
+        };
+        let mut guard = slot.lock().await;
+        let Some(p) = guard.as_mut().filter(|p| !p.done && !p.holds_wal()) else {
+            return Ok(());
+        };
+        std::fs::remove_file(&p.path).with_context(|| format!("removing {}", p.path.display()))?;
+        p.done = true;
+        drop(guard);
+        self.forget(cluster, segment);
+        Ok(())
     }
 
     /// Forgets an expired segment: its uploads `keys`, its local file, its slot.
@@ -1013,6 +1030,14 @@ pub(crate) async fn seal(ctx: &Ctx<'_>, cluster: &str, segment: &str) -> Reply {
     let segment = parse_segment(segment)?;
     if let Some(slot) = ctx.archive.streams.existing(cluster, &segment) {
         upload(ctx.archive, cluster, &segment, &slot)
+            .await
+            .map_err(Refusal::internal)?;
+        // The timeline ends in this segment: the next one's file, prepared ahead and
+        // holding only zeros, will never be written on this timeline.
+        let size = ctx.index.segment_size(cluster).map_err(Refusal::internal)?;
+        ctx.archive
+            .streams
+            .drop_prepared(cluster, &segment.next(size))
             .await
             .map_err(Refusal::internal)?;
     }
@@ -1911,6 +1936,15 @@ mod tests {
         let id = identity(Role::Pull);
         let ctx = t.archive.ctx(&id);
         assert_eq!(streamed(&ctx, "main").await.unwrap().len(), 1);
+        // The timeline ends in this segment (the receiver seals it): the prepared next
+        // file goes, the sealed segment stays served.
+        let push = identity(Role::Push);
+        let ctx = t.archive.ctx(&push);
+        seal(&ctx, "main", &name).await.unwrap();
+        assert!(!path.exists(), "{} stayed after the seal", path.display());
+        assert!(t.archive.streams.existing("main", &next_seg).is_none());
+        let (_, held) = get(&t, &name).await.unwrap();
+        assert_eq!(held, Some(500_000));
     }
 
     /// Runs a session over a pipe the client writes `input` into in pieces of `piece`
