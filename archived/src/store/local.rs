@@ -338,7 +338,13 @@ impl LocalStore {
         let prefix = prefix.to_string();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            list_local(&root, &root, &mut out)?;
+            // Only the directory the prefix names (up to its last '/') can hold its keys:
+            // the walk starts there, not at the root of a store of millions of objects.
+            let start = match prefix.rsplit_once('/') {
+                Some((dir, _)) if !dir.is_empty() => root.join(dir),
+                _ => root.clone(),
+            };
+            list_local(&root, &start, &mut out)?;
             out.retain(|k| k.starts_with(&prefix));
             out.sort();
             Ok(out)
@@ -370,6 +376,8 @@ fn list_local(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        // A prefix whose directory part names a file: it holds no keys below it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
         Err(e) => return Err(anyhow!(e).context(format!("cannot list {}", dir.display()))),
     };
     for entry in entries {

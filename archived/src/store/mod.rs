@@ -401,16 +401,55 @@ mod tests {
         assert!(ObjectHeader::decode(&h.encode()[..10]).is_err());
     }
 
+    /// A local store in `dir`.
+    fn local_store(dir: &std::path::Path) -> Store {
+        Store::open("", &[], &dir.join("store"), &dir.join("spool")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_local_listing_of_a_prefix_is_the_whole_listing_filtered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local_store(dir.path());
+        for key in [
+            "main/cluster.toml",
+            "main/wal/00000001/000000010000000000000001.zst",
+            "main/wal/00000002/000000020000000000000003.zst",
+            "main/stream/00000001/000000010000000000000002.00001000.zst",
+            "mainly/cluster.toml",
+            "other/wal/00000001/000000010000000000000001.zst",
+        ] {
+            assert_eq!(
+                store.put_new(key, Bytes::from_static(b"x")).await.unwrap(),
+                CreateOutcome::Created
+            );
+        }
+        let all = store.list("").await.unwrap();
+        assert_eq!(all.len(), 6, "{all:?}");
+        for prefix in [
+            "main/",
+            "main",
+            "mai",
+            "main/wal/",
+            "main/wal/0000000",
+            "main/wal/00000001/",
+            "main/stream/00000001/",
+            "main/cluster.toml/x",
+            "nothing/",
+            "other/wal/00000001/000000010000000000000001.zst",
+        ] {
+            let want: Vec<String> = all
+                .iter()
+                .filter(|k| k.starts_with(prefix))
+                .cloned()
+                .collect();
+            assert_eq!(store.list(prefix).await.unwrap(), want, "prefix {prefix:?}");
+        }
+    }
+
     #[tokio::test]
     async fn local_store_is_create_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            "",
-            &[],
-            &dir.path().join("store"),
-            &dir.path().join("spool"),
-        )
-        .unwrap();
+        let store = local_store(dir.path());
         let h = ObjectHeader {
             raw_size: 1,
             blake3: [1; 32],
