@@ -391,14 +391,19 @@ fn retention_check(
         format!("the newest retention run succeeded {} ago", age_text(age)),
         Some(timer),
     );
-    r.value = Some(CheckValue {
-        label: "retention_age".into(),
+    r.value = Some(age_value("retention_age", age, max));
+    Ok(r)
+}
+
+/// The perfdata of a run's age in seconds, WARNING past `max`.
+fn age_value(label: &str, age: i64, max: i64) -> CheckValue {
+    CheckValue {
+        label: label.into(),
         value: age,
         unit: "s".into(),
         warning: Some(max),
         critical: None,
-    });
-    Ok(r)
+    }
 }
 
 /// `verify`: the newest recorded `archived verify` run of the cluster.
@@ -452,13 +457,7 @@ fn verify_check(
         ),
         (age > max).then_some(timer),
     );
-    r.value = Some(CheckValue {
-        label: "verify_age".into(),
-        value: age,
-        unit: "s".into(),
-        warning: Some(max),
-        critical: None,
-    });
+    r.value = Some(age_value("verify_age", age, max));
     Ok(r)
 }
 

@@ -248,13 +248,7 @@ pub(crate) async fn serve(
 /// Writes `addr` and a newline to `path` through a temp file beside it, so a reader sees
 /// either no file, the previous content or the whole address, never a partial line.
 fn write_listen_address(path: &Path, addr: SocketAddr) -> Result<()> {
-    let tmp = walvault_protocol::net::fsutil::temp_path_beside(path);
-    let written =
-        std::fs::write(&tmp, format!("{addr}\n")).and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.with_context(|| {
+    walvault_protocol::net::fsutil::write_replacing(path, format!("{addr}\n").as_bytes()).with_context(|| {
         format!(
             "cannot write the listen address to {} (--listen-address-file): is its directory writable?",
             path.display()

@@ -238,15 +238,30 @@ impl Streams {
 
     /// Removes the file of `segment` if it was only prepared (holds no WAL), and its slot.
     async fn drop_prepared(&self, cluster: &str, segment: &SegmentName) -> Result<()> {
+        self.discard(cluster, segment, |p| !p.holds_wal()).await
+    }
+
+    /// Removes the local file of `segment` and forgets its slot, unless `only` says to
+    /// keep an unfinished file (then both stay).
+    async fn discard(
+        &self,
+        cluster: &str,
+        segment: &SegmentName,
+        only: impl Fn(&Partial) -> bool,
+    ) -> Result<()> {
         let Some(slot) = self.existing(cluster, segment) else {
             return Ok(());
         };
         let mut guard = slot.lock().await;
-        let Some(p) = guard.as_mut().filter(|p| !p.done && !p.holds_wal()) else {
-            return Ok(());
-        };
-        std::fs::remove_file(&p.path).with_context(|| format!("removing {}", p.path.display()))?;
-        p.done = true;
+        match guard.as_mut() {
+            Some(p) if !p.done && only(p) => {
+                std::fs::remove_file(&p.path)
+                    .with_context(|| format!("removing {}", p.path.display()))?;
+                p.done = true;
+            }
+            Some(p) if !p.done => return Ok(()),
+            _ => {}
+        }
         drop(guard);
         self.forget(cluster, segment);
         Ok(())
@@ -260,16 +275,7 @@ impl Streams {
         segment: &SegmentName,
         keys: &[String],
     ) -> Result<()> {
-        if let Some(slot) = self.existing(cluster, segment) {
-            let mut guard = slot.lock().await;
-            if let Some(p) = guard.as_mut().filter(|p| !p.done) {
-                std::fs::remove_file(&p.path)
-                    .with_context(|| format!("removing {}", p.path.display()))?;
-                p.done = true;
-            }
-            drop(guard);
-            self.forget(cluster, segment);
-        }
+        self.discard(cluster, segment, |_| true).await?;
         for key in keys {
             store.delete(key).await?;
         }

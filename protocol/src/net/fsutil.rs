@@ -122,6 +122,18 @@ pub fn create_dir_durable_mode(dir: &Path, mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Replaces `target` with `contents` through a temporary file beside it and a rename, so
+/// a reader sees the old file or the whole new one, never a part (not fsynced: for files
+/// people and tests read, such as a bound address or a status).
+pub fn write_replacing(target: &Path, contents: &[u8]) -> io::Result<()> {
+    let tmp = temp_path_beside(target);
+    let written = std::fs::write(&tmp, contents).and_then(|()| std::fs::rename(&tmp, target));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// A temporary path beside `target`, unique to this process and call.
 pub fn temp_path_beside(target: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -373,21 +373,66 @@ impl Manager {
     }
 }
 
-/// Whether a postmaster runs on `pgdata` (postmaster.pid names a live process).
+/// What a data directory's `postmaster.pid` says (restore and setup refuse a live one).
+#[derive(Debug)]
+pub enum Postmaster {
+    /// No `postmaster.pid` (or no data directory).
+    None,
+    /// It names a process that is gone (a crash left it).
+    Stale(u32),
+    /// It names a live process (or one we may not signal).
+    Live(u32),
+    /// It cannot be read.
+    Unreadable(std::io::Error),
+    /// Its first line is no process id.
+    Garbled,
+}
+
+impl Postmaster {
+    /// Reads `pgdata/postmaster.pid`: line 1 is the postmaster's pid (negative for a
+    /// single-user backend).
+    pub fn of(pgdata: &Path) -> Postmaster {
+        let text = match std::fs::read_to_string(pgdata.join("postmaster.pid")) {
+            Ok(t) => t,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Postmaster::None
+            }
+            Err(e) => return Postmaster::Unreadable(e),
+        };
+        let Some(pid) = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+            .map(|p| p.unsigned_abs())
+            .filter(|p| *p > 0 && *p <= i32::MAX as u32)
+        else {
+            return Postmaster::Garbled;
+        };
+        match process_exists(pid as i32) {
+            true => Postmaster::Live(pid),
+            false => Postmaster::Stale(pid),
+        }
+    }
+}
+
+/// Whether a process with this pid exists (also one we may not signal).
+pub fn process_exists(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 sends nothing; it only checks that the pid exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether a postmaster may run on `pgdata`: anything but no file or a stale one.
 pub fn server_running(pgdata: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(pgdata.join("postmaster.pid")) else {
-        return false;
-    };
-    let Some(pid) = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok())
-    else {
-        return true;
-    };
-    // SAFETY: kill(2) with signal 0 only checks that the process exists.
-    let alive = unsafe { libc::kill(pid, 0) } == 0;
-    alive || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    !matches!(
+        Postmaster::of(pgdata),
+        Postmaster::None | Postmaster::Stale(_)
+    )
 }
 
 /// The command line that runs this binary's `subcommand` with `config`, quoted for the

@@ -170,9 +170,8 @@ pub(crate) async fn start(daemon: Arc<Daemon>, listen: &str, spool_dir: &Path) {
         return;
     };
     let file = spool_dir.join(ADDRESS_FILE);
-    let tmp = walvault_protocol::net::fsutil::temp_path_beside(&file);
     if let Err(e) =
-        std::fs::write(&tmp, format!("{bound}\n")).and_then(|()| std::fs::rename(&tmp, &file))
+        walvault_protocol::net::fsutil::write_replacing(&file, format!("{bound}\n").as_bytes())
     {
         tracing::warn!(file = %file.display(), error = %e, "cannot write the metrics address");
     }

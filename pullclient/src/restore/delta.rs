@@ -79,52 +79,30 @@ pub(super) fn differing_chunks(path: &Path, f: &FileEntry, chunk_size: u64) -> R
 /// has taken over since is refused too: this cannot tell it from PostgreSQL, the operator
 /// can (the message says how).
 pub(super) fn refuse_running_server(pgdata: &Path) -> Result<()> {
+    use walvault_protocol::net::pgsetup::Postmaster;
     let pid_file = pgdata.join("postmaster.pid");
-    let text = match std::fs::read_to_string(&pid_file) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => return Ok(()),
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot read {} to check that PostgreSQL is not running there",
-                    pid_file.display()
-                )
-            })
-        }
-    };
-    // Line 1 is the postmaster's pid (negative for a single-user backend).
-    let Some(pid) = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok())
-        .map(|p| p.unsigned_abs())
-        .filter(|p| *p > 0 && *p <= i32::MAX as u32)
-    else {
-        bail!(
+    match Postmaster::of(pgdata) {
+        Postmaster::None | Postmaster::Stale(_) => Ok(()),
+        Postmaster::Unreadable(e) => Err(e).with_context(|| {
+            format!(
+                "cannot read {} to check that PostgreSQL is not running there",
+                pid_file.display()
+            )
+        }),
+        Postmaster::Garbled => bail!(
             "{} does not start with a process id, so whether PostgreSQL runs in {} is unknown: \
              stop PostgreSQL (pg_ctl -D {} stop), or if none runs there, remove postmaster.pid",
             pid_file.display(),
             pgdata.display(),
             pgdata.display()
-        );
-    };
-    if process_exists(pid as i32) {
-        bail!(
+        ),
+        Postmaster::Live(pid) => bail!(
             "PostgreSQL is running in {}: postmaster.pid names live process {pid}; stop it first \
              (pg_ctl -D {} stop -m fast) and run the restore again. If that process is not \
              PostgreSQL (a stale postmaster.pid whose pid was reused), remove {}",
             pgdata.display(),
             pgdata.display(),
             pid_file.display()
-        );
+        ),
     }
-    Ok(())
-}
-
-/// Whether a process with this pid exists (also one we may not signal).
-pub(super) fn process_exists(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }

@@ -71,9 +71,7 @@ pub(crate) fn write(path: &Path, status: &StreamStatus) {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
-        std::fs::rename(&tmp, path)?;
+        walvault_protocol::net::fsutil::write_replacing(path, &serde_json::to_vec_pretty(status)?)?;
         Ok(())
     })();
     if let Err(e) = result {
