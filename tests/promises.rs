@@ -218,6 +218,7 @@ async fn server_refuses_lies_from_a_raw_client() {
             raw_size: announced.len() as u64,
             blake3: blake3::hash(announced).to_hex().to_string(),
             ready_files: None,
+            request_id: None,
         };
         let (mut send, mut recv) = conn.open(&req).await.unwrap();
         let z = zstd::encode_all(body, 1).unwrap();
@@ -661,6 +662,7 @@ fn shutdown_is_not_held_by_a_vanished_client() {
                 raw_size: seg.len() as u64,
                 blake3: blake3::hash(&seg).to_hex().to_string(),
                 ready_files: None,
+                request_id: None,
             };
             let (mut send, recv) = conn.open(&req).await.unwrap();
             send.write_all(&zstd::encode_all(&seg[..], 1).unwrap())

@@ -50,6 +50,7 @@ async fn a_stalled_request_body_is_given_up_and_stores_nothing() {
         raw_size: seg.len() as u64,
         blake3: blake3::hash(&seg).to_hex().to_string(),
         ready_files: None,
+        request_id: None,
     };
     let (mut send, mut recv) = conn.open(&request).await.unwrap();
     send.write_all(&body[..sent]).await.unwrap();
@@ -195,6 +196,7 @@ async fn concurrent_requests_wait_for_the_memory_budget_and_stay_under_it() {
             raw_size: seg.len() as u64,
             blake3: blake3::hash(&seg).to_hex().to_string(),
             ready_files: None,
+            request_id: None,
         };
         pushes.push((request, body));
     }

@@ -10,6 +10,7 @@ mod client;
 mod deploy;
 mod layout;
 mod pg_archive;
+mod pg_audit;
 mod pg_backup;
 mod pg_backup_checks;
 mod pg_backup_gc;

@@ -97,6 +97,11 @@ enum Command {
         #[command(subcommand)]
         command: admin::wal::WalCommand,
     },
+    /// The audit trail of a cluster from a point in time: every step of every WAL file
+    /// (received, refused, stored, acknowledged, served, prefetched, verified, expired),
+    /// oldest first, with the certificate and request id of each (asks the running
+    /// server).
+    Audit(admin::audit::AuditArgs),
     /// The catalog (an index of the object store).
     Catalog {
         #[command(subcommand)]
@@ -203,6 +208,7 @@ async fn run_other(command: Command) -> Result<()> {
             .await
         }
         Command::Wal { command } => admin::wal::run(command).await,
+        Command::Audit(args) => admin::audit::run(args).await,
         Command::Backups { command } => admin::backups::run(command).await,
         Command::Retention { command } => admin::retention::run(command).await,
         Command::Catalog { command } => admin::catalog::run(command).await,

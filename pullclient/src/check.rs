@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use walvault_protocol::core::pg::wal::WalFileName;
+use walvault_protocol::core::wire::audit::FetchPurpose;
 use walvault_protocol::net::checklist::Checklist;
 use walvault_protocol::net::config::ClientConfig;
 use walvault_protocol::net::pg::conninfo;
@@ -64,7 +65,10 @@ async fn check_with(
         )),
         Some(name) => {
             let started = Instant::now();
-            match archive.get_wal(name, |_| Ok(())).await {
+            match archive
+                .get_wal_for(name, FetchPurpose::Check, None, |_| Ok(()))
+                .await
+            {
                 Ok(d) => out.ok(&format!(
                     "the newest segment {name} came back verified ({} MiB in {:.0} ms)",
                     d.raw_size >> 20,

@@ -10,6 +10,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use walvault_protocol::core::wire::audit::FetchPurpose;
 use walvault_protocol::net::client::{ArchiveClient, ClientError};
 use walvault_protocol::net::fsutil;
 
@@ -33,10 +34,13 @@ pub(crate) enum Fetched {
 
 /// Fetches `name` over `archive` into `dest` (temporary file, verify, fsync, rename).
 /// On any error nothing is left at `dest` or beside it.
+/// `purpose` and `request` (its id) go to the archive's audit trail.
 pub(crate) async fn fetch_to(
     archive: &ArchiveClient,
     name: &str,
     dest: &Path,
+    purpose: FetchPurpose,
+    request: &str,
 ) -> Result<Fetched, ClientError> {
     let tmp = fsutil::temp_path_beside(dest);
     let result = async {
@@ -44,7 +48,7 @@ pub(crate) async fn fetch_to(
         // Decoded output arrives in pieces as small as a QUIC packet's worth: batch writes.
         let mut file: Option<std::io::BufWriter<std::fs::File>> = None;
         let delivered = archive
-            .get_wal(name, |raw| {
+            .get_wal_for(name, purpose, Some(request), |raw| {
                 let f = match &mut file {
                     Some(f) => f,
                     None => file.insert(create_temp(&tmp)?),

@@ -32,6 +32,8 @@ use walvault_protocol::net::retry::{retry, RetryPolicy};
 
 use crate::fetch::{fetch_to, Fetched};
 use crate::spool::Spool;
+use walvault_protocol::core::wire::audit::FetchPurpose;
+use walvault_protocol::net::client::new_request_id;
 
 /// What PostgreSQL does with a failed restore_command, by the signal files in its data
 /// directory.
@@ -112,7 +114,10 @@ pub(crate) async fn archive_get(
         RecoveryKind::Archive => cfg.archive_get.recovery_retry_secs,
         RecoveryKind::Other => cfg.archive_get.standby_retry_secs,
     });
-    let outcome = fetch_retrying(cfg, name, dest, retry_for)
+    // The archive's audit trail keeps this id (`archived wal history`); the log lines
+    // below, which PostgreSQL's log holds, name it.
+    let request = new_request_id();
+    let outcome = fetch_retrying(cfg, name, dest, retry_for, &request)
         .await
         .map_err(|error| GetFailure { kind, error })?;
     if let (Some(spool), Fetched::Written { .. }) = (&spool, &outcome) {
@@ -124,15 +129,15 @@ pub(crate) async fn archive_get(
             partial_bytes: None,
             ..
         } => {
-            tracing::info!(file = %name, bytes = raw_size, "restored")
+            tracing::info!(file = %name, bytes = raw_size, %request, "restored")
         }
         Fetched::Written {
             partial_bytes: Some(held),
             ..
         } => {
-            tracing::info!(file = %name, wal_bytes = held, "restored the streaming receiver's unfinished segment (zero-padded)")
+            tracing::info!(file = %name, wal_bytes = held, %request, "restored the streaming receiver's unfinished segment (zero-padded)")
         }
-        Fetched::NotFound => tracing::info!(file = %name, "not in the archive"),
+        Fetched::NotFound => tracing::info!(file = %name, %request, "not in the archive"),
     }
     Ok(outcome)
 }
@@ -144,6 +149,7 @@ async fn fetch_retrying(
     name: &str,
     dest: &Path,
     retry_for: Duration,
+    request: &str,
 ) -> Result<Fetched> {
     let started = Instant::now();
     let attempts = AtomicU32::new(0);
@@ -156,7 +162,7 @@ async fn fetch_retrying(
     let fetched = retry(&policy, || async {
         attempts.fetch_add(1, Ordering::Relaxed);
         let archive = ArchiveClient::connect(cfg).await?;
-        let outcome = fetch_to(&archive, name, dest).await;
+        let outcome = fetch_to(&archive, name, dest, FetchPurpose::Restore, request).await;
         archive.close().await;
         outcome
     })

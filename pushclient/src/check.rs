@@ -17,6 +17,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use walvault_protocol::core::wire::audit::FetchPurpose;
 use walvault_protocol::net::checklist::Checklist;
 use walvault_protocol::net::client::ArchiveClient;
 use walvault_protocol::net::config::ClientConfig;
@@ -126,7 +127,10 @@ async fn round_trip(
         .context("pg_switch_wal() failed (the role needs superuser or EXECUTE on it)")?;
     let started = Instant::now();
     loop {
-        match archive.get_wal(&segment, |_| Ok(())).await {
+        match archive
+            .get_wal_for(&segment, FetchPurpose::Check, None, |_| Ok(()))
+            .await
+        {
             Ok(_) => {
                 out.ok(&format!(
                     "WAL switched: segment {segment} archived and read back verified after {:.1} s",

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use walvault_protocol::core::format::codec::{Encoder, CHUNK_SIZE, HEAD_LEN};
 use walvault_protocol::core::pg::wal::validate_wal_file;
-use walvault_protocol::net::client::ArchiveClient;
+use walvault_protocol::net::client::{new_request_id, ArchiveClient};
 use walvault_protocol::net::config::ClientConfig;
 
 /// Compressed chunks queued between the compressing thread and the network.
@@ -69,14 +69,18 @@ pub(crate) async fn archive_push(cfg: &ClientConfig, path: &Path) -> Result<()> 
     });
     // Dropping the body (with the request) stops the compressor at its next piece.
     let backlog = ready_files(path);
+    // The archive's audit trail keeps this id (`archived wal history`): it is in this
+    // log line, which PostgreSQL's log holds, and in the error when the push fails.
+    let request = new_request_id();
     let stored = archive
-        .put_wal_reporting(&name, raw_size, &blake3, backlog, body)
+        .put_wal_reporting(&name, raw_size, &blake3, backlog, Some(&request), body)
         .await;
     let _ = compressor.await;
     archive.close().await;
     let already_present = stored?;
     tracing::info!(
         file = %name,
+        %request,
         raw_bytes = raw_size,
         sent_bytes = sent.load(Ordering::Relaxed),
         already_present,

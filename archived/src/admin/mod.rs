@@ -1,8 +1,9 @@
-//! The admin commands' client side: `archived wal`, `backups`, `retention`, `check`, `status` ask the
+//! The admin commands' client side: `archived wal`, `audit`, `backups`, `retention`, `check`, `status` ask the
 //! running server (with DIR/admin.toml or --config) and print what it answers;
 //! `archived catalog rebuild` works on the data directory itself, with the server
 //! stopped; `archived verify` reads the store itself, beside the server or without it. How answers are printed is output.rs.
 
+pub(crate) mod audit;
 pub(crate) mod backups;
 pub(crate) mod catalog;
 pub(crate) mod check;

@@ -1,4 +1,4 @@
-//! `archived wal list`.
+//! `archived wal list` and `archived wal history` (admin/audit.rs prints it).
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -19,14 +19,38 @@ pub(crate) enum WalCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One WAL file's story from the audit trail: received, stored and acknowledged
+    /// (with the pushing certificate and its request id, which archive-push logs in
+    /// PostgreSQL's log), refused, served or prefetched (to which certificate), verified,
+    /// expired by retention (asks the running server).
+    History {
+        #[command(flatten)]
+        target: ConnectArgs,
+        /// Cluster name.
+        #[arg(long)]
+        cluster: String,
+        /// The WAL file name (000000010000000000000003, 00000002.history, ...).
+        name: String,
+        /// Print one JSON object per record (JSON lines) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub(crate) async fn run(command: WalCommand) -> Result<()> {
-    let WalCommand::List {
-        target,
-        cluster,
-        json,
-    } = command;
+    let (target, cluster, json) = match command {
+        WalCommand::List {
+            target,
+            cluster,
+            json,
+        } => (target, cluster, json),
+        WalCommand::History {
+            target,
+            cluster,
+            name,
+            json,
+        } => return super::audit::history(&target, &cluster, &name, json).await,
+    };
     let listing = super::ask(&target, |archive| async move {
         archive.for_cluster(&cluster).list_wal().await
     })

@@ -9,6 +9,7 @@
 //! tree "chunks"    <cluster>/<blake3>    -> JSON ChunkEntry       (chunks.rs)
 //! tree "backups"   <cluster>/<ID>        -> JSON BackupRecord     (backups.rs)
 //! tree "meta"      "complete"            -> "1" once the index covers the whole store
+//! trees "audit*"                          the audit trail (audit.rs)
 //! ```
 //!
 //! Each object kind has its module: its entry type, its tree's reads and writes, and the
@@ -33,6 +34,7 @@
 //! to look. A duplicate upload is acknowledged from the store's object, and a backup is
 //! usable only when the store holds its WAL (service/wal.rs, state.rs).
 
+pub(crate) mod audit;
 pub(crate) mod backups;
 pub(crate) mod chunks;
 pub(crate) mod clusters;
@@ -55,6 +57,10 @@ pub(crate) struct Index {
     chunks: sled::Tree,
     backups: sled::Tree,
     meta: sled::Tree,
+    audit: sled::Tree,
+    audit_files: sled::Tree,
+    audit_unexported: sled::Tree,
+    audit_batches: sled::Tree,
 }
 
 impl Index {
@@ -76,6 +82,10 @@ impl Index {
             chunks: db.open_tree("chunks")?,
             backups: db.open_tree("backups")?,
             meta: db.open_tree("meta")?,
+            audit: db.open_tree("audit")?,
+            audit_files: db.open_tree("audit_files")?,
+            audit_unexported: db.open_tree("audit_unexported")?,
+            audit_batches: db.open_tree("audit_batches")?,
             db,
         })
     }
@@ -186,6 +196,8 @@ pub(crate) struct RebuildSummary {
     pub(crate) backups: u64,
     /// Backup chunks indexed.
     pub(crate) chunks: u64,
+    /// Audit trail records read back from their batches.
+    pub(crate) audit_records: u64,
     /// Keys that are not ours.
     pub(crate) other: u64,
 }

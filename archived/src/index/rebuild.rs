@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{backups, chunks, clusters, wal, Index, RebuildSummary};
+use super::{audit, backups, chunks, clusters, wal, Index, RebuildSummary};
 use crate::store::Store;
 
 /// Opens the catalog at `dir`, rebuilding it from `store` when it is missing,
@@ -59,6 +59,7 @@ pub(crate) async fn rebuild(index: &Index, store: &Store) -> Result<RebuildSumma
     wal::clear(index)?;
     chunks::clear(index)?;
     backups::clear(index)?;
+    audit::clear(index)?;
     let mut summary = RebuildSummary::default();
     for key in store
         .list("")
@@ -69,11 +70,13 @@ pub(crate) async fn rebuild(index: &Index, store: &Store) -> Result<RebuildSumma
         let indexed = clusters::index_object(index, store, &key, s).await?
             || wal::index_object(index, store, &key, s).await?
             || chunks::index_object(index, store, &key, s).await?
-            || backups::index_object(index, store, &key, s).await?;
+            || backups::index_object(index, store, &key, s).await?
+            || audit::index_object(index, store, &key, s).await?;
         if !indexed {
             summary.other += 1;
         }
     }
+    audit::settle(index)?;
     index.set_complete(true)?;
     index.flush().await?;
     tracing::info!(

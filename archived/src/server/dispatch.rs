@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use walvault_protocol::core::format::names;
+use walvault_protocol::core::wire::audit::Step;
 use walvault_protocol::core::wire::{self, ErrorCode, FrameError, Request, Response};
 use walvault_protocol::net::pki::ClientIdentity;
 
@@ -88,6 +89,26 @@ pub(super) async fn handle_stream(
                 identity.cluster, identity.role
             );
             tracing::warn!(%op, %msg, "unauthorized");
+            if let Request::PutWal {
+                name,
+                raw_size,
+                blake3,
+                request_id,
+                ..
+            } = &request
+            {
+                if archive.index.binding(cluster).ok().flatten().is_some() {
+                    let provenance = service::audit::Provenance {
+                        request: request_id.clone(),
+                        peer: identity.peer(),
+                    };
+                    let mut r = provenance.record(cluster, name, Step::Refused);
+                    r.size = Some(*raw_size);
+                    r.blake3 = Some(blake3.clone());
+                    r.detail = Some(format!("Unauthorized: {msg}"));
+                    service::audit::note(&archive.index, r);
+                }
+            }
             metrics.request(op, "refused", started.elapsed().as_secs_f64(), 0);
             respond(
                 send,
@@ -146,12 +167,15 @@ pub(super) async fn handle_stream(
             raw_size,
             blake3,
             ready_files,
+            request_id,
         } => {
             let upload = WalUpload {
                 cluster: &cluster,
                 name: &name,
                 raw_size,
                 blake3: &blake3,
+                request: request_id.as_deref(),
+                via: None,
             };
             let reply = service::wal::ingest(&ctx, &upload, recv).await;
             match &reply {
@@ -159,19 +183,60 @@ pub(super) async fn handle_stream(
                     if let Some(n) = ready_files {
                         metrics.ready_files(&cluster, n);
                     }
-                    tracing::info!(%cluster, %name, already_present, "stored")
+                    tracing::info!(%cluster, %name, already_present, request = request_id.as_deref().unwrap_or("-"), "stored")
                 }
                 Err(r) => {
-                    tracing::warn!(%cluster, %name, code = ?r.code, message = %r.message, "push refused")
+                    tracing::warn!(%cluster, %name, code = ?r.code, message = %r.message, request = request_id.as_deref().unwrap_or("-"), "push refused")
                 }
                 _ => {}
             }
             reply
         }
-        Request::GetWal { cluster, name } => {
+        Request::GetWal {
+            cluster,
+            name,
+            request_id,
+            purpose,
+        } => {
             let answer = service::wal::get(&ctx, &cluster, &name).await;
-            return answering.streamed(send, body.into_inner(), answer).await;
+            let object = match &answer {
+                Ok(s) => match &s.response {
+                    Response::Object {
+                        raw_size,
+                        blake3,
+                        partial_bytes,
+                        ..
+                    } => Some((*raw_size, blake3.clone(), *partial_bytes)),
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            let sending = Instant::now();
+            let sent = answering.streamed(send, body.into_inner(), answer).await;
+            if let (true, Some((raw_size, blake3, partial_bytes))) = (sent, object) {
+                let provenance = service::audit::Provenance {
+                    request: request_id,
+                    peer: identity.peer(),
+                };
+                let what = service::audit::Sent {
+                    cluster: &cluster,
+                    name: &name,
+                    purpose: purpose.unwrap_or_default(),
+                    raw_size,
+                    blake3,
+                    partial_bytes,
+                    took: sending.elapsed(),
+                };
+                service::audit::sent(&archive.index, &provenance, &what);
+            }
+            return;
         }
+        Request::WalHistory { cluster, name } => service::audit::history(&ctx, &cluster, &name),
+        Request::Audit {
+            cluster,
+            since_us,
+            after,
+        } => service::audit::since(&ctx, &cluster, since_us, after.as_deref()),
         Request::ListWal {
             cluster,
             after,
@@ -211,7 +276,8 @@ pub(super) async fn handle_stream(
         } => service::backups::put_pack(&ctx, &cluster, chunks, lease.as_deref(), recv).await,
         Request::GetChunks { cluster, hashes } => {
             let answer = service::backups::get_chunks(&ctx, &cluster, hashes).await;
-            return answering.streamed(send, body.into_inner(), answer).await;
+            answering.streamed(send, body.into_inner(), answer).await;
+            return;
         }
         Request::PutBackup {
             cluster,
@@ -238,7 +304,8 @@ pub(super) async fn handle_stream(
         }
         Request::GetBackup { cluster, backup_id } => {
             let answer = service::backups::get_backup(&ctx, &cluster, &backup_id).await;
-            return answering.streamed(send, body.into_inner(), answer).await;
+            answering.streamed(send, body.into_inner(), answer).await;
+            return;
         }
         Request::ListBackups {
             cluster,
@@ -365,13 +432,14 @@ struct Answering<'a> {
 }
 
 impl Answering<'_> {
-    /// Sends an answer with a body (or its refusal), counted in the metrics.
+    /// Sends an answer with a body (or its refusal), counted in the metrics; whether the
+    /// whole body was sent.
     async fn streamed(
         &self,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
         answer: StreamReply,
-    ) {
+    ) -> bool {
         let result = match answer {
             Ok(s) => match send_streamed(send, s, self.idle).await {
                 Some(sent) => {
@@ -388,5 +456,6 @@ impl Answering<'_> {
         };
         let seconds = self.started.elapsed().as_secs_f64();
         self.metrics.request(self.op, result, seconds, 0);
+        result == "ok"
     }
 }

@@ -178,6 +178,12 @@ pub(crate) async fn serve(
         let state = state.clone();
         tokio::spawn(async move { crate::service::stream::run(&state.archive).await })
     };
+    let audit = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            crate::service::audit::run(&state.archive.store, &state.archive.index).await
+        })
+    };
     let http = match http {
         Some(listener) => {
             let bound = listener.local_addr()?;
@@ -232,6 +238,11 @@ pub(crate) async fn serve(
         );
     }
     worker.abort();
+    audit.abort();
+    if let Err(e) = crate::service::audit::export(&state.archive.store, &state.archive.index).await
+    {
+        tracing::warn!(error = %format!("{e:#}"), "cannot write the last audit trail records to the store; the next start does");
+    }
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }

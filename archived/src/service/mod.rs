@@ -8,6 +8,7 @@
 //! cluster a certificate may touch is checked by the dispatcher before any handler runs.
 //!
 //! - [`wal`]: `PutWal` ([`wal::ingest`]), `GetWal`, `ListWal` and the cluster binding;
+//! - [`audit`]: the audit trail's records and their way into the store;
 //! - [`backups`]: chunks, packs, manifests, listings and deletion of base backups;
 //! - [`retention`]: what the archive may forget;
 //! - [`stream`]: the streaming receiver's appends, its unfinished segments and their
@@ -16,6 +17,7 @@
 //!   request buffers stay under `request_memory_mib` regardless of connection and
 //!   stream count.
 
+pub(crate) mod audit;
 pub(crate) mod backups;
 pub(crate) mod budget;
 pub(crate) mod retention;
@@ -232,6 +234,27 @@ pub(crate) async fn record_verify(
             format!("cluster '{cluster}' is not in the archive"),
         ));
     }
+    let mut r = crate::index::audit::record(
+        cluster,
+        None,
+        walvault_protocol::core::wire::audit::Step::Verified,
+    );
+    r.peer = Some(ctx.identity.peer());
+    r.detail = Some(format!(
+        "archived verify ({}): {} WAL files, {} manifests, {} packs, {} chunks read back; {} problems{}",
+        run.scope,
+        run.wal_files,
+        run.manifests,
+        run.packs,
+        run.chunks,
+        run.problems,
+        if run.first_problems.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", run.first_problems.join("; "))
+        }
+    ));
+    ctx.index.audit_put(r).map_err(Refusal::internal)?;
     ctx.index
         .record_verify(cluster, run)
         .await

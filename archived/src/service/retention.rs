@@ -278,8 +278,13 @@ async fn run_cluster(
             // Index first (flushed), objects second: a push meanwhile or a crash in
             // between leaves objects without entries, never entries without objects.
             if !dry_run && !doomed.is_empty() {
+                let why = format!(
+                    "retention: before {horizon}, the oldest kept backup {}'s start",
+                    oldest.id
+                );
                 for name in &doomed {
                     index.remove_wal(cluster, name)?;
+                    index.audit_expire(cluster, &name.to_string(), &why)?;
                 }
                 index.flush().await?;
                 for name in &doomed {
@@ -298,6 +303,14 @@ async fn run_cluster(
             }
             if out.expired_wal_files > 0 {
                 tracing::info!(%cluster, files = out.expired_wal_files, horizon = %horizon, dry_run, "WAL expired");
+            }
+            if !dry_run && !doomed.is_empty() {
+                let pruned = crate::service::audit::prune(store, index, cluster).await?;
+                if pruned > 0 {
+                    out.notes.push(format!(
+                        "audit trail: {pruned} batches of expired files deleted (their summaries are kept)"
+                    ));
+                }
             }
         } else {
             out.notes.push("no usable backup: WAL kept".to_string());

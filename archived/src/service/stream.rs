@@ -1152,6 +1152,7 @@ async fn complete(
     let identity = ClientIdentity {
         cluster: cluster.to_string(),
         role: Role::Admin,
+        serial: String::new(),
     };
     let ctx = archive.ctx(&identity);
     let name = segment.to_string();
@@ -1161,6 +1162,8 @@ async fn complete(
         name: &name,
         raw_size: u64::from(size),
         blake3: &blake3,
+        request: None,
+        via: Some("archived: the streaming receiver's segment, complete"),
     };
     let mut source: &[u8] = &frame;
     match super::wal::ingest(&ctx, &upload, &mut source).await {

@@ -58,6 +58,7 @@ pub(crate) fn identity(role: Role) -> ClientIdentity {
     ClientIdentity {
         cluster: "main".into(),
         role,
+        serial: format!("{role}-SERIAL"),
     }
 }
 
@@ -92,6 +93,8 @@ pub(crate) async fn push(t: &TestArchive, name: &str, raw: &[u8]) -> Result<Resp
         name,
         raw_size: raw.len() as u64,
         blake3: &hash,
+        request: Some("0123456789abcdef"),
+        via: None,
     };
     wal::ingest(&ctx, &upload, &mut &frame[..]).await
 }
@@ -174,6 +177,8 @@ async fn wal_of_another_system_and_a_lying_body_are_refused_and_store_nothing() 
         name: &name,
         raw_size: raw.len() as u64,
         blake3: &"00".repeat(32),
+        request: None,
+        via: None,
     };
     let refused = wal::ingest(&ctx, &upload, &mut &frame[..])
         .await
@@ -552,4 +557,178 @@ async fn a_failed_retention_run_is_recorded_and_keeps_the_last_success() {
     index.record_retention("main", 300, None).await.unwrap();
     let r = index.retention_run("main").unwrap().unwrap();
     assert_eq!((r.last_success, r.error), (Some(300), None));
+}
+
+/// The steps of `file`'s history, in order.
+fn steps(index: &Index, file: &str) -> Vec<&'static str> {
+    index
+        .audit_history("main", file)
+        .unwrap()
+        .iter()
+        .map(|r| r.step.as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_audit_trail_survives_a_catalog_rebuilt_from_the_store_and_expires_with_its_files() {
+    use walvault_protocol::core::wire::audit::{FetchPurpose, Step};
+    let t = TestArchive::new();
+    let index = &t.archive.index;
+    let store = &t.archive.store;
+    let (a, raw_a) = segment(1, SYSID, 1);
+    let (b, raw_b) = segment(2, SYSID, 2);
+    push(&t, &a, &raw_a).await.unwrap();
+    push(&t, &b, &raw_b).await.unwrap();
+    // Other bytes under a's name: refused, and recorded with why.
+    let (_, other) = segment(1, SYSID, 9);
+    let refused = push(&t, &a, &other).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Conflict);
+    let puller = identity(Role::Pull);
+    let provenance = super::audit::Provenance {
+        request: Some("fedcba9876543210".into()),
+        peer: puller.peer(),
+    };
+    super::audit::sent(
+        index,
+        &provenance,
+        &super::audit::Sent {
+            cluster: "main",
+            name: &a,
+            purpose: FetchPurpose::Prefetch,
+            raw_size: raw_a.len() as u64,
+            blake3: blake3::hash(&raw_a).to_hex().to_string(),
+            partial_bytes: None,
+            took: std::time::Duration::from_millis(3),
+        },
+    );
+    let history = index.audit_history("main", &a).unwrap();
+    assert_eq!(
+        steps(index, &a),
+        [
+            "received",
+            "stored",
+            "acknowledged",
+            "refused",
+            "prefetched"
+        ],
+        "{history:#?}"
+    );
+    let stored = &history[1];
+    assert_eq!(stored.peer.as_deref(), Some("push:main serial push-SERIAL"));
+    assert_eq!(stored.request.as_deref(), Some("0123456789abcdef"));
+    assert_eq!(stored.size, Some(raw_a.len() as u64));
+    assert!(history[3].detail.as_deref().unwrap().contains("Conflict"));
+    assert_eq!(
+        history[4].peer.as_deref(),
+        Some("pull:main serial pull-SERIAL")
+    );
+    let ids: Vec<&str> = history.iter().map(|r| r.id.as_str()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "ids sort in recording order");
+
+    // A verify run is a record of the cluster, in every file's story after it.
+    let admin = identity(Role::Admin);
+    let run = walvault_protocol::core::wire::admin::VerifyRun {
+        finished_at: 1,
+        scope: "wal".into(),
+        wal_files: 2,
+        ..Default::default()
+    };
+    super::record_verify(&t.archive.ctx(&admin), "main", &run)
+        .await
+        .unwrap();
+    assert_eq!(steps(index, &b).last(), Some(&"verified"));
+
+    // Into the store, then a new catalog from the store alone.
+    let exported = super::audit::export(store, index).await.unwrap();
+    assert_eq!(
+        exported, 9,
+        "3 + 3 steps of two pushes, a refusal, a prefetch, a verify"
+    );
+    assert_eq!(index.audit_pending(), 0);
+    assert_eq!(super::audit::export(store, index).await.unwrap(), 0);
+    let batches = store.list("main/audit/").await.unwrap();
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let rebuilt = Index::open(&dir.path().join("catalog")).unwrap();
+    let summary = crate::index::rebuild::rebuild(&rebuilt, store)
+        .await
+        .unwrap();
+    assert_eq!(summary.audit_records, 9);
+    let before = index.audit_history("main", &a).unwrap();
+    assert_eq!(before.len(), history.len() + 1, "and the verify run");
+    assert_eq!(rebuilt.audit_history("main", &a).unwrap(), before);
+    assert_eq!(
+        rebuilt.audit_pending(),
+        0,
+        "what came from the store is not exported again"
+    );
+    let (page, next) = rebuilt.audit_since("main", 0, None, 4).unwrap();
+    assert_eq!((page.len(), next.is_some()), (4, true));
+    let (rest, next) = rebuilt
+        .audit_since("main", 0, next.as_deref(), 100)
+        .unwrap();
+    assert_eq!((rest.len(), next), (5, None));
+
+    // Retention expires a: its records become one summary; the batch stays while b's
+    // records are in it.
+    index.audit_expire("main", &a, "retention: test").unwrap();
+    let expired = index.audit_history("main", &a).unwrap();
+    assert_eq!(steps(index, &a), ["verified", "expired"], "{expired:#?}");
+    let summary = expired[1].summary.as_ref().unwrap();
+    assert_eq!(expired[1].step, Step::Expired);
+    assert_eq!(summary.records, 5);
+    assert_eq!(
+        summary.stored_by.as_deref(),
+        Some("push:main serial push-SERIAL")
+    );
+    assert_eq!((summary.prefetched, summary.refused), (1, 1));
+    assert_eq!(super::audit::prune(store, index, "main").await.unwrap(), 0);
+    // b expires too: the first batch names only expired files and goes; the verify
+    // record it held is written again, into a new batch.
+    index.audit_expire("main", &b, "retention: test").unwrap();
+    assert_eq!(super::audit::prune(store, index, "main").await.unwrap(), 1);
+    let left = store.list("main/audit/").await.unwrap();
+    assert!(!left.contains(&batches[0]), "{left:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let again = Index::open(&dir.path().join("catalog")).unwrap();
+    crate::index::rebuild::rebuild(&again, store).await.unwrap();
+    assert_eq!(steps(&again, &a), ["verified", "expired"]);
+    assert_eq!(steps(&again, &b), ["verified", "expired"]);
+    let (all, _) = again.audit_since("main", 0, None, 100).unwrap();
+    assert!(
+        all.iter().any(|r| r.step == Step::Verified),
+        "the verify run outlives the pruned batch: {all:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_rebuild_lets_an_expiry_stand_for_the_records_of_a_batch_not_yet_pruned() {
+    let t = TestArchive::new();
+    let index = &t.archive.index;
+    let store = &t.archive.store;
+    let (a, raw_a) = segment(1, SYSID, 1);
+    push(&t, &a, &raw_a).await.unwrap();
+    super::audit::export(store, index).await.unwrap();
+    // Expired and exported, but the crash comes before pruning.
+    index.audit_expire("main", &a, "retention: test").unwrap();
+    super::audit::export(store, index).await.unwrap();
+    assert_eq!(store.list("main/audit/").await.unwrap().len(), 2);
+    let dir = tempfile::tempdir().unwrap();
+    let rebuilt = Index::open(&dir.path().join("catalog")).unwrap();
+    crate::index::rebuild::rebuild(&rebuilt, store)
+        .await
+        .unwrap();
+    assert_eq!(steps(&rebuilt, &a), ["expired"]);
+    // Stored again after its expiry (as retention removes it: entry, then object):
+    // the new records follow the summary.
+    let name: walvault_protocol::core::pg::wal::WalFileName = a.parse().unwrap();
+    index.remove_wal("main", &name).unwrap();
+    store.delete(&layout::wal_key("main", &name)).await.unwrap();
+    push(&t, &a, &raw_a).await.unwrap();
+    assert_eq!(
+        steps(index, &a),
+        ["expired", "received", "stored", "acknowledged"]
+    );
 }

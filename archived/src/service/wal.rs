@@ -22,10 +22,12 @@ use walvault_protocol::core::format::codec::{
     DecodeOrSinkError, VerifyingDecoder, CHUNK_SIZE, HEAD_LEN,
 };
 use walvault_protocol::core::pg::wal::{validate_wal_file, LongPageHeader, WalFileName};
+use walvault_protocol::core::wire::audit::Step;
 use walvault_protocol::core::wire::paging::WAL_PAGE_FILES;
 use walvault_protocol::core::wire::{ErrorCode, Response, MAX_OBJECT_SIZE};
 use walvault_protocol::net::pki::Role;
 
+use super::audit::{self, Provenance};
 use super::budget::{FrameStart, READ_BUFFER};
 use super::{Ctx, Refusal, Reply, StreamReply};
 use crate::index::clusters::ClusterBinding;
@@ -43,6 +45,23 @@ pub(crate) struct WalUpload<'a> {
     pub(crate) raw_size: u64,
     /// blake3 of the raw file, hex.
     pub(crate) blake3: &'a str,
+    /// The client's request id (audit trail).
+    pub(crate) request: Option<&'a str>,
+    /// Who sends it, when not the request's certificate (the streaming receiver's
+    /// segments, stored by archived itself).
+    pub(crate) via: Option<&'a str>,
+}
+
+impl WalUpload<'_> {
+    fn provenance(&self, ctx: &Ctx<'_>) -> Provenance {
+        Provenance {
+            request: self.request.map(str::to_string),
+            peer: self
+                .via
+                .map(str::to_string)
+                .unwrap_or_else(|| ctx.identity.peer()),
+        }
+    }
 }
 
 fn parse_name(name: &str) -> Result<WalFileName, Refusal> {
@@ -52,16 +71,38 @@ fn parse_name(name: &str) -> Result<WalFileName, Refusal> {
 
 /// Stores one WAL file whose body (one zstd frame of the raw file) `source` yields:
 /// what `PutWal` does, and what the streaming receiver does with completed segments.
+/// Every outcome is in the audit trail: received, stored and acknowledged before the
+/// answer, or refused.
 pub(crate) async fn ingest(
     ctx: &Ctx<'_>,
     upload: &WalUpload<'_>,
     source: &mut (impl AsyncRead + Unpin + Send),
 ) -> Reply {
+    let provenance = upload.provenance(ctx);
+    let reply = ingest_recorded(ctx, upload, &provenance, source).await;
+    if let Err(r) = &reply {
+        let mut refused = provenance.record(upload.cluster, upload.name, Step::Refused);
+        refused.size = Some(upload.raw_size);
+        refused.blake3 = Some(upload.blake3.to_string());
+        refused.detail = Some(format!("{:?}: {}", r.code, r.message));
+        audit::note(ctx.index, refused);
+    }
+    reply
+}
+
+async fn ingest_recorded(
+    ctx: &Ctx<'_>,
+    upload: &WalUpload<'_>,
+    provenance: &Provenance,
+    source: &mut (impl AsyncRead + Unpin + Send),
+) -> Reply {
+    let started = std::time::Instant::now();
     let WalUpload {
         cluster,
         name,
         raw_size,
         blake3,
+        ..
     } = *upload;
     if !matches!(ctx.identity.role, Role::Push | Role::Admin) {
         return Err(Refusal::new(
@@ -100,9 +141,15 @@ pub(crate) async fn ingest(
             .map_err(Refusal::internal)?
         {
             Some(h) if h.blake3 == hash => {
+                let mut ack = provenance.record(cluster, name, Step::Acknowledged);
+                ack.size = Some(raw_size);
+                ack.blake3 = Some(blake3.to_string());
+                ack.detail = Some("already archived with the same blake3; body not read".into());
+                ctx.index.audit_put(ack).map_err(Refusal::internal)?;
+                ctx.index.flush().await.map_err(Refusal::internal)?;
                 return Ok(Response::Stored {
                     already_present: true,
-                })
+                });
             }
             Some(h) => return Err(conflict(cluster, name, &h.blake3_hex(), blake3)),
             None => tracing::warn!(
@@ -157,6 +204,7 @@ pub(crate) async fn ingest(
     if let Some(header) = facts.header {
         check_binding(ctx, cluster, name, &header).await?;
     }
+    let received_in = started.elapsed();
 
     let object_header = ObjectHeader {
         raw_size,
@@ -201,6 +249,36 @@ pub(crate) async fn ingest(
             }
         }
     };
+    // The trail's steps go into the flush that makes the entry durable: in the catalog
+    // before the client hears "stored".
+    let steps = [
+        (
+            Step::Received,
+            Some(received_in),
+            "body complete, size, blake3 and WAL header as announced".to_string(),
+        ),
+        (
+            Step::Stored,
+            None,
+            match outcome {
+                CreateOutcome::Created => format!("{key}, {} bytes stored", entry.stored_size),
+                CreateOutcome::Exists => format!("{key} already held these bytes"),
+            },
+        ),
+        (
+            Step::Acknowledged,
+            Some(started.elapsed()),
+            "answered stored".to_string(),
+        ),
+    ];
+    for (step, took, detail) in steps {
+        let mut r = provenance.record(cluster, name, step);
+        r.size = Some(raw_size);
+        r.blake3 = Some(entry.blake3.clone());
+        r.duration_us = took.map(|d| d.as_micros() as u64);
+        r.detail = Some(detail);
+        ctx.index.audit_put(r).map_err(Refusal::internal)?;
+    }
     ctx.index
         .put_wal(cluster, &wal_name, &entry)
         .await

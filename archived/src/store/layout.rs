@@ -23,6 +23,12 @@
 //! <cluster>/backups/<ID>/manifest.zst         a backup's manifest; create-only, written
 //!                                             after every chunk it names is stored: its
 //!                                             existence commits the backup
+//! <cluster>/audit/<ID>-<H>.jsonl.zst         a batch of the audit trail: zstd of JSON
+//!                                             lines (core::wire::audit), ID its first
+//!                                             record's id, H 16 hex digits of the blake3
+//!                                             of the bytes; create-only, deleted once
+//!                                             every file it names has expired
+//!                                             (service/audit.rs)
 //! .uploads/<unique>                           remote stores: a streamed upload on its way
 //!                                             to its name (store/remote.rs)
 //! ```
@@ -205,9 +211,43 @@ pub(crate) fn parse_manifest_key(key: &str) -> Option<(String, String)> {
     Some((cluster.to_string(), id.to_string()))
 }
 
+/// Key of an audit trail batch whose first record has `first_id` and whose bytes hash
+/// to `hash` (hex).
+pub(crate) fn audit_key(cluster: &str, first_id: &str, hash: &str) -> String {
+    format!("{cluster}/audit/{first_id}-{}.jsonl.zst", &hash[..16])
+}
+
+/// Parses an audit batch key into its cluster.
+pub(crate) fn parse_audit_key(key: &str) -> Option<String> {
+    let (cluster, rest) = key.split_once("/audit/")?;
+    names::validate_cluster_name(cluster).ok()?;
+    let stem = rest.strip_suffix(".jsonl.zst")?;
+    let (id, hash) = stem.split_once('-')?;
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(id, 32) || !hex(hash, 16) {
+        return None;
+    }
+    Some(cluster.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_keys_round_trip_and_refuse_tricks() {
+        let id = format!("{:016x}{:016x}", 1_700_000_000_000_000u64, 7);
+        let key = audit_key("main", &id, &"ab".repeat(32));
+        assert_eq!(parse_audit_key(&key).as_deref(), Some("main"));
+        for bad in [
+            "main/audit/x-0123456789abcdef.jsonl.zst".to_string(),
+            format!("main/audit/{id}-0123.jsonl.zst"),
+            format!("../audit/{id}-0123456789abcdef.jsonl.zst"),
+            format!("main/audit/{id}-0123456789abcdef.json"),
+        ] {
+            assert_eq!(parse_audit_key(&bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn stream_keys_round_trip_and_refuse_tricks() {

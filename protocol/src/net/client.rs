@@ -43,6 +43,7 @@ use futures::{Stream, StreamExt};
 
 use crate::core::format::codec::{DecodeOrSinkError, VerifyingDecoder};
 use crate::core::wire::admin::RetentionReport;
+use crate::core::wire::audit::{AuditRecord, FetchPurpose};
 use crate::core::wire::backup::{BackupSummary, PackChunk};
 use crate::core::wire::{
     self, CheckResult, ClusterStatus, ErrorCode, Request, Response, WalListing, MAX_OBJECT_SIZE,
@@ -587,30 +588,36 @@ impl ArchiveClient {
     where
         S: Stream<Item = io::Result<Bytes>> + Send,
     {
-        self.put_wal_reporting(name, raw_size, blake3, None, body)
+        self.put_wal_reporting(name, raw_size, blake3, None, None, body)
             .await
     }
 
     /// [`put_wal`](Self::put_wal) from `archive_command`, reporting the primary's
-    /// archiving backlog (`.ready` files) with it.
+    /// archiving backlog (`.ready` files) and the request's id ([`new_request_id`])
+    /// with it.
     pub async fn put_wal_reporting<S>(
         &self,
         name: &str,
         raw_size: u64,
         blake3: &str,
         ready_files: Option<u64>,
+        request_id: Option<&str>,
         body: S,
     ) -> Result<bool, ClientError>
     where
         S: Stream<Item = io::Result<Bytes>> + Send,
     {
-        let what = name.to_string();
+        let what = match request_id {
+            Some(id) => format!("{name} (request {id})"),
+            None => name.to_string(),
+        };
         let request = Request::PutWal {
             cluster: self.cluster.clone(),
             name: name.to_string(),
             raw_size,
             blake3: blake3.to_string(),
             ready_files,
+            request_id: request_id.map(str::to_string),
         };
         match self.upload(&what, &request, body).await? {
             Response::Stored { already_present } => Ok(already_present),
@@ -713,11 +720,64 @@ impl ArchiveClient {
         name: &str,
         sink: impl FnMut(&[u8]) -> io::Result<()> + Send,
     ) -> Result<Delivered, ClientError> {
+        self.get_wal_for(name, FetchPurpose::Restore, None, sink)
+            .await
+    }
+
+    /// [`get_wal`](Self::get_wal) saying why (for the archive's audit trail) and with the
+    /// request's id ([`new_request_id`]), which errors name.
+    pub async fn get_wal_for(
+        &self,
+        name: &str,
+        purpose: FetchPurpose,
+        request_id: Option<&str>,
+        sink: impl FnMut(&[u8]) -> io::Result<()> + Send,
+    ) -> Result<Delivered, ClientError> {
         let request = Request::GetWal {
             cluster: self.cluster.clone(),
             name: name.to_string(),
+            request_id: request_id.map(str::to_string),
+            purpose: Some(purpose),
         };
-        self.get_object(name, &request, MAX_OBJECT_SIZE, sink).await
+        let what = match request_id {
+            Some(id) => format!("{name} (request {id})"),
+            None => name.to_string(),
+        };
+        self.get_object(&what, &request, MAX_OBJECT_SIZE, sink)
+            .await
+    }
+
+    /// The audit trail of WAL file `name` (admin), oldest first.
+    pub async fn wal_history(&self, name: &str) -> Result<Vec<AuditRecord>, ClientError> {
+        let request = Request::WalHistory {
+            cluster: self.cluster.clone(),
+            name: name.to_string(),
+        };
+        match self.simple(&format!("history of {name}"), &request).await? {
+            Response::Audit { records, .. } => Ok(records),
+            other => Err(answer_error("WalHistory", other)),
+        }
+    }
+
+    /// One page of the cluster's audit trail from `since_us` (admin): the records and
+    /// the cursor of the next page.
+    pub async fn audit_page(
+        &self,
+        since_us: i64,
+        after: Option<String>,
+    ) -> Result<(Vec<AuditRecord>, Option<String>), ClientError> {
+        let request = Request::Audit {
+            cluster: self.cluster.clone(),
+            since_us,
+            after: after.clone(),
+        };
+        match self.simple("audit trail", &request).await? {
+            Response::Audit { records, next } => {
+                check_cursor("audit trail", after.as_deref(), next.as_deref())?;
+                Ok((records, next))
+            }
+            other => Err(answer_error("Audit", other)),
+        }
     }
 
     /// `ListWal`: the WAL the archive holds for the cluster, every page of it asked for
@@ -1154,6 +1214,26 @@ fn pieces(body: Bytes) -> impl Stream<Item = io::Result<Bytes>> + Send {
 /// The error for an answer other than the success response of a request.
 /// Refuses a page cursor `next` that does not sort after the page's `after`: a
 /// listing that would never end.
+/// A new id for one client request: 16 hex digits, unique across processes and hosts in
+/// practice (a hash of the time, the process, a counter and the host name). The client
+/// logs it and sends it with the request, and the archive's audit trail keeps it, so a
+/// line of PostgreSQL's log can be matched to the archive's record.
+pub fn new_request_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&now.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    if let Ok(host) = std::fs::read("/proc/sys/kernel/hostname") {
+        h.update(&host);
+    }
+    h.finalize().to_hex()[..16].to_string()
+}
+
 fn check_cursor(what: &str, after: Option<&str>, next: Option<&str>) -> Result<(), ClientError> {
     match (after, next) {
         (Some(a), Some(n)) if n <= a => Err(ClientError::Unexpected {

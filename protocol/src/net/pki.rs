@@ -62,9 +62,21 @@ pub struct ClientIdentity {
     pub cluster: String,
     /// Role.
     pub role: Role,
+    /// The certificate's serial number, hex (as `openssl x509 -noout -serial` prints
+    /// it); empty for an identity archived makes for itself.
+    pub serial: String,
 }
 
 impl ClientIdentity {
+    /// The certificate as the audit trail names it: "ROLE:CLUSTER serial HEX".
+    pub fn peer(&self) -> String {
+        if self.serial.is_empty() {
+            format!("{}:{}", self.role, self.cluster)
+        } else {
+            format!("{}:{} serial {}", self.role, self.cluster, self.serial)
+        }
+    }
+
     /// Whether this identity may touch `cluster` at all.
     pub fn may_access(&self, cluster: &str) -> bool {
         self.role == Role::Admin || self.cluster == cluster
@@ -170,7 +182,18 @@ pub fn client_identity(cert_der: &[u8]) -> Result<ClientIdentity, String> {
     let role = first(&mut subject.iter_organizational_unit())
         .ok_or("client certificate has no OU (role)")?;
     let role: Role = role.parse()?;
-    Ok(ClientIdentity { cluster, role })
+    // The magnitude, as openssl prints it: DER's sign byte (a leading 0x00) left out.
+    let raw = cert.raw_serial();
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    let serial = hex::encode_upper(&raw[start..]);
+    Ok(ClientIdentity {
+        cluster,
+        role,
+        serial,
+    })
 }
 
 #[cfg(test)]
@@ -198,13 +221,9 @@ mod tests {
             .unwrap()
             .unwrap();
         let id = client_identity(&der).unwrap();
-        assert_eq!(
-            id,
-            ClientIdentity {
-                cluster: "main".into(),
-                role: Role::Pull
-            }
-        );
+        assert_eq!((id.cluster.as_str(), id.role), ("main", Role::Pull));
+        assert!(!id.serial.is_empty(), "{id:?}");
+        assert_eq!(id.peer(), format!("pull:main serial {}", id.serial));
         assert!(id.may_access("main"));
         assert!(!id.may_access("other"));
     }

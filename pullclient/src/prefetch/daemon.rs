@@ -18,6 +18,8 @@ use walvault_protocol::net::config::ClientConfig;
 use crate::fetch::{fetch_to, Fetched};
 use crate::prefault::{PgState, Prefaulter};
 use crate::spool::{Spool, SOCKET_NAME};
+use walvault_protocol::core::wire::audit::FetchPurpose;
+use walvault_protocol::net::client::new_request_id;
 
 use super::control::control_loop;
 
@@ -437,7 +439,9 @@ impl Daemon {
         let tmp_dest: PathBuf = self.spool.ready_dir().join(format!("{name}.fetching"));
         let result = async {
             let conn = self.connection().await?;
-            let outcome = fetch_to(&conn, &name, &tmp_dest).await;
+            let request = new_request_id();
+            tracing::debug!(file = %name, %request, "prefetching");
+            let outcome = fetch_to(&conn, &name, &tmp_dest, FetchPurpose::Prefetch, &request).await;
             if outcome.is_err() {
                 // A broken connection is replaced on the next attempt.
                 if conn.is_closed() {

@@ -33,6 +33,7 @@
 //! still decodes.
 
 pub mod admin;
+pub mod audit;
 pub mod backup;
 pub mod paging;
 
@@ -68,6 +69,9 @@ pub enum Request {
         /// `pg_wal/archive_status/` (this one included), when the client could count them.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ready_files: Option<u64>,
+        /// The client's id of this request, for the audit trail (the client logs it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
     },
     /// Fetch a WAL file. Response body: one zstd frame.
     GetWal {
@@ -75,6 +79,32 @@ pub enum Request {
         cluster: String,
         /// WAL file name.
         name: String,
+        /// The client's id of this request, for the audit trail (the client logs it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+        /// Why the client fetches it (a restore when absent), for the audit trail.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        purpose: Option<crate::core::wire::audit::FetchPurpose>,
+    },
+    /// The audit trail of one WAL file, oldest first (admin; `archived wal history`).
+    /// Answer: [`Response::Audit`] (one page; `next` is `None`).
+    WalHistory {
+        /// Cluster name.
+        cluster: String,
+        /// WAL file name.
+        name: String,
+    },
+    /// The audit trail of a cluster from a point in time, oldest first, one page of at
+    /// most [`audit::AUDIT_PAGE_RECORDS`] records (admin; `archived audit`). Answer:
+    /// [`Response::Audit`].
+    Audit {
+        /// Cluster name.
+        cluster: String,
+        /// Records at or after this time, microseconds since the Unix epoch.
+        since_us: i64,
+        /// The previous page's `next` (a record id); `None`: the first page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
     },
     /// List the WAL of a cluster, one page: the files that sort after `after`, at most
     /// [`paging::WAL_PAGE_FILES`] of them. Answer: [`Response::WalList`].
@@ -286,7 +316,9 @@ impl Request {
         match self {
             Request::PutWal { cluster, .. }
             | Request::GetWal { cluster, .. }
-            | Request::ListWal { cluster, .. } => Some(cluster),
+            | Request::ListWal { cluster, .. }
+            | Request::WalHistory { cluster, .. }
+            | Request::Audit { cluster, .. } => Some(cluster),
             Request::ChunksMissing { cluster, .. }
             | Request::PutChunk { cluster, .. }
             | Request::PutPack { cluster, .. }
@@ -313,6 +345,8 @@ impl Request {
             Request::PutWal { .. } => "put_wal",
             Request::GetWal { .. } => "get_wal",
             Request::ListWal { .. } => "list_wal",
+            Request::WalHistory { .. } => "wal_history",
+            Request::Audit { .. } => "audit",
             Request::Ping => "ping",
             Request::ChunksMissing { .. } => "chunks_missing",
             Request::PutChunk { .. } => "put_chunk",
@@ -382,6 +416,14 @@ pub enum Response {
     Checks {
         /// The checks.
         checks: Vec<CheckResult>,
+    },
+    /// Answer to [`Request::WalHistory`] and [`Request::Audit`]: records, oldest first.
+    Audit {
+        /// The records.
+        records: Vec<crate::core::wire::audit::AuditRecord>,
+        /// The cursor of the following page (its `after`); `None`: this is the last.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
     },
     /// Answer to [`Request::Ping`].
     Pong {
@@ -697,6 +739,7 @@ mod tests {
             raw_size: 16 << 20,
             blake3: "00".repeat(32),
             ready_files: None,
+            request_id: Some("0123456789abcdef".into()),
         };
         let frame = encode_frame(&req).unwrap();
         let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
