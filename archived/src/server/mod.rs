@@ -181,7 +181,7 @@ pub(crate) async fn serve(
     let audit = {
         let state = state.clone();
         tokio::spawn(async move {
-            crate::service::audit::run(&state.archive.store, &state.archive.index).await
+            crate::ops::audit::run(&state.archive.store, &state.archive.index).await
         })
     };
     let http = match http {
@@ -239,8 +239,7 @@ pub(crate) async fn serve(
     }
     worker.abort();
     audit.abort();
-    if let Err(e) = crate::service::audit::export(&state.archive.store, &state.archive.index).await
-    {
+    if let Err(e) = crate::ops::audit::export(&state.archive.store, &state.archive.index).await {
         tracing::warn!(error = %format!("{e:#}"), "cannot write the last audit trail records to the store; the next start does");
     }
     if let Some(watchdog) = watchdog {

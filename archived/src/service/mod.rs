@@ -8,7 +8,6 @@
 //! cluster a certificate may touch is checked by the dispatcher before any handler runs.
 //!
 //! - [`wal`]: `PutWal` ([`wal::ingest`]), `GetWal`, `ListWal` and the cluster binding;
-//! - [`audit`]: the audit trail's records and their way into the store;
 //! - [`backups`]: chunks, packs, manifests, listings and deletion of base backups;
 //! - [`retention`]: what the archive may forget;
 //! - [`stream`]: the streaming receiver's appends, its unfinished segments and their
@@ -17,7 +16,6 @@
 //!   request buffers stay under `request_memory_mib` regardless of connection and
 //!   stream count.
 
-pub(crate) mod audit;
 pub(crate) mod backups;
 pub(crate) mod budget;
 pub(crate) mod retention;
@@ -205,7 +203,7 @@ impl Ctx<'_> {
     }
 
     /// Refuses clients without an admin certificate (`why`: the message).
-    fn require_admin(&self, why: &str) -> Result<(), Refusal> {
+    pub(crate) fn require_admin(&self, why: &str) -> Result<(), Refusal> {
         if self.identity.role == Role::Admin {
             Ok(())
         } else {

@@ -584,14 +584,14 @@ async fn the_audit_trail_survives_a_catalog_rebuilt_from_the_store_and_expires_w
     let refused = push(&t, &a, &other).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::Conflict);
     let puller = identity(Role::Pull);
-    let provenance = super::audit::Provenance {
+    let provenance = crate::ops::audit::Provenance {
         request: Some("fedcba9876543210".into()),
         peer: puller.peer(),
     };
-    super::audit::sent(
+    crate::ops::audit::sent(
         index,
         &provenance,
-        &super::audit::Sent {
+        &crate::ops::audit::Sent {
             cluster: "main",
             name: &a,
             purpose: FetchPurpose::Prefetch,
@@ -641,13 +641,13 @@ async fn the_audit_trail_survives_a_catalog_rebuilt_from_the_store_and_expires_w
     assert_eq!(steps(index, &b).last(), Some(&"verified"));
 
     // Into the store, then a new catalog from the store alone.
-    let exported = super::audit::export(store, index).await.unwrap();
+    let exported = crate::ops::audit::export(store, index).await.unwrap();
     assert_eq!(
         exported, 9,
         "3 + 3 steps of two pushes, a refusal, a prefetch, a verify"
     );
     assert_eq!(index.audit_pending(), 0);
-    assert_eq!(super::audit::export(store, index).await.unwrap(), 0);
+    assert_eq!(crate::ops::audit::export(store, index).await.unwrap(), 0);
     let batches = store.list("main/audit/").await.unwrap();
     assert_eq!(batches.len(), 1, "{batches:?}");
     let dir = tempfile::tempdir().unwrap();
@@ -684,11 +684,21 @@ async fn the_audit_trail_survives_a_catalog_rebuilt_from_the_store_and_expires_w
         Some("push:main serial push-SERIAL")
     );
     assert_eq!((summary.prefetched, summary.refused), (1, 1));
-    assert_eq!(super::audit::prune(store, index, "main").await.unwrap(), 0);
+    assert_eq!(
+        crate::ops::audit::prune(store, index, "main")
+            .await
+            .unwrap(),
+        0
+    );
     // b expires too: the first batch names only expired files and goes; the verify
     // record it held is written again, into a new batch.
     index.audit_expire("main", &b, "retention: test").unwrap();
-    assert_eq!(super::audit::prune(store, index, "main").await.unwrap(), 1);
+    assert_eq!(
+        crate::ops::audit::prune(store, index, "main")
+            .await
+            .unwrap(),
+        1
+    );
     let left = store.list("main/audit/").await.unwrap();
     assert!(!left.contains(&batches[0]), "{left:?}");
     let dir = tempfile::tempdir().unwrap();
@@ -710,10 +720,10 @@ async fn a_rebuild_lets_an_expiry_stand_for_the_records_of_a_batch_not_yet_prune
     let store = &t.archive.store;
     let (a, raw_a) = segment(1, SYSID, 1);
     push(&t, &a, &raw_a).await.unwrap();
-    super::audit::export(store, index).await.unwrap();
+    crate::ops::audit::export(store, index).await.unwrap();
     // Expired and exported, but the crash comes before pruning.
     index.audit_expire("main", &a, "retention: test").unwrap();
-    super::audit::export(store, index).await.unwrap();
+    crate::ops::audit::export(store, index).await.unwrap();
     assert_eq!(store.list("main/audit/").await.unwrap().len(), 2);
     let dir = tempfile::tempdir().unwrap();
     let rebuilt = Index::open(&dir.path().join("catalog")).unwrap();
