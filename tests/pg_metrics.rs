@@ -179,8 +179,10 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
 
     // More WAL and a base backup: the figures move with pg_stat_archiver's.
     primary.pgbench_init(1);
-    crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);
-    archive.admin(&["retention", "run", "--cluster", CLUSTER]);
+    let backup_id = crate::pg_backup::backup(&archive, &push, &primary, &["--fast"]);
+    let run = archive.admin(&["retention", "run", "--cluster", CLUSTER, "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let expired_wal = report["clusters"][0]["expired_wal_files"].as_f64().unwrap();
     archive.admin(&["verify", "--cluster", CLUSTER, "--wal"]);
     let second = primary.switch_wal();
     primary.wait_archived(&second, || archive.diag());
@@ -219,6 +221,23 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
     );
     let problems = format!("walvault_verify_problems{{cluster=\"{CLUSTER}\"}}");
     assert_eq!(sample(&scrape2, &problems), Some(0.0), "{scrape2}");
+    // What retention removed, as its report says; the backup's duration and bytes, as
+    // its listing says.
+    let removed = format!("walvault_retention_last_expired_wal_files{{cluster=\"{CLUSTER}\"}}");
+    assert_eq!(sample(&scrape2, &removed), Some(expired_wal), "{scrape2}");
+    let b = crate::pg_backup::backup_json(&archive, &backup_id);
+    let took = format!("walvault_backup_last_duration_seconds{{cluster=\"{CLUSTER}\"}}");
+    assert_eq!(
+        sample(&scrape2, &took),
+        Some(b["stop_time"].as_f64().unwrap() - b["start_time"].as_f64().unwrap()),
+        "{b:#}\n{scrape2}"
+    );
+    let added = format!("walvault_backup_last_stored_bytes{{cluster=\"{CLUSTER}\"}}");
+    assert_eq!(
+        sample(&scrape2, &added),
+        b["stored_bytes"].as_f64(),
+        "{b:#}\n{scrape2}"
+    );
     // PostgreSQL's own archive_command reported its backlog: at least the file it pushed.
     let ready = format!("walvault_archive_ready_files{{cluster=\"{CLUSTER}\"}}");
     assert!(

@@ -130,21 +130,41 @@ pub(crate) struct RetentionRun {
     pub(crate) error: Option<String>,
     /// When a run last succeeded, unix seconds.
     pub(crate) last_success: Option<i64>,
+    /// What the last successful run removed.
+    #[serde(default)]
+    pub(crate) removed: Removed,
+}
+
+/// What a retention run removed from one cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Removed {
+    /// Backups expired.
+    pub(crate) backups: u64,
+    /// WAL files expired.
+    pub(crate) wal_files: u64,
+    /// Their stored bytes.
+    pub(crate) wal_bytes: u64,
+    /// Chunk bytes collected.
+    pub(crate) chunk_bytes: u64,
 }
 
 impl Index {
     /// Records a retention run of `cluster` ending at `at` (`error` when it failed).
+    /// `removed`: what it removed (a successful run).
     pub(crate) async fn record_retention(
         &self,
         cluster: &str,
         at: i64,
         error: Option<String>,
+        removed: Option<Removed>,
     ) -> Result<()> {
         let key = format!("retention/{cluster}");
         let before: Option<RetentionRun> = get_json(&self.meta, &key)?;
-        let last_success = match error {
-            None => Some(at),
-            Some(_) => before.and_then(|b| b.last_success),
+        let (last_success, removed) = match (&error, removed) {
+            (None, removed) => (Some(at), removed.unwrap_or_default()),
+            (Some(_), _) => before
+                .map(|b| (b.last_success, b.removed))
+                .unwrap_or_default(),
         };
         put_json(
             &self.meta,
@@ -153,6 +173,7 @@ impl Index {
                 at,
                 error,
                 last_success,
+                removed,
             },
         )?;
         self.flush().await

@@ -86,6 +86,9 @@ pub(crate) struct Metrics {
     backups: Family<ClusterLabels, Gauge>,
     last_backup_end: Family<ClusterLabels, Gauge>,
     last_backup_bytes: Family<ClusterLabels, Gauge>,
+    last_backup_duration: Family<ClusterLabels, Gauge>,
+    last_backup_stored: Family<ClusterLabels, Gauge>,
+    retention_removed: [Family<ClusterLabels, Gauge>; 4],
     stream_flushed: Family<ClusterLabels, Gauge>,
     ready_files: Family<ClusterLabels, Gauge>,
     retention_success: Family<ClusterLabels, Gauge>,
@@ -209,13 +212,43 @@ impl Metrics {
                 "Problems the newest recorded archived verify run of the cluster found (damaged or missing objects)",
             ),
             (
+                "walvault_backup_last_duration_seconds",
+                "How long the newest base backup took, from its start to its stop (the backed-up server's clock)",
+            ),
+            (
+                "walvault_backup_last_stored_bytes",
+                "Bytes the newest base backup added to the store (chunks no earlier backup held, and its manifest)",
+            ),
+            (
+                "walvault_retention_last_expired_backups",
+                "Base backups the newest successful retention run of the cluster expired",
+            ),
+            (
+                "walvault_retention_last_expired_wal_files",
+                "WAL files the newest successful retention run of the cluster expired",
+            ),
+            (
+                "walvault_retention_last_expired_wal_bytes",
+                "Stored bytes of the WAL files the newest successful retention run of the cluster expired",
+            ),
+            (
+                "walvault_retention_last_collected_chunk_bytes",
+                "Stored bytes of the backup chunks the newest successful retention run of the cluster collected",
+            ),
+            (
                 "walvault_archive_ready_files",
                 "The primary's archiving backlog as its newest push reported it: .ready files in pg_wal/archive_status (the pushed one included; 1 = keeping up)",
             ),
         ]
         .map(|(name, help)| register(&mut r, name, help, per_cluster()));
-        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, verify_run, verify_problems, ready_files] =
+        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, verify_run, verify_problems, last_backup_duration, last_backup_stored, expired_backups, expired_wal_files, expired_wal_bytes, collected_chunk_bytes, ready_files] =
             gauges;
+        let retention_removed = [
+            expired_backups,
+            expired_wal_files,
+            expired_wal_bytes,
+            collected_chunk_bytes,
+        ];
         let clusters = register(
             &mut r,
             "walvault_clusters",
@@ -264,6 +297,9 @@ impl Metrics {
             backups,
             last_backup_end,
             last_backup_bytes,
+            last_backup_duration,
+            last_backup_stored,
+            retention_removed,
             stream_flushed,
             ready_files,
             retention_success,
@@ -409,12 +445,17 @@ impl Metrics {
                     self.last_archived.get_or_create(&labels).set(unix);
                 }
             }
-            if let Some(t) = archive
-                .index
-                .retention_run(cluster)?
-                .and_then(|r| r.last_success)
-            {
-                self.retention_success.get_or_create(&labels).set(t);
+            if let Some(run) = archive.index.retention_run(cluster)? {
+                if let Some(t) = run.last_success {
+                    self.retention_success.get_or_create(&labels).set(t);
+                    let r = &run.removed;
+                    let values = [r.backups, r.wal_files, r.wal_bytes, r.chunk_bytes];
+                    for (family, v) in self.retention_removed.iter().zip(values) {
+                        family
+                            .get_or_create(&labels)
+                            .set(i64::try_from(v).unwrap_or(i64::MAX));
+                    }
+                }
             }
             if let Some(run) = archive.index.verify_run(cluster)? {
                 self.verify_run.get_or_create(&labels).set(run.finished_at);
@@ -433,6 +474,12 @@ impl Metrics {
                 self.last_backup_bytes
                     .get_or_create(&labels)
                     .set(i64::try_from(newest.logical_bytes).unwrap_or(i64::MAX));
+                self.last_backup_duration
+                    .get_or_create(&labels)
+                    .set((newest.stop_time - newest.start_time).max(0));
+                self.last_backup_stored
+                    .get_or_create(&labels)
+                    .set(i64::try_from(newest.stored_bytes).unwrap_or(i64::MAX));
             }
         }
         Ok(())

@@ -37,7 +37,7 @@ use crate::clock::unix_now;
 use crate::config::Policy;
 use crate::gc::Gc;
 use crate::index::backups::read_manifest;
-use crate::index::{state, Index};
+use crate::index::{state, Index, Removed};
 use crate::store::{layout, Store};
 
 /// Which backups (ids, oldest first, with stop time and state) a policy keeps.
@@ -139,21 +139,43 @@ pub(crate) async fn request(ctx: &Ctx<'_>, r: &RetentionRequest<'_>) -> Reply {
     if !r.dry_run {
         // What `archived check` and the metrics say of retention.
         let now = crate::clock::unix_now();
-        let (covered, error) = match &ran {
+        let (covered, error): (Vec<(String, Option<Removed>)>, _) = match &ran {
             Ok(report) => (
-                report.clusters.iter().map(|c| c.cluster.clone()).collect(),
+                report
+                    .clusters
+                    .iter()
+                    .map(|c| {
+                        let removed = Removed {
+                            backups: c.expired_backups.len() as u64,
+                            wal_files: c.expired_wal_files,
+                            wal_bytes: c.expired_wal_bytes,
+                            chunk_bytes: c.collected_chunk_bytes,
+                        };
+                        (c.cluster.clone(), Some(removed))
+                    })
+                    .collect(),
                 None,
             ),
             Err(e) => (
                 match r.cluster {
-                    Some(c) => vec![c.to_string()],
-                    None => ctx.index.clusters().unwrap_or_default(),
+                    Some(c) => vec![(c.to_string(), None)],
+                    None => ctx
+                        .index
+                        .clusters()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|c| (c, None))
+                        .collect(),
                 },
                 Some(format!("{e:#}")),
             ),
         };
-        for c in covered {
-            if let Err(e) = ctx.index.record_retention(&c, now, error.clone()).await {
+        for (c, removed) in covered {
+            if let Err(e) = ctx
+                .index
+                .record_retention(&c, now, error.clone(), removed)
+                .await
+            {
                 tracing::warn!(cluster = %c, error = %format!("{e:#}"), "cannot record the retention run");
             }
         }

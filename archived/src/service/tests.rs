@@ -544,9 +544,18 @@ async fn a_failed_retention_run_is_recorded_and_keeps_the_last_success() {
     let t = TestArchive::new();
     let index = &t.archive.index;
     assert!(index.retention_run("main").unwrap().is_none());
-    index.record_retention("main", 100, None).await.unwrap();
+    let removed = crate::index::Removed {
+        backups: 1,
+        wal_files: 20,
+        wal_bytes: 4 << 20,
+        chunk_bytes: 0,
+    };
     index
-        .record_retention("main", 200, Some("store unreachable".into()))
+        .record_retention("main", 100, None, Some(removed.clone()))
+        .await
+        .unwrap();
+    index
+        .record_retention("main", 200, Some("store unreachable".into()), None)
         .await
         .unwrap();
     let r = index.retention_run("main").unwrap().unwrap();
@@ -554,9 +563,17 @@ async fn a_failed_retention_run_is_recorded_and_keeps_the_last_success() {
         (r.at, r.last_success, r.error.as_deref()),
         (200, Some(100), Some("store unreachable"))
     );
-    index.record_retention("main", 300, None).await.unwrap();
+    assert_eq!(
+        r.removed, removed,
+        "a failed run keeps what the last success removed"
+    );
+    index
+        .record_retention("main", 300, None, Some(Default::default()))
+        .await
+        .unwrap();
     let r = index.retention_run("main").unwrap().unwrap();
     assert_eq!((r.last_success, r.error), (Some(300), None));
+    assert_eq!(r.removed, Default::default());
 }
 
 /// The steps of `file`'s history, in order.
