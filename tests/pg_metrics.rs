@@ -105,7 +105,20 @@ fn archiver(primary: &PgCluster) -> (String, f64) {
 
 #[test]
 fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
-    let archive = Archive::start(CLUSTER);
+    // The gap, store and window figures are refreshed every second here (60 by default).
+    let archive = Archive::start_configured(
+        CLUSTER,
+        |toml| {
+            let text = std::fs::read_to_string(toml).unwrap();
+            let edited = text.replace("summary_interval_secs = 60", "summary_interval_secs = 1");
+            assert_ne!(
+                text, edited,
+                "archived.toml has no summary_interval_secs:\n{text}"
+            );
+            std::fs::write(toml, edited).unwrap();
+        },
+        vec![],
+    );
     let addr = archive.metrics_addr();
     assert_eq!(get(addr, "/healthz", &[]), (200, "ok\n".into()));
     assert_eq!(get(addr, "/readyz", &[]), (200, "ready\n".into()));
@@ -238,6 +251,55 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         b["stored_bytes"].as_f64(),
         "{b:#}\n{scrape2}"
     );
+    // The background figures: the recovery window opens at the backup's end and reaches
+    // the newest segment's store time; no gap; the store holds the WAL and the backup.
+    let start =
+        format!("walvault_recovery_window_start_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
+    let end = format!("walvault_recovery_window_end_timestamp_seconds{{cluster=\"{CLUSTER}\"}}");
+    let scrape3 = wait_for(
+        "the summary to cover the backup and the newest segment",
+        Duration::from_secs(20),
+        || {
+            let (_, s) = get(addr, "/metrics", &[]);
+            let (Some(_), Some(e)) = (sample(&s, &start), sample(&s, &end)) else {
+                return None;
+            };
+            let newest = sample(
+                &s,
+                "walvault_wal_last_archived_timestamp_seconds{cluster=\"main\"}",
+            )?;
+            // A scan that started in a later second than the newest segment's store
+            // time holds it (its catalog entry is written right after the object).
+            let scanned = sample(
+                &s,
+                "walvault_catalog_scan_timestamp_seconds{cluster=\"main\"}",
+            )?;
+            (e >= newest && scanned > newest).then_some(s)
+        },
+        || archive.diag(),
+    );
+    promtool_check(&scrape3);
+    assert_eq!(
+        sample(&scrape3, &start),
+        b["stop_time"].as_f64(),
+        "{b:#}\n{scrape3}"
+    );
+    let gaps = format!("walvault_wal_gap_segments{{cluster=\"{CLUSTER}\"}}");
+    assert_eq!(sample(&scrape3, &gaps), Some(0.0), "{scrape3}");
+    let store = format!("walvault_store_bytes{{cluster=\"{CLUSTER}\"}}");
+    let wal_listing = archive.wal_list_json(CLUSTER);
+    let wal_stored: f64 = wal_listing["timelines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["stored_bytes"].as_f64().unwrap())
+        .sum();
+    assert!(
+        sample(&scrape3, &store)
+            .is_some_and(|s| s >= wal_stored + b["stored_bytes"].as_f64().unwrap()),
+        "WAL {wal_stored} + backup {} bytes:\n{scrape3}",
+        b["stored_bytes"]
+    );
     // PostgreSQL's own archive_command reported its backlog: at least the file it pushed.
     let ready = format!("walvault_archive_ready_files{{cluster=\"{CLUSTER}\"}}");
     assert!(
@@ -257,8 +319,8 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         .filter(|n| !n.starts_with("walvault_prefetch_"))
     {
         assert!(
-            scrape2.contains(&format!("# TYPE {name} ")),
-            "the alert rules use {name}, which the scrape has no family of:\n{scrape2}"
+            scrape3.contains(&format!("# TYPE {name} ")),
+            "the alert rules use {name}, which the scrape has no family of:\n{scrape3}"
         );
     }
 
@@ -272,8 +334,8 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
         }
         let family = crate::deploy::family_of(&name);
         assert!(
-            scrape2.contains(&format!("# TYPE {family} ")),
-            "the dashboard uses {name}, which the scrape has no family of:\n{scrape2}"
+            scrape3.contains(&format!("# TYPE {family} ")),
+            "the dashboard uses {name}, which the scrape has no family of:\n{scrape3}"
         );
     }
 

@@ -253,8 +253,10 @@ async fn concurrent_requests_wait_for_the_memory_budget_and_stay_under_it() {
     );
     // The budget, plus slack for QUIC's buffers of the bodies that wait (a few KiB
     // each), the catalog and the allocator's arenas; without the budget the windows
-    // alone take 384 MiB.
-    let bound = (BUDGET_MIB + 48) << 20;
+    // alone take 384 MiB. Measured growth on one machine: 51 to 82 MiB alone, 96 MiB
+    // under the whole suite's load (the same with the audit trail's records left out:
+    // the spread is the allocator's), hence 80 MiB of slack.
+    let bound = (BUDGET_MIB + 80) << 20;
     assert!(
         growth < bound,
         "archived's peak RSS grew by {} MiB with request_memory_mib = {BUDGET_MIB}",

@@ -8,6 +8,8 @@
 //! shutdown_grace_secs = 30      # how long SIGTERM waits for in-flight requests
 //! body_idle_timeout_secs = 60   # each read of a request body must progress within this
 //! request_memory_mib = 1024     # what all requests together may buffer (service/budget.rs)
+//! summary_interval_secs = 60    # how often /metrics' gap, store and window figures are
+//!                               # recomputed (ops/summary.rs)
 //! [storage_options]             # object_store keys (aws_endpoint, aws_region...), over the
 //!                               # AWS_* / GOOGLE_* / AZURE_* environment (store/remote.rs)
 //! [retention]                   # archived retention run; its flags override these
@@ -70,6 +72,9 @@ pub(crate) struct ServerConfig {
     /// dropped (the client stalled after its header).
     #[serde(default = "default_body_idle_timeout")]
     pub(crate) body_idle_timeout_secs: u64,
+    /// Seconds between refreshes of the per-cluster figures of `/metrics` (ops/summary.rs).
+    #[serde(default = "default_summary_interval")]
+    pub(crate) summary_interval_secs: u64,
     /// MiB the buffers of all requests together may hold (at least 16).
     #[serde(default = "default_request_memory")]
     pub(crate) request_memory_mib: u64,
@@ -179,6 +184,9 @@ fn default_grace() -> u64 {
 fn default_body_idle_timeout() -> u64 {
     60
 }
+fn default_summary_interval() -> u64 {
+    60
+}
 fn default_request_memory() -> u64 {
     1024
 }
@@ -195,6 +203,7 @@ impl ServerConfig {
             shutdown_grace_secs: default_grace(),
             body_idle_timeout_secs: default_body_idle_timeout(),
             request_memory_mib: default_request_memory(),
+            summary_interval_secs: default_summary_interval(),
             metrics_listen: default_metrics_listen(),
             metrics_token: None,
             retention: Default::default(),
@@ -229,6 +238,12 @@ impl ServerConfig {
                     cfg.metrics_listen
                 )
             })?;
+        }
+        if cfg.summary_interval_secs == 0 {
+            anyhow::bail!(
+                "{}: summary_interval_secs must be at least 1",
+                path.display()
+            );
         }
         if cfg.body_idle_timeout_secs == 0 {
             anyhow::bail!(

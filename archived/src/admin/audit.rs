@@ -1,5 +1,5 @@
 //! `archived wal history` and `archived audit`: the audit trail as the running server
-//! keeps it (ops/audit.rs), one file's story or a cluster's records from a time.
+//! keeps it (service/audit.rs), one file's story or a cluster's records from a time.
 //! Text is a table, one step per line; `--json` prints each record as one JSON line.
 
 use anyhow::{bail, Context, Result};

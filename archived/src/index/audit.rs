@@ -16,7 +16,7 @@
 //! Durability: records are written unflushed; a step whose answer must not outrun its
 //! record (stored, acknowledged) is written before the flush that makes the step itself
 //! durable (the WAL entry's), so it costs no fsync of its own. The store side (batches,
-//! their export and pruning) is ops/audit.rs.
+//! their export and pruning) is service/audit.rs.
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};

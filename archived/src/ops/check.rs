@@ -159,33 +159,15 @@ async fn wal_checks(
         ]);
     };
     let seg_size = index.segment_size(cluster)?;
-    // Segment numbers in the catalog, and on which timelines.
-    let mut catalog: BTreeMap<u64, Vec<TimelineId>> = BTreeMap::new();
-    for (name, _) in index.wal_files(cluster)? {
-        if let WalFileName::Segment(s) = name {
-            catalog
-                .entry(s.segno(seg_size))
-                .or_default()
-                .push(s.timeline);
-        }
-    }
-    let oldest_backup = index
-        .backups(cluster)?
-        .iter()
-        .filter_map(|b| state::wal_range(b, seg_size).ok())
-        .map(|(first, _)| first)
-        .min_by_key(|s| s.segno(seg_size));
-    let (from, from_what) = match oldest_backup {
-        Some(s) => (
-            s.segno(seg_size),
-            format!("{s} (the oldest backup's first)"),
-        ),
-        None => {
-            let first = *catalog.keys().next().expect("the newest segment is in it");
-            (first, "the oldest segment".to_string())
-        }
-    };
-    let to = newest.segno(seg_size);
+    let continuity = continuity(index, cluster, &newest)?;
+    let missing = continuity.missing();
+    let Continuity {
+        catalog,
+        from,
+        from_what,
+        to,
+        gaps,
+    } = continuity;
     // The store's own listing: a segment deleted behind archived's back is a gap too.
     let mut stored: BTreeSet<u64> = BTreeSet::new();
     let prefix = format!("{cluster}/wal/");
@@ -201,18 +183,9 @@ async fn wal_checks(
             .unwrap_or(newest.timeline);
         SegmentName::containing(tli, Lsn(segno * u64::from(seg_size)), seg_size).to_string()
     };
-    let mut gaps: Vec<(u64, u64)> = Vec::new();
-    let mut lost: Vec<u64> = Vec::new();
-    for segno in from..=to {
-        if !catalog.contains_key(&segno) {
-            match gaps.last_mut() {
-                Some((_, end)) if *end + 1 == segno => *end = segno,
-                _ => gaps.push((segno, segno)),
-            }
-        } else if !stored.contains(&segno) {
-            lost.push(segno);
-        }
-    }
+    let lost: Vec<u64> = (from..=to)
+        .filter(|segno| catalog.contains_key(segno) && !stored.contains(segno))
+        .collect();
     let span = format!("from {from_what} to {newest}");
     let continuity = if !lost.is_empty() {
         let names: Vec<String> = lost.iter().take(5).map(|&s| name_of(s)).collect();
@@ -228,7 +201,6 @@ async fn wal_checks(
             Some("a restore cannot pass a missing segment: if the primary still has them in pg_wal, push them again (`pushclient archive-push pg_wal/NAME`); then take a new backup, and find out what deleted objects from the store"),
         )
     } else if !gaps.is_empty() {
-        let missing: u64 = gaps.iter().map(|(a, b)| b - a + 1).sum();
         let first = gaps
             .iter()
             .take(3)
@@ -284,6 +256,79 @@ async fn wal_checks(
         ),
     };
     Ok(vec![continuity, age])
+}
+
+/// WAL continuity as the catalog sees it: segment numbers from the oldest backup's first
+/// segment (else the oldest segment) to `newest`, and the runs missing between them.
+pub(crate) struct Continuity {
+    /// Segment numbers in the catalog, and on which timelines.
+    pub(crate) catalog: BTreeMap<u64, Vec<TimelineId>>,
+    /// The first segment number that must be there.
+    pub(crate) from: u64,
+    /// What it is, for messages.
+    pub(crate) from_what: String,
+    /// The newest segment's number.
+    pub(crate) to: u64,
+    /// Missing runs, first and last segment number.
+    pub(crate) gaps: Vec<(u64, u64)>,
+}
+
+impl Continuity {
+    /// How many segments the gaps miss.
+    pub(crate) fn missing(&self) -> u64 {
+        self.gaps.iter().map(|(a, b)| b - a + 1).sum()
+    }
+}
+
+/// The catalog's [`Continuity`] of `cluster`, whose newest segment is `newest`.
+pub(crate) fn continuity(
+    index: &crate::index::Index,
+    cluster: &str,
+    newest: &SegmentName,
+) -> Result<Continuity> {
+    let seg_size = index.segment_size(cluster)?;
+    let mut catalog: BTreeMap<u64, Vec<TimelineId>> = BTreeMap::new();
+    for (name, _) in index.wal_files(cluster)? {
+        if let WalFileName::Segment(s) = name {
+            catalog
+                .entry(s.segno(seg_size))
+                .or_default()
+                .push(s.timeline);
+        }
+    }
+    let oldest_backup = index
+        .backups(cluster)?
+        .iter()
+        .filter_map(|b| state::wal_range(b, seg_size).ok())
+        .map(|(first, _)| first)
+        .min_by_key(|s| s.segno(seg_size));
+    let to = newest.segno(seg_size);
+    let (from, from_what) = match oldest_backup {
+        Some(s) => (
+            s.segno(seg_size),
+            format!("{s} (the oldest backup's first)"),
+        ),
+        None => {
+            let first = catalog.keys().next().copied().unwrap_or(to);
+            (first, "the oldest segment".to_string())
+        }
+    };
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
+    for segno in from..=to {
+        if !catalog.contains_key(&segno) {
+            match gaps.last_mut() {
+                Some((_, end)) if *end + 1 == segno => *end = segno,
+                _ => gaps.push((segno, segno)),
+            }
+        }
+    }
+    Ok(Continuity {
+        catalog,
+        from,
+        from_what,
+        to,
+        gaps,
+    })
 }
 
 async fn backup_checks(

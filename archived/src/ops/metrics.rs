@@ -89,6 +89,9 @@ pub(crate) struct Metrics {
     last_backup_duration: Family<ClusterLabels, Gauge>,
     last_backup_stored: Family<ClusterLabels, Gauge>,
     retention_removed: [Family<ClusterLabels, Gauge>; 4],
+    summary_gauges: [Family<ClusterLabels, Gauge>; 5],
+    /// What the background refresher computed (ops/summary.rs).
+    pub(crate) summaries: super::summary::Summaries,
     stream_flushed: Family<ClusterLabels, Gauge>,
     ready_files: Family<ClusterLabels, Gauge>,
     retention_success: Family<ClusterLabels, Gauge>,
@@ -236,13 +239,40 @@ impl Metrics {
                 "Stored bytes of the backup chunks the newest successful retention run of the cluster collected",
             ),
             (
+                "walvault_wal_gap_segments",
+                "WAL segments missing in the catalog between the oldest backup's first segment and the newest segment: a point-in-time recovery stops at the first (refreshed every minute)",
+            ),
+            (
+                "walvault_store_bytes",
+                "Bytes the cluster's WAL and base backups take in the store (refreshed every minute)",
+            ),
+            (
+                "walvault_recovery_window_start_timestamp_seconds",
+                "The recovery window's start: the end of the oldest usable base backup (unix time; refreshed every minute; none usable: no series)",
+            ),
+            (
+                "walvault_recovery_window_end_timestamp_seconds",
+                "The recovery window's end: when the last WAL segment without a gap after the newest usable base backup was stored (unix time; refreshed every minute)",
+            ),
+            (
+                "walvault_catalog_scan_timestamp_seconds",
+                "When the gap, store and window figures of the cluster were computed (unix time)",
+            ),
+            (
                 "walvault_archive_ready_files",
                 "The primary's archiving backlog as its newest push reported it: .ready files in pg_wal/archive_status (the pushed one included; 1 = keeping up)",
             ),
         ]
         .map(|(name, help)| register(&mut r, name, help, per_cluster()));
-        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, verify_run, verify_problems, last_backup_duration, last_backup_stored, expired_backups, expired_wal_files, expired_wal_bytes, collected_chunk_bytes, ready_files] =
+        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, verify_run, verify_problems, last_backup_duration, last_backup_stored, expired_backups, expired_wal_files, expired_wal_bytes, collected_chunk_bytes, gap_segments, store_bytes, window_start, window_end, summary_at, ready_files] =
             gauges;
+        let summary_gauges = [
+            gap_segments,
+            store_bytes,
+            window_start,
+            window_end,
+            summary_at,
+        ];
         let retention_removed = [
             expired_backups,
             expired_wal_files,
@@ -300,6 +330,8 @@ impl Metrics {
             last_backup_duration,
             last_backup_stored,
             retention_removed,
+            summary_gauges,
+            summaries: Default::default(),
             stream_flushed,
             ready_files,
             retention_success,
@@ -405,6 +437,25 @@ impl Metrics {
             self.stream_flushed
                 .get_or_create(&ClusterLabels { cluster })
                 .set(i64::try_from(end).unwrap_or(i64::MAX));
+        }
+        for g in &self.summary_gauges {
+            g.clear();
+        }
+        for (cluster, s) in self.summaries.all() {
+            let labels = ClusterLabels { cluster };
+            let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            let values = [
+                Some(as_i64(s.wal_gap_segments)),
+                Some(as_i64(s.wal_bytes + s.backup_bytes)),
+                s.window_start,
+                s.window_end,
+                Some(s.at),
+            ];
+            for (g, v) in self.summary_gauges.iter().zip(values) {
+                if let Some(v) = v {
+                    g.get_or_create(&labels).set(v);
+                }
+            }
         }
         for cluster in &clusters {
             let labels = ClusterLabels {

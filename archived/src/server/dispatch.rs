@@ -98,7 +98,7 @@ pub(super) async fn handle_stream(
             } = &request
             {
                 if archive.index.binding(cluster).ok().flatten().is_some() {
-                    let provenance = crate::ops::audit::Provenance {
+                    let provenance = crate::service::audit::Provenance {
                         request: request_id.clone(),
                         peer: identity.peer(),
                     };
@@ -106,7 +106,7 @@ pub(super) async fn handle_stream(
                     r.size = Some(*raw_size);
                     r.blake3 = Some(blake3.clone());
                     r.detail = Some(format!("Unauthorized: {msg}"));
-                    crate::ops::audit::note(&archive.index, r);
+                    crate::service::audit::note(&archive.index, r);
                 }
             }
             metrics.request(op, "refused", started.elapsed().as_secs_f64(), 0);
@@ -214,11 +214,11 @@ pub(super) async fn handle_stream(
             let sending = Instant::now();
             let sent = answering.streamed(send, body.into_inner(), answer).await;
             if let (true, Some((raw_size, blake3, partial_bytes))) = (sent, object) {
-                let provenance = crate::ops::audit::Provenance {
+                let provenance = crate::service::audit::Provenance {
                     request: request_id,
                     peer: identity.peer(),
                 };
-                let what = crate::ops::audit::Sent {
+                let what = crate::service::audit::Sent {
                     cluster: &cluster,
                     name: &name,
                     purpose: purpose.unwrap_or_default(),
@@ -227,16 +227,18 @@ pub(super) async fn handle_stream(
                     partial_bytes,
                     took: sending.elapsed(),
                 };
-                crate::ops::audit::sent(&archive.index, &provenance, &what);
+                crate::service::audit::sent(&archive.index, &provenance, &what);
             }
             return;
         }
-        Request::WalHistory { cluster, name } => crate::ops::audit::history(&ctx, &cluster, &name),
+        Request::WalHistory { cluster, name } => {
+            crate::service::audit::history(&ctx, &cluster, &name)
+        }
         Request::Audit {
             cluster,
             since_us,
             after,
-        } => crate::ops::audit::since(&ctx, &cluster, since_us, after.as_deref()),
+        } => crate::service::audit::since(&ctx, &cluster, since_us, after.as_deref()),
         Request::ListWal {
             cluster,
             after,

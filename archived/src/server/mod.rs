@@ -178,10 +178,17 @@ pub(crate) async fn serve(
         let state = state.clone();
         tokio::spawn(async move { crate::service::stream::run(&state.archive).await })
     };
+    let summaries = {
+        let state = state.clone();
+        let every = Duration::from_secs(cfg.summary_interval_secs);
+        tokio::spawn(async move {
+            crate::ops::summary::run(&state.archive, &state.metrics.summaries, every).await
+        })
+    };
     let audit = {
         let state = state.clone();
         tokio::spawn(async move {
-            crate::ops::audit::run(&state.archive.store, &state.archive.index).await
+            crate::service::audit::run(&state.archive.store, &state.archive.index).await
         })
     };
     let http = match http {
@@ -239,7 +246,9 @@ pub(crate) async fn serve(
     }
     worker.abort();
     audit.abort();
-    if let Err(e) = crate::ops::audit::export(&state.archive.store, &state.archive.index).await {
+    summaries.abort();
+    if let Err(e) = crate::service::audit::export(&state.archive.store, &state.archive.index).await
+    {
         tracing::warn!(error = %format!("{e:#}"), "cannot write the last audit trail records to the store; the next start does");
     }
     if let Some(watchdog) = watchdog {

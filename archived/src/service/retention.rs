@@ -327,7 +327,7 @@ async fn run_cluster(
                 tracing::info!(%cluster, files = out.expired_wal_files, horizon = %horizon, dry_run, "WAL expired");
             }
             if !dry_run && !doomed.is_empty() {
-                let pruned = crate::ops::audit::prune(store, index, cluster).await?;
+                let pruned = crate::service::audit::prune(store, index, cluster).await?;
                 if pruned > 0 {
                     out.notes.push(format!(
                         "audit trail: {pruned} batches of expired files deleted (their summaries are kept)"

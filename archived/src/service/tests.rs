@@ -601,14 +601,14 @@ async fn the_audit_trail_survives_a_catalog_rebuilt_from_the_store_and_expires_w
     let refused = push(&t, &a, &other).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::Conflict);
     let puller = identity(Role::Pull);
-    let provenance = crate::ops::audit::Provenance {
+    let provenance = crate::service::audit::Provenance {
         request: Some("fedcba9876543210".into()),
         peer: puller.peer(),
     };
-    crate::ops::audit::sent(
+    crate::service::audit::sent(
         index,
         &provenance,
-        &crate::ops::audit::Sent {
+        &crate::service::audit::Sent {
             cluster: "main",
             name: &a,
             purpose: FetchPurpose::Prefetch,
@@ -658,13 +658,16 @@ async fn the_audit_trail_survives_a_catalog_rebuilt_from_the_store_and_expires_w
     assert_eq!(steps(index, &b).last(), Some(&"verified"));
 
     // Into the store, then a new catalog from the store alone.
-    let exported = crate::ops::audit::export(store, index).await.unwrap();
+    let exported = crate::service::audit::export(store, index).await.unwrap();
     assert_eq!(
         exported, 9,
         "3 + 3 steps of two pushes, a refusal, a prefetch, a verify"
     );
     assert_eq!(index.audit_pending(), 0);
-    assert_eq!(crate::ops::audit::export(store, index).await.unwrap(), 0);
+    assert_eq!(
+        crate::service::audit::export(store, index).await.unwrap(),
+        0
+    );
     let batches = store.list("main/audit/").await.unwrap();
     assert_eq!(batches.len(), 1, "{batches:?}");
     let dir = tempfile::tempdir().unwrap();
@@ -702,7 +705,7 @@ async fn the_audit_trail_survives_a_catalog_rebuilt_from_the_store_and_expires_w
     );
     assert_eq!((summary.prefetched, summary.refused), (1, 1));
     assert_eq!(
-        crate::ops::audit::prune(store, index, "main")
+        crate::service::audit::prune(store, index, "main")
             .await
             .unwrap(),
         0
@@ -711,7 +714,7 @@ async fn the_audit_trail_survives_a_catalog_rebuilt_from_the_store_and_expires_w
     // record it held is written again, into a new batch.
     index.audit_expire("main", &b, "retention: test").unwrap();
     assert_eq!(
-        crate::ops::audit::prune(store, index, "main")
+        crate::service::audit::prune(store, index, "main")
             .await
             .unwrap(),
         1
@@ -737,10 +740,10 @@ async fn a_rebuild_lets_an_expiry_stand_for_the_records_of_a_batch_not_yet_prune
     let store = &t.archive.store;
     let (a, raw_a) = segment(1, SYSID, 1);
     push(&t, &a, &raw_a).await.unwrap();
-    crate::ops::audit::export(store, index).await.unwrap();
+    crate::service::audit::export(store, index).await.unwrap();
     // Expired and exported, but the crash comes before pruning.
     index.audit_expire("main", &a, "retention: test").unwrap();
-    crate::ops::audit::export(store, index).await.unwrap();
+    crate::service::audit::export(store, index).await.unwrap();
     assert_eq!(store.list("main/audit/").await.unwrap().len(), 2);
     let dir = tempfile::tempdir().unwrap();
     let rebuilt = Index::open(&dir.path().join("catalog")).unwrap();

@@ -27,11 +27,11 @@ use walvault_protocol::core::wire::paging::WAL_PAGE_FILES;
 use walvault_protocol::core::wire::{ErrorCode, Response, MAX_OBJECT_SIZE};
 use walvault_protocol::net::pki::Role;
 
+use super::audit::{self, Provenance};
 use super::budget::{FrameStart, READ_BUFFER};
 use super::{Ctx, Refusal, Reply, StreamReply};
 use crate::index::clusters::ClusterBinding;
 use crate::index::wal::WalEntry;
-use crate::ops::audit::{self, Provenance};
 use crate::store::{layout, CreateOutcome, ObjectHeader, HEADER_LEN};
 
 /// A WAL file offered for storage: what `PutWal` announces.

@@ -28,7 +28,7 @@
 //!                                             record's id, H 16 hex digits of the blake3
 //!                                             of the bytes; create-only, deleted once
 //!                                             every file it names has expired
-//!                                             (ops/audit.rs)
+//!                                             (service/audit.rs)
 //! .uploads/<unique>                           remote stores: a streamed upload on its way
 //!                                             to its name (store/remote.rs)
 //! ```

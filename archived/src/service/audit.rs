@@ -30,7 +30,7 @@ use walvault_protocol::core::pg::wal::WalFileName;
 use walvault_protocol::core::wire::audit::{AuditRecord, FetchPurpose, Step, AUDIT_PAGE_RECORDS};
 use walvault_protocol::core::wire::Response;
 
-use crate::service::{Ctx, Refusal, Reply};
+use super::{Ctx, Refusal, Reply};
 
 use crate::index::audit::{batch_bytes, record};
 use crate::index::Index;
