@@ -396,6 +396,11 @@ fn a_push_reports_the_primarys_ready_backlog_and_the_scrape_shows_it() {
     promtool_check(&scrape);
     let series = "walvault_archive_ready_files{cluster=\"main\"}";
     assert_eq!(sample(&scrape, series), Some(5.0), "{scrape}");
+    // Four segments wait behind the one pushed: the lag is their bytes (fake_segment's
+    // segment size is the cluster's).
+    let lag = "walvault_archive_lag_bytes{cluster=\"main\"}";
+    let size = std::fs::metadata(&p).unwrap().len() as f64;
+    assert_eq!(sample(&scrape, lag), Some(4.0 * size), "{scrape}");
     // Caught up: only the file being pushed is .ready.
     for n in 3..7 {
         std::fs::remove_file(status.join(format!("{}.ready", seg_name(1, n)))).unwrap();
@@ -404,4 +409,5 @@ fn a_push_reports_the_primarys_ready_backlog_and_the_scrape_shows_it() {
     assert!(out.success(), "{}", out.describe());
     let (_, scrape) = get(archive.metrics_addr(), "/metrics", &[]);
     assert_eq!(sample(&scrape, series), Some(1.0), "{scrape}");
+    assert_eq!(sample(&scrape, lag), Some(0.0), "{scrape}");
 }

@@ -90,6 +90,7 @@ pub(crate) struct Metrics {
     last_backup_stored: Family<ClusterLabels, Gauge>,
     retention_removed: [Family<ClusterLabels, Gauge>; 4],
     summary_gauges: [Family<ClusterLabels, Gauge>; 5],
+    archive_lag: Family<ClusterLabels, Gauge>,
     /// What the background refresher computed (ops/summary.rs).
     pub(crate) summaries: super::summary::Summaries,
     stream_flushed: Family<ClusterLabels, Gauge>,
@@ -259,12 +260,16 @@ impl Metrics {
                 "When the gap, store and window figures of the cluster were computed (unix time)",
             ),
             (
+                "walvault_archive_lag_bytes",
+                "WAL the primary has completed and not yet archived, as its newest push reported: (.ready files - 1) x the segment size (0 = archive_command keeps up)",
+            ),
+            (
                 "walvault_archive_ready_files",
                 "The primary's archiving backlog as its newest push reported it: .ready files in pg_wal/archive_status (the pushed one included; 1 = keeping up)",
             ),
         ]
         .map(|(name, help)| register(&mut r, name, help, per_cluster()));
-        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, verify_run, verify_problems, last_backup_duration, last_backup_stored, expired_backups, expired_wal_files, expired_wal_bytes, collected_chunk_bytes, gap_segments, store_bytes, window_start, window_end, summary_at, ready_files] =
+        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, verify_run, verify_problems, last_backup_duration, last_backup_stored, expired_backups, expired_wal_files, expired_wal_bytes, collected_chunk_bytes, gap_segments, store_bytes, window_start, window_end, summary_at, archive_lag, ready_files] =
             gauges;
         let summary_gauges = [
             gap_segments,
@@ -331,6 +336,7 @@ impl Metrics {
             last_backup_stored,
             retention_removed,
             summary_gauges,
+            archive_lag,
             summaries: Default::default(),
             stream_flushed,
             ready_files,
@@ -462,6 +468,12 @@ impl Metrics {
                 cluster: cluster.clone(),
             };
             let size = archive.index.segment_size(cluster)?;
+            if let Some(n) = self.reported_ready_files(cluster) {
+                let lag = n.saturating_sub(1).saturating_mul(u64::from(size));
+                self.archive_lag
+                    .get_or_create(&labels)
+                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            }
             if let Some(segment) = archive.index.last_segment(cluster)? {
                 let end = Lsn(segment.start_lsn(size).0 + u64::from(size));
                 self.last_segment_lsn
