@@ -499,3 +499,74 @@ fn pullclient_check_passes_on_an_archive_fed_standby_and_names_a_wrong_restore_c
     );
     standby.stop();
 }
+
+#[test]
+fn a_client_certificate_near_its_end_is_named_by_check_and_by_the_metrics() {
+    let archive = configured(&[("summary_interval_secs", 1)]);
+    // The configs the harness issued are valid until 4096; this one for ten days.
+    let out_path = archive.data_dir().join("short-push.toml");
+    let out = try_run(
+        std::process::Command::new(archive.bins().archived())
+            .args(["issue", "--data-dir"])
+            .arg(archive.data_dir())
+            .args([
+                "--cluster",
+                CLUSTER,
+                "--role",
+                "push",
+                "--valid-days",
+                "10",
+                "--out",
+            ])
+            .arg(&out_path),
+    );
+    assert!(out.success(), "{}", out.describe());
+    let cfg = walvault_protocol::net::config::ClientConfig::load(&out_path).unwrap();
+    let issued = walvault_protocol::net::pki::issued_cert(&cfg.client_cert).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((9 * 86400..=11 * 86400).contains(&(issued.not_after - now)));
+
+    let (code, checks) = check(&archive);
+    let certs = named(&checks, "certificates");
+    assert_eq!(certs["status"], "WARNING", "{checks:#?}");
+    let message = certs["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "client push:{CLUSTER} serial {}",
+            issued.identity.serial
+        )),
+        "{certs:#}"
+    );
+    assert!(
+        certs["hint"].as_str().unwrap().contains("--valid-days"),
+        "{certs:#}"
+    );
+    assert_ne!(code, Some(0));
+
+    let series = format!(
+        "walvault_client_certificate_expiry_timestamp_seconds{{cluster=\"{CLUSTER}\",role=\"push\"}}"
+    );
+    let scrape = wait_for(
+        "the client certificate's expiry in /metrics",
+        Duration::from_secs(20),
+        || {
+            let (_, s) = crate::pg_metrics::get(archive.metrics_addr(), "/metrics", &[]);
+            (crate::pg_metrics::sample(&s, &series) == Some(issued.not_after as f64)).then_some(s)
+        },
+        || archive.diag(),
+    );
+    crate::pg_metrics::promtool_check(&scrape);
+
+    // Retired: its record removed, the check is back to the server's certificates.
+    let record = archive.data_dir().join(format!(
+        "tls/issued/push-{CLUSTER}-{}.pem",
+        issued.identity.serial
+    ));
+    std::fs::remove_file(&record).unwrap_or_else(|e| panic!("{}: {e}", record.display()));
+    let (_, checks) = check(&archive);
+    let certs = named(&checks, "certificates");
+    assert_eq!(certs["status"], "OK", "{checks:#?}");
+}

@@ -6,6 +6,9 @@
 //! DIR/tls/ca.key        the CA's private key (mode 0600; `archived issue` signs with it)
 //! DIR/tls/server.pem    server certificate (DNS name "archived", "localhost", listen IP)
 //! DIR/tls/server.key    server private key (mode 0600)
+//! DIR/tls/issued/       every client certificate `archived issue` made (certificate only,
+//!                       ROLE-CLUSTER-SERIAL.pem): their expiry is in `archived check`
+//!                       and /metrics; remove the file of one retired for good
 //! DIR/admin.toml        admin client config, used by the admin commands (mode 0600)
 //! DIR/store/            objects, when `storage` is empty (the default)
 //! DIR/catalog/          the sled catalog (an index; rebuilt from the store if lost)
@@ -42,6 +45,10 @@ impl DataDir {
     /// TLS directory.
     pub(crate) fn tls(&self) -> PathBuf {
         self.root.join("tls")
+    }
+    /// The client certificates `archived issue` made.
+    pub(crate) fn issued(&self) -> PathBuf {
+        self.tls().join("issued")
     }
     /// Admin client config.
     pub(crate) fn admin_config(&self) -> PathBuf {
@@ -153,13 +160,13 @@ pub(crate) fn init(
         );
         std::fs::write(dir.config(), text)?;
     }
-    let admin = client_config(&cfg, &ca, "admin", Role::Admin)?;
+    let admin = client_config(&cfg, &ca, "admin", Role::Admin, None)?;
     let _ = std::fs::remove_file(dir.admin_config());
     write_private_file(
         &dir.admin_config(),
         client_toml(&admin, Role::Admin)?.as_bytes(),
     )?;
-    Ok(())
+    record_issued(dir, &admin)
 }
 
 /// The config file of `client`: the archive-get and prefetch sections only for the
@@ -178,8 +185,9 @@ fn client_config(
     ca: &PemPair,
     cluster: &str,
     role: Role,
+    valid_days: Option<u32>,
 ) -> Result<ClientConfig> {
-    let cert = pki::issue_client_cert(ca, cluster, role)?;
+    let cert = pki::issue_client_cert_valid(ca, cluster, role, valid_days)?;
     let mut server = cfg.advertise.clone().unwrap_or_else(|| cfg.listen.clone());
     if let Ok(addr) = server.parse::<SocketAddr>() {
         if addr.ip().is_unspecified() {
@@ -205,13 +213,59 @@ fn client_config(
 }
 
 /// `archived issue`: writes a client config for a cluster and role.
-pub(crate) fn issue(dir: &DataDir, cluster: &str, role: Role, out: &Path) -> Result<()> {
+/// `archived issue`: a client config at `out` with a new certificate (valid for
+/// `valid_days`, else until 4096), recorded in DIR/tls/issued/.
+pub(crate) fn issue(
+    dir: &DataDir,
+    cluster: &str,
+    role: Role,
+    out: &Path,
+    valid_days: Option<u32>,
+) -> Result<()> {
     walvault_protocol::core::format::names::validate_cluster_name(cluster)
         .map_err(anyhow::Error::msg)?;
     let cfg = dir.load_config()?;
     let ca = dir.ca()?;
-    let client = client_config(&cfg, &ca, cluster, role)?;
+    let client = client_config(&cfg, &ca, cluster, role, valid_days)?;
     write_private_file(out, client_toml(&client, role)?.as_bytes())
         .with_context(|| format!("cannot write {} (it must not exist yet)", out.display()))?;
-    Ok(())
+    record_issued(dir, &client)
+}
+
+/// Records the certificate of `client` in DIR/tls/issued/.
+fn record_issued(dir: &DataDir, client: &ClientConfig) -> Result<()> {
+    let issued = pki::issued_cert(&client.client_cert).map_err(anyhow::Error::msg)?;
+    let id = &issued.identity;
+    let record = dir
+        .issued()
+        .join(format!("{}-{}-{}.pem", id.role, id.cluster, id.serial));
+    walvault_protocol::net::fsutil::create_dir_durable(&dir.issued())
+        .with_context(|| format!("cannot create {}", dir.issued().display()))?;
+    walvault_protocol::net::fsutil::write_replacing(&record, client.client_cert.as_bytes())
+        .with_context(|| format!("cannot record the certificate in {}", record.display()))
+}
+
+/// Every client certificate recorded in DIR/tls/issued/ (unreadable files are logged and
+/// skipped).
+pub(crate) fn issued_certs(dir: &DataDir) -> Vec<pki::IssuedCert> {
+    let Ok(entries) = std::fs::read_dir(dir.issued()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "pem") {
+            continue;
+        }
+        match std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| pki::issued_cert(&pem))
+        {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "unreadable issued certificate; skipped")
+            }
+        }
+    }
+    out
 }

@@ -75,6 +75,10 @@ enum Command {
         /// Where to write the config (must not exist).
         #[arg(long)]
         out: PathBuf,
+        /// Make the certificate valid for this many days (default: until the year 4096).
+        /// archived check and /metrics warn before it ends (cert_warning_days).
+        #[arg(long)]
+        valid_days: Option<u32>,
     },
     /// Run the archive server in the foreground. SIGTERM or SIGINT stops it after
     /// in-flight requests finish (bounded by shutdown_grace_secs). Also serves
@@ -190,8 +194,9 @@ async fn run_other(command: Command) -> Result<()> {
             cluster,
             role,
             out,
+            valid_days,
         } => {
-            datadir::issue(&DataDir::new(&data_dir), &cluster, role, &out)?;
+            datadir::issue(&DataDir::new(&data_dir), &cluster, role, &out, valid_days)?;
             println!("wrote {} ({role} for cluster {cluster})", out.display());
             Ok(())
         }

@@ -130,7 +130,20 @@ pub(crate) async fn run(archive: &Archive, cluster: &str, now: i64) -> Result<Ve
     out.extend(backup_checks(archive, cfg, cluster, now).await?);
     out.push(retention_check(archive, cfg, cluster, now)?);
     out.push(verify_check(archive, cfg, cluster, now)?);
-    out.push(cert_check(cfg, certs, now));
+    let mut all = certs.clone();
+    if let Some(dir) = &archive.data_dir {
+        // The client certificates of this cluster, and the admin ones (the timers').
+        for c in crate::datadir::issued_certs(dir) {
+            let id = &c.identity;
+            if id.cluster == cluster || id.role == walvault_protocol::net::pki::Role::Admin {
+                all.push(CertExpiry {
+                    what: format!("client {}", id.peer()),
+                    not_after: c.not_after,
+                });
+            }
+        }
+    }
+    out.push(cert_check(cfg, &all, now));
     Ok(out)
 }
 
@@ -583,12 +596,12 @@ fn cert_check(cfg: &ChecksConfig, certs: &[CertExpiry], now: i64) -> CheckResult
             age_text(left)
         )
     };
-    let mut r = result(
-        "certificates",
-        status,
-        message,
-        Some("clients cannot connect once it expires: make a new server certificate (or a new CA and new client configs) before then, and restart archived"),
-    );
+    let hint = if first.what.starts_with("client ") {
+        "that client cannot connect once it expires: `archived issue` a new config for it before then (--valid-days), install it, and remove the old certificate's file from DIR/tls/issued/ (a retired certificate's file too)"
+    } else {
+        "clients cannot connect once it expires: make a new server certificate (or a new CA and new client configs) before then, and restart archived"
+    };
+    let mut r = result("certificates", status, message, Some(hint));
     r.value = Some(CheckValue {
         label: "cert_days_left".into(),
         value: left.div_euclid(86400),

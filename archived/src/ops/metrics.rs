@@ -56,6 +56,12 @@ struct CertificateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientCertLabels {
+    cluster: String,
+    role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VolumeLabels {
     volume: String,
 }
@@ -99,6 +105,7 @@ pub(crate) struct Metrics {
     verify_run: Family<ClusterLabels, Gauge>,
     verify_problems: Family<ClusterLabels, Gauge>,
     cert_expiry: Family<CertificateLabels, Gauge>,
+    client_cert_expiry: Family<ClientCertLabels, Gauge>,
     fs_free: Family<VolumeLabels, Gauge>,
     fs_size: Family<VolumeLabels, Gauge>,
     clusters: Gauge,
@@ -296,6 +303,12 @@ impl Metrics {
             "When the server's certificates stop being valid (unix time), by certificate (CA, server)",
             Family::<CertificateLabels, Gauge>::default(),
         );
+        let client_cert_expiry = register(
+            &mut r,
+            "walvault_client_certificate_expiry_timestamp_seconds",
+            "When the first of the client certificates archived issue made for a cluster and role stops being valid (unix time; from DIR/tls/issued/, refreshed with the catalog scan)",
+            Family::<ClientCertLabels, Gauge>::default(),
+        );
         let fs_free = register(
             &mut r,
             "walvault_filesystem_free_bytes",
@@ -344,6 +357,7 @@ impl Metrics {
             verify_run,
             verify_problems,
             cert_expiry,
+            client_cert_expiry,
             fs_free,
             fs_size,
             clusters,
@@ -446,6 +460,19 @@ impl Metrics {
         }
         for g in &self.summary_gauges {
             g.clear();
+        }
+        self.client_cert_expiry.clear();
+        let mut first: std::collections::HashMap<ClientCertLabels, i64> = Default::default();
+        for c in self.summaries.client_certs() {
+            let labels = ClientCertLabels {
+                cluster: c.identity.cluster.clone(),
+                role: c.identity.role.to_string(),
+            };
+            let at = first.entry(labels).or_insert(c.not_after);
+            *at = (*at).min(c.not_after);
+        }
+        for (labels, at) in first {
+            self.client_cert_expiry.get_or_create(&labels).set(at);
         }
         for (cluster, s) in self.summaries.all() {
             let labels = ClusterLabels { cluster };

@@ -2,7 +2,8 @@
 //! every `summary_interval_secs` (archived.toml, default 60) and served by `/metrics` from memory: WAL segments missing
 //! in the catalog between the oldest backup's first segment and the newest one, stored
 //! bytes (WAL and backups), and the recovery window (the oldest usable backup's end to the
-//! time the last segment without a gap after the newest usable backup was stored).
+//! time the last segment without a gap after the newest usable backup was stored); and
+//! the client certificates `archived issue` recorded in DIR/tls/issued/.
 //!
 //! Cost per refresh and cluster: one scan of its WAL and backup entries in the catalog,
 //! and store reads for two backups (the oldest and the newest usable: the segments of
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use walvault_protocol::core::wire::backup::BackupState;
+use walvault_protocol::net::pki::IssuedCert;
 
 use crate::index::state;
 use crate::service::Archive;
@@ -41,6 +43,8 @@ pub(crate) struct ClusterSummary {
 #[derive(Default)]
 pub(crate) struct Summaries {
     by_cluster: Mutex<HashMap<String, ClusterSummary>>,
+    /// The client certificates of DIR/tls/issued/, read with each refresh.
+    client_certs: Mutex<Vec<IssuedCert>>,
 }
 
 impl Summaries {
@@ -52,8 +56,21 @@ impl Summaries {
             .clone()
     }
 
-    /// Recomputes every cluster's summary; clusters gone from the catalog are dropped.
+    /// The client certificates issued, as the newest refresh read them.
+    pub(crate) fn client_certs(&self) -> Vec<IssuedCert> {
+        self.client_certs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Recomputes every cluster's summary (clusters gone from the catalog are dropped)
+    /// and rereads the client certificates issued.
     pub(crate) async fn refresh(&self, archive: &Archive, now: i64) -> Result<()> {
+        if let Some(dir) = &archive.data_dir {
+            *self.client_certs.lock().unwrap_or_else(|e| e.into_inner()) =
+                crate::datadir::issued_certs(dir);
+        }
         let clusters = archive.index.clusters()?;
         let mut fresh = HashMap::with_capacity(clusters.len());
         for c in clusters {

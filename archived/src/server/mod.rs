@@ -144,6 +144,7 @@ pub(crate) async fn serve(
         streams,
     );
     archive.checks = cfg.checks.clone();
+    archive.data_dir = Some(dir.clone());
     archive.volumes.push(crate::ops::disk::Volume {
         name: "data",
         path: dir.root.clone(),

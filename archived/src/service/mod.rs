@@ -110,6 +110,9 @@ pub(crate) struct Archive {
     pub(crate) certs: Vec<crate::ops::check::CertExpiry>,
     /// The filesystems archived writes to (`archived check`, `/metrics`).
     pub(crate) volumes: Vec<crate::ops::disk::Volume>,
+    /// The data directory, whose tls/issued/ lists the client certificates issued
+    /// (`archived check`, `/metrics`); `None` in tests.
+    pub(crate) data_dir: Option<crate::datadir::DataDir>,
 }
 
 /// How long a store probe counts (`/readyz`, `archived check`).
@@ -136,6 +139,7 @@ impl Archive {
             checks: crate::config::ChecksConfig::default(),
             certs: Vec::new(),
             volumes: Vec::new(),
+            data_dir: None,
         }
     }
 

@@ -151,10 +151,52 @@ pub fn issue_server_cert(ca: &PemPair, names: &[String]) -> Result<PemPair, rcge
 
 /// Issues a client certificate for `cluster` and `role`.
 pub fn issue_client_cert(ca: &PemPair, cluster: &str, role: Role) -> Result<PemPair, rcgen::Error> {
+    issue_client_cert_valid(ca, cluster, role, None)
+}
+
+/// [`issue_client_cert`] valid for `days` from today (to the day, UTC); `None`: rcgen's
+/// default, until 4096.
+pub fn issue_client_cert_valid(
+    ca: &PemPair,
+    cluster: &str,
+    role: Role,
+    days: Option<u32>,
+) -> Result<PemPair, rcgen::Error> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = dn(&role.to_string(), cluster);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if let Some(days) = days {
+        use chrono::Datelike;
+        let ymd = |t: chrono::DateTime<chrono::Utc>| {
+            rcgen::date_time_ymd(t.year(), t.month() as u8, t.day() as u8)
+        };
+        let now = chrono::Utc::now();
+        params.not_before = ymd(now - chrono::Duration::days(1));
+        params.not_after = ymd(now + chrono::Duration::days(i64::from(days)));
+    }
     issue(ca, params)
+}
+
+/// What identifies an issued client certificate: role, cluster, serial (as
+/// [`client_identity`] reads them) and its notAfter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// Who it is for.
+    pub identity: ClientIdentity,
+    /// Its notAfter, Unix seconds.
+    pub not_after: i64,
+}
+
+/// Reads an issued client certificate (PEM).
+pub fn issued_cert(cert_pem: &str) -> Result<IssuedCert, String> {
+    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()
+        .ok_or("no certificate in the PEM text")?
+        .map_err(|e| format!("unreadable PEM: {e}"))?;
+    Ok(IssuedCert {
+        identity: client_identity(&der)?,
+        not_after: not_after(cert_pem)?,
+    })
 }
 
 /// When the first certificate of a PEM text stops being valid (its notAfter), Unix
@@ -226,6 +268,19 @@ mod tests {
         assert_eq!(id.peer(), format!("pull:main serial {}", id.serial));
         assert!(id.may_access("main"));
         assert!(!id.may_access("other"));
+    }
+
+    #[test]
+    fn a_client_certificate_can_be_issued_for_a_number_of_days() {
+        let ca = generate_ca().unwrap();
+        let now = chrono::Utc::now().timestamp();
+        let c = issue_client_cert_valid(&ca, "main", Role::Push, Some(10)).unwrap();
+        let issued = issued_cert(&c.cert_pem).unwrap();
+        assert_eq!(issued.identity.role, Role::Push);
+        let left = issued.not_after - now;
+        assert!((9 * 86400..=11 * 86400).contains(&left), "{left}");
+        let forever = issued_cert(&issue_client_cert(&ca, "main", Role::Pull).unwrap().cert_pem);
+        assert!(forever.unwrap().not_after > now + 1000 * 365 * 86400);
     }
 
     #[test]
