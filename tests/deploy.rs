@@ -77,6 +77,31 @@ fn the_rules_name_metrics_of_every_family_they_alert_on() {
 }
 
 /// deploy/grafana/walvault.json in the repository.
+/// README.md of the repository.
+pub(crate) fn readme() -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("README.md");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn every_alert_rule_is_explained_in_the_readme() {
+    let rules = std::fs::read_to_string(prometheus_dir().join("walvault.rules.yml")).unwrap();
+    let readme = readme();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 10, "{alerts:?}");
+    for a in alerts {
+        assert!(
+            readme.contains(&format!("| `{a}`")),
+            "README's alert table (Operations, \"Alerts\") has no row for {a}"
+        );
+    }
+}
+
 pub(crate) fn dashboard() -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("..")

@@ -311,17 +311,31 @@ fn the_metrics_endpoint_follows_archiving_and_passes_promtool() {
 
     // Every family the alert rules (deploy/prometheus) use is one archived serves (the
     // prefetch daemon's, walvault_prefetch_*, are checked against its own scrape in
-    // prefetch.rs).
+    // prefetch.rs; the streaming receiver's have series only while one streams, and
+    // pg_stream's RPO test reads them).
     let rules = std::fs::read_to_string(crate::deploy::prometheus_dir().join("walvault.rules.yml"))
         .unwrap();
     for name in crate::deploy::metric_names(&rules)
         .into_iter()
-        .filter(|n| !n.starts_with("walvault_prefetch_"))
+        .filter(|n| !n.starts_with("walvault_prefetch_") && !n.starts_with("walvault_stream_"))
     {
         assert!(
             scrape3.contains(&format!("# TYPE {name} ")),
             "the alert rules use {name}, which the scrape has no family of:\n{scrape3}"
         );
+    }
+
+    // Every family is documented in README (Operations, "Metrics and probes").
+    let readme = crate::deploy::readme();
+    for family in scrape3
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        let documented = readme.contains(&format!("`{family}`"))
+            || readme.contains(&format!("`{family}{{"))
+            || readme.contains(&format!("`{}", family.trim_end_matches("_total")));
+        assert!(documented, "README does not document {family}");
     }
 
     // And every family the dashboard (deploy/grafana) shows; the receiver's has series

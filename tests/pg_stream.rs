@@ -231,6 +231,28 @@ fn rpo_zero_a_commit_the_sync_archive_acknowledged_survives_the_loss_of_the_prim
         durable > inserted_at,
         "the archive's durable WAL ends at {durable}, before the acknowledged row at {inserted_at}:\n{scrape}"
     );
+    // The primary's WAL end as the receiver reported it with its appends: past the row,
+    // not past where PostgreSQL is now; the lag is what the archive lacks of it.
+    let now_at: f64 = primary
+        .psql("SELECT pg_current_wal_lsn() - '0/0'")
+        .trim()
+        .parse()
+        .unwrap();
+    let server_end = crate::pg_metrics::sample(
+        &scrape,
+        &format!("walvault_stream_server_wal_end_lsn{{cluster=\"{CLUSTER}\"}}"),
+    )
+    .unwrap_or_else(|| panic!("no server WAL end in the scrape:\n{scrape}"));
+    assert!(
+        server_end >= inserted_at && server_end <= now_at,
+        "server WAL end {server_end}: the row is at {inserted_at}, the primary at {now_at}"
+    );
+    let lag = crate::pg_metrics::sample(
+        &scrape,
+        &format!("walvault_stream_lag_bytes{{cluster=\"{CLUSTER}\"}}"),
+    )
+    .unwrap();
+    assert_eq!(lag, (server_end - durable).max(0.0), "{scrape}");
     primary.kill9();
     // Gone for good: its WAL with it.
     fs::remove_dir_all(primary.data_dir()).unwrap();

@@ -69,18 +69,38 @@ pub(crate) async fn run(args: AuditArgs) -> Result<()> {
     result
 }
 
+/// Column widths of `archived audit`'s table, printed page by page: as wide as a
+/// certificate's serial (20 bytes, 40 hex digits) needs.
 fn header_line() -> String {
     format!(
-        "{:<27}  {:<24}  {:<12}  {:<16}  {:<30}  DETAIL",
+        "{:<27}  {:<24}  {:<12}  {:<16}  {:<62}  DETAIL",
         "TIME", "FILE", "STEP", "REQUEST", "PEER"
     )
 }
 
+/// One file's records: a table as wide as its cells, or JSON lines.
 fn print_records(records: &[AuditRecord], json: bool, file: Option<&str>) -> Result<()> {
-    if !json {
-        println!("{}", header_line());
+    if json {
+        return print_rows(records, json, file);
     }
-    print_rows(records, json, file)
+    let rows: Vec<Vec<String>> = records.iter().map(|r| cells(r, file)).collect();
+    super::print_table(
+        &["TIME", "FILE", "STEP", "REQUEST", "PEER", "DETAIL"],
+        &[],
+        &rows,
+    );
+    Ok(())
+}
+
+fn cells(r: &AuditRecord, file: Option<&str>) -> Vec<String> {
+    vec![
+        r.time.clone(),
+        r.file.clone().unwrap_or_else(|| "(cluster)".into()),
+        r.step.as_str().to_string(),
+        r.request.clone().unwrap_or_else(|| "-".into()),
+        r.peer.clone().unwrap_or_else(|| "-".into()),
+        detail(r, file),
+    ]
 }
 
 fn print_rows(records: &[AuditRecord], json: bool, file: Option<&str>) -> Result<()> {
@@ -88,14 +108,10 @@ fn print_rows(records: &[AuditRecord], json: bool, file: Option<&str>) -> Result
         if json {
             println!("{}", serde_json::to_string(r)?);
         } else {
+            let c = cells(r, file);
             println!(
-                "{:<27}  {:<24}  {:<12}  {:<16}  {:<30}  {}",
-                r.time,
-                r.file.as_deref().unwrap_or("(cluster)"),
-                r.step.as_str(),
-                r.request.as_deref().unwrap_or("-"),
-                r.peer.as_deref().unwrap_or("-"),
-                detail(r, file)
+                "{:<27}  {:<24}  {:<12}  {:<16}  {:<62}  {}",
+                c[0], c[1], c[2], c[3], c[4], c[5]
             );
         }
     }

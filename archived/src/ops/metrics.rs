@@ -97,6 +97,8 @@ pub(crate) struct Metrics {
     retention_removed: [Family<ClusterLabels, Gauge>; 4],
     summary_gauges: [Family<ClusterLabels, Gauge>; 5],
     archive_lag: Family<ClusterLabels, Gauge>,
+    stream_server_end: Family<ClusterLabels, Gauge>,
+    stream_lag: Family<ClusterLabels, Gauge>,
     /// What the background refresher computed (ops/summary.rs).
     pub(crate) summaries: super::summary::Summaries,
     stream_flushed: Family<ClusterLabels, Gauge>,
@@ -271,12 +273,20 @@ impl Metrics {
                 "WAL the primary has completed and not yet archived, as its newest push reported: (.ready files - 1) x the segment size (0 = archive_command keeps up)",
             ),
             (
+                "walvault_stream_server_wal_end_lsn",
+                "Where the streamed primary's WAL ended (as a number of bytes), as the streaming receiver's newest append reported it",
+            ),
+            (
+                "walvault_stream_lag_bytes",
+                "The streaming receiver's lag: the primary's WAL end its newest append reported minus the end of the WAL this archived holds durably (the unfinished segment's, else the newest complete segment's)",
+            ),
+            (
                 "walvault_archive_ready_files",
                 "The primary's archiving backlog as its newest push reported it: .ready files in pg_wal/archive_status (the pushed one included; 1 = keeping up)",
             ),
         ]
         .map(|(name, help)| register(&mut r, name, help, per_cluster()));
-        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, verify_run, verify_problems, last_backup_duration, last_backup_stored, expired_backups, expired_wal_files, expired_wal_bytes, collected_chunk_bytes, gap_segments, store_bytes, window_start, window_end, summary_at, archive_lag, ready_files] =
+        let [last_segment_lsn, last_segment_timeline, last_archived, backups, last_backup_end, last_backup_bytes, stream_flushed, retention_success, verify_run, verify_problems, last_backup_duration, last_backup_stored, expired_backups, expired_wal_files, expired_wal_bytes, collected_chunk_bytes, gap_segments, store_bytes, window_start, window_end, summary_at, archive_lag, stream_server_end, stream_lag, ready_files] =
             gauges;
         let summary_gauges = [
             gap_segments,
@@ -350,6 +360,8 @@ impl Metrics {
             retention_removed,
             summary_gauges,
             archive_lag,
+            stream_server_end,
+            stream_lag,
             summaries: Default::default(),
             stream_flushed,
             ready_files,
@@ -453,10 +465,28 @@ impl Metrics {
         }
         // A receiver's segment completes into the catalog: the gauge goes with it.
         self.stream_flushed.clear();
-        for (cluster, end) in archive.streams.flushed_ends().await {
+        let flushed = archive.streams.flushed_ends().await;
+        for (cluster, end) in &flushed {
             self.stream_flushed
-                .get_or_create(&ClusterLabels { cluster })
-                .set(i64::try_from(end).unwrap_or(i64::MAX));
+                .get_or_create(&ClusterLabels {
+                    cluster: cluster.clone(),
+                })
+                .set(i64::try_from(*end).unwrap_or(i64::MAX));
+        }
+        for (cluster, server_end) in archive.streams.server_ends() {
+            let size = archive.index.segment_size(&cluster)?;
+            let complete = archive
+                .index
+                .last_segment(&cluster)?
+                .map_or(0, |s| s.start_lsn(size).0 + u64::from(size));
+            let held = flushed.get(&cluster).copied().unwrap_or(0).max(complete);
+            let labels = ClusterLabels { cluster };
+            self.stream_server_end
+                .get_or_create(&labels)
+                .set(i64::try_from(server_end).unwrap_or(i64::MAX));
+            self.stream_lag
+                .get_or_create(&labels)
+                .set(i64::try_from(server_end.saturating_sub(held)).unwrap_or(i64::MAX));
         }
         for g in &self.summary_gauges {
             g.clear();

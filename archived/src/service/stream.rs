@@ -116,6 +116,9 @@ pub(crate) struct Streams {
     answers: std::sync::Mutex<HashMap<(String, SegmentName), Snapshot>>,
     /// Answers made from a local file (not reused), for tests.
     answers_made: std::sync::atomic::AtomicU64,
+    /// Per cluster, where the streamed server's WAL ended as its receiver's newest
+    /// append said (`/metrics`: the receiver's lag).
+    server_ends: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 /// An unfinished segment's answer: its zero-padded content compressed, and its blake3.
@@ -137,7 +140,23 @@ impl Streams {
             uploading: tokio::sync::Mutex::new(()),
             answers: std::sync::Mutex::new(HashMap::new()),
             answers_made: std::sync::atomic::AtomicU64::new(0),
+            server_ends: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Notes where the streamed server's WAL ended, as an append reported it.
+    pub(crate) fn note_server_end(&self, cluster: &str, end: u64) {
+        let mut ends = self.server_ends.lock().unwrap_or_else(|e| e.into_inner());
+        let e = ends.entry(cluster.to_string()).or_default();
+        *e = (*e).max(end);
+    }
+
+    /// Per cluster, where the streamed server's WAL ended as the newest append said.
+    pub(crate) fn server_ends(&self) -> HashMap<String, u64> {
+        self.server_ends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn slot(&self, cluster: &str, segment: &SegmentName) -> Slot {
@@ -365,6 +384,8 @@ pub(crate) struct Append<'a> {
     pub(crate) len: u64,
     pub(crate) system_identifier: u64,
     pub(crate) segment_size: u32,
+    /// Where the server's WAL ended as the receiver last heard.
+    pub(crate) server_wal_end: Option<u64>,
 }
 
 impl Append<'_> {
@@ -378,6 +399,7 @@ impl Append<'_> {
                 len,
                 system_identifier,
                 segment_size,
+                server_wal_end,
             } => Some(Append {
                 cluster,
                 segment,
@@ -385,6 +407,7 @@ impl Append<'_> {
                 len: *len,
                 system_identifier: *system_identifier,
                 segment_size: *segment_size,
+                server_wal_end: *server_wal_end,
             }),
             _ => None,
         }
@@ -830,6 +853,9 @@ where
             )));
         }
         let (segment, offset, len, segment_size) = (a.segment, a.offset, a.len, a.segment_size);
+        if let Some(end) = a.server_wal_end {
+            ctx.archive.streams.note_server_end(s.cluster, end);
+        }
         // Once announced, an append (its memory and its body) must come within the idle
         // deadline.
         let mut body = (&mut *recv).take(len);
@@ -1522,6 +1548,7 @@ mod tests {
             len: bytes.len() as u64,
             system_identifier: sysid,
             segment_size: SEG,
+            server_wal_end: None,
         };
         append(&ctx, &a, &mut &bytes[..]).await
     }
@@ -1792,6 +1819,7 @@ mod tests {
             len: 10,
             system_identifier: SYSID,
             segment_size: SEG,
+            server_wal_end: None,
         };
         let pull = append(&ctx, &a, &mut &raw[50_000..50_010])
             .await
@@ -1882,6 +1910,8 @@ mod tests {
                     len: bytes.len() as u64,
                     system_identifier: SYSID,
                     segment_size: SEG,
+                    // The server is a segment ahead of each append.
+                    server_wal_end: Some(u64::from(SEG) * 2 + offset + bytes.len() as u64),
                 })
                 .unwrap(),
             );
@@ -1928,6 +1958,11 @@ mod tests {
         let (got, held) = get(&t, &name).await.unwrap();
         assert_eq!(held, Some(500_000));
         assert_eq!(&got[..500_000], &raw[..500_000]);
+        // Where the server's WAL ended, as the newest append reported it (/metrics).
+        assert_eq!(
+            t.archive.streams.server_ends().get("main"),
+            Some(&(u64::from(SEG) * 2 + 500_000))
+        );
         // The next segment's file is prepared in the background, and not listed.
         let (next, _) = wal(4);
         let next_seg = match next.parse::<WalFileName>().unwrap() {

@@ -305,11 +305,13 @@ impl StreamSender {
     /// [`crate::core::wire::MAX_STREAM_APPEND`] bytes); returns once the transport took
     /// it, not when it is durable (that is the [`StreamAcks`]). Each write must progress
     /// within the idle deadline.
+    /// `server_wal_end`: where the server's WAL ended as the receiver last heard.
     pub async fn append(
         &mut self,
         segment: &str,
         offset: u64,
         bytes: Bytes,
+        server_wal_end: Option<u64>,
     ) -> Result<(), ClientError> {
         let what = format!("streaming {segment} from offset {offset}");
         let header = encode_request(&Request::StreamAppend {
@@ -319,6 +321,7 @@ impl StreamSender {
             len: bytes.len() as u64,
             system_identifier: self.system_identifier,
             segment_size: self.segment_size,
+            server_wal_end,
         });
         // The announcement and the first piece of the body in one write: a small append
         // then leaves in one packet.
@@ -643,6 +646,7 @@ impl ArchiveClient {
             len: bytes.len() as u64,
             system_identifier,
             segment_size,
+            server_wal_end: None,
         };
         let pieces: Vec<io::Result<Bytes>> = (0..bytes.len())
             .step_by(SEND_PIECE)

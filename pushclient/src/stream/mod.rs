@@ -352,8 +352,8 @@ fn zstd_frame(bytes: &[u8], level: i32) -> Result<Vec<u8>> {
 /// one task and whose acknowledgements are read by another, so that neither a slow
 /// archive nor a slow network ever holds up the receive loop.
 struct Session {
-    /// Appends to send: segment, offset, bytes.
-    appends: tokio::sync::mpsc::UnboundedSender<(String, u64, Bytes)>,
+    /// Appends to send: segment, offset, bytes, and the server's WAL end then.
+    appends: tokio::sync::mpsc::UnboundedSender<(String, u64, Bytes, Option<u64>)>,
     /// Acknowledgements (appends durable so far), or why the session failed.
     acks: tokio::sync::mpsc::UnboundedReceiver<Result<Option<u64>, ClientError>>,
     sender: tokio::task::JoinHandle<()>,
@@ -369,12 +369,13 @@ impl Session {
         let (mut sender, mut acks) = archive
             .stream_session(system_identifier, segment_size)
             .await?;
-        let (appends, mut queued) = tokio::sync::mpsc::unbounded_channel::<(String, u64, Bytes)>();
+        let (appends, mut queued) =
+            tokio::sync::mpsc::unbounded_channel::<(String, u64, Bytes, Option<u64>)>();
         let (ack_tx, ack_rx) = tokio::sync::mpsc::unbounded_channel();
         let failed = ack_tx.clone();
         let sender = tokio::spawn(async move {
-            while let Some((segment, offset, bytes)) = queued.recv().await {
-                if let Err(e) = sender.append(&segment, offset, bytes).await {
+            while let Some((segment, offset, bytes, server_end)) = queued.recv().await {
+                if let Err(e) = sender.append(&segment, offset, bytes, server_end).await {
                     let _ = failed.send(Err(e));
                     return;
                 }
@@ -683,7 +684,7 @@ impl Receiver<'_> {
                 pending_start = Lsn(pending_start.0 + bytes.len() as u64);
                 if session
                     .appends
-                    .send((segment.to_string(), offset, bytes))
+                    .send((segment.to_string(), offset, bytes, server_end.map(|e| e.0)))
                     .is_err()
                 {
                     // The sender failed: its error is the next acknowledgement.

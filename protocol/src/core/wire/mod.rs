@@ -266,6 +266,11 @@ pub enum Request {
         system_identifier: u64,
         /// The streamed server's `wal_segment_size`.
         segment_size: u32,
+        /// Where the server's WAL ended (as a number of bytes) when the receiver sent
+        /// this append, from its XLogData and keepalive messages: the archive's lag
+        /// behind the primary is this minus what it holds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        server_wal_end: Option<u64>,
     },
     /// Opens the streaming receiver's session (`pushclient stream`): the rest of the
     /// stream is a sequence of appends, each a frame of [`Request::StreamAppend`] (of this
