@@ -133,10 +133,22 @@ fn check_passes_on_a_healthy_archive_and_names_what_breaks() {
         "{status:#}"
     );
     assert_eq!(main["failing_checks"], serde_json::json!([]), "{status:#}");
+    // The retention and verify runs above, as they recorded themselves.
+    assert!(
+        main["retention_last_success"].as_i64().is_some(),
+        "{status:#}"
+    );
+    assert_eq!(main["retention_error"], Value::Null, "{status:#}");
+    assert!(main["verify_last_run"].as_i64().is_some(), "{status:#}");
+    assert_eq!(main["verify_scope"], "wal and backups", "{status:#}");
+    assert_eq!(main["verify_problems"], 0, "{status:#}");
     let screen = archive.admin(&["status"]).stdout;
     for part in [
         "cluster main (system ",
         "recovery window",
+        "retention       ran ",
+        "verify          ",
+        "(wal and backups): no problem",
         "checks          all OK",
     ] {
         assert!(screen.contains(part), "no {part:?} in:\n{screen}");

@@ -102,6 +102,39 @@ fn screen(c: &ClusterStatus, now: i64) -> String {
         _ => "none (no usable backup)".into(),
     };
     line(&mut out, "recovery window", window);
+    let retention = match (
+        c.retention_last_run,
+        &c.retention_error,
+        c.retention_last_success,
+    ) {
+        (None, _, _) => "never ran (deploy/archived-retention.timer)".to_string(),
+        (Some(at), Some(e), ok) => format!(
+            "FAILED {} ago: {e}{}",
+            age_text(now - at),
+            ok.map(|t| format!(" (last success {} ago)", age_text(now - t)))
+                .unwrap_or_default()
+        ),
+        (Some(at), None, _) => format!(
+            "ran {} ago, expired {} WAL files and {} backups",
+            age_text(now - at),
+            c.retention_expired_wal_files,
+            c.retention_expired_backups
+        ),
+    };
+    line(&mut out, "retention", retention);
+    let verify = match c.verify_last_run {
+        None => "never ran (deploy/archived-verify@.timer)".to_string(),
+        Some(at) => format!(
+            "{} ago ({}): {}",
+            age_text(now - at),
+            c.verify_scope.as_deref().unwrap_or("-"),
+            match c.verify_problems {
+                0 => "no problem".to_string(),
+                n => format!("{n} PROBLEMS (archived check --cluster {})", c.cluster),
+            }
+        ),
+    };
+    line(&mut out, "verify", verify);
     let checks = match c.failing_checks.is_empty() {
         true => "all OK".to_string(),
         false => {
@@ -143,6 +176,13 @@ mod tests {
             window_start: Some(100),
             window_end: Some(1000),
             failing_checks: vec![("backups".into(), CheckStatus::Critical)],
+            retention_last_run: Some(442),
+            retention_last_success: Some(442),
+            retention_expired_wal_files: 12,
+            retention_expired_backups: 1,
+            verify_last_run: Some(1000),
+            verify_scope: Some("wal".into()),
+            verify_problems: 2,
             ..ClusterStatus::default()
         };
         let text = screen(&c, 1042);
@@ -170,5 +210,16 @@ mod tests {
             text.contains("backups CRITICAL (archived check --cluster main)"),
             "{text}"
         );
+        assert!(
+            text.contains("retention       ran 10 min ago, expired 12 WAL files and 1 backups"),
+            "{text}"
+        );
+        assert!(
+            text.contains("verify          42 s ago (wal): 2 PROBLEMS"),
+            "{text}"
+        );
+        let never = screen(&ClusterStatus::default(), 0);
+        assert!(never.contains("archived-retention.timer"), "{never}");
+        assert!(never.contains("archived-verify@.timer"), "{never}");
     }
 }

@@ -4,8 +4,8 @@
 //! reported it, the streaming receiver's durable position, backups (usable ones, the
 //! newest, stored bytes), the recovery window (from the oldest usable backup's end to the
 //! last WAL archived without a gap after the newest), and which named checks
-//! (`archived check`, ops/check.rs) are not OK. Retention's and verify's last results
-//! are not recorded by archived, so not shown.
+//! (`archived check`, ops/check.rs) are not OK, and the newest retention and verify runs
+//! (as they recorded themselves).
 
 use anyhow::Result;
 use walvault_protocol::core::pg::wal::{Lsn, WalFileName};
@@ -92,6 +92,18 @@ pub(crate) async fn status(
             st.newest_backup_time = Some(end);
             st.window_end = s.restorable_until;
         }
+    }
+    if let Some(run) = index.retention_run(cluster)? {
+        st.retention_last_run = Some(run.at);
+        st.retention_error = run.error;
+        st.retention_last_success = run.last_success;
+        st.retention_expired_wal_files = run.removed.wal_files;
+        st.retention_expired_backups = run.removed.backups;
+    }
+    if let Some(run) = index.verify_run(cluster)? {
+        st.verify_last_run = Some(run.finished_at);
+        st.verify_scope = Some(run.scope);
+        st.verify_problems = run.problems;
     }
     let checks = super::check::run(archive, cluster, now).await?;
     st.failing_checks = checks

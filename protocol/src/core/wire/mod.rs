@@ -587,6 +587,30 @@ pub struct ClusterStatus {
     pub window_start: Option<i64>,
     /// ... to the last WAL archived without a gap after the newest one.
     pub window_end: Option<i64>,
+    /// The newest retention run that covered the cluster: when it ended ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_last_run: Option<i64>,
+    /// ... why it failed, if it did ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_error: Option<String>,
+    /// ... and when the newest successful one ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_last_success: Option<i64>,
+    /// WAL files the newest successful retention run expired.
+    #[serde(default)]
+    pub retention_expired_wal_files: u64,
+    /// Backups the newest successful retention run expired.
+    #[serde(default)]
+    pub retention_expired_backups: u64,
+    /// When the newest recorded `archived verify` run ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_last_run: Option<i64>,
+    /// What it read ("wal", "backups", "wal and backups").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_scope: Option<String>,
+    /// The problems it found.
+    #[serde(default)]
+    pub verify_problems: u64,
     /// Names of the checks (`archived check`) that are not OK, with their status.
     pub failing_checks: Vec<(String, CheckStatus)>,
 }
