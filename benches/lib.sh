@@ -69,8 +69,10 @@ run_logged() {
 # builds.
 build_rev() {
     local tree rev
-    tree=$(cd "$1/../.." 2>/dev/null && pwd) && rev=$(git -C "$tree" rev-parse --short HEAD 2>/dev/null) ||
-        { echo "?"; return 0; }
+    # A CARGO_TARGET_DIR outside the checkout is no tree: the script's own checkout is.
+    tree=$(cd "$1/../.." 2>/dev/null && pwd)
+    git -C "$tree" rev-parse --git-dir >/dev/null 2>&1 || tree=${REPO_ROOT:-$tree}
+    rev=$(git -C "$tree" rev-parse --short HEAD 2>/dev/null) || { echo "?"; return 0; }
     if git -C "$tree" status --porcelain --untracked-files=no -- ':!benches' 2>/dev/null | grep -q .; then
         rev+=" (with uncommitted changes outside benches/)"
     fi

@@ -408,6 +408,34 @@ pub(super) fn settle(index: &Index) -> Result<()> {
     Ok(())
 }
 
+/// After a rebuild: a WAL file the store holds without any record (stored in the last
+/// seconds before the catalog was lost, before the trail's next export; or before the
+/// trail existed) gets a `stored` record made from its object, so that no stored file is
+/// missing from the trail. Its time is the rebuild's; its peer and request are unknown.
+pub(super) fn note_unrecorded_files(index: &Index) -> Result<u64> {
+    let mut added = 0;
+    for cluster in index.clusters()? {
+        for (name, entry) in index.wal_files(&cluster)? {
+            let name = name.to_string();
+            if !index.audit_ids(&cluster, Some(&name), "")?.is_empty() {
+                continue;
+            }
+            let mut r = record(&cluster, Some(&name), Step::Stored);
+            r.size = Some(entry.raw_size);
+            r.blake3 = Some(entry.blake3.clone());
+            r.detail = Some(
+                "found in the store by a catalog rebuild: when, by whom and in which request it was \
+                 stored is not known (it was stored just before the catalog was lost, or before \
+                 this archive kept an audit trail)"
+                    .into(),
+            );
+            index.audit_put(r)?;
+            added += 1;
+        }
+    }
+    Ok(added)
+}
+
 /// The records of a batch object: zstd of JSON lines.
 pub(crate) fn parse_batch(bytes: &[u8]) -> Result<Vec<AuditRecord>> {
     let raw = zstd::decode_all(bytes)?;

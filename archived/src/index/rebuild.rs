@@ -77,6 +77,7 @@ pub(crate) async fn rebuild(index: &Index, store: &Store) -> Result<RebuildSumma
         }
     }
     audit::settle(index)?;
+    summary.audit_records += audit::note_unrecorded_files(index)?;
     index.set_complete(true)?;
     index.flush().await?;
     tracing::info!(

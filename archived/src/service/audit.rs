@@ -15,7 +15,9 @@
 //!   create-only batches (`<cluster>/audit/`, store/layout.rs) every [`EXPORT_INTERVAL`],
 //!   at shutdown, and after retention; a catalog rebuild reads them back. A catalog lost
 //!   between a step and the next export loses that step's records, at most
-//!   [`EXPORT_INTERVAL`] of them; the WAL itself is never at stake.
+//!   [`EXPORT_INTERVAL`] of them; the WAL itself is never at stake, and the rebuild
+//!   records every WAL file the store holds without a record as `stored` (from its
+//!   object; when and by whom unknown), so no stored file is missing from the trail.
 //! - The trail expires with the files it describes: retention replaces a file's records
 //!   by one `expired` record that summarizes them, and [`prune`] deletes a batch once
 //!   every file it names has expired and the summaries are in later batches. Records of

@@ -762,3 +762,37 @@ async fn a_rebuild_lets_an_expiry_stand_for_the_records_of_a_batch_not_yet_prune
         ["expired", "received", "stored", "acknowledged"]
     );
 }
+
+#[tokio::test]
+async fn a_file_stored_just_before_the_catalog_was_lost_is_still_in_the_trail() {
+    let t = TestArchive::new();
+    let (a, raw_a) = segment(1, SYSID, 1);
+    push(&t, &a, &raw_a).await.unwrap();
+    // The catalog is lost before the trail's next export: a rebuild from the store alone.
+    assert_eq!(t.archive.store.list("main/audit/").await.unwrap().len(), 0);
+    let dir = tempfile::tempdir().unwrap();
+    let rebuilt = Index::open(&dir.path().join("catalog")).unwrap();
+    crate::index::rebuild::rebuild(&rebuilt, &t.archive.store)
+        .await
+        .unwrap();
+    let history = rebuilt.audit_history("main", &a).unwrap();
+    assert_eq!(steps(&rebuilt, &a), ["stored"], "{history:#?}");
+    let r = &history[0];
+    assert_eq!(r.size, Some(raw_a.len() as u64));
+    assert_eq!(r.blake3, Some(blake3::hash(&raw_a).to_hex().to_string()));
+    assert_eq!(r.peer, None);
+    assert!(
+        r.detail.as_deref().unwrap().contains("catalog rebuild"),
+        "{r:#?}"
+    );
+    // Exported, it is what the next rebuild finds: no second one is made.
+    crate::service::audit::export(&t.archive.store, &rebuilt)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let again = Index::open(&dir.path().join("catalog")).unwrap();
+    crate::index::rebuild::rebuild(&again, &t.archive.store)
+        .await
+        .unwrap();
+    assert_eq!(steps(&again, &a), ["stored"]);
+}
